@@ -1,0 +1,10 @@
+"""minivit: Vision Transformers on a small hand-written autograd engine (NumPy/CuPy)."""
+
+from minivit.backend import get_backend, manual_seed, set_backend
+from minivit.gradcheck import gradcheck
+from minivit.tensor import Function, Tensor, is_grad_enabled, no_grad
+
+__version__ = "0.1.0"
+
+__all__ = ["Function", "Tensor", "get_backend", "gradcheck", "is_grad_enabled", "manual_seed",
+           "no_grad", "set_backend", "__version__"]

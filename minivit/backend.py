@@ -1,0 +1,139 @@
+"""The array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Everything above this module asks it for the array module (``xp``) instead of importing
+numpy or cupy itself, so switching is one call: ``minivit.set_backend("cupy")``, the
+environment variable ``MINIVIT_BACKEND=cupy`` or ``--backend cupy`` on the command line.
+CuPy is imported only when asked for.
+"""
+
+import os
+
+import numpy as np
+
+from minivit.errors import BackendError
+
+BACKENDS = ("numpy", "cupy")
+_GPU_INSTALL_HINT = (
+    "install CuPy for your CUDA version (pip install 'minivit[gpu]' for CUDA 12) "
+    "on a machine with an NVIDIA GPU, or use --backend numpy"
+)
+
+_current = {"name": "numpy", "xp": np}
+_random_generators = {}
+
+
+def _import_cupy():
+    """Import CuPy and check that a GPU is visible; a clear BackendError otherwise."""
+    try:
+        import cupy
+    except ImportError as error:
+        raise BackendError(f"the cupy backend needs CuPy, which is not installed ({error}): "
+                           f"{_GPU_INSTALL_HINT}") from None
+    try:
+        device_count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDA driver missing or broken
+        raise BackendError(f"CuPy is installed but no CUDA device could be opened ({error}): "
+                           f"{_GPU_INSTALL_HINT}") from None
+    if device_count == 0:
+        raise BackendError(f"CuPy is installed but no GPU is visible: {_GPU_INSTALL_HINT}")
+    return cupy
+
+
+def cupy_available():
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        _import_cupy()
+    except BackendError:
+        return False
+    return True
+
+
+def set_backend(name):
+    """Select "numpy" or "cupy" for new tensors, parameters and data."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    _current["xp"] = np if name == "numpy" else _import_cupy()
+    _current["name"] = name
+
+
+def get_backend():
+    """The current backend's name: "numpy" or "cupy"."""
+    return _current["name"]
+
+
+def xp():
+    """The current backend's array module (numpy or cupy)."""
+    return _current["xp"]
+
+
+def backend_of(array):
+    """"numpy" or "cupy" for an array (anything that is not a CuPy array counts as NumPy)."""
+    return "cupy" if type(array).__module__.startswith("cupy") else "numpy"
+
+
+def array_module(*arrays):
+    """The array module all `arrays` belong to; BackendError naming both when they are mixed."""
+    names = {backend_of(a) for a in arrays if a is not None}
+    if len(names) > 1:
+        raise BackendError("arrays from two backends met in one op: numpy and cupy. "
+                           "Move every tensor to one backend first (model.to(backend=...), "
+                           "Tensor.to(...)).")
+    return _import_cupy() if names == {"cupy"} else np
+
+
+def to_backend(array, name=None):
+    """Copy (or pass through) `array` onto backend `name` (default: the current one)."""
+    name = name or get_backend()
+    if backend_of(array) == name:
+        return array
+    if name == "numpy":
+        return array.get()
+    return _import_cupy().asarray(array)
+
+
+def to_numpy(array):
+    """A host NumPy array for any backend array."""
+    return array.get() if backend_of(array) == "cupy" else np.asarray(array)
+
+
+def erf(x):
+    """Error function on either backend (scipy.special on NumPy, cupyx.scipy.special on CuPy)."""
+    if backend_of(x) == "cupy":
+        from cupyx.scipy.special import erf as cupy_erf
+        return cupy_erf(x)
+    from scipy.special import erf as scipy_erf
+    return scipy_erf(x)
+
+
+def scatter_add(target, index, values):
+    """target[index] += values, accumulating repeated indices (np.add.at / cupyx.scatter_add)."""
+    if backend_of(target) == "cupy":
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)
+
+
+def manual_seed(seed):
+    """Seed the random generators minivit uses (initialisation, dropout) on every backend."""
+    _random_generators.clear()
+    _random_generators["seed"] = seed
+
+
+def random_generator():
+    """The current backend's random generator, created from the last manual_seed()."""
+    name = get_backend()
+    if name not in _random_generators:
+        seed = _random_generators.get("seed")
+        module = np if name == "numpy" else _import_cupy()
+        _random_generators[name] = module.random.default_rng(seed)
+    return _random_generators[name]
+
+
+def _select_from_environment():
+    name = os.environ.get("MINIVIT_BACKEND")
+    if name:
+        set_backend(name.strip().lower())
+
+
+_select_from_environment()

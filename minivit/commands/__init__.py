@@ -1,0 +1,6 @@
+"""One module per `minivit` sub-command.
+
+Each module defines ``add_parser(subparsers)`` (registers its flags, cheap: no heavy
+imports at module level) and ``run(args) -> int`` (does the work, returns the exit code).
+``minivit.cli`` lists them in ``COMMANDS``.
+"""

@@ -1,0 +1,313 @@
+"""Arithmetic, reductions and shape ops behind the Tensor operators.
+
+Each op is one Function: forward on raw arrays, backward right below it. Broadcasting follows
+NumPy; `_unbroadcast` sums a gradient back to the shape of the input it belongs to.
+"""
+
+import numpy as np
+
+from minivit import backend
+from minivit.errors import ShapeError
+from minivit.tensor import Function, Tensor
+
+
+def _unbroadcast(grad, shape):
+    """Sum `grad` over the axes that broadcasting added or stretched to reach `shape`."""
+    if grad.shape == shape:
+        return grad
+    leading = grad.ndim - len(shape)
+    axes = tuple(range(leading)) + tuple(
+        leading + i for i, n in enumerate(shape) if n == 1 and grad.shape[leading + i] != 1)
+    return grad.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+# -- add / sub: d(a ± b) = da ± db ------------------------------------------------------------
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, grad):
+        return _unbroadcast(grad, self.shapes[0]), _unbroadcast(grad, self.shapes[1])
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, grad):
+        grad_b = -_unbroadcast(grad, self.shapes[1]) if self.needs_input_grad[1] else None
+        return _unbroadcast(grad, self.shapes[0]), grad_b
+
+
+# -- mul: d(ab) = b da + a db -------------------------------------------------------------------
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, grad):
+        grad_a = _unbroadcast(grad * self.b, self.a.shape) if self.needs_input_grad[0] else None
+        grad_b = _unbroadcast(grad * self.a, self.b.shape) if self.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+# -- div: d(a/b) = da/b - a db/b² --------------------------------------------------------------
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, grad):
+        grad_over_b = grad / self.b
+        grad_a = _unbroadcast(grad_over_b, self.a.shape) if self.needs_input_grad[0] else None
+        grad_b = (_unbroadcast(-grad_over_b * self.a / self.b, self.b.shape)
+                  if self.needs_input_grad[1] else None)
+        return grad_a, grad_b
+
+
+# -- neg: d(-a) = -da -----------------------------------------------------------------------------
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, grad):
+        return (-grad,)
+
+
+# -- power with a constant exponent: d(aᵖ) = p aᵖ⁻¹ da -----------------------------------------
+class Power(Function):
+    def forward(self, a, exponent):
+        self.a, self.exponent = a, exponent
+        return a ** exponent
+
+    def backward(self, grad):
+        p = self.exponent
+        return (grad * (p * self.a ** (p - 1)).astype(grad.dtype, copy=False),)
+
+
+# -- exp: d(eᵃ) = eᵃ da ---------------------------------------------------------------------------
+class Exp(Function):
+    def forward(self, a):
+        self.out = backend.array_module(a).exp(a)
+        return self.out
+
+    def backward(self, grad):
+        return (grad * self.out,)
+
+
+# -- log: d(ln a) = da / a ----------------------------------------------------------------------
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return backend.array_module(a).log(a)
+
+    def backward(self, grad):
+        return (grad / self.a,)
+
+
+# -- matmul: C = A B, dA = dC Bᵀ, dB = Aᵀ dC (batched over leading dims) ------------------------
+class MatMul(Function):
+    def forward(self, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m); got {a.shape} @ {b.shape}")
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, grad):
+        a, b = self.a, self.b
+        grad_a = _unbroadcast(grad @ b.swapaxes(-1, -2), a.shape) if self.needs_input_grad[0] else None
+        grad_b = _unbroadcast(a.swapaxes(-1, -2) @ grad, b.shape) if self.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+# -- sum: the gradient of a sum is its upstream gradient, broadcast back ------------------------
+def _expand_reduced(grad, shape, axis, keepdims):
+    """Reshape a reduced gradient so that it broadcasts against the input's `shape`."""
+    if axis is not None and not keepdims:
+        axes = (axis,) if np.isscalar(axis) else axis
+        grad = backend.array_module(grad).expand_dims(grad, tuple(a % len(shape) for a in axes))
+    elif axis is None and not keepdims:
+        grad = grad.reshape((1,) * len(shape))
+    return grad
+
+
+class Sum(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
+        return a.sum(axis=axis, keepdims=keepdims)
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        expanded = _expand_reduced(grad, self.shape, self.axis, self.keepdims)
+        return (xp.broadcast_to(expanded, self.shape).copy(),)
+
+
+# -- mean: d mean(a) = da / n -------------------------------------------------------------------
+class Mean(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
+        out = a.mean(axis=axis, keepdims=keepdims)
+        self.count = a.size // max(out.size, 1)
+        return out.astype(a.dtype, copy=False)
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        expanded = _expand_reduced(grad, self.shape, self.axis, self.keepdims) / self.count
+        return (xp.broadcast_to(expanded, self.shape).copy(),)
+
+
+# -- max: the gradient goes to the maxima (split evenly between ties) ---------------------------
+class Max(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        out = a.max(axis=axis, keepdims=keepdims)
+        self.is_max = a == _expand_reduced(out, a.shape, axis, keepdims)
+        self.axis, self.keepdims = axis, keepdims
+        return out
+
+    def backward(self, grad):
+        shape, axis, keepdims = self.is_max.shape, self.axis, self.keepdims
+        ties = self.is_max.sum(axis=axis, keepdims=True)
+        share = _expand_reduced(grad, shape, axis, keepdims) / ties.astype(grad.dtype)
+        return (self.is_max * share,)
+
+
+# -- reshape / transpose: gradients move back through the inverse ------------------------------
+class Reshape(Function):
+    def forward(self, a, shape):
+        self.shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, grad):
+        return (grad.reshape(self.shape),)
+
+
+class Transpose(Function):
+    def forward(self, a, axes=None):
+        self.axes = axes
+        return a.transpose(axes)
+
+    def backward(self, grad):
+        if self.axes is None:
+            return (grad.transpose(),)
+        return (grad.transpose(np.argsort(self.axes)),)
+
+
+# -- indexing: scatter the gradient back into a zero array of the input's shape ----------------
+def _is_basic_index(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(p, (int, np.integer, slice)) or p is None or p is Ellipsis for p in parts)
+
+
+class GetItem(Function):
+    def forward(self, a, index):
+        self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        return a[index]
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        grad_a = xp.zeros(self.shape, dtype=self.dtype)
+        if _is_basic_index(self.index):
+            grad_a[self.index] = grad  # basic indexing never selects an element twice
+        else:
+            backend.scatter_add(grad_a, self.index, grad)
+        return (grad_a,)
+
+
+# -- concat / stack: split the gradient back into the pieces ----------------------------------
+class Concat(Function):
+    def forward(self, *arrays, axis=0):
+        self.axis = axis
+        self.bounds = np.cumsum([a.shape[axis] for a in arrays])[:-1]
+        return backend.array_module(*arrays).concatenate(arrays, axis=axis)
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        return tuple(xp.split(grad, self.bounds, axis=self.axis))
+
+
+class Stack(Function):
+    def forward(self, *arrays, axis=0):
+        self.axis = axis
+        return backend.array_module(*arrays).stack(arrays, axis=axis)
+
+    def backward(self, grad):
+        xp = backend.array_module(grad)
+        count = grad.shape[self.axis]
+        return tuple(xp.take(grad, i, axis=self.axis) for i in range(count))
+
+
+# -- the functional API ---------------------------------------------------------------------------
+def add(a, b):
+    return Add()(a, b)
+
+
+def sub(a, b):
+    return Sub()(a, b)
+
+
+def mul(a, b):
+    return Mul()(a, b)
+
+
+def div(a, b):
+    return Div()(a, b)
+
+
+def neg(a):
+    return Neg()(a)
+
+
+def power(a, exponent):
+    if isinstance(exponent, Tensor):
+        raise TypeError("Tensor ** Tensor is not supported: the exponent must be a number")
+    return Power()(a, exponent=exponent)
+
+
+def exp(a):
+    return Exp()(a)
+
+
+def log(a):
+    return Log()(a)
+
+
+def matmul(a, b):
+    return MatMul()(a, b)
+
+
+def reduce_sum(a, axis=None, keepdims=False):
+    return Sum()(a, axis=axis, keepdims=keepdims)
+
+
+def reduce_mean(a, axis=None, keepdims=False):
+    return Mean()(a, axis=axis, keepdims=keepdims)
+
+
+def reduce_max(a, axis=None, keepdims=False):
+    return Max()(a, axis=axis, keepdims=keepdims)
+
+
+def reshape(a, shape):
+    return Reshape()(a, shape=shape)
+
+
+def transpose(a, axes=None):
+    return Transpose()(a, axes=axes)
+
+
+def getitem(a, index):
+    if isinstance(index, Tensor):
+        index = index.data
+    return GetItem()(a, index=index)
+
+
+def concat(tensors, axis=0):
+    """Join tensors along an existing axis (numpy.concatenate)."""
+    return Concat()(*tensors, axis=axis)
+
+
+def stack(tensors, axis=0):
+    """Join tensors along a new axis (numpy.stack)."""
+    return Stack()(*tensors, axis=axis)

@@ -1,0 +1,305 @@
+"""Tensor, Function and the backward engine.
+
+A `Tensor` wraps one backend array (``.data``) and, when it needs a gradient, remembers the
+`Function` that made it. A `Function` computes its forward on raw arrays, keeps only what its
+backward needs, and its backward maps the output's gradient to one gradient per input (raw
+arrays, first order only). ``Tensor.backward`` walks the graph in reverse topological order
+without recursion, accumulates gradients into leaves and frees each Function's saved arrays
+as soon as its backward has run.
+
+Rule for every backward: never write into the incoming gradient array (it may be shared).
+"""
+
+import contextlib
+import threading
+
+import numpy as np
+
+from minivit import backend
+from minivit.errors import BackendError, GraphError
+
+_grad_mode = threading.local()
+
+
+def is_grad_enabled():
+    return getattr(_grad_mode, "enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block operations build no graph (inference, parameter updates)."""
+    previous = is_grad_enabled()
+    _grad_mode.enabled = False
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
+def _as_array(value, dtype=None, like=None):
+    """A backend array from a Tensor, array, list or scalar. Python scalars and lists become
+    float32 (or `like`'s dtype) so that they never promote float32 work to float64."""
+    if isinstance(value, Tensor):
+        return value.data
+    if isinstance(value, np.ndarray) or backend.backend_of(value) == "cupy":
+        return value if dtype is None else value.astype(dtype, copy=False)
+    module = backend.array_module(like) if like is not None else backend.xp()
+    if dtype is None:
+        if like is not None and like.dtype.kind == "f":
+            dtype = like.dtype
+        elif isinstance(value, np.generic):
+            dtype = value.dtype  # a NumPy scalar, e.g. the result of a full reduction
+        else:
+            dtype = np.float32
+    return module.asarray(value, dtype=dtype)
+
+
+class Tensor:
+    """An n-dimensional array with an optional gradient.
+
+    data: the backend array; grad: its gradient (array) after backward, or None;
+    requires_grad: whether backward should compute a gradient for it.
+    """
+
+    __array_priority__ = 1000  # numpy_array * tensor dispatches to Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False, name=None):
+        self.data = _as_array(data)
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.name = name
+        self._creator = None  # the Function that produced this tensor (None for leaves)
+        self._retains_grad = False
+        self._hooks = []
+
+    # -- basic properties -------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    is_leaf = property(lambda self: self._creator is None)
+    backend = property(lambda self: backend.backend_of(self.data))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{grad})"
+
+    def numpy(self):
+        """A host NumPy copy of the data (from either backend)."""
+        return np.array(backend.to_numpy(self.data))
+
+    def item(self):
+        return self.data.item()
+
+    def detach(self):
+        """The same data, cut off from the graph."""
+        return Tensor(self.data)
+
+    def to(self, backend_name=None, dtype=None):
+        """A copy on another backend and/or dtype (a new leaf)."""
+        data = backend.to_backend(self.data, backend_name)
+        if dtype is not None:
+            data = data.astype(dtype, copy=False)
+        return Tensor(data, requires_grad=self.requires_grad)
+
+    def retain_grad(self):
+        """Keep this intermediate tensor's gradient in ``.grad`` after backward."""
+        self._retains_grad = True
+        return self
+
+    def register_hook(self, hook):
+        """Call ``hook(grad_tensor)`` when this tensor's gradient is complete during backward.
+        A hook may return a replacement gradient (Tensor or array) or None."""
+        if not self.requires_grad:
+            raise GraphError("register_hook on a tensor that does not require grad: "
+                             "its gradient is never computed")
+        self._hooks.append(hook)
+        return hook
+
+    # -- backward -------------------------------------------------------------------------
+    def backward(self, grad=None, create_graph=False):
+        """Backpropagate from this tensor. `grad` defaults to 1 for a one-element tensor."""
+        if create_graph:
+            raise GraphError("second-order gradients are not supported: every backward in "
+                             "minivit works on raw arrays (first order only)")
+        if not self.requires_grad:
+            raise GraphError("backward() on a tensor that does not require grad: no input of "
+                             "the computation had requires_grad=True (or it ran under no_grad)")
+        if grad is None:
+            if self.size != 1:
+                raise GraphError(f"backward() without a gradient needs a one-element tensor, "
+                                 f"got shape {self.shape}: pass grad= of that shape")
+            grad = backend.array_module(self.data).ones_like(self.data)
+        else:
+            grad = _as_array(grad, like=self.data)
+            _check_gradient(grad, self, "the gradient passed to backward()")
+        _run_backward(self, grad)
+
+    # -- operators (each one Function in minivit.functional.basic) -----------------------
+    def __add__(self, other):
+        return _basic.add(self, other)
+
+    def __radd__(self, other):
+        return _basic.add(other, self)
+
+    def __sub__(self, other):
+        return _basic.sub(self, other)
+
+    def __rsub__(self, other):
+        return _basic.sub(other, self)
+
+    def __mul__(self, other):
+        return _basic.mul(self, other)
+
+    def __rmul__(self, other):
+        return _basic.mul(other, self)
+
+    def __truediv__(self, other):
+        return _basic.div(self, other)
+
+    def __rtruediv__(self, other):
+        return _basic.div(other, self)
+
+    def __neg__(self):
+        return _basic.neg(self)
+
+    def __pow__(self, exponent):
+        return _basic.power(self, exponent)
+
+    def __matmul__(self, other):
+        return _basic.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return _basic.matmul(other, self)
+
+    def __getitem__(self, index):
+        return _basic.getitem(self, index)
+
+    def reshape(self, *shape):
+        return _basic.reshape(self, shape[0] if len(shape) == 1 else shape)
+
+    def transpose(self, *axes):
+        return _basic.transpose(self, axes[0] if len(axes) == 1 else (axes or None))
+
+    @property
+    def T(self):
+        return _basic.transpose(self, None)
+
+    def sum(self, axis=None, keepdims=False):
+        return _basic.reduce_sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return _basic.reduce_mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return _basic.reduce_max(self, axis, keepdims)
+
+    def exp(self):
+        return _basic.exp(self)
+
+    def log(self):
+        return _basic.log(self)
+
+
+class Function:
+    """One differentiable operation. Subclasses define
+
+    forward(*arrays, **options) -> array   compute on raw arrays, save what backward needs
+    backward(grad) -> tuple of arrays      one gradient per input (None where not needed)
+
+    ``self.needs_input_grad`` tells backward which gradients are wanted.
+    """
+
+    def __call__(self, *inputs, **options):
+        tensors = [x if isinstance(x, Tensor) else None for x in inputs]
+        like = next((t.data for t in tensors if t is not None), None)
+        arrays = [t.data if t is not None else None if x is None else _as_array(x, like=like)
+                  for t, x in zip(tensors, inputs)]
+        backend.array_module(*arrays)  # raises on mixed numpy/cupy inputs
+        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in tensors)
+        output = Tensor(self.forward(*arrays, **options))
+        if is_grad_enabled() and any(self.needs_input_grad):
+            output.requires_grad = True
+            output._creator = self
+            self.inputs = tensors
+        return output
+
+    def forward(self, *arrays, **options):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    def release(self):
+        """Drop the saved arrays and the links to the inputs after backward has used them."""
+        self.__dict__.clear()
+        self.released = True
+
+
+def _check_gradient(grad, tensor, what):
+    """A gradient must match its tensor's shape, dtype and backend: anything else is a bug."""
+    if backend.backend_of(grad) != backend.backend_of(tensor.data):
+        raise BackendError(f"{what} is a {backend.backend_of(grad)} array but the tensor lives "
+                           f"on {backend.backend_of(tensor.data)}")
+    if grad.shape != tensor.shape or grad.dtype != tensor.dtype:
+        raise GraphError(f"{what} has shape {grad.shape} and dtype {grad.dtype}; expected "
+                         f"shape {tensor.shape} and dtype {tensor.dtype}")
+
+
+def _topological_order(root):
+    """Tensors reachable from `root` through Functions, inputs before outputs (no recursion)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        tensor, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(tensor)
+            continue
+        if id(tensor) in visited:
+            continue
+        visited.add(id(tensor))
+        stack.append((tensor, True))
+        creator = tensor._creator
+        if creator is not None and not getattr(creator, "released", False):
+            for parent in creator.inputs:
+                if parent is not None and parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
+
+
+def _run_backward(root, root_grad):
+    pending = {id(root): root_grad}  # gradients still being accumulated, by tensor id
+    for tensor in reversed(_topological_order(root)):
+        grad = pending.pop(id(tensor), None)
+        if grad is None:
+            continue
+        for hook in tensor._hooks:
+            replacement = hook(Tensor(grad))
+            if replacement is not None:
+                grad = _as_array(replacement)
+                _check_gradient(grad, tensor, "the gradient returned by a hook")
+        creator = tensor._creator
+        if creator is None or tensor._retains_grad:
+            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+        if creator is None:
+            continue
+        if getattr(creator, "released", False):
+            raise GraphError("backward through a graph that was already freed: a previous "
+                             "backward() released its saved arrays. Run the forward pass again "
+                             "(or add the losses and call backward() once).")
+        input_grads = creator.backward(grad)
+        name = type(creator).__name__
+        for index, (parent, parent_grad) in enumerate(zip(creator.inputs, input_grads)):
+            if parent is None or not parent.requires_grad or parent_grad is None:
+                continue
+            _check_gradient(parent_grad, parent, f"{name}.backward's gradient for input {index}")
+            previous = pending.get(id(parent))
+            pending[id(parent)] = parent_grad if previous is None else previous + parent_grad
+        creator.release()
+
+
+# The operators above dispatch here; imported last because basic.py builds on Function.
+from minivit.functional import basic as _basic  # noqa: E402
