@@ -2,7 +2,7 @@
 
 from minivit.functional.activation import gelu, log_softmax, softmax
 from minivit.functional.attention import scaled_dot_product_attention
-from minivit.functional.basic import (add, concat, div, exp, getitem, log, matmul, mul, neg,
+from minivit.functional.basic import (add, broadcast_to, concat, div, exp, getitem, log, matmul, mul, neg,
                                       power, reshape, stack, sub, transpose)
 from minivit.functional.basic import reduce_max as max  # noqa: A004 - numpy's names
 from minivit.functional.basic import reduce_mean as mean
@@ -13,7 +13,7 @@ from minivit.functional.normalization import layer_norm
 from minivit.functional.regularization import drop_path, dropout
 
 __all__ = [
-    "add", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp", "gelu", "getitem",
+    "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp", "gelu", "getitem",
     "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg",
     "patchify", "power", "reshape", "scaled_dot_product_attention", "softmax", "stack", "sub",
     "sum", "transpose",

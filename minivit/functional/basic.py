@@ -194,6 +194,16 @@ class Transpose(Function):
         return (grad.transpose(np.argsort(self.axes)),)
 
 
+# -- broadcast_to: the gradient of a broadcast is summed back over the broadcast axes ----------
+class BroadcastTo(Function):
+    def forward(self, a, shape):
+        self.shape = a.shape
+        return backend.array_module(a).broadcast_to(a, shape)
+
+    def backward(self, grad):
+        return (_unbroadcast(grad, self.shape),)
+
+
 # -- indexing: scatter the gradient back into a zero array of the input's shape ----------------
 def _is_basic_index(index):
     parts = index if isinstance(index, tuple) else (index,)
@@ -295,6 +305,11 @@ def reshape(a, shape):
 
 def transpose(a, axes=None):
     return Transpose()(a, axes=axes)
+
+
+def broadcast_to(a, shape):
+    """A read-only broadcast view of `a` with `shape` (numpy.broadcast_to)."""
+    return BroadcastTo()(a, shape=tuple(shape))
 
 
 def getitem(a, index):

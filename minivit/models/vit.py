@@ -1,0 +1,112 @@
+"""The Vision Transformer (Dosovitskiy et al. 2020) and its named configurations.
+
+Parameter names and shapes are timm's (``VisionTransformer`` with class token, learned absolute
+position embedding, pre-norm blocks, final LayerNorm and a linear head on the class token), so
+timm weights load by name.
+"""
+
+import minivit.functional as F
+from minivit.errors import MinivitError
+from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
+from minivit.nn import init
+
+
+class VisionTransformer(Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0,
+                 drop_path_rate=0.0):
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                           num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                           drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+        self.num_classes = num_classes
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = Parameter(init.normal((1, 1, embed_dim), std=1e-6))
+        self.pos_embed = Parameter(init.trunc_normal((1, self.patch_embed.num_patches + 1,
+                                                      embed_dim)))
+        self.drop_rate = drop_rate
+        # stochastic depth grows linearly with depth, as in timm
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, rate)
+                                 for rate in rates)
+        self.norm = LayerNorm(embed_dim)
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else None
+
+    def forward_features(self, x):
+        """Tokens after the final norm: (B, N + 1, D), the class token first."""
+        x = self.patch_embed(x)
+        cls = F.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[2]))
+        x = F.concat([cls, x], axis=1) + self.pos_embed
+        x = F.dropout(x, self.drop_rate, self.training)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, features):
+        pooled = features[:, 0]
+        return self.head(pooled) if self.head is not None else pooled
+
+    def forward(self, x):
+        """Logits (B, num_classes) for images x (B, C, H, W)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_attention(self, x):
+        """(logits, attention) where attention is a list with one (B, heads, N+1, N+1) array of
+        attention probabilities per block."""
+        attentions = [block.attn for block in self.blocks]
+        for attn in attentions:
+            attn.keep_attention = True
+        try:
+            logits = self.forward(x)
+            return logits, [attn.attention for attn in attentions]
+        finally:
+            for attn in attentions:
+                attn.keep_attention, attn.attention = False, None
+
+    def extra_repr(self):
+        return ", ".join(f"{key}={value}" for key, value in self.config.items())
+
+
+# name -> VisionTransformer arguments. The ImageNet ones are timm's; the small-data ones fit the
+# embedded 8x8 digits, 28x28 MNIST/Fashion-MNIST and 32x32 CIFAR.
+MODEL_CONFIGS = {
+    "vit_tiny_patch16_224": dict(img_size=224, patch_size=16, embed_dim=192, depth=12,
+                                 num_heads=3),
+    "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12,
+                                  num_heads=6),
+    "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
+                                 num_heads=12),
+    "vit_base_patch32_224": dict(img_size=224, patch_size=32, embed_dim=768, depth=12,
+                                 num_heads=12),
+    "vit_large_patch16_224": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24,
+                                  num_heads=16),
+    "vit_huge_patch14_224": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32,
+                                 num_heads=16),
+    "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64,
+                       depth=4, num_heads=4),
+    "vit_mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
+                      depth=6, num_heads=3),
+    "vit_cifar": dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192,
+                      depth=6, num_heads=3),
+}
+
+
+def model_config(name, **overrides):
+    """The full VisionTransformer arguments of a named model, with overrides applied."""
+    if name not in MODEL_CONFIGS:
+        raise MinivitError(f"unknown model {name!r}; known models: {', '.join(MODEL_CONFIGS)}")
+    defaults = VisionTransformer.__init__.__defaults__
+    names = VisionTransformer.__init__.__code__.co_varnames[1:1 + len(defaults)]
+    config = dict(zip(names, defaults))
+    config.update(MODEL_CONFIGS[name])
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise MinivitError(f"unknown model options {sorted(unknown)}; known: {sorted(config)}")
+    config.update(overrides)
+    return config
+
+
+def create_model(name, **overrides):
+    """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
+    num_classes=10). Seed with minivit.manual_seed for reproducible weights."""
+    return VisionTransformer(**model_config(name, **overrides))

@@ -1,0 +1,129 @@
+"""The layers of a ViT, each a thin Module over one hand-written functional op."""
+
+import minivit.functional as F
+from minivit.errors import ShapeError
+from minivit.nn import init
+from minivit.nn.module import Module, Parameter
+
+
+class Linear(Module):
+    """y = x Wᵀ + b with W (out_features, in_features); W ~ trunc-normal(0.02), b = 0 (timm)."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        self.weight = Parameter(init.trunc_normal((out_features, in_features)))
+        self.bias = Parameter(init.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        out_features, in_features = self.weight.shape
+        return f"{in_features}, {out_features}, bias={self.bias is not None}"
+
+
+class LayerNorm(Module):
+    def __init__(self, dim, eps=1e-6):
+        self.weight = Parameter(init.ones(dim))
+        self.bias = Parameter(init.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class PatchConv2d(Module):
+    """Conv2d with kernel = stride = patch_size, weight (D, C, p, p), returning tokens (B, N, D).
+    PyTorch's default Conv2d initialisation, as timm leaves it."""
+
+    def __init__(self, in_chans, embed_dim, patch_size):
+        fan_in = in_chans * patch_size * patch_size
+        self.weight = Parameter(init.uniform_fan_in((embed_dim, in_chans, patch_size, patch_size),
+                                                    fan_in))
+        self.bias = Parameter(init.uniform_fan_in((embed_dim,), fan_in))
+        self.patch_size = patch_size
+
+    def forward(self, x):
+        return F.patchify(x, self.weight, self.bias, self.patch_size)
+
+    def extra_repr(self):
+        embed_dim, in_chans, p, _ = self.weight.shape
+        return f"{in_chans}, {embed_dim}, kernel_size={p}, stride={p}"
+
+
+class PatchEmbed(Module):
+    """Images (B, C, H, W) to patch tokens (B, N, D), N = (H/p)(W/p)."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = patch_size
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise ShapeError(f"image size {self.img_size} is not a multiple of the patch size "
+                             f"{patch_size}")
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = PatchConv2d(in_chans, embed_dim, patch_size)
+
+    def forward(self, x):
+        expected = (self.in_chans,) + self.img_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ShapeError(f"expected images of shape (batch, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}) (channels, height, width); got {tuple(x.shape)}")
+        return self.proj(x)
+
+
+class Attention(Module):
+    """Multi-head self-attention: qkv projection, softmax(q kᵀ/√d) v per head, output projection.
+
+    Set ``keep_attention = True`` to keep the last forward's probabilities (B, heads, N, N) in
+    ``self.attention`` (they are computed anyway; nothing is added to the normal path)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, proj_drop=0.0):
+        if dim % num_heads:
+            raise ShapeError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
+        self.proj_drop = proj_drop
+        self.keep_attention = False
+        self.attention = None
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
+        out, probs = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], return_attention=True)
+        if self.keep_attention:
+            self.attention = probs
+        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
+        return F.dropout(self.proj(out), self.proj_drop, self.training)
+
+
+class Mlp(Module):
+    def __init__(self, in_features, hidden_features, drop=0.0):
+        self.fc1 = Linear(in_features, hidden_features)
+        self.fc2 = Linear(hidden_features, in_features)
+        self.drop = drop
+
+    def forward(self, x):
+        x = F.dropout(F.gelu(self.fc1(x)), self.drop, self.training)
+        return F.dropout(self.fc2(x), self.drop, self.training)
+
+
+class Block(Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, drop_path=0.0):
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + F.drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + F.drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
