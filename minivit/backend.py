@@ -120,9 +120,10 @@ def manual_seed(seed):
     _random_generators["seed"] = seed
 
 
-def random_generator():
-    """The current backend's random generator, created from the last manual_seed()."""
-    name = get_backend()
+def random_generator(name=None):
+    """The random generator of backend `name` (default: the current one), created from the
+    last manual_seed()."""
+    name = name or get_backend()
     if name not in _random_generators:
         seed = _random_generators.get("seed")
         module = np if name == "numpy" else _import_cupy()
