@@ -191,7 +191,7 @@ class Transpose(Function):
     def backward(self, grad):
         if self.axes is None:
             return (grad.transpose(),)
-        return (grad.transpose(np.argsort(self.axes)),)
+        return (grad.transpose(tuple(np.argsort(np.atleast_1d(self.axes) % grad.ndim).tolist())),)
 
 
 # -- broadcast_to: the gradient of a broadcast is summed back over the broadcast axes ----------
@@ -272,6 +272,8 @@ def neg(a):
 def power(a, exponent):
     if isinstance(exponent, Tensor):
         raise TypeError("Tensor ** Tensor is not supported: the exponent must be a number")
+    if isinstance(exponent, np.generic):
+        exponent = exponent.item()  # a NumPy scalar (np.float64(2)) must not promote float32
     return Power()(a, exponent=exponent)
 
 
