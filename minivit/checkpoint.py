@@ -1,0 +1,66 @@
+"""Training checkpoints: one .safetensors (or .npz) file, written atomically.
+
+The file holds the model's weights under timm's names, the optimizer's buffers under
+``optimizer.<name>`` (only in ``last``), and JSON metadata under the key "minivit": the model
+configuration, the dataset's name/normalisation/class names, the epoch and step reached, and
+the training configuration. ``best`` checkpoints carry no optimizer state, so they load into
+timm/PyTorch as they are.
+"""
+
+import json
+from pathlib import Path
+
+from minivit.errors import WeightsError
+from minivit.io import load_weights, save_weights
+from minivit.models import VisionTransformer
+
+OPTIMIZER_PREFIX = "optimizer."
+METADATA_KEY = "minivit"
+
+
+def save_checkpoint(path, model, info, optimizer=None):
+    """Write model weights (+ optimizer buffers) and `info` (JSON-serialisable dict) atomically."""
+    state = dict(model.state_dict())
+    info = dict(info, model_config=model.config)
+    if optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+        for name, array in optimizer_state["arrays"].items():
+            state[OPTIMIZER_PREFIX + name] = array
+        info["optimizer"] = {"step_count": optimizer_state["step_count"],
+                             "lr": optimizer_state["lr"]}
+    save_weights(state, path, metadata={METADATA_KEY: json.dumps(info)})
+
+
+def read_checkpoint(path):
+    """(model_state, optimizer_arrays, info) from a minivit checkpoint."""
+    state, metadata = load_weights(path)
+    if METADATA_KEY not in metadata:
+        raise WeightsError(f"{path} is a weights file but not a minivit checkpoint (it has no "
+                           f"'{METADATA_KEY}' metadata): use --weights with --model instead")
+    info = json.loads(metadata[METADATA_KEY])
+    model_state = {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in state.items()
+                        if k.startswith(OPTIMIZER_PREFIX)}
+    return model_state, optimizer_arrays, info
+
+
+def model_from_checkpoint(path):
+    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
+    loaded, in eval mode, on the current backend."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path)
+    model_state, _, info = read_checkpoint(path)
+    model = VisionTransformer(**info["model_config"])
+    model.load_state_dict(model_state)
+    return model.eval(), info
+
+
+def find_checkpoint(run_dir, name="best"):
+    """The `name` checkpoint of a run folder, in whichever format it was written."""
+    for suffix in (".safetensors", ".npz"):
+        candidate = Path(run_dir) / f"{name}{suffix}"
+        if candidate.exists():
+            return candidate
+    raise WeightsError(f"no {name}.safetensors or {name}.npz in {run_dir}: is it a minivit run "
+                       f"folder (made by minivit train --out)?")

@@ -1,0 +1,30 @@
+"""minivit eval: test loss and accuracy of a checkpoint."""
+
+from minivit.commands.common import add_backend_flags, apply_backend
+
+
+def add_parser(subparsers, name, help_text):
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint file, or a run folder (its best checkpoint)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset to evaluate on (default: the one the model was trained on)")
+    p.add_argument("--data-dir", default=None, metavar="DIR")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    add_backend_flags(p)
+
+
+def run(args):
+    from minivit.checkpoint import model_from_checkpoint
+    from minivit.data import DataLoader, load_dataset
+    from minivit.train import evaluate
+
+    apply_backend(args)
+    model, info = model_from_checkpoint(args.checkpoint)
+    model.to(dtype=args.dtype)
+    dataset = load_dataset(args.dataset or info["dataset"], args.split, args.data_dir)
+    loader = DataLoader(dataset, args.batch_size, shuffle=False)
+    loss, accuracy = evaluate(model, loader, args.dtype)
+    print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
+    return 0

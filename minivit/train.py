@@ -1,0 +1,224 @@
+"""The training and evaluation loop.
+
+``train(TrainConfig(...))`` builds the model and data, trains with AdamW and a warmup + cosine
+schedule, evaluates every epoch and keeps a run folder:
+
+    RUN/config.json        the training configuration
+    RUN/metrics.jsonl      one JSON record per epoch and split (train, test, grads)
+    RUN/last.safetensors   weights + optimizer state at the end of the last finished epoch
+    RUN/best.safetensors   weights of the epoch with the best test accuracy
+
+Checkpoints are written atomically; a run stopped at any point (Ctrl-C, NaN loss, a crash)
+keeps the last good checkpoint, and ``resume=True`` continues from it with exactly the batches
+and random numbers the uninterrupted run would have used.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+import minivit.functional as F
+from minivit import backend
+from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
+from minivit.errors import MinivitError, TrainingError
+from minivit.models import create_model
+from minivit.optim import AdamW, SGD, warmup_cosine
+from minivit.tensor import no_grad
+
+DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist": "vit_mnist",
+                  "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    data_dir: str = None
+    model: str = None  # default: the small model that suits the dataset (DEFAULT_MODELS)
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup: int = 5  # epochs of linear warmup
+    label_smoothing: float = 0.1
+    drop_path: float = 0.1
+    optimizer: str = "adamw"
+    clip_grad: float = 1.0
+    augment: bool = True
+    backend: str = "numpy"
+    dtype: str = "float32"
+    seed: int = 0
+    out: str = "runs/latest"
+    checkpoint_format: str = "safetensors"
+    log_grads: bool = False
+    progress: bool = True
+    resume: bool = False  # continue from RUN/last.* instead of starting afresh
+
+    def model_name(self):
+        return self.model or DEFAULT_MODELS[self.dataset]
+
+
+def build_model(config, num_classes, image_size, channels):
+    backend.manual_seed(config.seed)
+    model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
+                         in_chans=channels, drop_path_rate=config.drop_path)
+    return model.to(dtype=config.dtype)
+
+
+def build_optimizer(config, model):
+    if config.optimizer == "adamw":
+        return AdamW(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return SGD(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    raise MinivitError(f"unknown optimizer {config.optimizer!r}: expected adamw or sgd")
+
+
+def evaluate(model, loader, dtype="float32"):
+    """(mean loss, accuracy) of `model` over `loader`, in eval mode, without a graph."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    with no_grad():
+        for images, labels in loader:
+            logits = model(backend.to_backend(images.astype(dtype, copy=False)))
+            targets = backend.to_backend(labels)
+            total_loss += F.cross_entropy(logits, targets).item() * len(labels)
+            correct += int((logits.data.argmax(axis=1) == targets).sum())
+            count += len(labels)
+    model.train(was_training)
+    return total_loss / count, correct / count
+
+
+class _MetricsLog:
+    """Appends JSON records to RUN/metrics.jsonl (one line each, flushed)."""
+
+    def __init__(self, path, keep_until_epoch=None):
+        self.path = Path(path)
+        if keep_until_epoch is not None and self.path.exists():
+            # drop records of epochs after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= keep_until_epoch]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record):
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def _gradient_statistics(model, optimizer, params_before):
+    """Per-parameter gradient norms and update/weight ratios ‖Δθ‖/‖θ‖ of the last step."""
+    xp = optimizer.xp
+    grad_norms, update_ratios = {}, {}
+    for name, start, stop in zip(optimizer.names, optimizer.offsets, optimizer.offsets[1:]):
+        weight_norm = float(xp.linalg.norm(params_before[start:stop]))
+        update = optimizer.flat[start:stop] - params_before[start:stop]
+        grad_norms[name] = float(xp.linalg.norm(optimizer.flat_grad[start:stop]))
+        update_ratios[name] = float(xp.linalg.norm(update)) / max(weight_norm, 1e-12)
+    return grad_norms, update_ratios
+
+
+def train(config, on_epoch_end=None):
+    """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
+    after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    from tqdm import tqdm
+
+    backend.set_backend(config.backend)
+    run_dir = Path(config.out)
+    if config.dataset not in DATASETS:
+        raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    train_set = load_dataset(config.dataset, "train", config.data_dir)
+    test_set = load_dataset(config.dataset, "test", config.data_dir)
+    channels, image_size = train_set.images.shape[1], train_set.images.shape[2]
+    model = build_model(config, train_set.num_classes, image_size, channels)
+    optimizer = build_optimizer(config, model)
+    augment = default_augmentation(config.dataset) if config.augment else None
+    train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
+                              augment=augment)
+    test_loader = DataLoader(test_set, 256, shuffle=False)
+    steps_per_epoch = len(train_loader)
+    total_steps = config.epochs * steps_per_epoch
+    info = {"dataset": config.dataset, "mean": train_set.mean, "std": train_set.std,
+            "class_names": train_set.class_names, "train_config": dataclasses.asdict(config)}
+
+    start_epoch, best_accuracy = 0, -1.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "." + config.checkpoint_format
+    last_path = run_dir / f"last{suffix}"
+    if config.resume:
+        model_state, optimizer_arrays, saved = read_checkpoint(find_checkpoint(run_dir, "last"))
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
+        start_epoch, best_accuracy = saved["epoch"], saved["best_accuracy"]
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
+
+    summary = {"run_dir": str(run_dir), "epochs": config.epochs, "best_accuracy": best_accuracy}
+    step = start_epoch * steps_per_epoch
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        backend.manual_seed([config.seed, epoch])  # dropout/drop-path numbers of this epoch
+        epoch_loss, epoch_correct, epoch_count, epoch_start = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not config.progress, unit="batch")
+        for images, labels in bar:
+            optimizer.lr = warmup_cosine(step, total_steps, config.lr,
+                                         config.warmup * steps_per_epoch, config.min_lr)
+            x = backend.to_backend(images.astype(config.dtype, copy=False))
+            y = backend.to_backend(labels)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
+                    f"(lr {optimizer.lr:.3g}); training stopped. The last good checkpoint is "
+                    f"kept in {run_dir}: lower --lr, or keep --clip-grad on")
+            optimizer.zero_grad()
+            loss.backward()
+            log_grads_now = config.log_grads and epoch_count + len(labels) >= len(train_set)
+            params_before = optimizer.flat.copy() if log_grads_now else None
+            optimizer.step(max_grad_norm=config.clip_grad)
+            step += 1
+            epoch_loss += loss_value * len(labels)
+            epoch_correct += int((logits.data.argmax(axis=1) == y).sum())
+            epoch_count += len(labels)
+            elapsed = time.perf_counter() - epoch_start
+            bar.set_postfix(loss=f"{epoch_loss / epoch_count:.3f}",
+                            acc=f"{epoch_correct / epoch_count:.3f}", lr=f"{optimizer.lr:.2e}",
+                            img_s=f"{epoch_count / elapsed:.0f}")
+        bar.close()
+        train_time = time.perf_counter() - epoch_start
+        test_loss, test_accuracy = evaluate(model, test_loader, config.dtype)
+        is_best = test_accuracy > best_accuracy
+        best_accuracy = max(best_accuracy, test_accuracy)
+        checkpoint_info = dict(info, epoch=epoch + 1, step=step, best_accuracy=best_accuracy,
+                               test_accuracy=test_accuracy)
+        save_checkpoint(last_path, model, checkpoint_info, optimizer)
+        if is_best:
+            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info)
+        common = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started}
+        metrics.write(dict(common, split="train", loss=epoch_loss / epoch_count,
+                           accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
+                           images_per_s=epoch_count / train_time))
+        metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
+        if params_before is not None:
+            grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
+            metrics.write(dict(common, split="grads", grad_norms=grad_norms,
+                               update_ratios=update_ratios))
+        if config.progress:
+            tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  train loss "
+                       f"{epoch_loss / epoch_count:.4f} acc {epoch_correct / epoch_count:.4f}  "
+                       f"test loss {test_loss:.4f} acc {test_accuracy:.4f}  "
+                       f"{epoch_count / train_time:.0f} img/s")
+        summary.update(best_accuracy=best_accuracy, test_accuracy=test_accuracy,
+                       test_loss=test_loss, epoch=epoch + 1, seconds=time.perf_counter() - started)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, summary)
+    return summary
