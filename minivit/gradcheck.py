@@ -61,15 +61,24 @@ def _to_float64_tensor(value):
     return Tensor(copy, requires_grad=True)
 
 
-def gradcheck(fn, *inputs, eps=1e-6, rtol=1e-6, atol=1e-10, names=None, seed=0,
+def gradcheck(fn, *inputs, parameters=(), eps=1e-6, rtol=1e-6, atol=1e-10, names=None, seed=0,
               full_check_limit=512, directions=8, raise_on_failure=False):
     """Check `fn(*inputs)`'s backward for every floating-point input.
 
     fn must be deterministic (reseed inside it if it uses dropout). Inputs are copied to
-    float64. An input passes when max_rel_error <= rtol or max_abs_error <= atol.
+    float64. `parameters`: float64 tensors that fn uses without taking them as arguments (a
+    module's parameters, e.g. ``dict(model.named_parameters())``: name -> tensor); they are
+    checked in place. An input passes when max_rel_error <= rtol or max_abs_error <= atol.
     Returns a GradcheckReport; with raise_on_failure=True a failure raises AssertionError."""
     rng = np.random.default_rng(seed)
     tensors = [_to_float64_tensor(x) for x in inputs]
+    named_parameters = list(parameters.items()) if isinstance(parameters, dict) \
+        else [(f"parameter {i}", p) for i, p in enumerate(parameters)]
+    for name, parameter in named_parameters:
+        if parameter.dtype != np.float64:
+            raise TypeError(f"gradcheck needs float64 parameters; {name} is {parameter.dtype} "
+                            f"(use model.to(dtype='float64'))")
+        parameter.grad = None
     output = fn(*tensors)
     xp = backend.array_module(output.data)
     upstream = xp.asarray(rng.standard_normal(output.shape))
@@ -80,9 +89,11 @@ def gradcheck(fn, *inputs, eps=1e-6, rtol=1e-6, atol=1e-10, names=None, seed=0,
             return float((fn(*tensors).data * upstream).sum())
 
     report = GradcheckReport()
-    for index, tensor in enumerate(tensors):
-        if not isinstance(tensor, Tensor) or not tensor.requires_grad:
-            continue
+    names = list(names) if names else [f"input {i}" for i in range(len(tensors))]
+    checked = [(i, names[i], t) for i, t in enumerate(tensors)
+               if isinstance(t, Tensor) and t.requires_grad]
+    checked += [(len(tensors) + i, name, p) for i, (name, p) in enumerate(named_parameters)]
+    for index, name, tensor in checked:
         analytic = backend.to_numpy(tensor.grad) if tensor.grad is not None \
             else np.zeros(tensor.shape)
         data = tensor.data
@@ -101,7 +112,6 @@ def gradcheck(fn, *inputs, eps=1e-6, rtol=1e-6, atol=1e-10, names=None, seed=0,
         scale = max(float(np.max(np.abs(computed), initial=0.0)),
                     float(np.max(np.abs(expected), initial=0.0)))
         rel_error = abs_error / scale if scale > 0 else abs_error
-        name = names[index] if names else f"input {index}"
         passed = rel_error <= rtol or abs_error <= atol
         report.inputs.append(InputCheck(index, name, tuple(tensor.shape), abs_error, rel_error,
                                         mode, passed))

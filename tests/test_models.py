@@ -1,0 +1,162 @@
+"""VisionTransformer: timm names and shapes, parameter counts, layer errors, Module API."""
+
+import numpy as np
+import pytest
+
+import minivit
+import minivit.functional as F
+from minivit.errors import MinivitError, ShapeError, WeightsError
+from minivit.models import MODEL_CONFIGS, VisionTransformer, create_model
+
+TIMM_PARAMETER_COUNTS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_base_patch32_224": 88_224_232,
+    "vit_large_patch16_224": 304_326_632,
+    "vit_huge_patch14_224": 632_045_800,
+}
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224",
+                                  "vit_base_patch32_224"])
+def test_parameter_counts_match_timm(name):
+    assert create_model(name).num_parameters() == TIMM_PARAMETER_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "vit_large_patch16_224",
+                                  "vit_huge_patch14_224"])
+def test_large_parameter_counts_from_shapes(name):
+    # same count from the shapes alone (allocating ViT-H would take seconds and 2.5 GB)
+    from minivit.inspect.cost import model_cost
+    config = MODEL_CONFIGS[name]
+    assert model_cost(dict(config, in_chans=3, num_classes=1000)).total_params \
+        == TIMM_PARAMETER_COUNTS[name]
+
+
+def test_state_dict_names_and_shapes_are_timms():
+    model = VisionTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=10,
+                              embed_dim=48, depth=2, num_heads=3)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes["patch_embed.proj.weight"] == (48, 3, 4, 4)
+    assert shapes["patch_embed.proj.bias"] == (48,)
+    assert shapes["cls_token"] == (1, 1, 48)
+    assert shapes["pos_embed"] == (1, 65, 48)
+    assert shapes["blocks.1.attn.qkv.weight"] == (144, 48)
+    assert shapes["blocks.1.attn.proj.weight"] == (48, 48)
+    assert shapes["blocks.0.mlp.fc1.weight"] == (192, 48)
+    assert shapes["blocks.0.mlp.fc2.weight"] == (48, 192)
+    for norm in ("blocks.0.norm1", "blocks.0.norm2", "norm"):
+        assert shapes[f"{norm}.weight"] == (48,) and shapes[f"{norm}.bias"] == (48,)
+    assert shapes["head.weight"] == (10, 48)
+    assert len(shapes) == 4 + 12 * 2 + 4
+
+
+def test_no_qkv_bias_drops_the_key():
+    model = create_model("vit_digits", depth=1, qkv_bias=False)
+    assert "blocks.0.attn.qkv.bias" not in model.state_dict()
+
+
+def test_initialisation_follows_timm():
+    minivit.manual_seed(0)
+    model = create_model("vit_small_patch16_224", depth=1)
+    qkv = model.blocks[0].attn.qkv
+    assert abs(float(qkv.weight.data.std()) - 0.02) < 0.001
+    assert float(np.abs(qkv.bias.data).max()) == 0.0
+    assert abs(float(model.pos_embed.data.std()) - 0.02) < 0.002
+    assert float(np.abs(model.cls_token.data).max()) < 1e-5
+    assert np.all(model.norm.weight.data == 1) and np.all(model.norm.bias.data == 0)
+
+
+def test_same_seed_same_weights():
+    minivit.manual_seed(3)
+    a = create_model("vit_digits").state_dict()
+    minivit.manual_seed(3)
+    b = create_model("vit_digits").state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_forward_shapes_and_attention_rows_sum_to_one():
+    model = create_model("vit_digits", depth=2).eval()
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    logits, attention = model.forward_with_attention(x)
+    assert logits.shape == (3, 10) and logits.dtype == np.float32
+    assert len(attention) == 2 and attention[0].shape == (3, 4, 17, 17)
+    np.testing.assert_allclose(attention[-1].sum(axis=-1), 1.0, rtol=1e-5)
+    assert model.blocks[0].attn.attention is None  # not kept on the normal path
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 3, 8, 8), "got (2, 3, 8, 8)"),  # wrong channels
+    ((2, 1, 16, 16), "(batch, 1, 8, 8)"),  # wrong size
+    ((1, 8, 8), "got (1, 8, 8)"),  # missing batch axis
+])
+def test_wrong_input_shape_says_expected_and_got(shape, message):
+    model = create_model("vit_digits", depth=1)
+    with pytest.raises(ShapeError, match=r"expected images of shape") as error:
+        model(np.zeros(shape, np.float32))
+    assert message in str(error.value)
+
+
+def test_image_size_not_multiple_of_patch():
+    with pytest.raises(ShapeError, match="not a multiple of the patch size"):
+        create_model("vit_digits", img_size=9)
+
+
+def test_unknown_model_and_option():
+    with pytest.raises(MinivitError, match="known models"):
+        create_model("vit_gigantic")
+    with pytest.raises(MinivitError, match="unknown model options"):
+        create_model("vit_digits", depht=3)
+
+
+def test_load_state_dict_strict_reports_every_problem():
+    model = create_model("vit_digits", depth=1)
+    state = model.state_dict()
+    del state["norm.weight"]
+    state["extra.weight"] = np.zeros(3, np.float32)
+    state["head.weight"] = np.zeros((5, 64), np.float32)
+    with pytest.raises(WeightsError) as error:
+        model.load_state_dict(state)
+    text = str(error.value)
+    assert "norm.weight" in text and "extra.weight" in text and "head.weight" in text
+
+
+def test_load_state_dict_copies_in_place():
+    source = create_model("vit_digits", depth=1)
+    target = create_model("vit_digits", depth=1)
+    view = target.pos_embed.data
+    target.load_state_dict(source.state_dict())
+    assert target.pos_embed.data is view
+    np.testing.assert_array_equal(view, source.pos_embed.data)
+
+
+def test_train_eval_and_to_dtype():
+    model = create_model("vit_digits", depth=1, drop_path_rate=0.5)
+    assert model.eval().blocks[0].training is False
+    assert model.train().blocks[0].mlp.training is True
+    model.to(dtype="float64")
+    assert {p.dtype for p in model.parameters()} == {np.dtype("float64")}
+    x = np.random.default_rng(0).random((2, 1, 8, 8))
+    model.eval()
+    np.testing.assert_array_equal(model(x).data, model(x).data)  # eval: no drop-path noise
+
+
+def test_module_repr_lists_layers():
+    text = repr(create_model("vit_digits", depth=1))
+    assert "PatchConv2d(1, 64, kernel_size=2, stride=2)" in text and "Linear(64, 192" in text
+
+
+def test_whole_model_gradient_check():
+    minivit.manual_seed(0)
+    model = create_model("vit_digits", depth=1, embed_dim=8, num_heads=2).to(dtype="float64")
+    x = np.random.default_rng(1).random((2, 1, 8, 8))
+    labels = np.array([3, 7])
+
+    def loss(image):
+        return F.cross_entropy(model(image), labels)
+
+    report = minivit.gradcheck(loss, x, parameters=dict(model.named_parameters()),
+                               names=["image"], full_check_limit=64, directions=3)
+    assert report.passed, str(report)
+    assert len(report.inputs) == 1 + len(model.parameters())

@@ -1,0 +1,148 @@
+"""The training loop: it learns, resumes exactly, survives failures with its checkpoints intact."""
+
+import json
+
+import numpy as np
+import pytest
+
+import minivit
+from minivit.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
+from minivit.cli import main
+from minivit.errors import TrainingError
+from minivit.io import load_weights
+from minivit.train import TrainConfig, train
+
+# A small, quick configuration: 2-block digits model, a few epochs.
+QUICK = dict(dataset="digits", model="vit_digits", epochs=3, warmup=1, lr=3e-3, batch_size=64,
+             drop_path=0.0, label_smoothing=0.0, progress=False)
+
+
+def quick_config(tmp_path, name="run", **overrides):
+    return TrainConfig(**dict(QUICK, out=str(tmp_path / name), **overrides))
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_training_learns(tmp_path):
+    summary = train(quick_config(tmp_path, epochs=4))
+    records = read_metrics(tmp_path / "run")
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < 0.7 * train_losses[0]
+    assert summary["test_accuracy"] > 0.5  # chance is 0.1
+    assert {"epoch", "step", "time", "lr", "images_per_s"} <= set(records[0])
+    assert (tmp_path / "run" / "best.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 4
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    options = dict(epochs=2, drop_path=0.1, label_smoothing=0.1)  # random numbers matter too
+    train(quick_config(tmp_path, "straight", **options))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, summary):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(quick_config(tmp_path, "resumed", **options), on_epoch_end=stop_after_first_epoch)
+    train(quick_config(tmp_path, "resumed", resume=True, **options))
+
+    straight, _ = load_weights(tmp_path / "straight" / "last.safetensors")
+    resumed, _ = load_weights(tmp_path / "resumed" / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:  # model weights and optimizer moments alike
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "resumed") if r["split"] == "train"]
+    assert epochs == [1, 2]
+
+
+def test_resume_through_the_cli(tmp_path, capsys):
+    run_dir = tmp_path / "cli"
+    common = ["--epochs", "1", "--batch-size", "256", "--out", str(run_dir), "--quiet"]
+    assert main(["train", "--model", "vit_digits", *common]) == 0
+    assert main(["train", "--resume", "--out", str(run_dir), "--epochs", "2", "--quiet"]) == 0
+    assert "after 2 epochs" in capsys.readouterr().out
+    _, _, info = read_checkpoint(find_checkpoint(run_dir, "last"))
+    assert info["epoch"] == 2
+    assert main(["eval", "--checkpoint", str(run_dir)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_resume_without_a_run_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    config = quick_config(tmp_path, epochs=2)
+    calls = []
+
+    def fail_on_second_epoch(epoch, summary):
+        calls.append(epoch)
+
+    train(quick_config(tmp_path, epochs=1))
+    last = tmp_path / "run" / "last.safetensors"
+    before = last.read_bytes()
+
+    import safetensors.numpy
+
+    def broken_save(state, path, metadata=None):
+        with open(path, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken_save)
+    with pytest.raises(Exception, match="disk full"):
+        train(TrainConfig(**dict(vars(config), resume=True)), on_epoch_end=fail_on_second_epoch)
+    assert last.read_bytes() == before  # the last good checkpoint is intact
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp.safetensors")
+                or ".tmp" in p.name]
+    monkeypatch.undo()
+    model, info = model_from_checkpoint(last)
+    assert info["epoch"] == 1
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    train(quick_config(tmp_path, epochs=1))
+    last = tmp_path / "run" / "last.safetensors"
+    before = last.read_bytes()
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*last good checkpoint"):
+        train(quick_config(tmp_path, epochs=2, resume=True, lr=1e30, clip_grad=0.0))
+    assert last.read_bytes() == before
+
+
+def test_float64_training_step(tmp_path):
+    summary = train(quick_config(tmp_path, epochs=1, dtype="float64"))
+    state, _ = load_weights(tmp_path / "run" / "last.safetensors")
+    assert state["pos_embed"].dtype == np.float64
+    assert summary["epoch"] == 1
+
+
+def test_train_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr",
+                 "--weight-decay", "--warmup", "--label-smoothing", "--backend", "--dtype",
+                 "--seed", "--out", "--resume"):
+        assert flag in text
+
+
+def test_missing_dataset_files_are_a_clear_cli_error(tmp_path, capsys):
+    code = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--quiet",
+                 "--out", str(tmp_path / "run")])
+    assert code == 1
+    assert "mnist" in capsys.readouterr().err.lower()
+
+
+def test_cupy_backend_without_cupy_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert main(["train", "--backend", "cupy", "--out", str(tmp_path / "run")]) == 1
+    assert "pip install 'minivit[gpu]'" in capsys.readouterr().err
+    minivit.set_backend("numpy")
