@@ -6,7 +6,7 @@ timm weights load by name.
 """
 
 import minivit.functional as F
-from minivit.errors import MinivitError
+from minivit.errors import MinivitError, ShapeError
 from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
 
@@ -63,6 +63,30 @@ class VisionTransformer(Module):
             for attn in attentions:
                 attn.keep_attention, attn.attention = False, None
 
+    def resample_pos_embed(self, img_size):
+        """Change the input image size in place: the patch grid becomes img_size / patch_size
+        and pos_embed's patch part is resized to it (bicubic, as timm; the class token's entry
+        is kept). Make the optimizer afterwards: pos_embed gets a new array."""
+        from minivit import backend
+        from minivit.io import resample_abs_pos_embed
+
+        patch_embed = self.patch_embed
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = patch_embed.patch_size
+        if len(size) != 2 or min(size) < patch or size[0] % patch or size[1] % patch:
+            raise ShapeError(f"image size {size} must be positive multiples of the patch size "
+                             f"{patch}")
+        grid = (size[0] // patch, size[1] // patch)
+        if grid != patch_embed.grid_size:
+            old = backend.to_numpy(self.pos_embed.data)
+            new = resample_abs_pos_embed(old, grid, patch_embed.grid_size)
+            self.pos_embed.data = backend.to_backend(new, self.pos_embed.backend)
+            self.pos_embed.grad = None
+        patch_embed.img_size, patch_embed.grid_size = size, grid
+        patch_embed.num_patches = grid[0] * grid[1]
+        self.config["img_size"] = img_size if isinstance(img_size, int) else list(size)
+        return self
+
     def extra_repr(self):
         return ", ".join(f"{key}={value}" for key, value in self.config.items())
 
@@ -106,7 +130,15 @@ def model_config(name, **overrides):
     return config
 
 
-def create_model(name, **overrides):
+def create_model(name, pretrained=None, **overrides):
     """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
-    num_classes=10). Seed with minivit.manual_seed for reproducible weights."""
-    return VisionTransformer(**model_config(name, **overrides))
+    num_classes=10). Seed with minivit.manual_seed for reproducible weights.
+    pretrained=PATH (or a state dict) loads timm/minivit weights with
+    minivit.pretrained.load_pretrained (pos_embed resampled to img_size, head kept fresh when
+    num_classes differs, with a warning)."""
+    model = VisionTransformer(**model_config(name, **overrides))
+    if pretrained is not None:
+        from minivit.pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
