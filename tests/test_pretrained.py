@@ -1,0 +1,412 @@
+"""load_pretrained's adaptations and errors, and the `minivit convert` / `minivit predict`
+commands. Only the tests that write or read .pth files need torch."""
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import minivit
+from minivit import Tensor
+from minivit.checkpoint import save_checkpoint
+from minivit.cli import main
+from minivit.errors import WeightsError
+from minivit.io import load_weights, save_weights
+from minivit.models import VisionTransformer, create_model
+from minivit.pretrained import PretrainedWarning, load_pretrained
+
+SMALL = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=1,
+             num_heads=2)
+
+
+def small_model(seed=0, **overrides):
+    minivit.manual_seed(seed)
+    return VisionTransformer(**dict(SMALL, **overrides))
+
+
+def assert_states_equal(a, b, skip=()):
+    assert set(a) == set(b)
+    for key in a:
+        if key not in skip:
+            assert np.array_equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """(path, state) of a small random model saved as .safetensors."""
+    state = small_model(seed=1).state_dict()
+    path = tmp_path / "small.safetensors"
+    save_weights(state, path)
+    return path, state
+
+
+# -- load_pretrained ------------------------------------------------------------------------------
+def test_exact_fit_loads_silently(weights):
+    path, state = weights
+    model = small_model(seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_pretrained(model, path) == []
+    assert_states_equal(model.state_dict(), state)
+
+
+def test_prefixes_and_in_memory_state_dicts(weights):
+    _, state = weights
+    wrapped = {f"module.model.{k}": v for k, v in state.items()}
+    model = small_model(seed=2)
+    assert load_pretrained(model, wrapped) == []
+    assert_states_equal(model.state_dict(), state)
+
+
+def test_num_classes_mismatch_keeps_fresh_head_with_a_notice(weights):
+    path, state = weights
+    model = small_model(seed=2, num_classes=3)
+    fresh_head = model.state_dict()["head.weight"].copy()
+    with pytest.warns(PretrainedWarning, match="has 5 classes, the model 3: keeping the model's "
+                                               "freshly initialised head"):
+        notes = load_pretrained(model, path)
+    assert len(notes) == 1
+    loaded = model.state_dict()
+    assert np.array_equal(loaded["head.weight"], fresh_head)
+    assert_states_equal({k: v for k, v in loaded.items() if not k.startswith("head.")},
+                        {k: v for k, v in state.items() if not k.startswith("head.")})
+
+
+def test_headless_checkpoint_and_headless_model(weights):
+    path, state = weights
+    headless = {k: v for k, v in state.items() if not k.startswith("head.")}
+    model = small_model(seed=2)
+    notes = load_pretrained(model, headless, notify=lambda note: None)
+    assert len(notes) == 1 and "has no head" in notes[0]
+    no_head = small_model(seed=2, num_classes=0)
+    notes = load_pretrained(no_head, path, notify=lambda note: None)
+    assert len(notes) == 1 and "is not used" in notes[0]
+    assert_states_equal(no_head.state_dict(), headless)
+
+
+def test_other_image_size_resamples_pos_embed_with_a_notice(weights):
+    path, _ = weights
+    model = small_model(seed=2, img_size=24)
+    notes = []
+    load_pretrained(model, path, notify=notes.append)
+    assert notes == ["resampled pos_embed from a 4x4 to a 6x6 patch grid (bicubic) for image "
+                     "size 24"]
+    assert model.pos_embed.shape == (1, 37, 32)
+
+
+def test_create_model_pretrained(tmp_path):
+    minivit.manual_seed(0)
+    source = create_model("vit_digits", depth=1)
+    path = tmp_path / "digits.npz"
+    save_weights(source.state_dict(), path)
+    model = create_model("vit_digits", depth=1, pretrained=path)
+    assert_states_equal(model.state_dict(), source.state_dict())
+
+
+def test_training_checkpoint_loads_without_its_optimizer_state(tmp_path):
+    from minivit.optim import AdamW
+
+    model = small_model(seed=1)
+    optimizer = AdamW(model.named_parameters(), lr=1e-3)
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, model, {"epoch": 1}, optimizer)
+    assert any(k.startswith("optimizer.") for k in load_weights(path)[0])
+    fresh = small_model(seed=2)
+    assert load_pretrained(fresh, path) == []
+    assert_states_equal(fresh.state_dict(), model.state_dict())
+
+
+def test_wrong_shapes_and_missing_keys_are_one_error(weights):
+    _, state = weights
+    bad = dict(state)
+    del bad["blocks.0.norm1.weight"]
+    bad["blocks.0.mlp.fc1.weight"] = np.zeros((64, 32), np.float32)
+    bad["fc_norm.weight"] = np.ones(32, np.float32)
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(small_model(), bad)
+    message = str(info.value)
+    assert "1 missing, 1 unexpected, 1 mis-shaped" in message
+    assert "missing: blocks.0.norm1.weight" in message
+    assert "mis-shaped: blocks.0.mlp.fc1.weight: expected (128, 32), got (64, 32)" in message
+    assert "fc_norm.weight (global-average-pool head" in message
+
+
+def test_other_embed_dim_is_an_error_not_a_resample(weights):
+    path, _ = weights
+    with pytest.raises(WeightsError, match="mis-shaped: pos_embed"):
+        load_pretrained(small_model(embed_dim=48, num_heads=2), path)
+
+
+def test_non_strict_loads_what_fits(weights):
+    _, state = weights
+    bad = {k: v for k, v in state.items() if k != "norm.bias"}
+    bad["blocks.0.attn.qkv.weight"] = np.zeros((3, 3), np.float32)
+    model = small_model(seed=2)
+    before = model.state_dict()
+    notes = load_pretrained(model, bad, strict=False, notify=lambda note: None)
+    assert any("skipped 1 key" in n and "blocks.0.attn.qkv.weight" in n for n in notes)
+    assert any("norm.bias" in n for n in notes)
+    after = model.state_dict()
+    assert np.array_equal(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    assert np.array_equal(after["head.weight"], state["head.weight"])
+
+
+def test_non_vit_state_dict(tmp_path):
+    path = tmp_path / "resnet.safetensors"
+    save_weights({"conv1.weight": np.zeros((8, 3, 7, 7), np.float32),
+                  "fc.weight": np.zeros((10, 8), np.float32)}, path)
+    with pytest.raises(WeightsError, match="does not look like a timm ViT state dict"):
+        load_pretrained(small_model(), path)
+
+
+def test_truncated_safetensors(weights):
+    path, _ = weights
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_pretrained(small_model(), path)
+
+
+def test_not_a_state_dict():
+    with pytest.raises(WeightsError, match="expected a weights file path or a state dict"):
+        load_pretrained(small_model(), 42)
+
+
+# -- minivit convert ------------------------------------------------------------------------------
+def _bits(state):
+    return {k: (v.dtype, v.shape, v.tobytes()) for k, v in state.items()}
+
+
+def test_convert_round_trip_keeps_values_and_metadata(tmp_path, capsys):
+    model = small_model(seed=3)
+    src = tmp_path / "ckpt.safetensors"
+    save_checkpoint(src, model, {"class_names": list("abcde")})
+    original, metadata = load_weights(src)
+    assert main(["convert", str(src), str(tmp_path / "a.npz")]) == 0
+    assert "metadata kept (minivit)" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "a.npz"), str(tmp_path / "b.safetensors")]) == 0
+    back, back_metadata = load_weights(tmp_path / "b.safetensors")
+    assert _bits(back) == _bits(original) and back_metadata == metadata
+
+
+def test_convert_through_pth(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    src = tmp_path / "w.npz"
+    state = small_model(seed=3).state_dict()
+    save_weights(state, src, metadata={"k": "v"})
+    assert main(["convert", str(src), str(tmp_path / "w.pth")]) == 0
+    assert "metadata not kept" in capsys.readouterr().out
+    loaded = torch.load(tmp_path / "w.pth", weights_only=True)
+    assert _bits({k: v.numpy() for k, v in loaded.items()}) == _bits(state)
+    assert main(["convert", str(tmp_path / "w.pth"), str(tmp_path / "w.safetensors")]) == 0
+    assert _bits(load_weights(tmp_path / "w.safetensors")[0]) == _bits(state)
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path, capsys):
+    src, dst = tmp_path / "w.npz", tmp_path / "w.safetensors"
+    save_weights(small_model().state_dict(), src)
+    dst.write_bytes(b"keep me")
+    assert main(["convert", str(src), str(dst)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert dst.read_bytes() == b"keep me"
+    assert main(["convert", str(src), str(dst), "--force"]) == 0
+    assert _bits(load_weights(dst)[0]) == _bits(load_weights(src)[0])
+
+
+def test_convert_errors(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "w.npz"
+    save_weights(small_model().state_dict(), src)
+    assert main(["convert", str(src), str(tmp_path / "w.onnx")]) == 1
+    assert "unsupported suffix '.onnx'" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "x.npz")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    assert main(["convert", str(src), str(tmp_path / "w.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "writing .pth needs PyTorch" in err and err.count("\n") == 1
+    assert not (tmp_path / "w.pth").exists()
+
+
+# -- minivit predict --checkpoint -----------------------------------------------------------------
+CLASSES = [f"class_{i}" for i in range(5)]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny 'trained' checkpoint: 1-channel 8x8 images, 5 classes."""
+    model = small_model(seed=4, img_size=8, patch_size=2, in_chans=1)
+    path = tmp_path / "best.safetensors"
+    save_checkpoint(path, model, {"dataset": "digits", "mean": [0.25], "std": [0.5],
+                                  "class_names": CLASSES})
+    return path, model
+
+
+def parse_predictions(out):
+    """{file: [(probability, label), ...]} from predict's output."""
+    result, current = {}, None
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            current = line.rstrip(":")
+            result[current] = []
+        else:
+            probability, label = line.split()
+            result[current].append((float(probability), label))
+    return result
+
+
+def expected_top(model, images, mean, std):
+    with minivit.no_grad():
+        logits = model.eval()(Tensor(((images - mean) / std).astype(np.float32))).data
+    return [CLASSES[i] for i in logits.argmax(axis=1)]
+
+
+def test_predict_checkpoint_npy(tmp_path, checkpoint, capsys):
+    path, model = checkpoint
+    rng = np.random.default_rng(0)
+    single = rng.random((8, 8))
+    batch = rng.random((3, 1, 8, 8)).astype(np.float32)
+    as_uint8 = (rng.random((1, 8, 8)) * 255).astype(np.uint8)
+    for name, array in (("single.npy", single), ("batch.npy", batch), ("u8.npy", as_uint8)):
+        np.save(tmp_path / name, array)
+    files = [str(tmp_path / n) for n in ("single.npy", "batch.npy", "u8.npy")]
+    assert main(["predict", "--checkpoint", str(tmp_path), *files, "--top-k", "3"]) == 0
+    predictions = parse_predictions(capsys.readouterr().out)
+    names = [files[0], f"{files[1]}[0]", f"{files[1]}[1]", f"{files[1]}[2]", files[2]]
+    assert list(predictions) == names
+    images = np.concatenate([single[None, None], batch, as_uint8[None] / 255.0])
+    top = expected_top(model, images, 0.25, 0.5)
+    for name, label in zip(names, top):
+        rows = predictions[name]
+        assert len(rows) == 3 and rows[0][1] == label
+        probabilities = [p for p, _ in rows]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert all(0 < p <= 1 for p in probabilities)
+
+
+def test_predict_checkpoint_png(tmp_path, checkpoint, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    path, model = checkpoint
+    rng = np.random.default_rng(1)
+    rgb = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).resize((16, 12)).save(tmp_path / "big.png")
+    assert main(["predict", "--checkpoint", str(path), str(tmp_path / "rgb.png"),
+                 str(tmp_path / "big.png")]) == 0
+    predictions = parse_predictions(capsys.readouterr().out)
+    assert len(predictions) == 2 and all(len(rows) == 5 for rows in predictions.values())
+    grey = np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255
+    top = expected_top(model, grey[None, None], 0.25, 0.5)
+    assert predictions[str(tmp_path / "rgb.png")][0][1] == top[0]
+    assert sum(p for p, _ in predictions[str(tmp_path / "rgb.png")]) == pytest.approx(1, abs=1e-3)
+
+
+def test_predict_without_pillow_says_how_to_install(tmp_path, checkpoint, capsys, monkeypatch):
+    path, _ = checkpoint
+    (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert main(["predict", "--checkpoint", str(path), str(tmp_path / "x.png")]) == 1
+    assert "reading PNG/JPEG needs Pillow: pip install 'minivit[images]'" in \
+        capsys.readouterr().err
+
+
+def test_predict_input_errors(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    np.save(tmp_path / "bad.npy", np.full((8, 8), 3.0))
+    np.save(tmp_path / "flat.npy", np.zeros(64))
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    for name, message in (("bad.npy", "pixel values must lie in [0, 1]"),
+                          ("flat.npy", "expected an image array (H,W), (C,H,W) or (N,C,H,W)"),
+                          ("x.gif", "unsupported file type '.gif'"),
+                          ("none.npy", "no such file")):
+        assert main(["predict", "--checkpoint", str(path), str(tmp_path / name)]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["predict", "--weights", str(path), str(tmp_path / "bad.npy")]) == 1
+    assert "--weights needs --model" in capsys.readouterr().err
+
+
+# -- minivit predict --weights --model ------------------------------------------------------------
+@pytest.fixture
+def imagenet_weights(tmp_path):
+    """Random weights of vit_tiny_patch16_224 made at image size 64 with 1000 classes."""
+    minivit.manual_seed(5)
+    model = create_model("vit_tiny_patch16_224", img_size=64)
+    path = tmp_path / "tiny.safetensors"
+    save_weights(model.state_dict(), path)
+    return path, model
+
+
+def test_predict_weights_imagenet_style(tmp_path, imagenet_weights, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    path, model = imagenet_weights
+    rng = np.random.default_rng(2)
+    photo = (rng.random((50, 40, 3)) * 255).astype(np.uint8)  # portrait: height 50, width 40
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"name {i}\n" for i in range(1000)))
+    assert main(["predict", "--weights", str(path), "--model", "vit_tiny_patch16_224",
+                 "--img-size", "64", "--labels", str(labels), str(tmp_path / "photo.png")]) == 0
+    out = capsys.readouterr().out
+    rows = parse_predictions(out.replace("name ", "name_"))[str(tmp_path / "photo.png")]
+    assert len(rows) == 5
+
+    # the same by hand: shorter side to floor(64 / 0.875) = 73, centre crop 64, ImageNet stats
+    resized = Image.fromarray(photo).resize((73, 91), Image.BICUBIC)  # 91 = int(73 * 50 / 40)
+    top, left = int(round((91 - 64) / 2)), int(round((73 - 64) / 2))
+    crop = np.asarray(resized.crop((left, top, left + 64, top + 64)), np.float32) / 255
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = ((crop - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
+    with minivit.no_grad():
+        logits = model.eval()(Tensor(x)).data[0].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    expected = np.argsort(probs)[::-1][:5]
+    assert [label for _, label in rows] == [f"name_{i}" for i in expected]
+    assert [p for p, _ in rows] == pytest.approx(probs[expected], abs=1e-4)
+
+
+def test_predict_weights_resamples_and_reads_num_classes(tmp_path, imagenet_weights, capsys):
+    path, _ = imagenet_weights
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).random((3, 40, 48)).astype(np.float32))
+    assert main(["predict", "--weights", str(path), "--model", "vit_tiny_patch16_224",
+                 "--img-size", "32", "--top-k", "2", str(tmp_path / "x.npy")]) == 0
+    captured = capsys.readouterr()
+    assert "note: resampled pos_embed from a 4x4 to a 2x2 patch grid" in captured.err
+    rows = parse_predictions(captured.out)[str(tmp_path / "x.npy")]
+    assert len(rows) == 2 and all(0 <= int(label) < 1000 for _, label in rows)
+
+    assert main(["predict", "--weights", str(path), "--model", "vit_tiny_patch16_224",
+                 "--img-size", "32", "--num-classes", "10", str(tmp_path / "x.npy")]) == 0
+    captured = capsys.readouterr()
+    assert "has 1000 classes, the model 10: keeping the model's freshly initialised head" in \
+        captured.err
+    assert len(parse_predictions(captured.out)[str(tmp_path / "x.npy")]) == 5
+
+
+def test_predict_weights_errors(tmp_path, imagenet_weights, capsys):
+    path, _ = imagenet_weights
+    np.save(tmp_path / "x.npy", np.zeros((3, 64, 64), np.float32))
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-1000])
+    assert main(["predict", "--weights", str(truncated), "--model", "vit_tiny_patch16_224",
+                 str(tmp_path / "x.npy")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minivit predict: error: cannot read") and "truncated" in err
+
+    assert main(["predict", "--weights", str(path), "--model", "vit_small_patch16_224",
+                 "--img-size", "64", str(tmp_path / "x.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "mis-shaped: cls_token: expected (1, 1, 384), got (1, 1, 192)" in err
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    assert main(["predict", "--weights", str(path), "--model", "vit_tiny_patch16_224",
+                 "--img-size", "64", "--labels", str(labels), str(tmp_path / "x.npy")]) == 1
+    assert "has 2 names, the model has 1000 classes" in capsys.readouterr().err
+
+
+def test_checkpoint_metadata_is_json(checkpoint):
+    path, _ = checkpoint
+    info = json.loads(load_weights(path)[1]["minivit"])
+    assert info["class_names"] == CLASSES
