@@ -1,0 +1,96 @@
+"""minivit info: parameters, tokens, attention size, MACs/FLOPs and activation memory of a
+named model or a checkpoint, computed from the configuration (nothing is run)."""
+
+EPILOG = """MACs count the matrix products only (fvcore/timm convention; see minivit.inspect.cost);
+FLOPs = 2 x MACs; a training step ~ 3 x the forward FLOPs. Activation memory is what a float32
+training step keeps for backward, per image.
+
+examples:
+  minivit info vit_base_patch16_224
+  minivit info vit_base_patch16_224 --img-size 384 --num-classes 10
+  minivit info runs/latest            the model of a run folder (or a checkpoint file)
+  minivit info --list                 the named models and their parameter counts
+"""
+
+
+def add_parser(subparsers, name, help_text):
+    import argparse
+
+    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL_OR_CHECKPOINT",
+                   help="a model name (see --list), a checkpoint file or a run folder")
+    p.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="image size to describe the model at (default: the model's own)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="classes of the head (default: the model's own)")
+    p.add_argument("--list", action="store_true", help="list the named models and exit")
+
+
+def run(args):
+    from minivit.errors import MinivitError
+    from minivit.inspect import format_cost, model_cost
+
+    if args.list:
+        print(list_models())
+        return 0
+    if args.model is None:
+        raise MinivitError("give a model name, a checkpoint or a run folder (or --list)")
+    overrides = {key: value for key, value in (("img_size", args.img_size),
+                                               ("num_classes", args.num_classes))
+                 if value is not None}
+    config, header = resolve_config(args.model)
+    config = dict(config, **overrides)
+    if header:
+        print(header)
+    print(format_cost(model_cost(config)))
+    return 0
+
+
+def resolve_config(name_or_path):
+    """(VisionTransformer arguments, a header line or None) for a model name, a checkpoint file
+    or a run folder."""
+    from pathlib import Path
+
+    from minivit.errors import MinivitError
+    from minivit.models import MODEL_CONFIGS, model_config
+
+    if name_or_path in MODEL_CONFIGS:
+        return model_config(name_or_path), None
+    path = Path(name_or_path)
+    if not path.exists():
+        raise MinivitError(f"{name_or_path!r} is neither a model name nor a checkpoint or run "
+                           f"folder; known models: {', '.join(MODEL_CONFIGS)}")
+    from minivit.checkpoint import find_checkpoint, read_checkpoint
+
+    if path.is_dir():
+        path = find_checkpoint(path)
+    state, _, info = read_checkpoint(path)
+    stored = sum(int(array.size) for array in state.values())
+    details = [f"dataset {info['dataset']}"] if info.get("dataset") else []
+    if "epoch" in info:
+        details.append(f"epoch {info['epoch']}")
+    if info.get("test_accuracy") is not None:
+        details.append(f"test accuracy {info['test_accuracy']:.4f}")
+    details.append(f"{stored:,} stored parameters")
+    return info["model_config"], f"checkpoint {path}: {', '.join(details)}\n"
+
+
+def list_models():
+    """A table of the named models: image size, patch, width, depth, heads, classes, params."""
+    from minivit.inspect import model_cost
+    from minivit.models import MODEL_CONFIGS, model_config
+
+    rows = [("model", "image", "patch", "dim", "depth", "heads", "classes", "params", "GMACs")]
+    for name in MODEL_CONFIGS:
+        config = model_config(name)
+        cost = model_cost(config)
+        channels = config["in_chans"]
+        rows.append((name, f"{config['img_size']}x{config['img_size']}x{channels}",
+                     str(config["patch_size"]), str(config["embed_dim"]), str(config["depth"]),
+                     str(config["num_heads"]), str(config["num_classes"]),
+                     f"{cost.total_params:,}", f"{cost.total_macs / 1e9:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)

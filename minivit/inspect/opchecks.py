@@ -1,0 +1,363 @@
+"""The gradient checks behind `minivit gradcheck`: every hand-written op, and a whole small ViT.
+
+OP_CHECKS maps a name to an OpCheck: the function to check (`fn(*inputs) -> Tensor`) and a
+builder that draws its inputs (`build(rng) -> {input name: host array}`, float64; integer
+arrays such as class labels pass through gradcheck as they are). `run_check` moves the
+inputs to the current backend and runs `minivit.gradcheck` with a random upstream gradient.
+
+Inputs are drawn where each op is smooth and well conditioned: no ties for max, positive
+values for log and non-integer powers, denominators away from zero, softmax/attention
+scores of order one. Some inputs are non-contiguous views (transposed, strided) on purpose.
+The dropout checks reseed minivit's generator (minivit.manual_seed) on every call, so that
+every evaluation of the function draws the same mask.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+import minivit.functional as F
+from minivit import backend
+from minivit.errors import MinivitError
+from minivit.gradcheck import gradcheck
+from minivit.tensor import Tensor, no_grad
+
+DROPOUT_SEED = 1234
+VIT_CONFIG = dict(depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.0, drop_rate=0.0)
+
+
+@dataclass(frozen=True)
+class OpCheck:
+    name: str
+    fn: object  # fn(*inputs) -> Tensor
+    build: object  # build(rng) -> {input name: host array}, in fn's argument order
+    description: str
+    full_check_limit: int = 512  # inputs larger than this are checked along random directions
+    directions: int = 8
+
+
+OP_CHECKS = {}
+
+
+def _register(name, description, build, **options):
+    def decorate(fn):
+        OP_CHECKS[name] = OpCheck(name, fn, build, description, **options)
+        return fn
+    return decorate
+
+
+# -- drawing inputs -----------------------------------------------------------------------------
+def _normal(rng, *shape, scale=1.0):
+    return scale * rng.standard_normal(shape)
+
+
+def _transposed(array):
+    """The same values as a non-contiguous (Fortran-ordered) view."""
+    return np.array(array.T, order="C").T
+
+
+def _strided(array):
+    """The same values as a view taking every other element of a longer last axis."""
+    big = np.zeros(array.shape[:-1] + (2 * array.shape[-1],))
+    big[..., ::2] = array
+    return big[..., ::2]
+
+
+def _distinct(rng, *shape):
+    """Values at least 0.05 apart (no ties, nor near-ties within the finite-difference step)."""
+    grid = rng.permutation(np.arange(int(np.prod(shape)))).reshape(shape)
+    return (grid - grid.size / 2) * 0.05 + rng.uniform(0, 0.01, size=shape)
+
+
+def _positive(rng, *shape, low=0.5, high=2.0):
+    return rng.uniform(low, high, size=shape)
+
+
+def _away_from_zero(rng, *shape):
+    return rng.uniform(0.5, 2.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+
+
+# -- the layers' ops ----------------------------------------------------------------------------
+@_register("linear", "x Wᵀ + b over leading dims (x transposed in memory)",
+           lambda rng: {"x": _transposed(_normal(rng, 2, 3, 4)),
+                        "weight": _normal(rng, 5, 4), "bias": _normal(rng, 5)})
+def _linear(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+@_register("patchify", "stride-p convolution as one GEMM, (B, C, H, W) -> (B, N, D)",
+           lambda rng: {"x": _normal(rng, 2, 2, 4, 6), "weight": _normal(rng, 3, 2, 2, 2),
+                        "bias": _normal(rng, 3)})
+def _patchify(x, weight, bias):
+    return F.patchify(x, weight, bias, 2)
+
+
+@_register("scaled_dot_product_attention", "softmax(q kᵀ/√d) v, (B, heads, N, d)",
+           lambda rng: {"q": _normal(rng, 2, 2, 4, 3), "k": _normal(rng, 2, 2, 4, 3),
+                        "v": _normal(rng, 2, 2, 4, 3)})
+def _attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@_register("softmax", "max-subtracted softmax over the last axis",
+           lambda rng: {"x": _normal(rng, 3, 5, scale=2.0)})
+def _softmax(x):
+    return F.softmax(x, axis=-1)
+
+
+@_register("softmax_axis0", "softmax over the first axis of a strided view",
+           lambda rng: {"x": _strided(_normal(rng, 4, 3, scale=2.0))})
+def _softmax_axis0(x):
+    return F.softmax(x, axis=0)
+
+
+@_register("log_softmax", "x − log Σ eˣ over the last axis",
+           lambda rng: {"x": _normal(rng, 3, 5, scale=2.0)})
+def _log_softmax(x):
+    return F.log_softmax(x, axis=-1)
+
+
+@_register("layer_norm", "normalise over the last dim, then scale and shift (eps 1e-6)",
+           lambda rng: {"x": _normal(rng, 2, 3, 6, scale=2.0) + 1.0,
+                        "weight": 1.0 + _normal(rng, 6, scale=0.5), "bias": _normal(rng, 6)})
+def _layer_norm(x, weight, bias):
+    return F.layer_norm(x, weight, bias)
+
+
+@_register("gelu", "exact GELU, x Φ(x)", lambda rng: {"x": _normal(rng, 3, 7, scale=2.0)})
+def _gelu(x):
+    return F.gelu(x, approximate="none")
+
+
+@_register("gelu_tanh", "GELU, tanh approximation",
+           lambda rng: {"x": _normal(rng, 3, 7, scale=2.0)})
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _labels(rng, batch=4, classes=5):
+    return rng.integers(0, classes, size=batch)
+
+
+@_register("cross_entropy", "fused log-softmax + NLL, integer labels",
+           lambda rng: {"logits": _normal(rng, 4, 5, scale=2.0), "target": _labels(rng)})
+def _cross_entropy(logits, target):
+    return F.cross_entropy(logits, target)
+
+
+def _soft_targets(rng):
+    target = rng.uniform(0.1, 1.0, size=(4, 5))
+    return target / target.sum(axis=1, keepdims=True)
+
+
+@_register("cross_entropy_soft", "cross-entropy with soft targets (gradient of both inputs)",
+           lambda rng: {"logits": _normal(rng, 4, 5, scale=2.0), "target": _soft_targets(rng)})
+def _cross_entropy_soft(logits, target):
+    return F.cross_entropy(logits, target)
+
+
+@_register("cross_entropy_smoothed", "cross-entropy, integer labels, label smoothing 0.1",
+           lambda rng: {"logits": _normal(rng, 4, 5, scale=2.0), "target": _labels(rng)})
+def _cross_entropy_smoothed(logits, target):
+    return F.cross_entropy(logits, target, label_smoothing=0.1)
+
+
+@_register("dropout", "dropout p=0.3, training, fixed seed", lambda rng: {"x": _normal(rng, 4, 6)})
+def _dropout(x):
+    backend.manual_seed(DROPOUT_SEED)
+    return F.dropout(x, 0.3, training=True)
+
+
+@_register("drop_path", "stochastic depth p=0.5, training, fixed seed",
+           lambda rng: {"x": _normal(rng, 6, 3, 4)})
+def _drop_path(x):
+    backend.manual_seed(DROPOUT_SEED)
+    return F.drop_path(x, 0.5, training=True)
+
+
+# -- shape ops ------------------------------------------------------------------------------------
+@_register("concat", "join along an existing axis",
+           lambda rng: {"a": _normal(rng, 2, 1, 3), "b": _normal(rng, 2, 3, 3),
+                        "c": _transposed(_normal(rng, 2, 2, 3))})
+def _concat(a, b, c):
+    return F.concat([a, b, c], axis=1)
+
+
+@_register("stack", "join along a new axis",
+           lambda rng: {"a": _normal(rng, 2, 3), "b": _normal(rng, 2, 3), "c": _normal(rng, 2, 3)})
+def _stack(a, b, c):
+    return F.stack([a, b, c], axis=1)
+
+
+@_register("getitem", "fancy indexing with repeated indices (scatter-add backward)",
+           lambda rng: {"a": _normal(rng, 3, 5), "index": np.array([4, 0, 4, 2, 4])})
+def _getitem(a, index):
+    return F.getitem(a, (slice(1, None), index))
+
+
+@_register("getitem_slice", "basic indexing: a negative-step slice and an integer",
+           lambda rng: {"a": _normal(rng, 4, 3, 6)})
+def _getitem_slice(a):
+    return F.getitem(a, (slice(None, None, -2), 1, slice(1, 5)))
+
+
+@_register("reshape", "reshape", lambda rng: {"a": _transposed(_normal(rng, 2, 3, 4))})
+def _reshape(a):
+    return F.reshape(a, (4, 6))
+
+
+@_register("transpose", "permute axes (negative axes)", lambda rng: {"a": _normal(rng, 2, 3, 4)})
+def _transpose(a):
+    return F.transpose(a, (-1, 0, 1))
+
+
+@_register("broadcast_to", "broadcast (3, 1) to (2, 3, 4)", lambda rng: {"a": _normal(rng, 3, 1)})
+def _broadcast_to(a):
+    return F.broadcast_to(a, (2, 3, 4))
+
+
+# -- arithmetic (with broadcasting) -------------------------------------------------------------
+@_register("add", "a + b, b broadcast",
+           lambda rng: {"a": _normal(rng, 2, 3, 4), "b": _normal(rng, 3, 1)})
+def _add(a, b):
+    return F.add(a, b)
+
+
+@_register("sub", "a − b, a broadcast",
+           lambda rng: {"a": _normal(rng, 4), "b": _normal(rng, 3, 4)})
+def _sub(a, b):
+    return F.sub(a, b)
+
+
+@_register("mul", "a ⊙ b, both broadcast",
+           lambda rng: {"a": _normal(rng, 2, 1, 4), "b": _normal(rng, 3, 1)})
+def _mul(a, b):
+    return F.mul(a, b)
+
+
+@_register("div", "a / b, b away from zero",
+           lambda rng: {"a": _normal(rng, 3, 4), "b": _away_from_zero(rng, 4)})
+def _div(a, b):
+    return F.div(a, b)
+
+
+@_register("neg", "−a", lambda rng: {"a": _normal(rng, 3, 4)})
+def _neg(a):
+    return F.neg(a)
+
+
+@_register("power", "a ** 2.5, a > 0", lambda rng: {"a": _positive(rng, 3, 4)})
+def _power(a):
+    return F.power(a, 2.5)
+
+
+@_register("exp", "eᵃ", lambda rng: {"a": _normal(rng, 3, 4)})
+def _exp(a):
+    return F.exp(a)
+
+
+@_register("log", "ln a, a > 0", lambda rng: {"a": _positive(rng, 3, 4)})
+def _log(a):
+    return F.log(a)
+
+
+@_register("matmul", "batched a @ b, b broadcast over the batch",
+           lambda rng: {"a": _normal(rng, 2, 3, 4), "b": _transposed(_normal(rng, 4, 5))})
+def _matmul(a, b):
+    return F.matmul(a, b)
+
+
+# -- reductions -----------------------------------------------------------------------------------
+@_register("sum", "sum over axes (0, 2), keepdims", lambda rng: {"a": _normal(rng, 2, 3, 4)})
+def _sum(a):
+    return F.sum(a, axis=(0, 2), keepdims=True)
+
+
+@_register("mean", "mean over the last axis", lambda rng: {"a": _normal(rng, 2, 3, 4)})
+def _mean(a):
+    return F.mean(a, axis=-1)
+
+
+@_register("mean_all", "mean of every element (a scalar)", lambda rng: {"a": _normal(rng, 3, 4)})
+def _mean_all(a):
+    return F.mean(a)
+
+
+@_register("max", "max over axis 1, distinct values", lambda rng: {"a": _distinct(rng, 2, 5, 3)})
+def _max(a):
+    return F.max(a, axis=1)
+
+
+# -- a whole small ViT ----------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _vit():
+    """A small ViT in eval mode (no dropout) and its parameter slots [(name, shape, module,
+    attribute)] in named_parameters order. The check swaps the parameters for gradcheck's
+    tensors, so their initial values do not matter (and the model is not for other use)."""
+    from minivit.models import create_model
+
+    model = create_model("vit_digits", **VIT_CONFIG).eval()
+    slots = []
+    for name, parameter in model.named_parameters():
+        *path, attr = name.split(".")
+        module = model
+        for part in path:
+            module = getattr(module, part)
+        slots.append((name, tuple(parameter.shape), module, attr))
+    return model, slots
+
+
+def _vit_inputs(rng):
+    """Images and every parameter of the ViT, drawn at scales where nothing saturates:
+    LayerNorm weights around 1, other parameters N(0, 0.3²)."""
+    _, slots = _vit()
+    inputs = {"images": _normal(rng, 2, 1, 8, 8)}
+    for name, shape, _, _ in slots:
+        value = _normal(rng, *shape, scale=0.3)
+        if "norm" in name and name.endswith(".weight"):
+            value += 1.0
+        inputs[name] = value
+    return inputs
+
+
+@_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
+           "every parameter, along random directions", _vit_inputs,
+           full_check_limit=0, directions=4)
+def _vit_logits(images, *parameters):
+    model, slots = _vit()
+    for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):
+        setattr(module, attr, tensor)  # the model now computes with gradcheck's float64 tensors
+    return model(images)
+
+
+# -- running ------------------------------------------------------------------------------------
+def check_names():
+    return list(OP_CHECKS)
+
+
+def get_check(name):
+    if name not in OP_CHECKS:
+        raise MinivitError(f"unknown op {name!r}; known ops: {', '.join(OP_CHECKS)}")
+    return OP_CHECKS[name]
+
+
+def run_check(check, seed=0, rtol=1e-6, eps=1e-6):
+    """Draw `check`'s inputs from `seed`, move them to the current backend and gradcheck them
+    with a random upstream gradient (also from `seed`). Returns the GradcheckReport.
+
+    An input passes when its relative error is at most `rtol`, or its absolute error is below
+    the finite differences' own round-off, ~1e-9 · Σ|f| (a tiny gradient cannot be resolved
+    better than that with a 1e-6 step)."""
+    if isinstance(check, str):
+        check = get_check(check)
+    host = check.build(np.random.default_rng(seed))
+    names = list(host)
+    inputs = [backend.to_backend(value) if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+              else backend.to_backend(np.asarray(value)) for value in host.values()]
+    with no_grad():
+        out = check.fn(*[Tensor(x) if x.dtype.kind == "f" else x for x in inputs])
+    noise_floor = 1e-9 * float(abs(backend.to_numpy(out.data)).sum())
+    return gradcheck(check.fn, *inputs, eps=eps, rtol=rtol, atol=max(1e-10, noise_floor),
+                     names=names, seed=seed, full_check_limit=check.full_check_limit,
+                     directions=check.directions)
