@@ -13,8 +13,8 @@ from minivit.io import load_weights
 from minivit.train import TrainConfig, train
 
 # A small, quick configuration: 2-block digits model, a few epochs.
-QUICK = dict(dataset="digits", model="vit_digits", epochs=3, warmup=1, lr=3e-3, batch_size=64,
-             drop_path=0.0, label_smoothing=0.0, progress=False)
+QUICK = dict(dataset="digits", model="vit_digits", epochs=3, warmup=1, lr=2e-3, batch_size=32,
+             drop_path=0.0, label_smoothing=0.0, augment=False, progress=False)
 
 
 def quick_config(tmp_path, name="run", **overrides):
