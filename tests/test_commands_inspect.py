@@ -111,13 +111,20 @@ def test_gradcheck_command_fails_on_a_broken_backward(monkeypatch, capsys, targe
         assert any(result == "FAIL" for (name, _), result in rows.items() if name == op)
 
 
-def test_gradcheck_notices_a_broken_attention_softmax(monkeypatch, capsys):
-    monkeypatch.setattr(attention_module, "softmax_backward_array",
-                        lambda probs, grad: probs * grad)
+def test_gradcheck_notices_a_forgotten_attention_scale(monkeypatch, capsys):
+    """dq and dk without the 1/√d factor (the real backward, whichever path it takes)."""
+    original = attention_module.ScaledDotProductAttention.backward
+
+    def without_scale(self, grad):
+        grad_q, grad_k, grad_v = original(self, grad)
+        return grad_q / self.scale, grad_k / self.scale, grad_v
+
+    monkeypatch.setattr(attention_module.ScaledDotProductAttention, "backward", without_scale)
     assert main(["gradcheck", "--op", "scaled_dot_product_attention", "--op", "softmax"]) == 1
     rows = table_rows(capsys.readouterr().out)
     assert rows["scaled_dot_product_attention", "q"] == "FAIL"
-    assert rows["scaled_dot_product_attention", "v"] == "pass"  # dv = Pᵀ dO does not use it
+    assert rows["scaled_dot_product_attention", "k"] == "FAIL"
+    assert rows["scaled_dot_product_attention", "v"] == "pass"
     assert rows["softmax", "x"] == "pass"
 
 

@@ -100,6 +100,13 @@ def _attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+if hasattr(F, "self_attention"):  # the packed-qkv form, where this version of minivit has it
+    @_register("self_attention", "multi-head attention from packed qkv (B, N, 3·D) to (B, N, D)",
+               lambda rng: {"qkv": _normal(rng, 2, 5, 12)})
+    def _self_attention(qkv):
+        return F.self_attention(qkv, 2)
+
+
 @_register("softmax", "max-subtracted softmax over the last axis",
            lambda rng: {"x": _normal(rng, 3, 5, scale=2.0)})
 def _softmax(x):
