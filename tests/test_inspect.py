@@ -304,7 +304,7 @@ def test_save_attention_figure(tmp_path, channels):
     out = tmp_path / "attention.png"
     fig = save_attention_figure(image, heads, rollout_map, out, title="digit 3")
     assert png_size(out) == figure_pixels(fig)
-    assert len(fig.axes) == 5
+    assert len(fig.axes) == 6  # input, 3 heads, rollout, the rollout's colour bar
     np.testing.assert_array_equal(fig.axes[2].get_images()[0].get_array(), heads[1])
     overlay = fig.axes[4].get_images()[-1].get_array()
     assert overlay.shape == (16, 16)

@@ -109,7 +109,10 @@ def save_attention_figure(image, head_maps, rollout_map, out_png, title=None):
         axes[1 + i].set_title(f"head {i}")
     rollout_ax = axes[panels - 1]
     rollout_ax.imshow(picture, cmap=gray)
-    rollout_ax.imshow(upsample_nearest(rollout_map, (height, width)), cmap="jet", alpha=0.5)
+    # colour range from 0, with a scale: a near-uniform rollout must look near-uniform
+    overlay = rollout_ax.imshow(upsample_nearest(rollout_map, (height, width)), cmap="inferno",
+                                alpha=0.6, vmin=0.0, vmax=float(rollout_map.max()))
+    fig.colorbar(overlay, ax=rollout_ax, fraction=0.046, pad=0.04)
     rollout_ax.set_title("rollout")
     for ax in axes:
         ax.set_axis_off()
