@@ -1,7 +1,7 @@
 """Hand-written differentiable ops: each one Function, forward and backward side by side."""
 
 from minivit.functional.activation import gelu, log_softmax, softmax
-from minivit.functional.attention import scaled_dot_product_attention
+from minivit.functional.attention import scaled_dot_product_attention, self_attention
 from minivit.functional.basic import (add, broadcast_to, concat, div, exp, getitem, log, matmul, mul, neg,
                                       power, reshape, stack, sub, transpose)
 from minivit.functional.basic import reduce_max as max  # noqa: A004 - numpy's names
@@ -15,6 +15,7 @@ from minivit.functional.regularization import drop_path, dropout
 __all__ = [
     "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp", "gelu", "getitem",
     "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg",
-    "patchify", "power", "reshape", "scaled_dot_product_attention", "softmax", "stack", "sub",
+    "patchify", "power", "reshape", "scaled_dot_product_attention", "self_attention", "softmax",
+    "stack", "sub",
     "sum", "transpose",
 ]

@@ -2,12 +2,14 @@
 
 import math
 
-from minivit import backend
-from minivit.tensor import Function
+from minivit import backend, cpu
+from minivit.tensor import Function, is_grad_enabled
 
 
 def softmax_array(x, axis=-1):
     """Max-subtracted softmax on a raw array (shared by softmax, attention, cross-entropy)."""
+    if cpu.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
+        return cpu.softmax_forward(x)  # row blocks on minivit's threads
     xp = backend.array_module(x)
     shifted = x - x.max(axis=axis, keepdims=True)
     e = xp.exp(shifted)
@@ -25,6 +27,8 @@ def log_softmax_array(x, axis=-1):
 
 def softmax_backward_array(probs, grad, axis=-1):
     """dx = p ⊙ (dp − Σ dp ⊙ p) for p = softmax(x)."""
+    if cpu.handles(probs, grad) and probs.ndim and axis in (-1, probs.ndim - 1):
+        return cpu.softmax_backward(probs, grad)
     return probs * (grad - (grad * probs).sum(axis=axis, keepdims=True))
 
 
@@ -71,7 +75,13 @@ _TANH_COEFF = 0.044715
 class GELU(Function):
     def forward(self, x, approximate="none"):
         xp = backend.array_module(x)
-        self.x, self.approximate = x, approximate
+        self.x, self.approximate, self.derivative = x, approximate, None
+        if cpu.handles(x) and approximate in ("none", "tanh"):
+            # chunked on minivit's threads; keeps only dy/dx (float32: erfc-based Φ, see cpu.py)
+            need_grad = is_grad_enabled() and self.needs_input_grad[0]
+            out, self.derivative = cpu.gelu_forward(x, approximate, need_grad)
+            del self.x
+            return out
         if approximate == "tanh":
             self.t = xp.tanh(_SQRT_2_OVER_PI * (x + _TANH_COEFF * x ** 3))
             return 0.5 * x * (1.0 + self.t)
@@ -81,6 +91,8 @@ class GELU(Function):
         return x * self.cdf
 
     def backward(self, grad):
+        if self.derivative is not None:
+            return (cpu.gelu_backward(grad, self.derivative),)
         xp = backend.array_module(grad)
         x = self.x
         if self.approximate == "tanh":

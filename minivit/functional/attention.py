@@ -1,8 +1,9 @@
-"""Scaled dot-product attention as one Function (batched matmuls, fused softmax backward)."""
+"""Scaled dot-product attention as one Function (batched matmuls, fused softmax backward), and
+self-attention straight from the packed qkv projection (no split/merge copies)."""
 
 import math
 
-from minivit import backend
+from minivit import backend, cpu
 from minivit.errors import ShapeError
 from minivit.functional.activation import softmax_array, softmax_backward_array
 from minivit.tensor import Function
@@ -18,6 +19,10 @@ class ScaledDotProductAttention(Function):
                              f"k {k.shape}, v {v.shape}")
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         self.q, self.k, self.v = q, k, v
+        if cpu.handles(q, k, v):  # per batch block: q kᵀ, softmax, P v while in cache
+            out = backend.array_module(q).empty(q.shape[:3] + v.shape[3:], q.dtype)
+            self.probs = cpu.attention_forward(q, k, v, self.scale, out)
+            return out
         scores = q @ k.swapaxes(-1, -2)
         scores *= self.scale
         self.probs = softmax_array(scores)
@@ -25,6 +30,12 @@ class ScaledDotProductAttention(Function):
 
     def backward(self, grad):
         q, k, v, probs = self.q, self.k, self.v, self.probs
+        if cpu.handles(grad, q, k, v):
+            xp = backend.array_module(grad)
+            grads = [xp.empty(a.shape, a.dtype) if need else None
+                     for a, need in zip((q, k, v), self.needs_input_grad)]
+            cpu.attention_backward(grad, q, k, v, probs, self.scale, *grads)
+            return tuple(grads)
         grad_v = probs.swapaxes(-1, -2) @ grad if self.needs_input_grad[2] else None
         grad_scores = softmax_backward_array(probs, grad @ v.swapaxes(-1, -2))
         grad_scores *= self.scale
@@ -40,6 +51,71 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attention=False):
     raw array (no gradient): they are computed anyway, so asking costs nothing."""
     function = ScaledDotProductAttention()
     out = function(q, k, v, scale=scale)
+    if return_attention:
+        return out, function.probs
+    return out
+
+
+# -- self-attention from the packed projection: qkv (B, N, 3D) is viewed as (B, N, 3, H, d);
+#    q, k, v are its three (B, H, N, d) slices and O = attention(q, k, v) is written back as
+#    (B, N, H, d) = (B, N, D). Same math as above; dqkv gathers dq, dk, dv into the packed
+#    layout directly (no zero-filled scatter per slice, no split or merge copies).
+def _split_heads(qkv, num_heads):
+    batch, tokens, width = qkv.shape
+    if width % (3 * num_heads):
+        raise ShapeError(f"self_attention: the packed qkv width {width} must be 3 · heads · "
+                         f"head_dim for {num_heads} heads (timm's Attention.qkv layout)")
+    packed = qkv.reshape(batch, tokens, 3, num_heads, width // (3 * num_heads))
+    return [packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]  # (B, H, N, d) views
+
+
+class SelfAttention(Function):
+    def forward(self, qkv, num_heads, scale=None):
+        if qkv.ndim != 3:
+            raise ShapeError(f"self_attention: expected qkv of shape (B, N, 3·D); got {qkv.shape}")
+        xp = backend.array_module(qkv)
+        q, k, v = _split_heads(qkv, num_heads)
+        batch, heads, tokens, head_dim = q.shape
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        self.qkv_shape, self.q, self.k, self.v = qkv.shape, q, k, v
+        out = xp.empty((batch, tokens, heads, head_dim), qkv.dtype)
+        if cpu.handles(qkv):
+            self.probs = cpu.attention_forward(q, k, v, self.scale, out.transpose(0, 2, 1, 3))
+        else:
+            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
+            scores = q @ k.swapaxes(-1, -2)
+            scores *= self.scale
+            self.probs = softmax_array(scores)
+            out[...] = (self.probs @ v).transpose(0, 2, 1, 3)
+        return out.reshape(batch, tokens, heads * head_dim)
+
+    def backward(self, grad):
+        q, k, v, probs = self.q, self.k, self.v, self.probs
+        batch, heads, tokens, head_dim = q.shape
+        xp = backend.array_module(grad)
+        grad4 = grad.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3)
+        grad_qkv = xp.empty(self.qkv_shape, grad.dtype)
+        grad_q, grad_k, grad_v = _split_heads(grad_qkv, heads)
+        if cpu.handles(grad, q, probs):
+            cpu.attention_backward(grad4, q, k, v, probs, self.scale, grad_q, grad_k, grad_v)
+            return (grad_qkv,)
+        q, k, v, grad4 = (xp.ascontiguousarray(a) for a in (q, k, v, grad4))
+        grad_v[...] = probs.swapaxes(-1, -2) @ grad4
+        grad_scores = softmax_backward_array(probs, grad4 @ v.swapaxes(-1, -2))
+        grad_scores *= self.scale
+        grad_q[...] = grad_scores @ k
+        grad_k[...] = grad_scores.swapaxes(-1, -2) @ q
+        return (grad_qkv,)
+
+
+def self_attention(qkv, num_heads, scale=None, return_attention=False):
+    """Multi-head self-attention from the packed qkv projection (B, N, 3·D) — timm's layout,
+    (B, N, 3, heads, head_dim) — to the merged heads (B, N, D), ready for the output
+    projection. Equal to splitting q, k, v and calling scaled_dot_product_attention, without
+    the split and merge copies. return_attention=True also returns the probabilities
+    (B, heads, N, N) as a raw array."""
+    function = SelfAttention()
+    out = function(qkv, num_heads=num_heads, scale=scale)
     if return_attention:
         return out, function.probs
     return out

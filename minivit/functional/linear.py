@@ -1,6 +1,6 @@
 """linear and patchify: the two GEMM layers."""
 
-from minivit import backend
+from minivit import backend, cpu
 from minivit.errors import ShapeError
 from minivit.tensor import Function
 
@@ -15,13 +15,22 @@ class Linear(Function):
             raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
         self.x2d = x.reshape(-1, x.shape[-1])
         self.weight = weight
-        y = self.x2d @ weight.T
-        if bias is not None:
-            y += bias
+        if cpu.handles(x, weight, bias):  # row blocks of one GEMM on minivit's threads
+            y = cpu.linear_forward(self.x2d, weight, bias)
+        else:
+            y = self.x2d @ weight.T
+            if bias is not None:
+                y += bias
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
     def backward(self, grad):
         grad2d = grad.reshape(-1, grad.shape[-1])
+        if cpu.handles(grad2d, self.x2d, self.weight):
+            grad_x, grad_w, grad_b = cpu.linear_backward(grad2d, self.x2d, self.weight,
+                                                         self.needs_input_grad)
+            if grad_x is not None:
+                grad_x = grad_x.reshape(grad.shape[:-1] + (self.weight.shape[1],))
+            return grad_x, grad_w, grad_b
         grad_x = (grad2d @ self.weight).reshape(grad.shape[:-1] + (self.weight.shape[1],)) \
             if self.needs_input_grad[0] else None
         grad_w = grad2d.T @ self.x2d if self.needs_input_grad[1] else None
@@ -64,15 +73,26 @@ class Patchify(Function):
                              f"of the patch size {p}: resize or crop to a multiple of {p}")
         self.image_shape, self.patch_size, self.weight = x.shape, p, weight
         self.patches = _to_patches(x, p)
-        y = self.patches @ weight.reshape(weight.shape[0], -1).T
-        if bias is not None:
-            y += bias
+        weight2d = weight.reshape(weight.shape[0], -1)
+        if cpu.handles(x, weight, bias):
+            y = cpu.linear_forward(self.patches, weight2d, bias)
+        else:
+            y = self.patches @ weight2d.T
+            if bias is not None:
+                y += bias
         grid = (x.shape[2] // p) * (x.shape[3] // p)
         return y.reshape(x.shape[0], grid, weight.shape[0])
 
     def backward(self, grad):
         grad2d = grad.reshape(-1, grad.shape[-1])
         weight2d = self.weight.reshape(self.weight.shape[0], -1)
+        if cpu.handles(grad2d, self.patches, weight2d):
+            grad_p, grad_w, grad_b = cpu.linear_backward(grad2d, self.patches, weight2d,
+                                                         self.needs_input_grad)
+            grad_x = (_from_patches(grad_p, self.image_shape, self.patch_size)
+                      if grad_p is not None else None)
+            grad_w = grad_w.reshape(self.weight.shape) if grad_w is not None else None
+            return grad_x, grad_w, grad_b
         grad_x = (_from_patches(grad2d @ weight2d, self.image_shape, self.patch_size)
                   if self.needs_input_grad[0] else None)
         grad_w = ((grad2d.T @ self.patches).reshape(self.weight.shape)

@@ -92,14 +92,11 @@ class Attention(Module):
         self.attention = None
 
     def forward(self, x):
-        batch, tokens, dim = x.shape
-        head_dim = dim // self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
-        out, probs = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], return_attention=True)
+        # qkv (B, N, 3D) is timm's (B, N, 3, heads, head_dim) layout; self_attention reads q, k,
+        # v from it in place and returns the heads merged back to (B, N, D)
+        out, probs = F.self_attention(self.qkv(x), self.num_heads, return_attention=True)
         if self.keep_attention:
             self.attention = probs
-        out = out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
         return F.dropout(self.proj(out), self.proj_drop, self.training)
 
 

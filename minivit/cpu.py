@@ -1,0 +1,692 @@
+"""Fast NumPy paths for the CPU: minivit's own threads, BLAS thread control, chunked kernels.
+
+Why this module exists (measured on the project's 2-core machines, see the bench report):
+
+- OpenBLAS's own threads are a poor fit for a ViT step. Its threads busy-wait for each
+  other, so when the machine is shared (other processes, or PyTorch's OpenMP threads in the
+  same process) a small GEMM on 2 BLAS threads can take 50x longer than on one (256x256:
+  16 ms instead of 0.34 ms). minivit therefore runs every GEMM on ONE BLAS thread and splits
+  the large ones itself, into row blocks that a small pool of Python threads takes from a
+  shared counter. NumPy releases the GIL inside BLAS and ufuncs, so the blocks really run in
+  parallel, and a thread that is not scheduled in time simply takes no block: nobody waits
+  for it (no spinning, graceful under load).
+- The elementwise and row-wise work (GELU with exact erf, LayerNorm, softmax) costs as much as
+  the GEMMs. Here it runs in cache-sized chunks with `out=` buffers (no 25 MB temporaries)
+  on the same threads, and float32 GELU uses a rational erf approximation (`erf_float32`,
+  max error ~1 ulp of float32 against the exact erf) instead of scipy's double-precision erf.
+
+Dispatch: the ops in minivit.functional call ``cpu.handles(*arrays)`` first; it is True only
+for NumPy float32/float64 arrays while the fast paths are on. float64 takes the same chunked
+kernels with exact scipy erf, so gradient checks see the exact math. ``fast_paths(False)``
+(or MINIVIT_FAST_CPU=0) turns them off, leaving the plain whole-array NumPy code; the tests
+compare both.
+
+Threads: ``set_num_threads(n)`` (or MINIVIT_NUM_THREADS); default: the CPUs this process may
+run on. BLAS threads: minivit sets NumPy's BLAS to 1 thread the first time a fast path runs,
+through threadpoolctl when it is installed (MINIVIT_BLAS_THREADS=N picks another number;
+MINIVIT_BLAS_THREADS=0 leaves BLAS alone). Without threadpoolctl minivit leaves BLAS's
+threads as they are and does not split GEMMs itself (set OPENBLAS_NUM_THREADS=1 in the
+environment to get the split GEMMs anyway).
+"""
+
+import contextlib
+import itertools
+import math
+import os
+import queue
+import threading
+
+import numpy as np
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _env_flag(name, default):
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
+def _default_threads():
+    value = os.environ.get("MINIVIT_NUM_THREADS", "").strip()
+    if value:
+        return max(1, int(value))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+_state = {"fast": _env_flag("MINIVIT_FAST_CPU", "1"), "threads": _default_threads(),
+          "blas": None}  # blas: None until first configured, then a dict (see blas_info)
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+def handles(*arrays):
+    """True when the fast CPU kernels should run on `arrays`: every non-None one is a NumPy
+    array of one float32/float64 dtype and the fast paths are on."""
+    if not _state["fast"]:
+        return False
+    dtype = None
+    for array in arrays:
+        if array is None:
+            continue
+        if type(array) is not np.ndarray or array.dtype not in _FLOAT_DTYPES:
+            return False
+        if dtype is None:
+            dtype = array.dtype
+        elif array.dtype != dtype:
+            return False
+    if _state["blas"] is None:
+        _configure_blas()
+    return True
+
+
+def fast_paths_enabled():
+    return _state["fast"]
+
+
+@contextlib.contextmanager
+def fast_paths(enabled):
+    """Within the block, use (True) or bypass (False) the fast CPU kernels."""
+    previous = _state["fast"]
+    _state["fast"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["fast"] = previous
+
+
+def num_threads():
+    """How many threads minivit's CPU kernels use (the calling thread included)."""
+    return _state["threads"]
+
+
+def set_num_threads(n):
+    """Use `n` threads (>= 1) for the CPU kernels: GEMM blocks and elementwise chunks."""
+    _state["threads"] = max(1, int(n))
+
+
+# -- BLAS threads ---------------------------------------------------------------------------------
+def _configure_blas():
+    """Put NumPy's BLAS on MINIVIT_BLAS_THREADS threads (default 1) through threadpoolctl."""
+    wanted = int(os.environ.get("MINIVIT_BLAS_THREADS", "1") or 1)
+    info = {"controlled": False, "threads": None, "libraries": []}
+    _state["blas"] = info
+    if wanted <= 0:
+        return info
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return info
+    try:
+        controller = ThreadpoolController()
+        blas = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
+        for lib in blas:
+            lib.set_num_threads(wanted)
+        info.update(controlled=bool(blas), threads=wanted,
+                    libraries=[f"{lib.internal_api} {lib.version} ({lib.prefix})" for lib in blas])
+    except Exception:  # noqa: BLE001 - an unexpected BLAS: leave it as it is
+        pass
+    return info
+
+
+def blas_info():
+    """What minivit did to BLAS: {"controlled": bool, "threads": n or None, "libraries": [...]}."""
+    if _state["blas"] is None:
+        _configure_blas()
+    return dict(_state["blas"])
+
+
+def set_blas_threads(n):
+    """Set the BLAS libraries' thread count now (needs threadpoolctl); returns blas_info()."""
+    os.environ["MINIVIT_BLAS_THREADS"] = str(int(n))
+    return _configure_blas()
+
+
+def _split_gemms():
+    """minivit splits GEMMs over its threads only when BLAS itself runs on one thread."""
+    blas = _state["blas"] or _configure_blas()
+    return _state["threads"] > 1 and (blas["threads"] == 1 or _blas_env_is_one())
+
+
+def _blas_env_is_one():
+    return any(os.environ.get(name, "").strip() == "1"
+               for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+
+
+# -- the thread pool ------------------------------------------------------------------------------
+class _Job:
+    """Tasks that the caller and the pool's threads take one by one from a shared counter."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.count = len(tasks)
+        self.take = itertools.count().__next__  # atomic under the GIL
+        self.finish = itertools.count(1).__next__
+        self.done = threading.Event()
+        self.error = None
+
+    def work(self):
+        while True:
+            index = self.take()
+            if index >= self.count:
+                return
+            try:
+                self.tasks[index]()
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+                self.error = error
+            if self.finish() == self.count:
+                self.done.set()
+
+
+class _Pool:
+    def __init__(self):
+        self.queue = queue.SimpleQueue()
+        self.workers = 0
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+
+    def _worker(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            job.work()
+
+    def run(self, tasks, threads):
+        if os.getpid() != self.pid:  # a forked child has none of the parent's threads
+            self.__init__()
+        with self.lock:
+            while self.workers < threads - 1:
+                threading.Thread(target=self._worker, name=f"minivit-cpu-{self.workers}",
+                                 daemon=True).start()
+                self.workers += 1
+        job = _Job(tasks)
+        for _ in range(min(threads - 1, len(tasks) - 1)):
+            self.queue.put(job)
+        job.work()
+        job.done.wait()
+        job.tasks = None  # a helper that takes the job late finds no task: drop the arrays now
+        if job.error is not None:
+            raise job.error
+
+
+_pool = _Pool()
+
+
+def run_tasks(tasks):
+    """Run zero-argument callables, spread over minivit's threads; returns when all are done.
+    Tasks must write disjoint outputs. The first exception raised by a task is re-raised."""
+    threads = _state["threads"]
+    if threads <= 1 or len(tasks) <= 1 or threading.current_thread().name.startswith("minivit-cpu"):
+        for task in tasks:
+            task()
+        return
+    _pool.run(tasks, threads)
+
+
+def _blocks(total, block):
+    """(start, stop) pairs covering range(total) in pieces of `block` (the last may be shorter)."""
+    block = max(1, int(block))
+    return [(start, min(start + block, total)) for start in range(0, total, block)]
+
+
+def _block_size(total, per_item, target=1 << 16, minimum=1):
+    """Items per chunk so that one chunk holds about `target` elements (cache-sized)."""
+    return max(minimum, target // max(per_item, 1))
+
+
+# Per-thread scratch buffers, reused between calls (no 25 MB temporaries).
+_local = threading.local()
+
+
+def _scratch(count, dtype, slot=0):
+    """A 1-D scratch array of at least `count` elements for this thread and slot."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    key = (np.dtype(dtype).char, slot)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.size < count:
+        buffer = buffers[key] = np.empty(max(count, 1 << 16), dtype=dtype)
+    return buffer[:count]
+
+
+# -- GEMM -----------------------------------------------------------------------------------------
+_MIN_SPLIT_MACS = 1 << 22  # below ~4 M multiply-adds one BLAS call is cheaper than splitting
+
+
+def matmul(a, b, out=None, bias=None):
+    """out = a @ b (+ bias) for 2-D a (m, k) and b (k, n), any strides; row blocks of `a` run
+    on minivit's threads when the product is large enough."""
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = np.empty((m, n), dtype=np.result_type(a, b))
+    if not _split_gemms() or m * k * n < _MIN_SPLIT_MACS or m < 64:
+        np.matmul(a, b, out=out)
+        if bias is not None:
+            out += bias
+        return out
+    rows = max(32, -(-m // (4 * _state["threads"])))  # ~4 blocks per thread: balance under load
+
+    def task(start, stop):
+        np.matmul(a[start:stop], b, out=out[start:stop])
+        if bias is not None:
+            out[start:stop] += bias
+
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _blocks(m, rows)])
+    return out
+
+
+# -- linear: y = x Wᵀ + b;  dx = dy W,  dW = dyᵀ x,  db = Σ dy ------------------------------------
+def linear_forward(x2d, weight, bias):
+    return matmul(x2d, weight.T, bias=bias)
+
+
+def linear_backward(grad2d, x2d, weight, needs):
+    """(dx, dW, db) for 2-D grad (rows, out) and x (rows, in); None where not needed. dx is
+    split by rows, dW and db by output features, all in one task list."""
+    rows, out_features = grad2d.shape
+    in_features = weight.shape[1]
+    dtype = grad2d.dtype
+    grad_x = np.empty((rows, in_features), dtype) if needs[0] else None
+    grad_w = np.empty((out_features, in_features), dtype) if needs[1] else None
+    grad_b = np.empty(out_features, dtype) if needs[2] else None
+    macs = rows * out_features * in_features
+    if not _split_gemms() or macs < _MIN_SPLIT_MACS:
+        if grad_x is not None:
+            np.matmul(grad2d, weight, out=grad_x)
+        if grad_w is not None:
+            np.matmul(grad2d.T, x2d, out=grad_w)
+        if grad_b is not None:
+            np.add.reduce(grad2d, axis=0, out=grad_b)
+        return grad_x, grad_w, grad_b
+    threads = _state["threads"]
+    tasks = []
+    if grad_x is not None:
+        step = max(32, -(-rows // (3 * threads)))
+        for s, e in _blocks(rows, step):
+            tasks.append(lambda s=s, e=e: np.matmul(grad2d[s:e], weight, out=grad_x[s:e]))
+    if grad_w is not None or grad_b is not None:
+        step = max(16, -(-out_features // (3 * threads)))
+
+        def weight_task(s, e):
+            block = grad2d[:, s:e]
+            if grad_w is not None:
+                np.matmul(block.T, x2d, out=grad_w[s:e])
+            if grad_b is not None:
+                np.add.reduce(block, axis=0, out=grad_b[s:e])
+
+        for s, e in _blocks(out_features, step):
+            tasks.append(lambda s=s, e=e: weight_task(s, e))
+    run_tasks(tasks)
+    return grad_x, grad_w, grad_b
+
+
+# -- elementwise helpers ----------------------------------------------------------------------------
+_MIN_PARALLEL = 1 << 17  # elements below which one thread is cheaper than handing out chunks
+_CHUNK = 1 << 14  # elements per chunk of the fused elementwise kernels: a few buffers fit in L2
+
+
+def _flat_chunks(size, chunk=_CHUNK):
+    if size < _MIN_PARALLEL or _state["threads"] <= 1:
+        return [(0, size)] if size <= chunk * 4 else _blocks(size, chunk * 4)
+    return _blocks(size, chunk * 4)
+
+
+def _contiguous(array):
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def binary(ufunc, a, b, out=None):
+    """ufunc(a, b) for two same-shape arrays, in parallel chunks when large (add, multiply)."""
+    if a.shape != b.shape or a.size < _MIN_PARALLEL or _state["threads"] <= 1:
+        return ufunc(a, b, out=out) if out is not None else ufunc(a, b)
+    shape = a.shape
+    a, b = _contiguous(a).reshape(-1), _contiguous(b).reshape(-1)
+    result = np.empty(a.shape, np.result_type(a, b)) if out is None else out.reshape(-1)
+    run_tasks([lambda s=s, e=e: ufunc(a[s:e], b[s:e], out=result[s:e])
+               for s, e in _blocks(a.size, _CHUNK * 8)])
+    return result.reshape(shape)
+
+
+# -- gelu, exact: y = x Φ(x);  dy/dx = Φ(x) + x φ(x) -------------------------------------------------
+# float32: Φ comes from erfc in the form of Numerical Recipes' erfcc (Chebyshev fit, relative
+# error < 1.2e-7 for every z >= 0): with a = |x|, z = a/√2 and t = 1/(1 + z/2),
+#     e = ½ erfc(z) = t · exp(−z² + P(t) + ln ½),   P(t) = −1.26551223 + t(1.00002368 + ...)
+# so that Φ(x) = e for x < 0 and 1 − e for x >= 0, and  y = max(x, 0) − a·e  with no
+# cancellation in either tail (relative accuracy of y ~1e-6 even where Φ(x) is 1e-10; the
+# straightforward float32 x·½(1 + erf(x/√2)) loses all digits there). float64: exact scipy erf.
+_ERFC_P = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
+           0.09678418, 0.37409196, 1.00002368)  # highest power of t first
+_ERFC_P0 = -1.26551223 + math.log(0.5)  # the constant term, with the ½ folded in
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def half_erfc_float32(a, out, t, u):
+    """out = ½ erfc(a/√2) for a float32 chunk a >= 0, with scratch t, u of a's size.
+    Leaves t = 1/(1 + a/(2√2)) and u = a²/2 (for callers that want φ)."""
+    f = np.float32
+    np.multiply(a, f(0.5 * _INV_SQRT_2), out=t)
+    t += f(1.0)
+    np.divide(f(1.0), t, out=t)
+    np.multiply(t, f(_ERFC_P[0]), out=out)
+    for c in _ERFC_P[1:]:
+        out += f(c)
+        out *= t
+    out += f(_ERFC_P0)
+    np.multiply(a, a, out=u)
+    u *= f(0.5)
+    out -= u
+    np.exp(out, out=out)
+    out *= t
+    return out
+
+
+def _gelu_exact_chunk(x, y, d):
+    """y = x Φ(x) and, when d is not None, d = Φ(x) + x φ(x), for one chunk."""
+    n = x.size
+    if x.dtype == np.float64:
+        from scipy.special import erf
+        cdf = _scratch(n, x.dtype, 1)
+        np.multiply(x, _INV_SQRT_2, out=cdf)
+        erf(cdf, out=cdf)
+        cdf += 1.0
+        cdf *= 0.5
+        np.multiply(x, cdf, out=y)
+        if d is not None:
+            pdf = _scratch(n, x.dtype, 2)
+            np.multiply(x, x, out=pdf)
+            pdf *= -0.5
+            np.exp(pdf, out=pdf)
+            pdf *= _INV_SQRT_2PI
+            pdf *= x
+            np.add(cdf, pdf, out=d)
+        return
+    f = np.float32
+    a, e, t, u = (_scratch(n, x.dtype, slot) for slot in (1, 2, 3, 4))
+    np.abs(x, out=a)
+    half_erfc_float32(a, e, t, u)
+    if d is not None:  # d = Φ + x φ,  Φ = ½ + sign(x)(½ − e),  φ = exp(−x²/2)/√(2π)
+        np.negative(u, out=u)
+        np.exp(u, out=u)
+        u *= x
+        u *= f(_INV_SQRT_2PI)
+        np.subtract(f(0.5), e, out=t)
+        np.copysign(t, x, out=t)
+        t += f(0.5)
+        np.add(t, u, out=d)
+    np.multiply(a, e, out=a)
+    np.maximum(x, f(0.0), out=y)
+    y -= a
+
+
+# -- gelu, tanh:  y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³);
+#                dy/dx = ½(1 + tanh u) + ½x(1 − tanh²u) √(2/π)(1 + 3·0.044715x²)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_TANH_COEFF = 0.044715
+
+
+def _gelu_tanh_chunk(x, y, d):
+    n = x.size
+    f = x.dtype.type
+    s, th = _scratch(n, x.dtype, 1), _scratch(n, x.dtype, 2)
+    np.multiply(x, x, out=s)                       # s = x²
+    np.multiply(s, f(_TANH_COEFF), out=th)
+    th += f(1.0)
+    th *= x
+    th *= f(_SQRT_2_OVER_PI)
+    np.tanh(th, out=th)                            # th = tanh u
+    if d is not None:
+        g = _scratch(n, x.dtype, 3)
+        np.multiply(th, th, out=g)
+        np.subtract(f(1.0), g, out=g)              # 1 − tanh²u
+        g *= x
+        s *= f(3.0 * _TANH_COEFF)
+        s += f(1.0)
+        s *= f(0.5 * _SQRT_2_OVER_PI)
+        g *= s
+        np.add(th, f(1.0), out=d)
+        d *= f(0.5)
+        d += g
+    th += f(1.0)
+    np.multiply(x, th, out=y)
+    y *= f(0.5)
+
+
+def gelu_forward(x, approximate="none", need_grad=True):
+    """(y, dy/dx) of GELU for a NumPy array (dy/dx None unless need_grad): chunked, with
+    scratch buffers, on minivit's threads."""
+    kernel = _gelu_tanh_chunk if approximate == "tanh" else _gelu_exact_chunk
+    flat = _contiguous(x).reshape(-1)
+    y = np.empty_like(flat)
+    d = np.empty_like(flat) if need_grad else None
+
+    def task(s, e):
+        for cs in range(s, e, _CHUNK):
+            ce = min(cs + _CHUNK, e)
+            kernel(flat[cs:ce], y[cs:ce], None if d is None else d[cs:ce])
+
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _flat_chunks(flat.size)])
+    return y.reshape(x.shape), (None if d is None else d.reshape(x.shape))
+
+
+def gelu_backward(grad, derivative):
+    """dx = dy ⊙ gelu'(x), in parallel chunks."""
+    return binary(np.multiply, grad, derivative)
+
+
+# -- layer_norm: x̂ = (x − μ)·r, r = 1/√(σ² + ε);  y = x̂ w + b
+#    dx = r (dx̂ − mean(dx̂) − x̂ mean(dx̂ ⊙ x̂)),  dx̂ = dy w;  dw = Σ dy ⊙ x̂;  db = Σ dy
+def _row_blocks(rows, features):
+    per = max(8, _CHUNK // max(features, 1))
+    return _blocks(rows, per)
+
+
+def layer_norm_forward(x, weight, bias, eps):
+    """(y, x̂, r) over the last dimension, row blocks on minivit's threads."""
+    features = x.shape[-1]
+    x2 = _contiguous(x).reshape(-1, features)
+    rows = x2.shape[0]
+    f = x2.dtype.type
+    out = np.empty_like(x2)
+    normalized = np.empty_like(x2)
+    rstd = np.empty((rows, 1), x2.dtype)
+    inv_n = f(1.0 / features)
+
+    def task(s, e):
+        xs, ns, rs = x2[s:e], normalized[s:e], rstd[s:e]
+        mean = np.add.reduce(xs, axis=1, keepdims=True)
+        mean *= inv_n
+        np.subtract(xs, mean, out=ns)
+        sq = out[s:e]  # scratch: out is written last
+        np.multiply(ns, ns, out=sq)
+        np.add.reduce(sq, axis=1, keepdims=True, out=rs)
+        rs *= inv_n
+        rs += f(eps)
+        np.sqrt(rs, out=rs)
+        np.divide(f(1.0), rs, out=rs)
+        ns *= rs
+        if weight is not None:
+            np.multiply(ns, weight, out=sq)
+        else:
+            sq[...] = ns
+        if bias is not None:
+            sq += bias
+
+    _run_rows(task, rows, features)
+    shape = x.shape
+    return out.reshape(shape), normalized.reshape(shape), rstd.reshape(shape[:-1] + (1,))
+
+
+def layer_norm_backward(grad, normalized, rstd, weight, needs):
+    features = grad.shape[-1]
+    g2 = _contiguous(grad).reshape(-1, features)
+    n2 = normalized.reshape(-1, features)
+    r2 = rstd.reshape(-1, 1)
+    rows = g2.shape[0]
+    f = g2.dtype.type
+    inv_n = f(1.0 / features)
+    grad_x = np.empty_like(g2) if needs[0] else None
+    blocks = _row_blocks(rows, features)
+    partial_w = np.zeros((len(blocks), features), g2.dtype) if needs[1] else None
+    partial_b = np.zeros((len(blocks), features), g2.dtype) if needs[2] else None
+
+    def task(index, s, e):
+        gs, ns = g2[s:e], n2[s:e]
+        if partial_b is not None:
+            np.add.reduce(gs, axis=0, out=partial_b[index])
+        if partial_w is not None or grad_x is not None:
+            tmp = _scratch(gs.size, gs.dtype, 5).reshape(gs.shape)
+            np.multiply(gs, ns, out=tmp)
+            if partial_w is not None:
+                np.add.reduce(tmp, axis=0, out=partial_w[index])
+        if grad_x is None:
+            return
+        dx = grad_x[s:e]
+        if weight is not None:
+            np.multiply(gs, weight, out=dx)        # dx̂
+        else:
+            dx[...] = gs
+        mean_grad = np.add.reduce(dx, axis=1, keepdims=True)
+        mean_grad *= inv_n
+        np.multiply(dx, ns, out=tmp)
+        mean_dot = np.add.reduce(tmp, axis=1, keepdims=True)
+        mean_dot *= inv_n
+        np.multiply(ns, mean_dot, out=tmp)
+        dx -= mean_grad
+        dx -= tmp
+        dx *= r2[s:e]
+
+    run_tasks([lambda i=i, s=s, e=e: task(i, s, e) for i, (s, e) in enumerate(blocks)])
+    grad_w = partial_w.sum(axis=0) if partial_w is not None else None
+    grad_b = partial_b.sum(axis=0) if partial_b is not None else None
+    return (None if grad_x is None else grad_x.reshape(grad.shape)), grad_w, grad_b
+
+
+def _run_rows(task, rows, features):
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _row_blocks(rows, features)])
+
+
+# -- softmax over the last axis: p = eˣ / Σ eˣ;  dx = p ⊙ (dp − Σ dp ⊙ p) --------------------------
+def _softmax_rows_inplace(p, scale=None):
+    """p ← softmax(scale · p) along the last axis, in place (scale > 0)."""
+    p -= p.max(axis=-1, keepdims=True)
+    if scale is not None:
+        p *= p.dtype.type(scale)
+    np.exp(p, out=p)
+    total = np.add.reduce(p, axis=-1, keepdims=True)
+    np.divide(p.dtype.type(1.0), total, out=total)
+    p *= total
+
+
+def softmax_forward(x):
+    features = x.shape[-1]
+    out = _contiguous(x).reshape(-1, features).copy()
+
+    def task(s, e):
+        _softmax_rows_inplace(out[s:e])
+
+    _run_rows(task, out.shape[0], features)
+    return out.reshape(x.shape)
+
+
+def softmax_backward(probs, grad):
+    features = probs.shape[-1]
+    p2 = _contiguous(probs).reshape(-1, features)
+    g2 = _contiguous(grad).reshape(-1, features)
+    out = np.empty_like(g2)
+
+    def task(s, e):
+        ps, dx = p2[s:e], out[s:e]
+        np.multiply(g2[s:e], ps, out=dx)
+        dot = np.add.reduce(dx, axis=1, keepdims=True)
+        np.subtract(g2[s:e], dot, out=dx)
+        dx *= ps
+
+    _run_rows(task, p2.shape[0], features)
+    return out.reshape(probs.shape)
+
+
+# -- attention: S = q kᵀ·s, P = softmax(S), O = P v
+#    dv = Pᵀ dO;  dP = dO vᵀ;  dS = P ⊙ (dP − Σ dP ⊙ P);  dq = dS k·s;  dk = dSᵀ q·s
+def _batch_blocks(batch, per_item):
+    per = max(1, (1 << 17) // max(per_item, 1))  # ~128K elements of scores per block
+    per = min(per, max(1, -(-batch // (2 * _state["threads"]))))
+    return _blocks(batch, per)
+
+
+def attention_forward(q, k, v, scale, out):
+    """P = softmax(q kᵀ·scale) and out[...] = P v for (B, H, N, d) arrays of any strides
+    (out may be a strided view). Returns P (B, H, N, N)."""
+    batch, heads, tokens, _ = q.shape
+    probs = np.empty((batch, heads, tokens, k.shape[2]), q.dtype)
+
+    def task(s, e):
+        p = probs[s:e]
+        np.matmul(q[s:e], k[s:e].swapaxes(-1, -2), out=p)
+        _softmax_rows_inplace(p, scale)
+        np.matmul(p, v[s:e], out=out[s:e])
+
+    run_tasks([lambda s=s, e=e: task(s, e)
+               for s, e in _batch_blocks(batch, heads * tokens * k.shape[2])])
+    return probs
+
+
+def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
+    """Write dq, dk, dv (views of any strides, or None) for upstream grad dO (B, H, N, d)."""
+    batch, heads, tokens, keys = probs.shape
+    f = probs.dtype.type
+
+    def task(s, e):
+        p, g = probs[s:e], grad[s:e]
+        if grad_v is not None:
+            np.matmul(p.swapaxes(-1, -2), g, out=grad_v[s:e])
+        if grad_q is None and grad_k is None:
+            return
+        ds = _scratch(p.size, p.dtype, 6).reshape(p.shape)
+        np.matmul(g, v[s:e].swapaxes(-1, -2), out=ds)           # dP
+        tmp = _scratch(p.size, p.dtype, 7).reshape(p.shape)
+        np.multiply(ds, p, out=tmp)
+        dot = np.add.reduce(tmp, axis=-1, keepdims=True)
+        ds -= dot
+        ds *= p
+        ds *= f(scale)                                           # dS·s
+        if grad_q is not None:
+            np.matmul(ds, k[s:e], out=grad_q[s:e])
+        if grad_k is not None:
+            np.matmul(ds.swapaxes(-1, -2), q[s:e], out=grad_k[s:e])
+
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _batch_blocks(batch, heads * tokens * keys)])
+
+
+# -- AdamW over the flat buffers, in cache-sized chunks (see optim.AdamW for the math) -----------
+def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step):
+    f = params.dtype.type
+    step_size = f(lr / (1.0 - beta1 ** step))
+    inv_bias2 = f(1.0 / math.sqrt(1.0 - beta2 ** step))
+    decay = f(lr * weight_decay)
+
+    def task(s, e):
+        g, ms, vs, ps = grads[s:e], m[s:e], v[s:e], params[s:e]
+        tmp = _scratch(e - s, params.dtype, 8)
+        ms *= f(beta1)
+        np.multiply(g, f(1.0 - beta1), out=tmp)
+        ms += tmp
+        vs *= f(beta2)
+        np.multiply(g, g, out=tmp)
+        tmp *= f(1.0 - beta2)
+        vs += tmp
+        if weight_decay:
+            np.multiply(ps, decay_mask[s:e], out=tmp)
+            tmp *= decay
+            ps -= tmp
+        np.sqrt(vs, out=tmp)
+        tmp *= inv_bias2
+        tmp += f(eps)
+        np.divide(ms, tmp, out=tmp)
+        tmp *= step_size
+        ps -= tmp
+
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _blocks(params.size, _CHUNK * 4)])
