@@ -8,7 +8,7 @@ creating the optimizer; ``load_state_dict`` copies in place and keeps the views.
 
 import math
 
-from minivit import backend
+from minivit import backend, cpu
 from minivit.errors import MinivitError
 
 # Parameters that get no weight decay, as in timm: biases, norm weights, embeddings.
@@ -97,6 +97,10 @@ class AdamW(FlatOptimizer):
     def update(self, params, grads):
         xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
         m, v, scratch = self.m, self.v, self.scratch
+        if cpu.handles(params, grads, m, v):  # the same steps in cache-sized chunks, threaded
+            cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
+                             self.eps, self.weight_decay, t)
+            return
         m *= beta1
         m += (1.0 - beta1) * grads
         v *= beta2
@@ -140,7 +144,9 @@ class SGD(FlatOptimizer):
 
 def clip_grad_norm(grads, max_norm=None):
     """Global L2 norm of a flat gradient; with max_norm, scale it in place to at most that."""
-    norm = float(backend.array_module(grads).sqrt((grads * grads).sum()))
+    xp = backend.array_module(grads)
+    norm = float(xp.sqrt(xp.dot(grads, grads))) if grads.ndim == 1 else \
+        float(xp.sqrt((grads * grads).sum()))  # dot: no temporary the size of the model
     if max_norm and norm > max_norm:
         grads *= max_norm / (norm + 1e-6)
     return norm

@@ -1,0 +1,86 @@
+"""minivit bench: training/inference images/s, FLOP/s and peak memory, optionally side by side
+with PyTorch."""
+
+import argparse
+
+from minivit.commands.common import add_backend_flags, apply_backend
+
+EPILOG = """configurations (--config):
+  digits   8x8x1 images, patch 2, D 64, depth 4, 4 heads, batch 128, 10 classes
+  cifar    32x32x3, patch 4, D 192, depth 6, 3 heads, batch 128, 10 classes
+  vit_s16  ViT-S/16 at 224, batch 64, 1000 classes
+  vit_b16  ViT-B/16 at 224, batch 64, 1000 classes
+  tiny     a few-millisecond model, for smoke tests
+
+A training step is forward + cross-entropy + backward + AdamW step; inference is a no-grad
+forward in eval mode; both on one fixed random batch. FLOP/s counts 2 x MACs per image forward
+and 3x that for training (minivit.inspect.cost).
+
+--against torch builds the same architecture in PyTorch with minivit's initial weights (the
+logits are compared as a check), on the same number of threads, and times both ALTERNATELY
+in --rounds rounds of --steps steps each; ratio = minivit / PyTorch images/s of the medians.
+minivit is also timed alone before PyTorch is imported, to show whether PyTorch's threads in
+the same process slow NumPy down.
+
+--tf32 (GPU only) lets float32 GEMMs use TF32 tensor cores: for CuPy through cuBLAS's compute
+type (the same switch as CUPY_TF32=1; see minivit.cuda.set_tf32), for PyTorch through
+torch.backends.cuda.matmul.allow_tf32.
+
+CPU threads (--threads N): minivit's own threads (GEMM row blocks and elementwise chunks, with
+NumPy's BLAS on one thread via threadpoolctl) and torch.set_num_threads(N). Default: every CPU
+this process may use. MINIVIT_NUM_THREADS does the same for any minivit command.
+
+examples:
+  minivit bench --config cifar --against torch
+  minivit bench --config vit_b16 --backend cupy --tf32 --against torch --json
+"""
+
+
+def add_parser(subparsers, name, help_text):
+    from minivit.bench import CONFIGS
+
+    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=tuple(CONFIGS), default="digits",
+                   help="named configuration (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size (default: the configuration's)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps per round and mode (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="untimed steps first (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating minivit/PyTorch rounds with --against (default: "
+                        "%(default)s)")
+    p.add_argument("--mode", choices=("both", "train", "infer"), default="both",
+                   help="what to time (default: %(default)s)")
+    add_backend_flags(p)
+    p.add_argument("--tf32", action="store_true",
+                   help="GPU: TF32 tensor-core GEMMs for float32 (CuPy and PyTorch)")
+    p.add_argument("--against", choices=("torch",), default=None,
+                   help="also run the same model in PyTorch and print minivit/PyTorch ratios")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for minivit and PyTorch (default: all usable CPUs)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time each minivit op (forward/backward), the optimizer and the "
+                        "rest, and print where a step's time goes")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run(args):
+    import sys
+
+    from minivit.bench import format_report, main_json, run_benchmark
+
+    backend_name = apply_backend(args)
+    modes = ("train", "infer") if args.mode == "both" else (args.mode,)
+    log = None if args.quiet or args.json else (lambda message: print(message, file=sys.stderr,
+                                                                       flush=True))
+    result = run_benchmark(config=args.config, batch=args.batch, steps=args.steps,
+                           warmup_steps=args.warmup_steps, rounds=args.rounds,
+                           backend_name=backend_name, dtype=args.dtype, against=args.against,
+                           threads=args.threads, tf32=args.tf32, modes=modes,
+                           profile=args.profile, log=log)
+    print(main_json(result) if args.json else format_report(result))
+    return 0

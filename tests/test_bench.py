@@ -1,0 +1,127 @@
+"""`minivit bench`: it runs and reports its fields. No wall-clock assertions here, ever: the
+numbers are checked for presence and sanity (positive, consistent), not for speed."""
+
+import json
+import sys
+
+import pytest
+
+from minivit import bench, cli, cpu
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(["bench", *argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = cpu.num_threads()
+    yield
+    cpu.set_num_threads(threads)
+
+
+def test_digits_json_reports_the_fields(capsys):
+    out = run_cli(capsys, "--config", "digits", "--steps", "2", "--warmup-steps", "1", "--json")
+    result = json.loads(out)
+    assert result["config"] == "digits" and result["batch"] == 128
+    assert result["model"]["embed_dim"] == 64 and result["model"]["depth"] == 4
+    assert result["dtype"] == "float32" and result["backend"] == "numpy"
+    assert result["flops_per_image"]["train"] == 3 * result["flops_per_image"]["forward"] > 0
+    for mode in ("train", "infer"):
+        stats = result["minivit"][mode]
+        assert stats["steps"] == 2
+        assert stats["images_per_s"] > 0 and stats["step_ms"] > 0
+        assert stats["flop_per_s"] == pytest.approx(
+            result["flops_per_image"]["train" if mode == "train" else "forward"]
+            * result["batch"] / (stats["step_ms"] / 1e3))
+        assert stats["peak_array_bytes"] > 0
+        assert result["minivit_alone"][mode]["images_per_s"] > 0
+    # training keeps activations for backward: its peak is above inference's
+    assert result["minivit"]["train"]["peak_array_bytes"] > \
+        result["minivit"]["infer"]["peak_array_bytes"]
+    assert result["peak_rss_bytes"] > 0
+    machine = result["machine"]
+    for key in ("cpu", "cores", "usable_cores", "numpy", "scipy", "python", "date", "blas",
+                "minivit_threads"):
+        assert key in machine
+    assert "torch" not in result and "ratio" not in result
+
+
+def test_text_report_and_options(capsys):
+    out = run_cli(capsys, "--config", "tiny", "--steps", "1", "--warmup-steps", "0",
+                  "--mode", "infer", "--threads", "1", "--batch", "4", "--quiet")
+    assert "minivit bench: tiny (batch 4, float32, backend numpy, 1 threads)" in out
+    assert "infer" in out and "train " not in out
+    assert "machine:" in out and "numpy" in out
+
+
+def test_profile_shows_where_the_time_goes(capsys):
+    out = run_cli(capsys, "--config", "tiny", "--steps", "2", "--warmup-steps", "0",
+                  "--profile", "--json")
+    profile = json.loads(out)["profile"]["train"]
+    assert profile["total"] > 0
+    assert any(name.startswith("Linear.") for name in profile["ops"])
+    assert "SelfAttention.backward" in profile["ops"]
+    assert "engine + Python (the rest)" in profile["groups"]
+    assert "optimizer (AdamW)" in profile["groups"]
+
+
+def test_float64(capsys):
+    result = json.loads(run_cli(capsys, "--config", "tiny", "--steps", "1", "--dtype",
+                                "float64", "--json"))
+    assert result["dtype"] == "float64" and result["minivit"]["train"]["images_per_s"] > 0
+
+
+def test_against_torch_on_a_tiny_config(capsys):
+    pytest.importorskip("torch")
+    out = run_cli(capsys, "--config", "tiny", "--steps", "2", "--warmup-steps", "1",
+                  "--rounds", "2", "--threads", "1", "--against", "torch", "--json")
+    result = json.loads(out)
+    assert result["against"] == "torch"
+    # same weights, same batch: the two frameworks compute the same logits
+    assert result["max_abs_logit_difference"] < 1e-4
+    for mode in ("train", "infer"):
+        assert result["torch"][mode]["images_per_s"] > 0
+        assert result["torch"][mode]["steps"] == 2 * 2  # rounds x steps
+        assert result["minivit"][mode]["steps"] == 2 * 2
+        assert result["ratio"][mode] == pytest.approx(
+            result["minivit"][mode]["images_per_s"] / result["torch"][mode]["images_per_s"])
+    assert result["machine"]["torch"] and result["machine"]["torch_threads"] == 1
+    text = bench.format_report(result)
+    assert "ratio" in text and "torch img/s" in text and "max |logits" in text
+
+
+def test_against_torch_without_torch_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    code = cli.main(["bench", "--config", "tiny", "--steps", "1", "--against", "torch"])
+    assert code == 1
+    assert "pip install torch" in capsys.readouterr().err
+
+
+def test_tf32_is_refused_on_the_cpu(capsys):
+    code = cli.main(["bench", "--config", "tiny", "--steps", "1", "--tf32"])
+    assert code == 1
+    assert "--tf32" in capsys.readouterr().err
+
+
+def test_torch_vit_has_minivits_parameter_names():
+    torch = pytest.importorskip("torch")
+    from minivit.models import VisionTransformer
+
+    args = bench.CONFIGS["tiny"]["model"]
+    ours = VisionTransformer(**args).state_dict()
+    theirs = bench.build_torch_vit(torch, args).state_dict()
+    assert sorted(ours) == sorted(theirs)
+    assert all(tuple(theirs[k].shape) == ours[k].shape for k in ours)
+
+
+def test_configurations_match_the_issue():
+    c = bench.CONFIGS
+    assert c["digits"]["model"] == dict(img_size=8, patch_size=2, in_chans=1, num_classes=10,
+                                        embed_dim=64, depth=4, num_heads=4)
+    assert c["cifar"]["model"]["embed_dim"] == 192 and c["cifar"]["batch"] == 128
+    assert c["vit_s16"]["model"]["embed_dim"] == 384 and c["vit_s16"]["batch"] == 64
+    assert c["vit_b16"]["model"]["embed_dim"] == 768 and c["vit_b16"]["batch"] == 64
