@@ -40,7 +40,7 @@ class TrainConfig:
     data_dir: str = None
     model: str = None  # default: the small model that suits the dataset (DEFAULT_MODELS)
     epochs: int = 100
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
