@@ -8,7 +8,7 @@ creating the optimizer; ``load_state_dict`` copies in place and keeps the views.
 
 import math
 
-from minivit import backend, cpu
+from minivit import backend, cpu, cuda
 from minivit.errors import MinivitError
 
 # Parameters that get no weight decay, as in timm: biases, norm weights, embeddings.
@@ -97,6 +97,10 @@ class AdamW(FlatOptimizer):
     def update(self, params, grads):
         xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
         m, v, scratch = self.m, self.v, self.scratch
+        if cuda.handles(params, grads, m, v, self.decay_mask):  # the whole update: one kernel
+            cuda.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
+                              self.eps, self.weight_decay, t)
+            return
         if cpu.handles(params, grads, m, v):  # the same steps in cache-sized chunks, threaded
             cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
                              self.eps, self.weight_decay, t)

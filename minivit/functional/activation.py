@@ -2,12 +2,14 @@
 
 import math
 
-from minivit import backend, cpu
+from minivit import backend, cpu, cuda
 from minivit.tensor import Function, is_grad_enabled
 
 
 def softmax_array(x, axis=-1):
     """Max-subtracted softmax on a raw array (shared by softmax, attention, cross-entropy)."""
+    if cuda.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
+        return cuda.softmax(x)  # fused: one CUDA block per row
     if cpu.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
         return cpu.softmax_forward(x)  # row blocks on minivit's threads
     xp = backend.array_module(x)
@@ -19,6 +21,8 @@ def softmax_array(x, axis=-1):
 
 def log_softmax_array(x, axis=-1):
     """Max-subtracted log-softmax on a raw array: x - max - log Σ exp(x - max)."""
+    if cuda.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
+        return cuda.softmax(x, log=True)
     xp = backend.array_module(x)
     shifted = x - x.max(axis=axis, keepdims=True)
     shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
@@ -27,6 +31,8 @@ def log_softmax_array(x, axis=-1):
 
 def softmax_backward_array(probs, grad, axis=-1):
     """dx = p ⊙ (dp − Σ dp ⊙ p) for p = softmax(x)."""
+    if cuda.handles(probs, grad) and probs.ndim and axis in (-1, probs.ndim - 1):
+        return cuda.softmax_backward(probs, grad)
     if cpu.handles(probs, grad) and probs.ndim and axis in (-1, probs.ndim - 1):
         return cpu.softmax_backward(probs, grad)
     return probs * (grad - (grad * probs).sum(axis=axis, keepdims=True))
@@ -76,6 +82,9 @@ class GELU(Function):
     def forward(self, x, approximate="none"):
         xp = backend.array_module(x)
         self.x, self.approximate, self.derivative = x, approximate, None
+        self.fused = cuda.handles(x)
+        if self.fused:  # one CUDA kernel (erff/erf, tanhf/tanh); backward recomputes from x
+            return cuda.gelu_forward(x, approximate)
         if cpu.handles(x) and approximate in ("none", "tanh"):
             # chunked on minivit's threads; keeps only dy/dx (float32: erfc-based Φ, see cpu.py)
             need_grad = is_grad_enabled() and self.needs_input_grad[0]
@@ -95,6 +104,8 @@ class GELU(Function):
             return (cpu.gelu_backward(grad, self.derivative),)
         xp = backend.array_module(grad)
         x = self.x
+        if self.fused:
+            return (cuda.gelu_backward(grad, x, self.approximate),)
         if self.approximate == "tanh":
             t = self.t
             du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEFF * x * x)

@@ -1,14 +1,13 @@
 """cross_entropy: log-softmax and negative log-likelihood fused into one Function."""
 
-from minivit import backend
+from minivit import backend, cuda
 from minivit.errors import DTypeError, ShapeError
 from minivit.functional.activation import log_softmax_array
 from minivit.tensor import Function
 
 
-def _target_distribution(target, logits, label_smoothing):
-    """q (B, K): one-hot integer labels or soft targets, smoothed as (1 − ε) q + ε/K."""
-    xp = backend.array_module(logits)
+def _check_target(target, logits):
+    """Raise unless `target` is integer labels (B,) in [0, K) or float soft targets (B, K)."""
     batch, classes = logits.shape
     if target.dtype.kind in "iu":
         if target.shape != (batch,):
@@ -18,16 +17,25 @@ def _target_distribution(target, logits, label_smoothing):
         if low < 0 or high >= classes:
             raise ValueError(f"cross_entropy: labels must lie in [0, {classes - 1}] for "
                              f"{classes} classes; got values from {low} to {high}")
-        q = xp.zeros_like(logits)
-        q[xp.arange(batch), target] = 1.0
     elif target.dtype.kind == "f":
         if target.shape != logits.shape:
             raise ShapeError(f"cross_entropy: soft targets must have the logits' shape "
                              f"{logits.shape}; got {target.shape}")
-        q = target.astype(logits.dtype, copy=False)
     else:
         raise DTypeError(f"cross_entropy: target must be integer labels or float soft targets; "
                          f"got dtype {target.dtype}")
+
+
+def _target_distribution(target, logits, label_smoothing):
+    """q (B, K): one-hot integer labels or soft targets, smoothed as (1 − ε) q + ε/K."""
+    _check_target(target, logits)
+    xp = backend.array_module(logits)
+    batch, classes = logits.shape
+    if target.dtype.kind in "iu":
+        q = xp.zeros_like(logits)
+        q[xp.arange(batch), target] = 1.0
+    else:
+        q = target.astype(logits.dtype, copy=False)
     if label_smoothing:
         q = q * (1.0 - label_smoothing) + label_smoothing / classes
     return q
@@ -42,6 +50,11 @@ class CrossEntropy(Function):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1); "
                              f"got {label_smoothing}")
+        self.cuda_saved = None
+        if cuda.handles(logits):  # one CUDA block per row: log-sum-exp and the row's loss
+            _check_target(target, logits)
+            loss, self.cuda_saved = cuda.cross_entropy_forward(logits, target, label_smoothing)
+            return loss
         self.log_probs = log_softmax_array(logits)
         self.q = _target_distribution(target, logits, label_smoothing)
         self.smoothing = label_smoothing
@@ -49,6 +62,8 @@ class CrossEntropy(Function):
         return -(self.q * self.log_probs).sum() / batch
 
     def backward(self, grad):
+        if self.cuda_saved is not None:  # one elementwise kernel per gradient
+            return cuda.cross_entropy_backward(grad, self.cuda_saved, self.needs_input_grad[1])
         xp = backend.array_module(grad)
         batch = self.log_probs.shape[0]
         scale = grad / batch

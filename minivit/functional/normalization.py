@@ -1,6 +1,6 @@
 """layer_norm over the last dimension, with a fused backward."""
 
-from minivit import backend, cpu
+from minivit import backend, cpu, cuda
 from minivit.errors import ShapeError
 from minivit.tensor import Function
 
@@ -14,8 +14,11 @@ class LayerNorm(Function):
             if param is not None and param.shape != (features,):
                 raise ShapeError(f"layer_norm: {name} must have shape ({features},) to match "
                                  f"the input's last dimension; got {param.shape}")
+        self.weight = weight
+        if cuda.handles(x, weight, bias):  # one CUDA block per row: μ, σ², x̂, y, r in one pass
+            out, self.normalized, self.rstd = cuda.layer_norm_forward(x, weight, bias, eps)
+            return out
         if cpu.handles(x, weight, bias):  # row blocks on minivit's threads, out= buffers
-            self.weight = weight
             out, self.normalized, self.rstd = cpu.layer_norm_forward(x, weight, bias, eps)
             return out
         xp = backend.array_module(x)
@@ -32,6 +35,9 @@ class LayerNorm(Function):
 
     def backward(self, grad):
         normalized, weight = self.normalized, self.weight
+        if cuda.handles(grad, normalized, weight):  # dx: one block per row; dw, db: column sums
+            return cuda.layer_norm_backward(grad, normalized, self.rstd, weight,
+                                            self.needs_input_grad)
         if cpu.handles(grad, normalized, weight):
             return cpu.layer_norm_backward(grad, normalized, self.rstd, weight,
                                            self.needs_input_grad)

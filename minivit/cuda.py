@@ -1,0 +1,632 @@
+"""Fused CUDA kernels for the cupy backend, plus TF32, memory and CUDA-graph helpers.
+
+The hot elementwise and row-wise parts of a ViT step each run as ONE kernel here instead of a
+chain of CuPy calls (each ~18 µs of Python launch overhead plus a full read/write of memory):
+
+    op                  forward                            backward
+    layer_norm          RawKernel, one block per row       RawKernel (dx, two row sums per
+                        (mean, variance, x̂, y, 1/σ)        block) + ReductionKernel (dw) + sum (db)
+    gelu (exact, tanh)  ElementwiseKernel (erff/erf)       ElementwiseKernel (recomputes Φ / tanh)
+    softmax/log_softmax RawKernel, one block per row       RawKernel p ⊙ (g − Σ g ⊙ p)
+    cross_entropy       RawKernel per row: log-sum-exp and ElementwiseKernel (p Σq − q)·scale
+                        the row's loss (labels or soft)    (+ the soft target's gradient)
+    AdamW update        one ElementwiseKernel over the flat parameter buffer (param, m, v in place)
+
+Every kernel works in float32 and float64 (T = float/double; row reductions accumulate in T).
+The math of each op is written once, as a comment above the op in minivit/functional/*.py
+(and optim.AdamW); the kernels follow the same formulas in the same order, so they agree with
+the NumPy path to rounding.
+
+Dispatch: the ops call ``cuda.handles(*arrays)`` first. It is True only for CuPy arrays of one
+float32/float64 dtype while fused kernels are on, so NumPy arrays never reach this module, and
+CuPy is imported only when a CuPy array has already been seen. ``fused_kernels(False)`` (or the
+environment variable MINIVIT_FUSED_KERNELS=0) turns the kernels off, leaving the plain CuPy
+path — the tests compare the two, and a benchmark can measure what fusing gains.
+
+Kernels are built on first use and cached per (kernel, dtype); CuPy also caches the compiled
+binaries on disk (~/.cupy/kernel_cache), so only the first run on a machine pays for NVRTC.
+
+Other helpers: ``set_tf32(enabled)`` (TF32 tensor-core GEMMs for float32 matmuls),
+``synchronize()``, ``memory_info()``, and the experimental ``capture_step`` (CUDA graphs).
+"""
+
+import contextlib
+import os
+
+import numpy as np
+
+from minivit import backend
+
+_FLOAT_DTYPES = ("float32", "float64")
+_state = {"fused": os.environ.get("MINIVIT_FUSED_KERNELS", "1").strip() not in ("0", "false", "no")}
+_kernels = {}  # (name, dtype name) -> compiled-on-first-call CuPy kernel object
+
+
+def _cupy():
+    import cupy  # only reached with CuPy arrays in hand, so CuPy is installed and imported
+    return cupy
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+def handles(*arrays):
+    """True when the fused kernels should run on `arrays`: all (non-None) are CuPy arrays of
+    one float32/float64 dtype and fused kernels are on. False for any NumPy array."""
+    if not _state["fused"]:
+        return False
+    dtype = None
+    for array in arrays:
+        if array is None:
+            continue
+        if backend.backend_of(array) != "cupy" or array.dtype.name not in _FLOAT_DTYPES:
+            return False
+        if dtype is None:
+            dtype = array.dtype
+        elif array.dtype != dtype:
+            return False
+    return dtype is not None
+
+
+def fused_kernels_enabled():
+    return _state["fused"]
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled):
+    """Within this block the fused kernels are on (True) or off (False: plain CuPy ops)."""
+    previous = _state["fused"]
+    _state["fused"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["fused"] = previous
+
+
+# -- kernel sources ---------------------------------------------------------------------------
+# Overloads instead of relying on CUDA's C++ math overloads: float calls the f-suffixed
+# single-precision functions (erff, expf, ...), double the double ones.
+_MATH = r"""
+__device__ __forceinline__ float mv_erf(float x) { return erff(x); }
+__device__ __forceinline__ double mv_erf(double x) { return erf(x); }
+__device__ __forceinline__ float mv_exp(float x) { return expf(x); }
+__device__ __forceinline__ double mv_exp(double x) { return exp(x); }
+__device__ __forceinline__ float mv_log(float x) { return logf(x); }
+__device__ __forceinline__ double mv_log(double x) { return log(x); }
+__device__ __forceinline__ float mv_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double mv_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float mv_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double mv_tanh(double x) { return tanh(x); }
+"""
+
+# Row kernels: one thread block per row of a C-contiguous (rows, cols) array; blockDim.x is a
+# power of two >= 32 (whole warps). T is the element type; each file is compiled once per T.
+_ROW_COMMON = _MATH + r"""
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ __forceinline__ T warp_max(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        T other = __shfl_down_sync(0xffffffffu, v, offset);
+        v = other > v ? other : v;
+    }
+    return v;
+}
+// Sum / max over the block, returned to every thread. `shared` holds 32 values; the leading
+// __syncthreads lets the block call these back to back.
+__device__ T block_sum(T v, T* shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? shared[lane] : (T)0;
+        v = warp_sum(v);
+        if (lane == 0) shared[0] = v;
+    }
+    __syncthreads();
+    return shared[0];
+}
+__device__ T block_max(T v, T* shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? shared[lane] : shared[0];
+        v = warp_max(v);
+        if (lane == 0) shared[0] = v;
+    }
+    __syncthreads();
+    return shared[0];
+}
+"""
+
+_LAYER_NORM = _ROW_COMMON + r"""
+// x̂ = (x − μ)·r, r = 1/√(σ² + ε), y = x̂ w + b  (two-pass mean/variance, as NumPy)
+extern "C" __global__ void layer_norm_forward(
+        const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+        T* __restrict__ y, T* __restrict__ xhat, T* __restrict__ rstd, const int cols, const T eps) {
+    __shared__ T shared[32];
+    const long long base = (long long)blockIdx.x * cols;
+    T s = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) s += x[base + j];
+    const T mean = block_sum(s, shared) / (T)cols;
+    T ss = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) { T d = x[base + j] - mean; ss += d * d; }
+    const T r = (T)1 / mv_sqrt(block_sum(ss, shared) / (T)cols + eps);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        const T n = (x[base + j] - mean) * r;
+        xhat[base + j] = n;
+        y[base + j] = n * w[j] + b[j];
+    }
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+}
+
+// dx̂ = dy w;  dx = r (dx̂ − mean(dx̂) − x̂ mean(dx̂ ⊙ x̂))
+extern "C" __global__ void layer_norm_backward(
+        const T* __restrict__ g, const T* __restrict__ xhat, const T* __restrict__ rstd,
+        const T* __restrict__ w, T* __restrict__ dx, const int cols) {
+    __shared__ T shared[32];
+    const long long base = (long long)blockIdx.x * cols;
+    T s1 = 0, s2 = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        const T gn = g[base + j] * w[j];
+        s1 += gn;
+        s2 += gn * xhat[base + j];
+    }
+    const T mean_g = block_sum(s1, shared) / (T)cols;
+    const T mean_gx = block_sum(s2, shared) / (T)cols;
+    const T r = rstd[blockIdx.x];
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        dx[base + j] = r * (g[base + j] * w[j] - mean_g - xhat[base + j] * mean_gx);
+}
+"""
+
+_SOFTMAX = _ROW_COMMON + r"""
+// softmax: e^(x − max) / Σ e^(x − max);  log_softmax: (x − max) − log Σ e^(x − max)
+extern "C" __global__ void softmax_forward(
+        const T* __restrict__ x, T* __restrict__ y, const int cols, const int log_mode) {
+    __shared__ T shared[32];
+    const long long base = (long long)blockIdx.x * cols;
+    T m = x[base];  // an element of the row: a valid start for the max
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = x[base + j] > m ? x[base + j] : m;
+    m = block_max(m, shared);
+    T s = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) s += mv_exp(x[base + j] - m);
+    s = block_sum(s, shared);
+    if (log_mode) {
+        const T log_s = mv_log(s);
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) y[base + j] = (x[base + j] - m) - log_s;
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) y[base + j] = mv_exp(x[base + j] - m) / s;
+    }
+}
+
+// dx = p ⊙ (dp − Σ dp ⊙ p)
+extern "C" __global__ void softmax_backward(
+        const T* __restrict__ p, const T* __restrict__ g, T* __restrict__ dx, const int cols) {
+    __shared__ T shared[32];
+    const long long base = (long long)blockIdx.x * cols;
+    T s = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) s += g[base + j] * p[base + j];
+    s = block_sum(s, shared);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) dx[base + j] = p[base + j] * (g[base + j] - s);
+}
+"""
+
+_CROSS_ENTROPY = _ROW_COMMON + r"""
+// Per row, with d = x − max and L = log Σ e^d (so log p = d − L):
+//   loss_row = Σ_k q_k (L − d_k), q = (1 − ε) target + ε/K; every term is >= 0, no cancellation.
+extern "C" __global__ void cross_entropy_labels(
+        const T* __restrict__ x, const long long* __restrict__ labels, T* __restrict__ row_max,
+        T* __restrict__ row_logsum, T* __restrict__ row_loss, const int cols, const T smoothing) {
+    __shared__ T shared[32];
+    const long long base = (long long)blockIdx.x * cols;
+    T m = x[base];
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = x[base + j] > m ? x[base + j] : m;
+    m = block_max(m, shared);
+    T s = 0, sd = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) { const T d = x[base + j] - m; s += mv_exp(d); sd += d; }
+    s = block_sum(s, shared);
+    sd = block_sum(sd, shared);
+    if (threadIdx.x == 0) {
+        const T log_s = mv_log(s);
+        const T d_label = x[base + labels[blockIdx.x]] - m;
+        row_max[blockIdx.x] = m;
+        row_logsum[blockIdx.x] = log_s;
+        row_loss[blockIdx.x] = ((T)1 - smoothing) * (log_s - d_label) + smoothing * (log_s - sd / (T)cols);
+    }
+}
+
+extern "C" __global__ void cross_entropy_soft(
+        const T* __restrict__ x, const T* __restrict__ target, T* __restrict__ row_max,
+        T* __restrict__ row_logsum, T* __restrict__ row_qsum, T* __restrict__ row_loss,
+        const int cols, const T smoothing) {
+    __shared__ T shared[32];
+    const long long base = (long long)blockIdx.x * cols;
+    T m = x[base];
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = x[base + j] > m ? x[base + j] : m;
+    m = block_max(m, shared);
+    T s = 0, sq = 0, sqd = 0;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        const T d = x[base + j] - m;
+        const T q = target[base + j] * ((T)1 - smoothing) + smoothing / (T)cols;
+        s += mv_exp(d);
+        sq += q;
+        sqd += q * d;
+    }
+    s = block_sum(s, shared);
+    sq = block_sum(sq, shared);
+    sqd = block_sum(sqd, shared);
+    if (threadIdx.x == 0) {
+        const T log_s = mv_log(s);
+        row_max[blockIdx.x] = m;
+        row_logsum[blockIdx.x] = log_s;
+        row_qsum[blockIdx.x] = sq;
+        row_loss[blockIdx.x] = log_s * sq - sqd;
+    }
+}
+"""
+
+_ROW_SOURCES = {
+    "layer_norm_forward": _LAYER_NORM, "layer_norm_backward": _LAYER_NORM,
+    "softmax_forward": _SOFTMAX, "softmax_backward": _SOFTMAX,
+    "cross_entropy_labels": _CROSS_ENTROPY, "cross_entropy_soft": _CROSS_ENTROPY,
+}
+_C_TYPES = {"float32": "float", "float64": "double"}
+
+# name -> (in_params, out_params, operation) of the cupy.ElementwiseKernel objects.
+_ELEMENTWISE = {
+    # gelu exact: y = x Φ(x), Φ(x) = ½(1 + erf(x/√2));  dx = g (Φ(x) + x φ(x)), φ = e^(−x²/2)/√(2π)
+    "gelu_forward": (
+        "T x", "T y",
+        "y = x * ((T)0.5 * ((T)1 + mv_erf(x * (T)0.70710678118654752440)));"),
+    "gelu_backward": (
+        "T g, T x", "T dx",
+        "const T cdf = (T)0.5 * ((T)1 + mv_erf(x * (T)0.70710678118654752440));\n"
+        "const T pdf = (T)0.39894228040143267794 * mv_exp((T)-0.5 * x * x);\n"
+        "dx = g * (cdf + x * pdf);"),
+    # gelu tanh: y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³);
+    #            dx = g (½(1 + t) + ½x(1 − t²) √(2/π)(1 + 3·0.044715x²)), t = tanh u
+    "gelu_tanh_forward": (
+        "T x", "T y",
+        "const T t = mv_tanh((T)0.79788456080286535588 * (x + (T)0.044715 * (x * x * x)));\n"
+        "y = (T)0.5 * x * ((T)1 + t);"),
+    "gelu_tanh_backward": (
+        "T g, T x", "T dx",
+        "const T t = mv_tanh((T)0.79788456080286535588 * (x + (T)0.044715 * (x * x * x)));\n"
+        "const T du = (T)0.79788456080286535588 * ((T)1 + (T)0.134145 * x * x);\n"
+        "dx = g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * du);"),
+    # cross-entropy backward, integer labels (Σq = 1): dx = (p − q)·scale, p = e^(d − L)
+    "cross_entropy_labels_backward": (
+        "raw T x, raw T row_max, raw T row_logsum, raw int64 labels, T scale, T smoothing, "
+        "int32 cols", "T dx",
+        "const long long row = i / cols;\n"
+        "const T p = mv_exp((x[i] - row_max[row]) - row_logsum[row]);\n"
+        "T q = smoothing / (T)cols;\n"
+        "if (i - row * cols == labels[row]) q += (T)1 - smoothing;\n"
+        "dx = (p - q) * scale;"),
+    # cross-entropy backward, soft targets: dx = (p Σq − q)·scale
+    "cross_entropy_soft_backward": (
+        "raw T x, raw T target, raw T row_max, raw T row_logsum, raw T row_qsum, T scale, "
+        "T smoothing, int32 cols", "T dx",
+        "const long long row = i / cols;\n"
+        "const T p = mv_exp((x[i] - row_max[row]) - row_logsum[row]);\n"
+        "const T q = target[i] * ((T)1 - smoothing) + smoothing / (T)cols;\n"
+        "dx = (p * row_qsum[row] - q) * scale;"),
+    # gradient of the soft target: dq = −log p · scale (1 − ε)
+    "cross_entropy_target_backward": (
+        "raw T x, raw T row_max, raw T row_logsum, T scale, T smoothing, int32 cols", "T dq",
+        "const long long row = i / cols;\n"
+        "dq = -((x[i] - row_max[row]) - row_logsum[row]) * (scale * ((T)1 - smoothing));"),
+    # AdamW (see optim.AdamW): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
+    #   θ ← θ − lr·λ·mask·θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+    "adamw": (
+        "T grad, T mask, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay, "
+        "T step_size, T inv_sqrt_bias2, T eps", "T param, T m, T v",
+        "const T mi = beta1 * m + one_minus_beta1 * grad;\n"
+        "const T vi = beta2 * v + (grad * grad) * one_minus_beta2;\n"
+        "m = mi;\n"
+        "v = vi;\n"
+        "const T p = param - (param * mask) * decay;\n"
+        "param = p - (mi / (mv_sqrt(vi) * inv_sqrt_bias2 + eps)) * step_size;"),
+}
+
+
+def _row_kernel(name, dtype):
+    """The cupy.RawKernel `name` for element type `dtype` (built once, compiled on first call)."""
+    key = (name, dtype.name)
+    if key not in _kernels:
+        source = f"typedef {_C_TYPES[dtype.name]} T;\n" + _ROW_SOURCES[name]
+        _kernels[key] = _cupy().RawKernel(source, name)
+    return _kernels[key]
+
+
+def _elementwise(name):
+    """The cupy.ElementwiseKernel `name` (one object for both dtypes: T is a type placeholder)."""
+    key = (name, None)
+    if key not in _kernels:
+        in_params, out_params, operation = _ELEMENTWISE[name]
+        _kernels[key] = _cupy().ElementwiseKernel(in_params, out_params, operation,
+                                                  f"minivit_{name}", preamble=_MATH)
+    return _kernels[key]
+
+
+def _dot_columns():
+    """ReductionKernel: out_j = Σ_i g_ij n_ij (LayerNorm's dw = Σ dy ⊙ x̂ in one pass)."""
+    key = ("dot_columns", None)
+    if key not in _kernels:
+        _kernels[key] = _cupy().ReductionKernel("T g, T xhat", "T out", "g * xhat", "a + b",
+                                                "out = a", "0", "minivit_dot_columns")
+    return _kernels[key]
+
+
+def _threads(cols):
+    """Threads per row block: a power of two from 32 (one warp) to 256, about one per column."""
+    return min(256, max(32, 1 << max(cols - 1, 0).bit_length()))
+
+
+def _launch_rows(name, dtype, rows, cols, args):
+    if rows:
+        _row_kernel(name, dtype)((rows,), (_threads(cols),), args)
+
+
+# -- layer_norm -------------------------------------------------------------------------------
+def layer_norm_forward(x, weight, bias, eps):
+    """(y, x̂, rstd) for LayerNorm over the last axis; rstd has shape x.shape[:-1] + (1,), as in
+    the NumPy path. weight/bias None mean 1/0."""
+    cp = _cupy()
+    x = cp.ascontiguousarray(x)
+    cols = x.shape[-1]
+    rows = x.size // cols if cols else 0
+    weight = cp.ones(cols, x.dtype) if weight is None else cp.ascontiguousarray(weight)
+    bias = cp.zeros(cols, x.dtype) if bias is None else cp.ascontiguousarray(bias)
+    out, normalized = cp.empty_like(x), cp.empty_like(x)
+    rstd = cp.empty(x.shape[:-1] + (1,), x.dtype)
+    _launch_rows("layer_norm_forward", x.dtype, rows, cols,
+                 (x, weight, bias, out, normalized, rstd, np.int32(cols), x.dtype.type(eps)))
+    return out, normalized, rstd
+
+
+def layer_norm_backward(grad, normalized, rstd, weight, needs_input_grad):
+    """(dx, dw, db) of LayerNorm from the saved x̂ and rstd; None where not needed."""
+    cp = _cupy()
+    need_x, need_w, need_b = (tuple(needs_input_grad) + (False, False, False))[:3]
+    grad = cp.ascontiguousarray(grad)
+    cols = grad.shape[-1]
+    rows = grad.size // cols if cols else 0
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        w = cp.ones(cols, grad.dtype) if weight is None else cp.ascontiguousarray(weight)
+        grad_x = cp.empty_like(grad)
+        _launch_rows("layer_norm_backward", grad.dtype, rows, cols,
+                     (grad, cp.ascontiguousarray(normalized), cp.ascontiguousarray(rstd), w,
+                      grad_x, np.int32(cols)))
+    grad2d = grad.reshape(rows, cols)
+    if need_w:
+        grad_w = _dot_columns()(grad2d, normalized.reshape(rows, cols), axis=0)
+    if need_b:
+        grad_b = grad2d.sum(axis=0)
+    return grad_x, grad_w, grad_b
+
+
+# -- gelu -------------------------------------------------------------------------------------
+def _gelu_name(approximate, direction):
+    if approximate == "none":
+        return f"gelu_{direction}"
+    if approximate == "tanh":
+        return f"gelu_tanh_{direction}"
+    raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def gelu_forward(x, approximate="none"):
+    """GELU (exact erf form or tanh approximation) in one elementwise kernel."""
+    return _elementwise(_gelu_name(approximate, "forward"))(x)
+
+
+def gelu_backward(grad, x, approximate="none"):
+    """dx = g · GELU'(x), recomputing Φ(x) (or tanh u) from x instead of storing it."""
+    return _elementwise(_gelu_name(approximate, "backward"))(grad, x)
+
+
+# -- softmax ----------------------------------------------------------------------------------
+def softmax(x, log=False):
+    """softmax (or log_softmax with log=True) over the last axis, one block per row."""
+    cp = _cupy()
+    x = cp.ascontiguousarray(x)
+    out = cp.empty_like(x)
+    cols = x.shape[-1] if x.ndim else 1
+    if x.size:
+        _launch_rows("softmax_forward", x.dtype, x.size // cols, cols,
+                     (x, out, np.int32(cols), np.int32(1 if log else 0)))
+    return out
+
+
+def softmax_backward(probs, grad):
+    """p ⊙ (g − Σ g ⊙ p) over the last axis, one block per row."""
+    cp = _cupy()
+    probs, grad = cp.ascontiguousarray(probs), cp.ascontiguousarray(grad)
+    out = cp.empty_like(grad)
+    cols = grad.shape[-1] if grad.ndim else 1
+    if grad.size:
+        _launch_rows("softmax_backward", grad.dtype, grad.size // cols, cols,
+                     (probs, grad, out, np.int32(cols)))
+    return out
+
+
+# -- cross_entropy ----------------------------------------------------------------------------
+def cross_entropy_forward(logits, target, label_smoothing=0.0):
+    """Mean cross-entropy of (B, K) logits against integer labels (B,) or soft targets (B, K),
+    already validated by the caller. Returns (loss as a 0-d array, saved state for backward)."""
+    cp = _cupy()
+    x = cp.ascontiguousarray(logits)
+    batch, classes = x.shape
+    dtype = x.dtype
+    row_max, row_logsum, row_loss = (cp.empty(batch, dtype) for _ in range(3))
+    smoothing = dtype.type(label_smoothing)
+    if target.dtype.kind in "iu":
+        labels = cp.ascontiguousarray(target.astype(cp.int64, copy=False))
+        _launch_rows("cross_entropy_labels", dtype, batch, classes,
+                     (x, labels, row_max, row_logsum, row_loss, np.int32(classes), smoothing))
+        soft, row_qsum = None, None
+    else:
+        soft = cp.ascontiguousarray(target.astype(dtype, copy=False))
+        row_qsum = cp.empty(batch, dtype)
+        _launch_rows("cross_entropy_soft", dtype, batch, classes,
+                     (x, soft, row_max, row_logsum, row_qsum, row_loss, np.int32(classes),
+                      smoothing))
+        labels = None
+    saved = (x, labels, soft, row_max, row_logsum, row_qsum, smoothing)
+    return row_loss.sum() / batch, saved
+
+
+def cross_entropy_backward(grad, saved, need_target_grad=False):
+    """(d logits, d target or None) from cross_entropy_forward's saved state; grad is the 0-d
+    gradient of the loss (kept on the device: no host synchronisation)."""
+    x, labels, soft, row_max, row_logsum, row_qsum, smoothing = saved
+    cp = _cupy()
+    batch, classes = x.shape
+    scale = grad / batch  # 0-d, broadcast over the flat (B·K,) outputs; raw arrays use index i
+    flat_x = x.reshape(-1)
+    grad_x = cp.empty(x.size, x.dtype)
+    if soft is None:
+        _elementwise("cross_entropy_labels_backward")(
+            flat_x, row_max, row_logsum, labels, scale, smoothing, classes, grad_x)
+    else:
+        _elementwise("cross_entropy_soft_backward")(
+            flat_x, soft.reshape(-1), row_max, row_logsum, row_qsum, scale, smoothing, classes,
+            grad_x)
+    grad_target = None
+    if need_target_grad:
+        grad_target = cp.empty(x.size, x.dtype)
+        _elementwise("cross_entropy_target_backward")(
+            flat_x, row_max, row_logsum, scale, smoothing, classes, grad_target)
+        grad_target = grad_target.reshape(batch, classes)
+    return grad_x.reshape(batch, classes), grad_target
+
+
+# -- AdamW ------------------------------------------------------------------------------------
+def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step over flat buffers in one kernel; params, m and v are updated in place.
+    `step` is the 1-based step count t used for the bias corrections."""
+    dtype_scalar, t = params.dtype.type, int(step)
+    scalars = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
+               lr / (1.0 - beta1 ** t), 1.0 / (1.0 - beta2 ** t) ** 0.5, eps)
+    _elementwise("adamw")(grads, decay_mask, *(dtype_scalar(s) for s in scalars), params, m, v)
+
+
+# -- TF32 -------------------------------------------------------------------------------------
+def set_tf32(enabled=True):
+    """Let float32 matmuls (cuBLAS GEMMs behind @, matmul, dot, tensordot) use TF32 tensor
+    cores (GPUs of compute capability >= 8.0: A100, H100, ...). float64 is never affected.
+
+    How: CuPy picks the cuBLAS compute type of every GEMM from
+    cupy._core._routines_linalg.get_compute_type(dtype); we set it with its set_compute_type
+    (COMPUTE_TYPE_TF32 -> CUBLAS_COMPUTE_32F_FAST_TF32, COMPUTE_TYPE_DEFAULT -> CUBLAS_COMPUTE_32F),
+    the same switch CuPy's environment variable CUPY_TF32=1 sets at the first float32 GEMM.
+    (A cuBLAS handle math mode, cublas.setMathMode(handle, CUBLAS_TF32_TENSOR_OP_MATH), would
+    not do: CuPy passes an explicit compute type to cublasGemmEx and resets the math mode on
+    some paths.) CUPY_TF32 is set too, so the choice also holds where CuPy is not imported yet
+    or has no set_compute_type. Returns whether TF32 is now on (tf32_enabled())."""
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    try:
+        from cupy._core import _routines_linalg as linalg
+        compute_type = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
+        linalg.set_compute_type(np.float32, compute_type)  # warns and keeps FP32 below sm_80
+    except (ImportError, AttributeError):
+        return bool(enabled)  # only the environment variable: read at CuPy's first GEMM
+    except Exception:  # noqa: BLE001 - CUDA errors: no usable GPU, nothing to switch
+        return False
+    return tf32_enabled()
+
+
+def tf32_enabled():
+    """Whether float32 GEMMs may use TF32 (per CuPy's compute type, or CUPY_TF32 before it)."""
+    try:
+        from cupy._core import _routines_linalg as linalg
+        return linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32
+    except Exception:  # noqa: BLE001 - CuPy missing or no GPU
+        return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0")
+
+
+# -- timing and memory ------------------------------------------------------------------------
+def synchronize():
+    """Wait for all queued GPU work (for timing); a no-op where CuPy was never imported."""
+    import sys
+    if "cupy" in sys.modules:
+        sys.modules["cupy"].cuda.Device().synchronize()
+
+
+def memory_info():
+    """Bytes of GPU memory CuPy's default pool has handed out ("used") and holds ("held")."""
+    pool = _cupy().get_default_memory_pool()
+    return {"used": int(pool.used_bytes()), "held": int(pool.total_bytes())}
+
+
+def free_memory():
+    """Return the default pool's unused blocks to the driver (between benchmarks)."""
+    cp = _cupy()
+    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()
+
+
+# -- CUDA graphs (experimental) ---------------------------------------------------------------
+class CapturedStep:
+    """EXPERIMENTAL: `fn(*static_inputs)` recorded once as a CUDA graph and replayed.
+
+    Replaying costs ~2 µs per kernel instead of ~18 µs of Python per launch. Rules for `fn`:
+    - fixed shapes: it always reads `static_inputs` (CuPy arrays); call the CapturedStep with
+      new arrays of the same shapes and it copies them in before the replay;
+    - no host synchronisation inside: no .item(), float()/int()/bool() of a device value, no
+      printing device arrays, no NumPy transfer. In minivit that rules out integer-label
+      cross_entropy (it checks the label range on the host; soft targets are fine) and
+      optimizer.step() (clip_grad_norm reads the norm on the host);
+    - Python scalars are frozen at capture: a learning rate or step count passed as a number
+      to a kernel keeps its captured value on every replay;
+    - random numbers (dropout, drop_path) are not guaranteed to differ between replays: use
+      rates of 0 or eval mode;
+    - the returned objects are the captured outputs: every replay overwrites them in place.
+    Before capture `fn` runs `warmup` times eagerly (compiling kernels; this work is real: a
+    training step trains). Memory allocated during capture comes from a private pool kept
+    alive with the graph, so replays never write into memory handed to anyone else."""
+
+    def __init__(self, fn, *static_inputs, warmup=1):
+        cp = _cupy()
+        self.fn, self.inputs = fn, static_inputs
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.pool = cp.cuda.MemoryPool()
+        caller = cp.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
+        with self.stream:
+            for _ in range(warmup):
+                fn(*static_inputs)
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            self.stream.begin_capture()
+            try:
+                self.outputs = fn(*static_inputs)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the capture is invalid anyway
+                    self.stream.end_capture()
+                raise
+            self.graph = self.stream.end_capture()
+        self.stream.synchronize()
+
+    def __call__(self, *inputs):
+        """Copy `inputs` into the static inputs (None or the same array: keep), replay the
+        graph after the caller's queued work, and return the outputs."""
+        cp = _cupy()
+        for static, new in zip(self.inputs, inputs):
+            if new is not None and new is not static:
+                static[...] = cp.asarray(new)
+        caller = cp.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
+        self.graph.launch(stream=self.stream)
+        caller.wait_event(self.stream.record())
+        return self.outputs
+
+
+def capture_step(fn, *static_inputs, warmup=1):
+    """EXPERIMENTAL: record fn(*static_inputs) as a CUDA graph; see CapturedStep for the rules."""
+    return CapturedStep(fn, *static_inputs, warmup=warmup)

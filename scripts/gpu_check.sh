@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One-call GPU check of minivit's cupy backend, for a machine with an NVIDIA GPU, CuPy and
+# PyTorch already installed and no internet (the lent H100/H200 machines: python3 there is
+# Python 3.12 with torch, cupy-cuda13x, numpy, scipy, pytest, hypothesis, safetensors, tqdm).
+#
+#   bash scripts/gpu_check.sh          # from anywhere; the log goes to $OUT/gpu_check.log
+#
+# Steps (each under its own `timeout`, about 8 minutes in all; a failed step does not stop the
+# ones after it, and the summary at the end gives every step's exit status):
+#   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
+#   cuda-tests    pytest -k "cuda or cupy": tests/test_cuda.py (fused kernels against NumPy,
+#                 gradcheck on cupy, AdamW kernel, training run, TF32, CUDA graph) and every
+#                 backend-parametrised test's cupy case (tests/test_ops.py, ...)
+#   bench-cifar   minivit bench --backend cupy --against torch --config cifar
+#   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
+# minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is
+# installed; PYTHON=... picks another interpreter.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-.}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-default}"
+: >"$LOG"
+SUMMARY=()
+FAILED=0
+
+step() {  # step NAME SECONDS COMMAND... : run it under timeout, tee its output to the log
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "=== $name: TIMED OUT after ${limit}s" | tee -a "$LOG"
+  [ "$rc" -ne 0 ] && FAILED=1
+  SUMMARY+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+}
+
+step environment 40 bash -c "
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
+  $PY -c 'import sys, numpy, scipy, cupy
+print(sys.version.split()[0], sys.executable)
+print(\"numpy\", numpy.__version__, \"scipy\", scipy.__version__, \"cupy\", cupy.__version__)
+print(\"CUDA runtime\", cupy.cuda.runtime.runtimeGetVersion(), \"GPUs\", cupy.cuda.runtime.getDeviceCount())'
+  $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available())' || true"
+
+step cuda-tests 270 "$PY" -m pytest tests -q -k "cuda or cupy" --maxfail=10 -p no:cacheprovider \
+  -o addopts="-ra"
+
+step bench-cifar 75 "$PY" -m minivit.cli bench --backend cupy --against torch --config cifar
+
+step bench-vit-s16 105 "$PY" -m minivit.cli bench --backend cupy --against torch --config vit_s16 \
+  --steps 5 --rounds 2 --tf32
+
+{
+  echo "=== summary (log: $LOG)"
+  printf '%s\n' "${SUMMARY[@]}"
+} | tee -a "$LOG"
+exit "$FAILED"

@@ -1,0 +1,393 @@
+"""minivit.cuda: the fused CUDA kernels of the cupy backend.
+
+Everywhere (no GPU needed):
+- importing minivit.cuda (and the ops that dispatch to it) does not import CuPy;
+- NumPy arrays never reach the CUDA code (every kernel entry point is made to raise);
+- the kernel sources compile with nvcc, for float and double (skipped where nvcc is missing).
+
+On a GPU (skipped where CuPy or a GPU is missing):
+- each fused kernel against the plain NumPy path on the same data, forward and backward
+  (float64 to 1e-12, float32 to 1e-5), over row lengths that use 1 to 8 warps per block;
+- gradcheck of each op on the cupy backend in float64;
+- the AdamW kernel against the NumPy AdamW over 5 steps;
+- float32 stays float32 through a whole ViT step; a 2-epoch training run whose loss falls;
+- set_tf32, memory_info and the experimental CUDA-graph capture.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import check_gradients
+
+import minivit
+import minivit.functional as F
+from minivit import Tensor, cuda
+from minivit import backend as mb
+from minivit.optim import AdamW
+
+GPU = pytest.mark.skipif(not mb.cupy_available(),
+                         reason="fused CUDA kernels: CuPy or a CUDA GPU is not available")
+TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
+KERNEL_ENTRY_POINTS = ("layer_norm_forward", "layer_norm_backward", "gelu_forward",
+                       "gelu_backward", "softmax", "softmax_backward", "cross_entropy_forward",
+                       "cross_entropy_backward", "adamw_update")
+
+
+# == everywhere ================================================================================
+def test_importing_minivit_cuda_does_not_import_cupy():
+    code = ("import sys, minivit, minivit.cuda, minivit.functional, minivit.optim\n"
+            "assert 'cupy' not in sys.modules, 'minivit imported cupy'\n")
+    env = {k: v for k, v in os.environ.items() if k != "MINIVIT_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _ops_forward_and_backward(dtype):
+    """Every op with a CUDA branch, forward and backward, on NumPy arrays of `dtype`."""
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 8)).astype(dtype), requires_grad=True)
+    w = Tensor(rng.standard_normal(8).astype(dtype), requires_grad=True)
+    b = Tensor(rng.standard_normal(8).astype(dtype), requires_grad=True)
+    h = F.layer_norm(x, w, b)
+    h = F.gelu(h) + F.gelu(h, approximate="tanh")
+    h = F.softmax(h) + F.log_softmax(h)
+    q = Tensor(rng.standard_normal((2, 1, 3, 8)).astype(dtype), requires_grad=True)
+    h = h + F.scaled_dot_product_attention(q, q, q).reshape(2, 3, 8)
+    logits = h.reshape(6, 8)
+    soft = Tensor(rng.uniform(0, 1, (6, 8)).astype(dtype), requires_grad=True)
+    loss = (F.cross_entropy(logits, np.arange(6) % 8, label_smoothing=0.1)
+            + F.cross_entropy(logits, soft))
+    loss.backward()
+    optimizer = AdamW([("x", x), ("w", w), ("b", b)], lr=1e-3)
+    optimizer.step()
+    return loss
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_arrays_never_reach_the_cuda_kernels(monkeypatch, dtype):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a NumPy computation reached minivit.cuda")
+
+    for name in KERNEL_ENTRY_POINTS:
+        monkeypatch.setattr(cuda, name, refuse)
+    loss = _ops_forward_and_backward(dtype)
+    assert loss.dtype == dtype
+    assert not cuda.handles(np.ones(3, dtype))
+    assert not cuda.handles(None)
+
+
+def test_fused_kernels_switch_is_restored():
+    before = cuda.fused_kernels_enabled()
+    with cuda.fused_kernels(False):
+        assert not cuda.fused_kernels_enabled()
+        with cuda.fused_kernels(True):
+            assert cuda.fused_kernels_enabled()
+        assert not cuda.fused_kernels_enabled()
+    assert cuda.fused_kernels_enabled() == before
+
+
+def _params(spec):
+    """[(raw, type, name)] from a CuPy parameter list such as 'raw T x, int32 cols'."""
+    params = []
+    for item in spec.split(","):
+        words = item.split()
+        raw = words[0] == "raw"
+        params.append((raw,) + tuple(words[raw:]))
+    return params
+
+
+def _nvcc_check_source(c_type):
+    """One .cu file with every kernel for element type `c_type`: the RawKernel sources as they
+    are, each ElementwiseKernel body inside a stand-in kernel (non-raw arguments as values at
+    i, outputs as references, raw arguments as pointers), as CuPy would wrap it."""
+    common = cuda._ROW_COMMON
+    parts = [f"typedef {c_type} T;", common]
+    for source in dict.fromkeys(cuda._ROW_SOURCES.values()):  # each file once, in order
+        assert source.startswith(common)
+        parts.append(source[len(common):])
+    c_types = {"T": "T", "int32": "int", "int64": "long long"}
+    for name, (in_params, out_params, operation) in cuda._ELEMENTWISE.items():
+        signature, locals_ = ["long long n"], []
+        for raw, kind, arg in _params(in_params):
+            signature.append(f"const {c_types[kind]}* {arg}{'' if raw else '_at'}")
+            if not raw:
+                locals_.append(f"const {c_types[kind]} {arg} = {arg}_at[i];")
+        for _, kind, arg in _params(out_params):
+            signature.append(f"{c_types[kind]}* {arg}_at")
+            locals_.append(f"{c_types[kind]}& {arg} = {arg}_at[i];")
+        parts.append(f'extern "C" __global__ void check_{name}({", ".join(signature)}) {{\n'
+                     f"  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+                     f"  if (i >= n) return;\n  {' '.join(locals_)}\n  {{ {operation} }}\n}}")
+    return "\n".join(parts)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+@pytest.mark.parametrize("c_type", ["float", "double"])
+def test_kernel_sources_compile_with_nvcc(tmp_path, c_type):
+    source = tmp_path / f"minivit_kernels_{c_type}.cu"
+    source.write_text(_nvcc_check_source(c_type))
+    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_80", "-o", str(tmp_path / "out.ptx"),
+                             str(source)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"nvcc failed on {source}:\n{result.stderr}"
+
+
+def test_set_tf32_without_a_gpu_only_sets_the_environment(monkeypatch):
+    if mb.cupy_available():
+        pytest.skip("a GPU is present: test_tf32_switch covers it")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    cuda.set_tf32(True)
+    assert os.environ["CUPY_TF32"] == "1"
+    cuda.set_tf32(False)
+    assert os.environ["CUPY_TF32"] == "0"
+    assert not cuda.tf32_enabled()
+
+
+# == on a GPU ==================================================================================
+@pytest.fixture
+def cp():
+    import cupy
+    return cupy
+
+
+def _run(fn, host_inputs, host_upstream, on_gpu):
+    """fn on Tensors (float inputs require grad) and backward with a given upstream gradient;
+    returns the host output and the host gradients of the float inputs."""
+    import cupy
+    move = cupy.asarray if on_gpu else np.asarray
+    tensors = [Tensor(move(a), requires_grad=True) if a.dtype.kind == "f" else move(a)
+               for a in host_inputs]
+    out = fn(*tensors)
+    out.backward(move(host_upstream))
+    grads = [mb.to_numpy(t.grad) for t in tensors if isinstance(t, Tensor)]
+    return mb.to_numpy(out.data), grads
+
+
+def _assert_fused_matches_numpy(fn, host_inputs, kernel, dtype, seed=0):
+    """The fused cupy path (which must build `kernel`) equals the NumPy path, forward and
+    backward, and keeps the dtype."""
+    rng = np.random.default_rng(seed)
+    with minivit.no_grad():
+        shape = fn(*[Tensor(a) if a.dtype.kind == "f" else a for a in host_inputs]).shape
+    upstream = rng.standard_normal(shape).astype(dtype)
+    cuda._kernels.pop(kernel, None)
+    out_gpu, grads_gpu = _run(fn, host_inputs, upstream, on_gpu=True)
+    assert kernel in cuda._kernels, f"the fused kernel {kernel} was not used"
+    out_cpu, grads_cpu = _run(fn, host_inputs, upstream, on_gpu=False)
+    assert out_gpu.dtype == dtype
+    np.testing.assert_allclose(out_gpu, out_cpu, **TOLERANCE[dtype])
+    for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
+        assert g_gpu.dtype == dtype
+        np.testing.assert_allclose(g_gpu, g_cpu, **TOLERANCE[dtype])
+
+
+COLUMNS = [1, 5, 32, 33, 65, 200, 257, 1000]  # 1 to 8 warps per row block, strided loops
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cols", COLUMNS)
+@pytest.mark.parametrize("affine", ["weight and bias", "none"])
+def test_layer_norm_kernel_matches_numpy(dtype, cols, affine):
+    rng = np.random.default_rng(cols)
+    x = (rng.standard_normal((3, 4, cols)) * 2 + 1).astype(dtype)
+    if affine == "none":
+        fn, inputs = (lambda x: F.layer_norm(x)), [x]
+    else:
+        fn = F.layer_norm
+        inputs = [x, rng.standard_normal(cols).astype(dtype), rng.standard_normal(cols).astype(dtype)]
+    _assert_fused_matches_numpy(fn, inputs, ("layer_norm_forward", np.dtype(dtype).name), dtype)
+    assert ("layer_norm_backward", np.dtype(dtype).name) in cuda._kernels
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_kernels_match_numpy(dtype, approximate):
+    x = np.random.default_rng(1).standard_normal((4, 5, 67)).astype(dtype) * 3
+    name = "gelu_forward" if approximate == "none" else "gelu_tanh_forward"
+    _assert_fused_matches_numpy(lambda x: F.gelu(x, approximate=approximate), [x], (name, None),
+                                dtype)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cols", COLUMNS)
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "attention"])
+def test_softmax_kernels_match_numpy(dtype, cols, op):
+    rng = np.random.default_rng(cols)
+    if op == "attention":  # softmax forward and backward inside attention, rows of length N
+        q, k, v = (rng.standard_normal((2, 3, cols, 4)).astype(dtype) for _ in range(3))
+        fn, inputs = F.scaled_dot_product_attention, [q, k, v]
+    else:
+        inputs = [(rng.standard_normal((3, 2, cols)) * 3).astype(dtype)]
+        fn = getattr(F, op)
+    _assert_fused_matches_numpy(fn, inputs, ("softmax_forward", np.dtype(dtype).name), dtype)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("classes", [1, 3, 10, 1000])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_kernels_match_numpy(dtype, classes, soft, smoothing):
+    rng = np.random.default_rng(classes)
+    logits = (rng.standard_normal((6, classes)) * 3).astype(dtype)
+    target = rng.uniform(0, 1, (6, classes)).astype(dtype) if soft else rng.integers(0, classes, 6)
+    name = "cross_entropy_soft" if soft else "cross_entropy_labels"
+    _assert_fused_matches_numpy(lambda x, t: F.cross_entropy(x, t, label_smoothing=smoothing),
+                                [logits, target], (name, np.dtype(dtype).name), dtype)
+
+
+@GPU
+def test_cross_entropy_still_checks_labels_on_the_gpu(cp):
+    with pytest.raises(ValueError, match="labels must lie in"):
+        F.cross_entropy(Tensor(cp.zeros((2, 3))), cp.asarray([0, 3]))
+
+
+@GPU
+@pytest.mark.parametrize("op", ["layer_norm", "gelu", "gelu_tanh", "softmax", "log_softmax",
+                                "attention", "cross_entropy_labels", "cross_entropy_soft"])
+def test_gradcheck_on_the_cupy_backend(cp, op):
+    rng = np.random.default_rng(2)
+    x = cp.asarray(rng.standard_normal((3, 7)))
+    if op == "layer_norm":
+        inputs = [x, cp.asarray(rng.standard_normal(7)), cp.asarray(rng.standard_normal(7))]
+        fn = F.layer_norm
+    elif op in ("gelu", "gelu_tanh"):
+        inputs = [x]
+        fn = (lambda x: F.gelu(x, approximate="tanh" if op == "gelu_tanh" else "none"))
+    elif op in ("softmax", "log_softmax"):
+        inputs, fn = [x], getattr(F, op)
+    elif op == "attention":
+        inputs = [cp.asarray(rng.standard_normal((1, 2, 5, 3))) for _ in range(3)]
+        fn = F.scaled_dot_product_attention
+    else:
+        target = (cp.asarray(rng.integers(0, 7, 3)) if op == "cross_entropy_labels"
+                  else cp.asarray(rng.uniform(0, 1, (3, 7))))
+        inputs = [x, target]
+        fn = (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1))
+    check_gradients(fn, *inputs, seed=3)
+
+
+def _adamw_pair(dtype, on_gpu):
+    import cupy
+    rng = np.random.default_rng(4)
+    move = cupy.asarray if on_gpu else np.asarray
+    named = [("blocks.0.weight", Tensor(move(rng.standard_normal((17, 9)).astype(dtype)), True)),
+             ("blocks.0.bias", Tensor(move(rng.standard_normal(17).astype(dtype)), True)),
+             ("pos_embed", Tensor(move(rng.standard_normal((1, 5, 9)).astype(dtype)), True))]
+    return named, AdamW(named, lr=3e-2, weight_decay=0.05)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adamw_kernel_matches_numpy_over_five_steps(dtype):
+    (gpu_named, gpu_opt), (cpu_named, cpu_opt) = _adamw_pair(dtype, True), _adamw_pair(dtype, False)
+    rng = np.random.default_rng(5)
+    cuda._kernels.pop(("adamw", None), None)
+    for _ in range(5):
+        for (_, p_gpu), (_, p_cpu) in zip(gpu_named, cpu_named):
+            grad = rng.standard_normal(p_cpu.shape).astype(dtype)
+            p_cpu.grad, p_gpu.grad = grad, mb.to_backend(grad, "cupy")
+        gpu_opt.step(max_grad_norm=1.0)
+        cpu_opt.step(max_grad_norm=1.0)
+    assert ("adamw", None) in cuda._kernels, "the fused AdamW kernel was not used"
+    for gpu_buffer, cpu_buffer in [(gpu_opt.flat, cpu_opt.flat), (gpu_opt.m, cpu_opt.m),
+                                   (gpu_opt.v, cpu_opt.v)]:
+        assert gpu_buffer.dtype == dtype
+        np.testing.assert_allclose(mb.to_numpy(gpu_buffer), cpu_buffer, **TOLERANCE[dtype])
+    for (_, p_gpu), (_, p_cpu) in zip(gpu_named, cpu_named):  # the views still see the buffer
+        np.testing.assert_allclose(mb.to_numpy(p_gpu.data), p_cpu.data, **TOLERANCE[dtype])
+
+
+@GPU
+def test_fused_and_plain_cupy_paths_agree_on_a_vit_step_in_float32(cp):
+    """A whole small ViT, forward and backward in float32: fused kernels against the plain
+    CuPy path (fused_kernels(False)) on the same device; every gradient stays float32."""
+    from minivit.models import create_model
+
+    def step():
+        minivit.set_backend("cupy")
+        minivit.manual_seed(0)
+        model = create_model("vit_digits", num_classes=10, img_size=8, in_chans=1,
+                             drop_path_rate=0.0).to(backend="cupy", dtype="float32")
+        images = cp.asarray(np.random.default_rng(6).standard_normal((16, 1, 8, 8)), cp.float32)
+        loss = F.cross_entropy(model(images), cp.arange(16) % 10, label_smoothing=0.1)
+        loss.backward()
+        return loss, dict(model.named_parameters())
+
+    loss, params = step()
+    with cuda.fused_kernels(False):
+        plain_loss, plain_params = step()
+    assert loss.dtype == np.float32
+    np.testing.assert_allclose(float(loss.item()), float(plain_loss.item()), rtol=1e-5)
+    for name, p in params.items():
+        assert p.grad.dtype == np.float32, name
+        np.testing.assert_allclose(mb.to_numpy(p.grad), mb.to_numpy(plain_params[name].grad),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@GPU
+def test_two_epochs_of_training_on_the_gpu_lower_the_loss(tmp_path):
+    import json
+
+    from minivit.train import TrainConfig, train
+    train(TrainConfig(backend="cupy", epochs=2, warmup=0, out=str(tmp_path / "run"),
+                      progress=False))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@GPU
+def test_tf32_switch(cp):
+    before = cuda.tf32_enabled()
+    try:
+        major = cp.cuda.Device().compute_capability[0]
+        assert cuda.set_tf32(True) == (int(major) >= 8)
+        a = cp.asarray(np.random.default_rng(7).standard_normal((256, 256)), cp.float32)
+        np.testing.assert_allclose(mb.to_numpy(a @ a), mb.to_numpy(a.astype(cp.float64) @ a),
+                                   rtol=2e-2, atol=2e-1)  # TF32 keeps a 10-bit mantissa
+        assert cuda.set_tf32(False) is False
+        assert not cuda.tf32_enabled()
+    finally:
+        cuda.set_tf32(before)
+
+
+@GPU
+def test_memory_info_and_synchronize(cp):
+    keep = cp.zeros(1 << 20, cp.float32)
+    cuda.synchronize()
+    info = cuda.memory_info()
+    assert info["used"] >= keep.nbytes and info["held"] >= info["used"]
+
+
+@GPU
+def test_captured_forward_backward_replays_like_eager(cp):
+    """Experimental CUDA graph: LayerNorm + GELU + soft-target cross-entropy, forward and
+    backward, captured once and replayed on new inputs, equal to running it eagerly."""
+    rng = np.random.default_rng(8)
+    w = Tensor(cp.asarray(rng.standard_normal(48), cp.float32), requires_grad=True)
+    b = Tensor(cp.asarray(rng.standard_normal(48), cp.float32), requires_grad=True)
+
+    def step(x, target):
+        w.grad = b.grad = None
+        loss = F.cross_entropy(F.gelu(F.layer_norm(Tensor(x), w, b)), target)
+        loss.backward()
+        return loss.data, w.grad, b.grad
+
+    def batch(seed):
+        r = np.random.default_rng(seed)
+        return (cp.asarray(r.standard_normal((16, 48)), cp.float32),
+                cp.asarray(r.dirichlet(np.ones(48), 16), cp.float32))
+
+    captured = cuda.capture_step(step, *batch(0))
+    for seed in (1, 2):
+        x, target = batch(seed)
+        replayed = [a.copy() for a in captured(x, target)]
+        eager = step(x, target)
+        for got, want in zip(replayed, eager):
+            np.testing.assert_allclose(mb.to_numpy(got), mb.to_numpy(want), rtol=1e-5, atol=1e-6)
