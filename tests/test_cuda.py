@@ -21,7 +21,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import check_gradients
 
 import minivit
 import minivit.functional as F
@@ -35,6 +34,22 @@ TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-
 KERNEL_ENTRY_POINTS = ("layer_norm_forward", "layer_norm_backward", "gelu_forward",
                        "gelu_backward", "softmax", "softmax_backward", "cross_entropy_forward",
                        "cross_entropy_backward", "adamw_update")
+
+
+@pytest.fixture(autouse=True)
+def _numpy_backend_afterwards():
+    yield
+    minivit.set_backend("numpy")
+
+
+def check_gradients(fn, *inputs, seed=0):
+    """minivit.gradcheck in float64 at relative error 1e-6, with an absolute floor at the round-off
+    of central differences (~1e-9 · Σ|f|), as tests/conftest.py's helper of the same name."""
+    with minivit.no_grad():
+        out = fn(*[Tensor(a) if a.dtype.kind == "f" else a for a in inputs])
+    atol = max(1e-10, 1e-9 * float(abs(out.data).sum()))
+    report = minivit.gradcheck(fn, *inputs, seed=seed, rtol=1e-6, atol=atol)
+    assert report.passed, f"gradient check failed:\n{report}"
 
 
 # == everywhere ================================================================================
