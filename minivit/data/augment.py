@@ -76,16 +76,17 @@ class Compose:
 
 
 def default_augmentation(name):
-    """The training augmentation that suits dataset `name` (None for synthetic).
+    """The training augmentation that suits dataset `name`, or None.
 
-    Digits and MNIST get small shifts only (a mirrored digit is another symbol); CIFAR gets the
-    usual 4-pixel padded crop and horizontal flip.
+    MNIST and Fashion-MNIST get 2-pixel shifts, never flips (a mirrored digit is another symbol);
+    CIFAR gets the usual 4-pixel padded crop and horizontal flip. Digits and synthetic get none:
+    on the 8x8 digits a 1-pixel shift is 1/8 of the image and half a 2x2 patch; for a small ViT
+    (D64, depth 4, patch 2, AdamW) it cost 9 points of test accuracy after 40 epochs (95% -> 86%)
+    and gained only 0.6 (95.5% -> 96.1%, noise level) after 100.
     """
     key = dataset_key(name)
-    if key == "digits":
-        return RandomCrop(8, padding=1)
     if key in ("mnist", "fashion_mnist"):
         return RandomCrop(28, padding=2)
     if key in ("cifar10", "cifar100"):
         return Compose([RandomCrop(32, padding=4), RandomHorizontalFlip()])
-    return None  # synthetic
+    return None
