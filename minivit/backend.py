@@ -20,10 +20,13 @@ _GPU_INSTALL_HINT = (
 
 _current = {"name": "numpy", "xp": np}
 _random_generators = {}
+_checked_modules = {}  # "cupy" -> the module, once it imported and showed a GPU
 
 
 def _import_cupy():
-    """Import CuPy and check that a GPU is visible; a clear BackendError otherwise."""
+    """Import CuPy and check that a GPU is visible (once); a clear BackendError otherwise."""
+    if "cupy" in _checked_modules:
+        return _checked_modules["cupy"]
     try:
         import cupy
     except ImportError as error:
@@ -36,6 +39,7 @@ def _import_cupy():
                            f"{_GPU_INSTALL_HINT}") from None
     if device_count == 0:
         raise BackendError(f"CuPy is installed but no GPU is visible: {_GPU_INSTALL_HINT}")
+    _checked_modules["cupy"] = cupy
     return cupy
 
 

@@ -142,6 +142,7 @@ def test_missing_dataset_files_are_a_clear_cli_error(tmp_path, capsys):
 
 def test_cupy_backend_without_cupy_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
     import sys
+    monkeypatch.setattr(minivit.backend, "_checked_modules", {})  # forget a GPU seen before
     monkeypatch.setitem(sys.modules, "cupy", None)
     assert main(["train", "--backend", "cupy", "--out", str(tmp_path / "run")]) == 1
     assert "pip install 'minivit[gpu]'" in capsys.readouterr().err
