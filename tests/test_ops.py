@@ -1,0 +1,667 @@
+"""Every hand-written op: forward values against a NumPy reference, gradients against central
+differences (minivit.gradcheck, float64, relative error <= 1e-6), non-contiguous inputs, and
+float32 in -> float32 out.
+
+Hypothesis draws the shapes, the values (bounded, no subnormals, no NaN/inf), the memory
+layout of every input (contiguous, transposed, strided, reversed view) and the seed of
+gradcheck's random upstream gradient. Every test runs on each available backend.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import (FIXTURE_OK, LAYOUTS, arrays, as_host, away_from_zero, check_gradients,
+                      distinct_arrays, floats, layout, layouts, on_backend, seeds, shapes)
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy.special import erf
+
+import minivit
+import minivit.functional as F
+from minivit import Tensor, cpu
+
+EXACT = dict(rtol=1e-12, atol=1e-12)
+
+
+def forward(fn, *arrays):
+    """fn on plain Tensors (no gradient), as a host array."""
+    return as_host(fn(*[Tensor(a) if hasattr(a, "dtype") and a.dtype.kind == "f" else a
+                        for a in arrays]).data)
+
+
+def draw_inputs(data, *host_arrays):
+    """Each host array on the backend in a drawn memory layout."""
+    return [layout(a, data.draw(layouts, label=f"layout {i}")) for i, a in enumerate(host_arrays)]
+
+
+def np_softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# -- linear -------------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data())
+def test_linear(backend, data):
+    lead = data.draw(shapes(min_dims=0, max_dims=2, min_side=1, max_side=3), label="leading")
+    n_in, n_out = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    x, w = data.draw(arrays(lead + (n_in,))), data.draw(arrays((n_out, n_in)))
+    host = [x, w]
+    if data.draw(st.booleans(), label="bias"):
+        host.append(data.draw(arrays((n_out,))))
+    inputs = draw_inputs(data, *host)
+    expected = x @ w.T + (host[2] if len(host) == 3 else 0.0)
+    np.testing.assert_allclose(forward(F.linear, *inputs), expected, **EXACT)
+    check_gradients(F.linear, *inputs, seed=data.draw(seeds))
+
+
+# -- patchify -----------------------------------------------------------------------------------
+def reference_patchify(x, w, b, p):
+    batch, _, height, width = x.shape
+    grid_w = width // p
+    out = np.zeros((batch, (height // p) * grid_w, w.shape[0]))
+    for i in range(height // p):
+        for j in range(grid_w):
+            tile = x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p]
+            out[:, i * grid_w + j] = np.einsum("bcuv,dcuv->bd", tile, w)
+    return out + (0.0 if b is None else b)
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_patchify(backend, data):
+    batch, channels = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    p, dim = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    grid_h, grid_w = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    if p * p * grid_h * grid_w * channels * batch > 240:  # keep the element-wise check cheap
+        grid_h = grid_w = 1
+    x = data.draw(arrays((batch, channels, grid_h * p, grid_w * p)))
+    w = data.draw(arrays((dim, channels, p, p)))
+    b = data.draw(st.none() | arrays((dim,)), label="bias")
+    inputs = draw_inputs(data, x, w) + ([] if b is None else [layout(b, "contiguous")])
+
+    def fn(x, w, b=None):
+        return F.patchify(x, w, b, patch_size=p)
+
+    out = forward(fn, *inputs)
+    assert out.shape == (batch, grid_h * grid_w, dim)
+    np.testing.assert_allclose(out, reference_patchify(x, w, b, p), **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+# -- attention ----------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data())
+def test_scaled_dot_product_attention(backend, data):
+    shape = tuple(data.draw(st.integers(1, n)) for n in (2, 2, 4, 4))  # (B, heads, N, d)
+    q, k, v = (data.draw(arrays(shape)) for _ in range(3))
+    scale = data.draw(st.none() | floats(0.1, 1.0), label="scale")
+    inputs = draw_inputs(data, q, k, v)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    s = 1.0 / math.sqrt(shape[-1]) if scale is None else scale
+    expected = np_softmax(q @ k.swapaxes(-1, -2) * s) @ v
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    out, probs = F.scaled_dot_product_attention(*[Tensor(a) for a in inputs], scale=scale,
+                                                return_attention=True)
+    np.testing.assert_allclose(as_host(probs), np_softmax(q @ k.swapaxes(-1, -2) * s), **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_self_attention_from_packed_qkv(backend, data):
+    batch, tokens = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
+    heads, head_dim = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    qkv = data.draw(arrays((batch, tokens, 3 * heads * head_dim)))
+    scale = data.draw(st.none() | floats(0.1, 1.0), label="scale")
+    (inp,) = draw_inputs(data, qkv)
+
+    def fn(qkv):
+        return F.self_attention(qkv, num_heads=heads, scale=scale)
+
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    s = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    expected = (np_softmax(q @ k.swapaxes(-1, -2) * s) @ v).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(forward(fn, inp), expected.reshape(batch, tokens, -1), **EXACT)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_broadcast_to(backend, data):
+    shape, target = data.draw(hnp.mutually_broadcastable_shapes(
+        num_shapes=1, min_dims=0, max_dims=3, max_side=3))
+    x = data.draw(arrays(shape[0]))
+    (inp,) = draw_inputs(data, x)
+
+    def fn(t):
+        return F.broadcast_to(t, target)
+
+    np.testing.assert_array_equal(forward(fn, inp), np.broadcast_to(x, target))
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+# -- softmax / log_softmax ----------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), log=st.booleans())
+def test_softmax_and_log_softmax(backend, data, log):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    x = data.draw(arrays(shape))
+    (inp,) = draw_inputs(data, x)
+    op = F.log_softmax if log else F.softmax
+
+    def fn(x):
+        return op(x, axis=axis)
+
+    expected = np_softmax(x, axis)
+    np.testing.assert_allclose(forward(fn, inp), np.log(expected) if log else expected, **EXACT)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+# -- layer_norm ---------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data())
+def test_layer_norm(backend, data):
+    lead = data.draw(shapes(min_dims=0, max_dims=2, min_side=1, max_side=3), label="leading")
+    features = data.draw(st.integers(2, 6))
+    x = data.draw(distinct_arrays(lead + (features,)))  # no row collapses to a constant
+    w = data.draw(st.none() | arrays((features,)), label="weight")
+    b = data.draw(st.none() | arrays((features,)), label="bias")
+    eps = data.draw(st.sampled_from([1e-6, 1e-5, 0.1]), label="eps")
+    inputs = draw_inputs(data, x, *[a for a in (w, b) if a is not None])
+
+    def fn(x, *params):
+        params = list(params)
+        weight = params.pop(0) if w is not None else None
+        bias = params.pop(0) if b is not None else None
+        return F.layer_norm(x, weight, bias, eps=eps)
+
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    expected = (x - mean) / np.sqrt(var + eps)
+    expected = expected * (1.0 if w is None else w) + (0.0 if b is None else b)
+    np.testing.assert_allclose(forward(fn, *inputs), expected, rtol=1e-10, atol=1e-10)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+# -- gelu ---------------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), approximate=st.sampled_from(["none", "tanh"]))
+def test_gelu(backend, data, approximate):
+    x = data.draw(arrays(data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))))
+    (inp,) = draw_inputs(data, x)
+
+    def fn(x):
+        return F.gelu(x, approximate=approximate)
+
+    if approximate == "none":
+        expected = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    else:
+        expected = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(forward(fn, inp), expected, **EXACT)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+def test_gelu_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="'none' or 'tanh'"):
+        F.gelu(Tensor(np.ones(3)), approximate="erf")
+
+
+# -- cross_entropy ------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), soft=st.booleans(),
+       smoothing=st.sampled_from([0.0, 0.1]) | floats(0.0, 0.9))
+def test_cross_entropy(backend, data, soft, smoothing):
+    batch, classes = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    logits = data.draw(arrays((batch, classes)))
+    (logits_in,) = draw_inputs(data, logits)
+    if soft:
+        target = data.draw(arrays((batch, classes), elements=floats(0.0, 1.0)))
+        target_in = layout(target, data.draw(layouts))
+        q = target
+    else:
+        labels = data.draw(hnp.arrays(np.int64, (batch,), elements=st.integers(0, classes - 1)))
+        target_in = on_backend(labels)
+        q = np.eye(classes)[labels]
+    q = q * (1.0 - smoothing) + smoothing / classes
+
+    def fn(logits, target):
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+    log_p = np.log(np_softmax(logits))
+    expected = -(q * log_p).sum() / batch
+    np.testing.assert_allclose(forward(fn, logits_in, target_in), expected, rtol=1e-12, atol=1e-12)
+    check_gradients(fn, logits_in, target_in, seed=data.draw(seeds))  # soft: target grad too
+
+
+# -- dropout / drop_path ------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), which=st.sampled_from(["dropout", "drop_path"]))
+def test_dropout_and_drop_path(backend, data, which):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    x = data.draw(arrays(shape, elements=away_from_zero(0.1, 3.0)))
+    p = data.draw(st.sampled_from([0.0, 0.5]) | floats(0.0, 0.9), label="p")
+    mask_seed = data.draw(seeds, label="mask seed")
+    (inp,) = draw_inputs(data, x)
+    op = getattr(F, which)
+
+    def fn(x):
+        minivit.manual_seed(mask_seed)  # the same mask on every call: deterministic
+        return op(x, p=p, training=True)
+
+    out = forward(fn, inp)
+    np.testing.assert_array_equal(out, forward(fn, inp))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / (1.0 - p), rtol=1e-14)
+    if which == "drop_path":  # a whole sample is kept or dropped
+        per_sample = kept.reshape(shape[0], -1)
+        assert (per_sample.all(axis=1) | ~per_sample.any(axis=1)).all()
+    np.testing.assert_array_equal(forward(lambda t: op(t, p=p, training=False), inp), x)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+@pytest.mark.parametrize("op", [F.dropout, F.drop_path])
+def test_dropout_rejects_p_of_one(op):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        op(Tensor(np.ones((2, 2))), p=1.0)
+
+
+# -- concat / stack -----------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), count=st.integers(1, 3))
+def test_concat(backend, data, count):
+    base = data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=3))
+    axis = data.draw(st.integers(-len(base), len(base) - 1), label="axis")
+    pieces = []
+    for _ in range(count):
+        shape = list(base)
+        shape[axis] = data.draw(st.integers(0, 3), label="length along axis")
+        pieces.append(data.draw(arrays(tuple(shape))))
+    inputs = draw_inputs(data, *pieces)
+
+    def fn(*tensors):
+        return F.concat(tensors, axis=axis)
+
+    np.testing.assert_array_equal(forward(fn, *inputs), np.concatenate(pieces, axis=axis))
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data(), count=st.integers(1, 3))
+def test_stack(backend, data, count):
+    shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=3))
+    axis = data.draw(st.integers(-len(shape) - 1, len(shape)), label="axis")
+    pieces = [data.draw(arrays(shape)) for _ in range(count)]
+    inputs = draw_inputs(data, *pieces)
+
+    def fn(*tensors):
+        return F.stack(tensors, axis=axis)
+
+    np.testing.assert_array_equal(forward(fn, *inputs), np.stack(pieces, axis=axis))
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+# -- indexing -----------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data())
+def test_basic_indexing(backend, data):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    index = data.draw(hnp.basic_indices(shape, min_dims=0, allow_newaxis=True,
+                                        allow_ellipsis=True), label="index")
+    x = data.draw(arrays(shape))
+    (inp,) = draw_inputs(data, x)
+
+    def fn(x):
+        return x[index]
+
+    np.testing.assert_array_equal(forward(fn, inp), x[index])
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data(),
+       form=st.sampled_from(["first", "first+slice", "slice+last", "all", "tensor"]))
+def test_fancy_indexing_with_repeated_indices(backend, data, form):
+    shape = data.draw(shapes(min_dims=2, max_dims=3, min_side=1, max_side=4))
+    x = data.draw(arrays(shape))
+    (inp,) = draw_inputs(data, x)
+
+    def positions(n):  # indices along an axis of length n, negative ones and repeats included
+        drawn = data.draw(st.lists(st.integers(-n, n - 1), min_size=1, max_size=5))
+        return np.array(drawn + drawn[:1], dtype=np.int64)  # at least one index repeats
+
+    if form == "first":
+        host_index = positions(shape[0])
+    elif form == "first+slice":
+        host_index = (positions(shape[0]), slice(None, None, -1))
+    elif form == "slice+last":
+        host_index = (Ellipsis, positions(shape[-1]))
+    elif form == "all":
+        host_index = data.draw(hnp.integer_array_indices(shape, result_shape=shapes(
+            min_dims=1, max_dims=2, min_side=1, max_side=4)), label="integer arrays")
+    else:
+        host_index = positions(shape[0])
+    if isinstance(host_index, tuple):
+        index = tuple(on_backend(i) if isinstance(i, np.ndarray) else i for i in host_index)
+    else:
+        index = on_backend(host_index)
+    if form == "tensor":
+        index = Tensor(index)
+
+    def fn(x):
+        return x[index]
+
+    np.testing.assert_array_equal(forward(fn, inp), x[host_index])
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+# -- Tensor operators ---------------------------------------------------------------------------
+BINARY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+          "/": lambda a, b: a / b}
+
+
+@FIXTURE_OK
+@given(data=st.data(), op=st.sampled_from(sorted(BINARY)),
+       operands=st.sampled_from(["tensors", "scalar right", "scalar left"]))
+def test_arithmetic_operators_with_broadcasting(backend, data, op, operands):
+    a_shape, b_shape = data.draw(hnp.mutually_broadcastable_shapes(
+        num_shapes=2, min_dims=0, max_dims=3, max_side=3)).input_shapes
+    a = data.draw(arrays(a_shape))
+    b = data.draw(arrays(b_shape, elements=away_from_zero() if op == "/" else floats()))
+    fn_op = BINARY[op]
+    if operands == "tensors":
+        inputs = draw_inputs(data, a, b)
+        fn, expected = fn_op, fn_op(a, b)
+    else:
+        scalar = data.draw(away_from_zero() if op == "/" else floats(), label="scalar")
+        if operands == "scalar right":
+            inputs = draw_inputs(data, a)
+            fn, expected = (lambda t: fn_op(t, scalar)), fn_op(a, scalar)
+        else:
+            inputs = draw_inputs(data, b)
+            fn, expected = (lambda t: fn_op(scalar, t)), fn_op(scalar, b)
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_matmul_operator(backend, data):
+    batch_a, batch_b = data.draw(hnp.mutually_broadcastable_shapes(
+        num_shapes=2, min_dims=0, max_dims=2, max_side=3)).input_shapes
+    n, k, m = (data.draw(st.integers(1, 3)) for _ in range(3))
+    a, b = data.draw(arrays(batch_a + (n, k))), data.draw(arrays(batch_b + (k, m)))
+    inputs = draw_inputs(data, a, b)
+    np.testing.assert_allclose(forward(lambda x, y: x @ y, *inputs), a @ b, **EXACT)
+    check_gradients(lambda x, y: x @ y, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data(), exponent=st.sampled_from([2, 3, -1, 0.5, 1.5, -2.5, np.float64(2.0)]))
+def test_power_operator(backend, data, exponent):
+    shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))
+    integral = float(exponent).is_integer() and exponent > 0
+    x = data.draw(arrays(shape, elements=floats() if integral else floats(0.5, 3.0)))
+    (inp,) = draw_inputs(data, x)
+    np.testing.assert_allclose(forward(lambda t: t ** exponent, inp), x ** exponent, **EXACT)
+    check_gradients(lambda t: t ** exponent, inp, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data(), op=st.sampled_from(["neg", "exp", "log"]))
+def test_unary_operators(backend, data, op):
+    shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))
+    x = data.draw(arrays(shape, elements=floats(0.1, 3.0) if op == "log" else floats()))
+    (inp,) = draw_inputs(data, x)
+    fn = {"neg": lambda t: -t, "exp": lambda t: t.exp(), "log": lambda t: t.log()}[op]
+    expected = {"neg": np.negative, "exp": np.exp, "log": np.log}[op](x)
+    np.testing.assert_allclose(forward(fn, inp), expected, **EXACT)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+# -- shape methods ------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), spread=st.booleans())
+def test_reshape(backend, data, spread):
+    shape = data.draw(shapes(min_dims=0, max_dims=4, min_side=1, max_side=3))
+    new_shape = list(data.draw(st.permutations(shape)))
+    new_shape.insert(data.draw(st.integers(0, len(new_shape))), 1)
+    if new_shape and data.draw(st.booleans(), label="infer one dim"):
+        new_shape[data.draw(st.integers(0, len(new_shape) - 1))] = -1
+    x = data.draw(arrays(shape))
+    (inp,) = draw_inputs(data, x)
+
+    def fn(t):
+        return t.reshape(*new_shape) if spread else t.reshape(tuple(new_shape))
+
+    np.testing.assert_array_equal(forward(fn, inp), x.reshape(new_shape))
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data(), form=st.sampled_from(["axes", "spread", "none", "T"]))
+def test_transpose(backend, data, form):
+    shape = data.draw(shapes(min_dims=1, max_dims=4, min_side=1, max_side=3))
+    perm = data.draw(st.permutations(range(len(shape))))
+    axes = [a - len(shape) if data.draw(st.booleans(), label="negative") else a for a in perm]
+    x = data.draw(arrays(shape))
+    (inp,) = draw_inputs(data, x)
+    fn, expected = {
+        "axes": (lambda t: t.transpose(tuple(axes)), x.transpose(axes)),
+        "spread": (lambda t: t.transpose(*axes), x.transpose(axes)),
+        "none": (lambda t: t.transpose(), x.transpose()),
+        "T": (lambda t: t.T, x.T),
+    }[form]
+    np.testing.assert_array_equal(forward(fn, inp), expected)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+# -- reductions ---------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data(), reduction=st.sampled_from(["sum", "mean", "max"]), keepdims=st.booleans())
+def test_reductions(backend, data, reduction, keepdims):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    ndim = len(shape)
+    axis = data.draw(st.none() | st.integers(-ndim, ndim - 1)
+                     | hnp.valid_tuple_axes(ndim, min_size=1), label="axis")
+    # max: values at least 1/128 apart, so no ties and no max flips under the ±1e-6 steps
+    x = data.draw(distinct_arrays(shape) if reduction == "max" else arrays(shape))
+    (inp,) = draw_inputs(data, x)
+
+    def fn(t):
+        return getattr(t, reduction)(axis=axis, keepdims=keepdims)
+
+    expected = getattr(x, reduction)(axis=axis, keepdims=keepdims)
+    np.testing.assert_allclose(forward(fn, inp), expected, **EXACT)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+def test_max_splits_the_gradient_between_ties():
+    x = Tensor(np.array([[1.0, 3.0, 3.0], [2.0, 0.0, -1.0]]), requires_grad=True)
+    x.max(axis=1).backward(np.array([1.0, 4.0]))
+    np.testing.assert_array_equal(x.grad, [[0.0, 0.5, 0.5], [4.0, 0.0, 0.0]])
+
+
+# -- the same values in any memory layout give the same results ---------------------------------
+class Spec:
+    """How to draw one input: a shape, a kind of values, or integer labels."""
+
+    def __init__(self, shape, kind="any", classes=None):
+        self.shape, self.kind, self.classes = shape, kind, classes
+
+    def strategy(self):
+        if self.kind == "labels":
+            return hnp.arrays(np.int64, self.shape, elements=st.integers(0, self.classes - 1))
+        if self.kind == "distinct":
+            return distinct_arrays(self.shape)
+        elements = {"any": floats(), "positive": floats(0.1, 3.0), "away": away_from_zero()}
+        return arrays(self.shape, elements=elements[self.kind])
+
+
+def _seeded(op, seed=1234, **options):
+    def fn(x):
+        minivit.manual_seed(seed)
+        return op(x, **options)
+    return fn
+
+
+def _fancy(x):
+    return x[on_backend(np.array([0, 2, 0, -1]))]
+
+
+OP_CASES = {
+    "linear": (F.linear, [Spec((2, 3, 4)), Spec((5, 4)), Spec((5,))]),
+    "linear_no_bias": (F.linear, [Spec((3, 4)), Spec((2, 4))]),
+    "patchify": (lambda x, w, b: F.patchify(x, w, b, patch_size=2),
+                 [Spec((2, 3, 4, 6)), Spec((4, 3, 2, 2)), Spec((4,))]),
+    "attention": (F.scaled_dot_product_attention, [Spec((2, 2, 3, 4))] * 3),
+    "self_attention": (lambda qkv: F.self_attention(qkv, num_heads=2), [Spec((2, 3, 12))]),
+    "broadcast_to": (lambda x: F.broadcast_to(x, (2, 1, 3, 2)), [Spec((3, 2))]),
+    "softmax": (lambda x: F.softmax(x, axis=1), [Spec((3, 4, 2))]),
+    "log_softmax": (lambda x: F.log_softmax(x, axis=0), [Spec((3, 4, 2))]),
+    "layer_norm": (F.layer_norm, [Spec((3, 2, 5), "distinct"), Spec((5,)), Spec((5,))]),
+    "gelu": (F.gelu, [Spec((3, 4))]),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), [Spec((3, 4))]),
+    "cross_entropy_labels": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
+                             [Spec((4, 5)), Spec((4,), "labels", classes=5)]),
+    "cross_entropy_soft": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.2),
+                           [Spec((4, 5)), Spec((4, 5), "positive")]),
+    "dropout": (_seeded(F.dropout, p=0.4), [Spec((4, 5))]),
+    "drop_path": (_seeded(F.drop_path, p=0.4), [Spec((4, 3, 2))]),
+    "concat": (lambda a, b: F.concat([a, b], axis=1), [Spec((2, 3, 2)), Spec((2, 2, 2))]),
+    "stack": (lambda a, b: F.stack([a, b], axis=-1), [Spec((2, 3)), Spec((2, 3))]),
+    "getitem_basic": (lambda x: x[1:, ::-2, None], [Spec((3, 4, 2))]),
+    "getitem_fancy": (_fancy, [Spec((3, 4, 2))]),
+    "add": (lambda a, b: a + b, [Spec((3, 1, 4)), Spec((5, 4))]),
+    "sub": (lambda a, b: a - b, [Spec((3, 1, 4)), Spec((5, 4))]),
+    "mul": (lambda a, b: a * b, [Spec((3, 1, 4)), Spec((5, 4))]),
+    "div": (lambda a, b: a / b, [Spec((3, 1, 4)), Spec((5, 4), "away")]),
+    "matmul": (lambda a, b: a @ b, [Spec((2, 3, 4)), Spec((4, 2))]),
+    "pow": (lambda a: a ** 3, [Spec((3, 4))]),
+    "neg": (lambda a: -a, [Spec((3, 4))]),
+    "reshape": (lambda a: a.reshape(4, -1), [Spec((3, 4, 2))]),
+    "transpose": (lambda a: a.transpose(2, 0, 1), [Spec((3, 4, 2))]),
+    "sum": (lambda a: a.sum(axis=(0, 2)), [Spec((3, 4, 2))]),
+    "mean": (lambda a: a.mean(axis=1, keepdims=True), [Spec((3, 4, 2))]),
+    "max": (lambda a: a.max(axis=-1), [Spec((3, 4, 2), "distinct")]),
+    "exp": (lambda a: a.exp(), [Spec((3, 4))]),
+    "log": (lambda a: a.log(), [Spec((3, 4), "positive")]),
+}
+
+
+def _run(fn, arrays, upstream):
+    """Forward and backward with a given upstream gradient: (output, [input gradients])."""
+    tensors = [Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a for a in arrays]
+    out = fn(*tensors)
+    out.backward(upstream)
+    grads = [as_host(t.grad) for t in tensors if isinstance(t, Tensor)]
+    return as_host(out.data), grads
+
+
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+@FIXTURE_OK
+@given(data=st.data())
+def test_non_contiguous_inputs_match_contiguous_copies(backend, name, data):
+    fn, specs = OP_CASES[name]
+    host = [data.draw(spec.strategy(), label=f"input {i}") for i, spec in enumerate(specs)]
+    kinds = [data.draw(st.sampled_from(LAYOUTS[1:]), label=f"layout {i}") for i in range(len(host))]
+    views = [layout(a, kind) if a.dtype.kind == "f" else on_backend(a)
+             for a, kind in zip(host, kinds)]
+    assert any(not v.flags.c_contiguous for v in views)
+    copies = [on_backend(a) for a in host]
+    out_shape = forward(fn, *copies).shape
+    upstream = on_backend(np.random.default_rng(data.draw(seeds)).standard_normal(out_shape))
+    out_view, grads_view = _run(fn, views, upstream)
+    out_copy, grads_copy = _run(fn, copies, upstream)
+    np.testing.assert_allclose(out_view, out_copy, rtol=1e-12, atol=1e-12)
+    for g_view, g_copy in zip(grads_view, grads_copy):
+        np.testing.assert_allclose(g_view, g_copy, rtol=1e-12, atol=1e-12)
+    for view, original in zip(views, host):  # inputs are never written to
+        np.testing.assert_array_equal(as_host(view), original)
+
+
+# -- the plain NumPy code behind the fast CPU paths -----------------------------------------------
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_gradients_with_the_fast_cpu_paths_off(name):
+    """The Hypothesis tests above run the default dispatch (minivit.cpu's chunked kernels for
+    NumPy arrays); the whole-array NumPy code under them (MINIVIT_FAST_CPU=0, and the code
+    the cupy backend shares) gets the same gradient check here, one drawn-once example per op."""
+    fn, specs = OP_CASES[name]
+    rng = np.random.default_rng(sorted(OP_CASES).index(name))
+    inputs = []
+    for spec in specs:
+        if spec.kind == "labels":
+            inputs.append(on_backend(rng.integers(0, spec.classes, spec.shape)))
+        elif spec.kind == "distinct":
+            values = rng.permutation(np.prod(spec.shape)).reshape(spec.shape) / 7.0
+            inputs.append(on_backend(values))
+        else:
+            low = 0.1 if spec.kind == "positive" else 0.5 if spec.kind == "away" else -3.0
+            inputs.append(layout(rng.uniform(low, 3.0, spec.shape), "transposed"))
+    with cpu.fast_paths(False):
+        check_gradients(fn, *inputs, seed=7)
+
+
+# -- float32 stays float32 ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_float32_inputs_give_float32_outputs_and_gradients(backend, name):
+    fn, specs = OP_CASES[name]
+    rng = np.random.default_rng(0)
+    arrays32 = []
+    for spec in specs:
+        if spec.kind == "labels":
+            arrays32.append(on_backend(rng.integers(0, spec.classes, spec.shape)))
+        elif spec.kind == "distinct":
+            values = rng.permutation(np.prod(spec.shape)).reshape(spec.shape) / 7.0
+            arrays32.append(on_backend(values, np.float32))
+        else:
+            values = rng.uniform(0.5, 2.0, spec.shape)
+            arrays32.append(on_backend(values, np.float32))
+    tensors = [Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a for a in arrays32]
+    out = fn(*tensors)
+    assert out.dtype == np.float32, f"{name}: output is {out.dtype}"
+    out.backward(on_backend(rng.standard_normal(out.shape), np.float32))
+    for i, t in enumerate(tensors):
+        if isinstance(t, Tensor):
+            assert t.grad.dtype == np.float32, f"{name}: gradient of input {i} is {t.grad.dtype}"
+
+
+SCALAR_MIXES = {
+    "x * 0.5": lambda x: x * 0.5,
+    "0.5 * x": lambda x: 0.5 * x,
+    "x + 1.0": lambda x: x + 1.0,
+    "2.0 - x": lambda x: 2.0 - x,
+    "x / 3.0": lambda x: x / 3.0,
+    "1.0 / x": lambda x: 1.0 / x,
+    "x ** 2.0": lambda x: x ** 2.0,
+    "x ** 2": lambda x: x ** 2,
+    "x * np.float64": lambda x: x * np.float64(0.5),
+    "np.float64 * x": lambda x: np.float64(0.5) * x,
+    "x + np.float64": lambda x: x + np.float64(1.0),
+    "np.float64 - x": lambda x: np.float64(2.0) - x,
+    "x / np.float64": lambda x: x / np.float64(3.0),
+    "np.float64 / x": lambda x: np.float64(1.0) / x,
+    "x ** np.float64": lambda x: x ** np.float64(2.0),
+    "x.mean()": lambda x: x.mean(),
+    "x.mean(axis=0)": lambda x: x.mean(axis=0),
+    "x.sum() / n": lambda x: x.sum() / x.size,
+    "layer_norm eps": lambda x: F.layer_norm(x, eps=1e-5),
+    "attention scale": lambda x: F.scaled_dot_product_attention(
+        x.reshape(1, 1, 2, 3), x.reshape(1, 1, 2, 3), x.reshape(1, 1, 2, 3), scale=0.3),
+    "cross_entropy smoothing": lambda x: F.cross_entropy(x, on_backend([0, 2]),
+                                                         label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALAR_MIXES))
+def test_python_and_numpy_scalars_do_not_promote_float32(backend, name):
+    x = Tensor(on_backend([[0.5, 1.0, 1.5], [2.0, 2.5, 3.0]], np.float32), requires_grad=True)
+    out = SCALAR_MIXES[name](x)
+    assert out.dtype == np.float32, f"{name}: output is {out.dtype}"
+    out.sum().backward()
+    assert x.grad.dtype == np.float32, f"{name}: gradient is {x.grad.dtype}"
