@@ -425,6 +425,8 @@ def test_an_op_on_mixed_backends_raises(monkeypatch):
 def test_cupy_backend_without_cupy_explains_how_to_install(monkeypatch):
     monkeypatch.setattr(minivit.backend, "_checked_modules", {})  # forget a GPU seen before
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now fails on any machine
+    # ... and a GPU machine must not answer from backend's once-per-process CuPy check
+    monkeypatch.setattr(mb, "_checked_modules", {}, raising=False)
     with pytest.raises(BackendError, match="needs CuPy, which is not installed") as error:
         minivit.set_backend("cupy")
     assert "pip install 'minivit[gpu]'" in str(error.value)
