@@ -19,7 +19,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 
 import minivit.functional as F
 from minivit import backend
