@@ -213,11 +213,13 @@ class _Pool:
 _pool = _Pool()
 
 
-def run_tasks(tasks):
-    """Run zero-argument callables, spread over minivit's threads; returns when all are done.
-    Tasks must write disjoint outputs. The first exception raised by a task is re-raised."""
+def run_tasks(tasks, parallel=True):
+    """Run zero-argument callables, spread over minivit's threads (in the calling thread alone
+    when `parallel` is false); returns when all are done. Tasks must write disjoint outputs.
+    The first exception raised by a task is re-raised."""
     threads = _state["threads"]
-    if threads <= 1 or len(tasks) <= 1 or threading.current_thread().name.startswith("minivit-cpu"):
+    if (not parallel or threads <= 1 or len(tasks) <= 1
+            or threading.current_thread().name.startswith("minivit-cpu")):
         for task in tasks:
             task()
         return
@@ -252,7 +254,12 @@ def _scratch(count, dtype, slot=0):
 
 
 # -- GEMM -----------------------------------------------------------------------------------------
-_MIN_SPLIT_MACS = 1 << 22  # below ~4 M multiply-adds one BLAS call is cheaper than splitting
+# Thresholds measured on the 2-core machines: below them the GIL hand-offs and smaller BLAS
+# calls cost more than the second core gives (a ViT step on 8x8 digits is faster on one).
+_MIN_SPLIT_MACS = 1 << 24  # multiply-adds of one GEMM
+_MIN_PARALLEL = 1 << 20  # elements of an elementwise kernel (GELU, products, AdamW)
+_MIN_PARALLEL_ROWS = 1 << 22  # elements of a row-wise kernel (LayerNorm, softmax, attention)
+_MIN_BLOCK_ROWS = 256  # rows of one GEMM block (smaller ones run below BLAS's best speed)
 
 
 def matmul(a, b, out=None, bias=None):
@@ -262,12 +269,12 @@ def matmul(a, b, out=None, bias=None):
     n = b.shape[1]
     if out is None:
         out = np.empty((m, n), dtype=np.result_type(a, b))
-    if not _split_gemms() or m * k * n < _MIN_SPLIT_MACS or m < 64:
+    if not _split_gemms() or m * k * n < _MIN_SPLIT_MACS or m < 2 * _MIN_BLOCK_ROWS:
         np.matmul(a, b, out=out)
         if bias is not None:
             out += bias
         return out
-    rows = max(32, -(-m // (4 * _state["threads"])))  # ~4 blocks per thread: balance under load
+    rows = max(_MIN_BLOCK_ROWS, -(-m // (4 * _state["threads"])))  # ~4 per thread: balance
 
     def task(start, stop):
         np.matmul(a[start:stop], b, out=out[start:stop])
@@ -304,11 +311,11 @@ def linear_backward(grad2d, x2d, weight, needs):
     threads = _state["threads"]
     tasks = []
     if grad_x is not None:
-        step = max(32, -(-rows // (3 * threads)))
+        step = max(_MIN_BLOCK_ROWS, -(-rows // (3 * threads)))
         for s, e in _blocks(rows, step):
             tasks.append(lambda s=s, e=e: np.matmul(grad2d[s:e], weight, out=grad_x[s:e]))
     if grad_w is not None or grad_b is not None:
-        step = max(16, -(-out_features // (3 * threads)))
+        step = max(_MIN_BLOCK_ROWS // 4, -(-out_features // (3 * threads)))
 
         def weight_task(s, e):
             block = grad2d[:, s:e]
@@ -324,14 +331,11 @@ def linear_backward(grad2d, x2d, weight, needs):
 
 
 # -- elementwise helpers ----------------------------------------------------------------------------
-_MIN_PARALLEL = 1 << 17  # elements below which one thread is cheaper than handing out chunks
-_CHUNK = 1 << 14  # elements per chunk of the fused elementwise kernels: a few buffers fit in L2
+_CHUNK = 1 << 16  # elements per chunk of the fused elementwise kernels: a few buffers fit in L2
 
 
-def _flat_chunks(size, chunk=_CHUNK):
-    if size < _MIN_PARALLEL or _state["threads"] <= 1:
-        return [(0, size)] if size <= chunk * 4 else _blocks(size, chunk * 4)
-    return _blocks(size, chunk * 4)
+def _flat_chunks(size):
+    return _blocks(size, _CHUNK * 4)
 
 
 def _contiguous(array):
@@ -340,7 +344,8 @@ def _contiguous(array):
 
 def binary(ufunc, a, b, out=None):
     """ufunc(a, b) for two same-shape arrays, in parallel chunks when large (add, multiply)."""
-    if a.shape != b.shape or a.size < _MIN_PARALLEL or _state["threads"] <= 1:
+    if (a.shape != b.shape or a.size < _MIN_PARALLEL or _state["threads"] <= 1
+            or (out is not None and not out.flags.c_contiguous)):
         return ufunc(a, b, out=out) if out is not None else ufunc(a, b)
     shape = a.shape
     a, b = _contiguous(a).reshape(-1), _contiguous(b).reshape(-1)
@@ -376,12 +381,16 @@ def half_erfc_float32(a, out, t, u):
         out += f(c)
         out *= t
     out += f(_ERFC_P0)
-    np.multiply(a, a, out=u)
-    u *= f(0.5)
+    np.square(a, out=u)
+    u *= f(0.5)  # (exact; squaring a/√2 instead would round twice)
     out -= u
     np.exp(out, out=out)
     out *= t
     return out
+
+
+_SIGN_BIT = np.uint32(0x80000000)
+_LOG_INV_SQRT_2PI = math.log(_INV_SQRT_2PI)
 
 
 def _gelu_exact_chunk(x, y, d):
@@ -407,16 +416,21 @@ def _gelu_exact_chunk(x, y, d):
     f = np.float32
     a, e, t, u = (_scratch(n, x.dtype, slot) for slot in (1, 2, 3, 4))
     np.abs(x, out=a)
-    half_erfc_float32(a, e, t, u)
-    if d is not None:  # d = Φ + x φ,  Φ = ½ + sign(x)(½ − e),  φ = exp(−x²/2)/√(2π)
-        np.negative(u, out=u)
+    half_erfc_float32(a, e, t, u)                  # e = ½ erfc(|x|/√2), u = x²/2
+    if d is not None:
+        # x φ(x) + ½ = x exp(−x²/2 + ln(1/√(2π))) + ½
+        np.subtract(f(_LOG_INV_SQRT_2PI), u, out=u)
         np.exp(u, out=u)
         u *= x
-        u *= f(_INV_SQRT_2PI)
+        u += f(0.5)
+        # Φ − ½ = sign(x)(½ − e): copy x's sign bit onto ½ − e >= 0 (integer views: a fraction
+        # of np.copysign's cost)
         np.subtract(f(0.5), e, out=t)
-        np.copysign(t, x, out=t)
-        t += f(0.5)
+        bits = t.view(np.uint32)
+        np.bitwise_and(x.view(np.uint32), _SIGN_BIT, out=a.view(np.uint32))
+        np.bitwise_or(bits, a.view(np.uint32), out=bits)
         np.add(t, u, out=d)
+        np.abs(x, out=a)
     np.multiply(a, e, out=a)
     np.maximum(x, f(0.0), out=y)
     y -= a
@@ -468,20 +482,30 @@ def gelu_forward(x, approximate="none", need_grad=True):
             ce = min(cs + _CHUNK, e)
             kernel(flat[cs:ce], y[cs:ce], None if d is None else d[cs:ce])
 
-    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _flat_chunks(flat.size)])
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _flat_chunks(flat.size)],
+              parallel=flat.size >= _MIN_PARALLEL)
     return y.reshape(x.shape), (None if d is None else d.reshape(x.shape))
 
 
 def gelu_backward(grad, derivative):
-    """dx = dy ⊙ gelu'(x), in parallel chunks."""
-    return binary(np.multiply, grad, derivative)
+    """dx = dy ⊙ gelu'(x), in parallel chunks, written over `derivative` (the caller's own
+    saved array, dropped after backward: no new 25 MB buffer to fault in)."""
+    if grad.shape != derivative.shape:
+        return np.multiply(grad, derivative)
+    return binary(np.multiply, grad, derivative, out=derivative)
 
 
 # -- layer_norm: x̂ = (x − μ)·r, r = 1/√(σ² + ε);  y = x̂ w + b
 #    dx = r (dx̂ − mean(dx̂) − x̂ mean(dx̂ ⊙ x̂)),  dx̂ = dy w;  dw = Σ dy ⊙ x̂;  db = Σ dy
-def _row_blocks(rows, features):
-    per = max(8, _CHUNK // max(features, 1))
-    return _blocks(rows, per)
+def _row_blocks(rows, features, target=1 << 16):
+    """Row blocks of ~`target` elements (a few such buffers stay in L2)."""
+    return _blocks(rows, max(8, target // max(features, 1)))
+
+
+def _row_mean_vector(features, dtype):
+    """A (features,) vector of 1/features: x @ it is the row mean as one GEMV (much cheaper
+    in NumPy than a keepdims reduction over short rows)."""
+    return np.full(features, 1.0 / features, dtype=dtype)
 
 
 def layer_norm_forward(x, weight, bias, eps):
@@ -493,17 +517,14 @@ def layer_norm_forward(x, weight, bias, eps):
     out = np.empty_like(x2)
     normalized = np.empty_like(x2)
     rstd = np.empty((rows, 1), x2.dtype)
-    inv_n = f(1.0 / features)
+    mean_of = _row_mean_vector(features, x2.dtype)
 
     def task(s, e):
-        xs, ns, rs = x2[s:e], normalized[s:e], rstd[s:e]
-        mean = np.add.reduce(xs, axis=1, keepdims=True)
-        mean *= inv_n
-        np.subtract(xs, mean, out=ns)
-        sq = out[s:e]  # scratch: out is written last
-        np.multiply(ns, ns, out=sq)
-        np.add.reduce(sq, axis=1, keepdims=True, out=rs)
-        rs *= inv_n
+        xs, ns, rs, sq = x2[s:e], normalized[s:e], rstd[s:e], out[s:e]  # out: scratch first
+        mean = np.matmul(xs, mean_of)
+        np.subtract(xs, mean[:, None], out=ns)
+        np.square(ns, out=sq)
+        np.matmul(sq, mean_of, out=rs[:, 0])                  # σ²
         rs += f(eps)
         np.sqrt(rs, out=rs)
         np.divide(f(1.0), rs, out=rs)
@@ -526,47 +547,46 @@ def layer_norm_backward(grad, normalized, rstd, weight, needs):
     n2 = normalized.reshape(-1, features)
     r2 = rstd.reshape(-1, 1)
     rows = g2.shape[0]
-    f = g2.dtype.type
-    inv_n = f(1.0 / features)
+    mean_of = _row_mean_vector(features, g2.dtype)
     grad_x = np.empty_like(g2) if needs[0] else None
     blocks = _row_blocks(rows, features)
-    partial_w = np.zeros((len(blocks), features), g2.dtype) if needs[1] else None
-    partial_b = np.zeros((len(blocks), features), g2.dtype) if needs[2] else None
+    ones = np.ones(max(e - s for s, e in blocks), g2.dtype)
+    partial_w = np.empty((len(blocks), features), g2.dtype) if needs[1] else None
+    partial_b = np.empty((len(blocks), features), g2.dtype) if needs[2] else None
 
     def task(index, s, e):
-        gs, ns = g2[s:e], n2[s:e]
+        gs, ns, count = g2[s:e], n2[s:e], e - s
         if partial_b is not None:
-            np.add.reduce(gs, axis=0, out=partial_b[index])
-        if partial_w is not None or grad_x is not None:
-            tmp = _scratch(gs.size, gs.dtype, 5).reshape(gs.shape)
+            np.matmul(ones[:count], gs, out=partial_b[index])      # Σ dy (column sums, GEMV)
+        tmp = _scratch(gs.size, gs.dtype, 5).reshape(gs.shape)
+        if partial_w is not None:
             np.multiply(gs, ns, out=tmp)
-            if partial_w is not None:
-                np.add.reduce(tmp, axis=0, out=partial_w[index])
+            np.matmul(ones[:count], tmp, out=partial_w[index])     # Σ dy ⊙ x̂
         if grad_x is None:
             return
         dx = grad_x[s:e]
         if weight is not None:
-            np.multiply(gs, weight, out=dx)        # dx̂
+            np.multiply(gs, weight, out=dx)                         # dx̂
         else:
             dx[...] = gs
-        mean_grad = np.add.reduce(dx, axis=1, keepdims=True)
-        mean_grad *= inv_n
+        mean_grad = np.matmul(dx, mean_of)
         np.multiply(dx, ns, out=tmp)
-        mean_dot = np.add.reduce(tmp, axis=1, keepdims=True)
-        mean_dot *= inv_n
-        np.multiply(ns, mean_dot, out=tmp)
-        dx -= mean_grad
+        mean_dot = np.matmul(tmp, mean_of)
+        np.multiply(ns, mean_dot[:, None], out=tmp)
+        dx -= mean_grad[:, None]
         dx -= tmp
         dx *= r2[s:e]
 
-    run_tasks([lambda i=i, s=s, e=e: task(i, s, e) for i, (s, e) in enumerate(blocks)])
+    run_tasks([lambda i=i, s=s, e=e: task(i, s, e) for i, (s, e) in enumerate(blocks)],
+              parallel=g2.size >= _MIN_PARALLEL_ROWS)
     grad_w = partial_w.sum(axis=0) if partial_w is not None else None
     grad_b = partial_b.sum(axis=0) if partial_b is not None else None
     return (None if grad_x is None else grad_x.reshape(grad.shape)), grad_w, grad_b
 
 
 def _run_rows(task, rows, features):
-    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _row_blocks(rows, features)])
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _row_blocks(rows, features)],
+              parallel=rows * features >= _MIN_PARALLEL_ROWS)
 
 
 # -- softmax over the last axis: p = eˣ / Σ eˣ;  dx = p ⊙ (dp − Σ dp ⊙ p) --------------------------
@@ -630,7 +650,8 @@ def attention_forward(q, k, v, scale, out):
         np.matmul(p, v[s:e], out=out[s:e])
 
     run_tasks([lambda s=s, e=e: task(s, e)
-               for s, e in _batch_blocks(batch, heads * tokens * k.shape[2])])
+               for s, e in _batch_blocks(batch, heads * tokens * k.shape[2])],
+              parallel=probs.size >= _MIN_PARALLEL_ROWS)
     return probs
 
 
@@ -658,7 +679,8 @@ def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
         if grad_k is not None:
             np.matmul(ds.swapaxes(-1, -2), q[s:e], out=grad_k[s:e])
 
-    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _batch_blocks(batch, heads * tokens * keys)])
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _batch_blocks(batch, heads * tokens * keys)],
+              parallel=probs.size >= _MIN_PARALLEL_ROWS)
 
 
 # -- AdamW over the flat buffers, in cache-sized chunks (see optim.AdamW for the math) -----------
@@ -689,4 +711,5 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
         tmp *= step_size
         ps -= tmp
 
-    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _blocks(params.size, _CHUNK * 4)])
+    run_tasks([lambda s=s, e=e: task(s, e) for s, e in _blocks(params.size, _CHUNK)],
+              parallel=params.size >= _MIN_PARALLEL)

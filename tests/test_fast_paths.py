@@ -24,29 +24,33 @@ from minivit.models import create_model
 from minivit.optim import AdamW
 
 
+_THRESHOLDS = ("_MIN_PARALLEL", "_MIN_PARALLEL_ROWS", "_MIN_SPLIT_MACS", "_MIN_BLOCK_ROWS")
+
+
 @contextlib.contextmanager
 def threads(n):
+    """Run on `n` threads, with the size thresholds lowered so that test-sized inputs take the
+    threaded code paths too."""
     previous = cpu.num_threads()
+    saved = {name: getattr(cpu, name) for name in _THRESHOLDS}
     cpu.set_num_threads(n)
+    for name in _THRESHOLDS:
+        setattr(cpu, name, 8 if name == "_MIN_BLOCK_ROWS" else 1)
     try:
         yield
     finally:
         cpu.set_num_threads(previous)
+        for name, value in saved.items():
+            setattr(cpu, name, value)
 
 
 @contextlib.contextmanager
 def split_gemms():
-    """Make the kernels split GEMMs even for small test sizes (BLAS on one thread)."""
-    saved = cpu._MIN_SPLIT_MACS
-    cpu._MIN_SPLIT_MACS = 1
-    blas = cpu.blas_info()
-    try:
-        if not blas["controlled"]:
-            pytest.skip("threadpoolctl is not installed: BLAS threads cannot be controlled, "
-                        "so minivit does not split GEMMs itself")
-        yield
-    finally:
-        cpu._MIN_SPLIT_MACS = saved
+    """Skip unless minivit splits GEMMs itself (it needs BLAS on one thread: threadpoolctl)."""
+    if not cpu.blas_info()["controlled"] and not cpu._blas_env_is_one():
+        pytest.skip("threadpoolctl is not installed: BLAS threads cannot be controlled, "
+                    "so minivit does not split GEMMs itself")
+    yield
 
 
 def run_op(fn, arrays, grad_out_seed=0, fast=True):
