@@ -257,8 +257,8 @@ def _scratch(count, dtype, slot=0):
 # Thresholds measured on the 2-core machines: below them the GIL hand-offs and smaller BLAS
 # calls cost more than the second core gives (a ViT step on 8x8 digits is faster on one).
 _MIN_SPLIT_MACS = 1 << 24  # multiply-adds of one GEMM
-_MIN_PARALLEL = 1 << 20  # elements of an elementwise kernel (GELU, products, AdamW)
-_MIN_PARALLEL_ROWS = 1 << 22  # elements of a row-wise kernel (LayerNorm, softmax, attention)
+_MIN_PARALLEL = 1 << 18  # elements of an elementwise kernel (GELU, products, AdamW)
+_MIN_PARALLEL_ROWS = 1 << 17  # elements of a row-wise kernel (LayerNorm, softmax, attention)
 _MIN_BLOCK_ROWS = 256  # rows of one GEMM block (smaller ones run below BLAS's best speed)
 
 
@@ -291,22 +291,23 @@ def linear_forward(x2d, weight, bias):
 
 
 def linear_backward(grad2d, x2d, weight, needs):
-    """(dx, dW, db) for 2-D grad (rows, out) and x (rows, in); None where not needed. dx is
-    split by rows, dW and db by output features, all in one task list."""
+    """(dx, dW, db) for 2-D grad (rows, out) and x (rows, in); None where not needed.
+
+    Split over minivit's threads: dx by row blocks; dW = dyᵀ x and db = 1ᵀ dy by blocks of the
+    summed-over rows, each block into its own partial result, the partials added at the end
+    in a fixed order (deterministic whatever thread ran which block). Column sums are GEMVs:
+    far cheaper in NumPy than a reduction over a strided axis."""
     rows, out_features = grad2d.shape
     in_features = weight.shape[1]
     dtype = grad2d.dtype
     grad_x = np.empty((rows, in_features), dtype) if needs[0] else None
-    grad_w = np.empty((out_features, in_features), dtype) if needs[1] else None
-    grad_b = np.empty(out_features, dtype) if needs[2] else None
+    ones = np.ones(rows, dtype) if needs[2] else None
     macs = rows * out_features * in_features
-    if not _split_gemms() or macs < _MIN_SPLIT_MACS:
+    if not _split_gemms() or macs < _MIN_SPLIT_MACS or rows < 2 * _MIN_BLOCK_ROWS:
         if grad_x is not None:
             np.matmul(grad2d, weight, out=grad_x)
-        if grad_w is not None:
-            np.matmul(grad2d.T, x2d, out=grad_w)
-        if grad_b is not None:
-            np.add.reduce(grad2d, axis=0, out=grad_b)
+        grad_w = np.matmul(grad2d.T, x2d) if needs[1] else None
+        grad_b = np.matmul(ones, grad2d) if needs[2] else None
         return grad_x, grad_w, grad_b
     threads = _state["threads"]
     tasks = []
@@ -314,19 +315,31 @@ def linear_backward(grad2d, x2d, weight, needs):
         step = max(_MIN_BLOCK_ROWS, -(-rows // (3 * threads)))
         for s, e in _blocks(rows, step):
             tasks.append(lambda s=s, e=e: np.matmul(grad2d[s:e], weight, out=grad_x[s:e]))
-    if grad_w is not None or grad_b is not None:
-        step = max(_MIN_BLOCK_ROWS // 4, -(-out_features // (3 * threads)))
+    parts = []
+    if needs[1] or needs[2]:
+        parts = _blocks(rows, max(_MIN_BLOCK_ROWS, -(-rows // (2 * threads))))
+        partial_w = np.empty((len(parts), out_features, in_features), dtype) if needs[1] else None
+        partial_b = np.empty((len(parts), out_features), dtype) if needs[2] else None
 
-        def weight_task(s, e):
-            block = grad2d[:, s:e]
-            if grad_w is not None:
-                np.matmul(block.T, x2d, out=grad_w[s:e])
-            if grad_b is not None:
-                np.add.reduce(block, axis=0, out=grad_b[s:e])
+        def weight_task(index, s, e):
+            block = grad2d[s:e]
+            if partial_w is not None:
+                np.matmul(block.T, x2d[s:e], out=partial_w[index])
+            if partial_b is not None:
+                np.matmul(ones[s:e], block, out=partial_b[index])
 
-        for s, e in _blocks(out_features, step):
-            tasks.append(lambda s=s, e=e: weight_task(s, e))
+        for index, (s, e) in enumerate(parts):
+            tasks.append(lambda i=index, s=s, e=e: weight_task(i, s, e))
     run_tasks(tasks)
+    grad_w = grad_b = None
+    if needs[1]:
+        grad_w = partial_w[0]
+        for part in partial_w[1:]:
+            grad_w += part
+    if needs[2]:
+        grad_b = partial_b[0]
+        for part in partial_b[1:]:
+            grad_b += part
     return grad_x, grad_w, grad_b
 
 
@@ -596,9 +609,18 @@ def _softmax_rows_inplace(p, scale=None):
     if scale is not None:
         p *= p.dtype.type(scale)
     np.exp(p, out=p)
-    total = np.add.reduce(p, axis=-1, keepdims=True)
+    total = _row_sums(p)
     np.divide(p.dtype.type(1.0), total, out=total)
     p *= total
+
+
+def _row_sums(a):
+    """Σ over the last axis, keepdims, as one GEMV with a ones vector (a keepdims reduction
+    over short rows costs NumPy several times more)."""
+    if a.flags.c_contiguous:
+        flat = a.reshape(-1, a.shape[-1])
+        return np.matmul(flat, np.ones(a.shape[-1], a.dtype)).reshape(a.shape[:-1] + (1,))
+    return np.add.reduce(a, axis=-1, keepdims=True)
 
 
 def softmax_forward(x):
@@ -621,7 +643,7 @@ def softmax_backward(probs, grad):
     def task(s, e):
         ps, dx = p2[s:e], out[s:e]
         np.multiply(g2[s:e], ps, out=dx)
-        dot = np.add.reduce(dx, axis=1, keepdims=True)
+        dot = _row_sums(dx)
         np.subtract(g2[s:e], dot, out=dx)
         dx *= ps
 
@@ -670,7 +692,7 @@ def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
         np.matmul(g, v[s:e].swapaxes(-1, -2), out=ds)           # dP
         tmp = _scratch(p.size, p.dtype, 7).reshape(p.shape)
         np.multiply(ds, p, out=tmp)
-        dot = np.add.reduce(tmp, axis=-1, keepdims=True)
+        dot = _row_sums(tmp)
         ds -= dot
         ds *= p
         ds *= f(scale)                                           # dS·s
