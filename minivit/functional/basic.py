@@ -6,7 +6,7 @@ NumPy; `_unbroadcast` sums a gradient back to the shape of the input it belongs 
 
 import numpy as np
 
-from minivit import backend
+from minivit import backend, cpu
 from minivit.errors import ShapeError
 from minivit.tensor import Function, Tensor
 
@@ -25,6 +25,8 @@ def _unbroadcast(grad, shape):
 class Add(Function):
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
+        if a.shape == b.shape and cpu.handles(a, b):  # residual adds: threaded chunks
+            return cpu.binary(np.add, a, b)
         return a + b
 
     def backward(self, grad):
