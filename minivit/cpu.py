@@ -1,19 +1,27 @@
 """Fast NumPy paths for the CPU: minivit's own threads, BLAS thread control, chunked kernels.
 
-Why this module exists (measured on the project's 2-core machines, see the bench report):
+Why this module exists (measured on the project's 2-core machines; `minivit bench --profile`
+shows where a step's time goes):
 
-- OpenBLAS's own threads are a poor fit for a ViT step. Its threads busy-wait for each
-  other, so when the machine is shared (other processes, or PyTorch's OpenMP threads in the
-  same process) a small GEMM on 2 BLAS threads can take 50x longer than on one (256x256:
-  16 ms instead of 0.34 ms). minivit therefore runs every GEMM on ONE BLAS thread and splits
-  the large ones itself, into row blocks that a small pool of Python threads takes from a
-  shared counter. NumPy releases the GIL inside BLAS and ufuncs, so the blocks really run in
-  parallel, and a thread that is not scheduled in time simply takes no block: nobody waits
-  for it (no spinning, graceful under load).
+- OpenBLAS's own threads are a poor fit for a ViT step. They busy-wait for each other, so
+  when the machine is shared (another process, or PyTorch's OpenMP threads) a small GEMM on 2
+  BLAS threads can take 50x longer than on one (256x256: 16 ms instead of 0.34 ms). minivit
+  runs every GEMM on ONE BLAS thread and splits the large ones itself into blocks that a
+  small pool of Python threads takes from a shared counter: dx = dy W by row blocks, dW = dyᵀ x
+  by blocks of the summed-over rows (partials added at the end in a fixed order, so results do
+  not depend on which thread ran what). NumPy releases the GIL inside BLAS, so the blocks run
+  in parallel (1.9x on 2 cores for the cifar GEMMs), and a thread that is not scheduled in time
+  simply takes no block: nobody spins waiting for it.
 - The elementwise and row-wise work (GELU with exact erf, LayerNorm, softmax) costs as much as
-  the GEMMs. Here it runs in cache-sized chunks with `out=` buffers (no 25 MB temporaries)
-  on the same threads, and float32 GELU uses a rational erf approximation (`erf_float32`,
-  max error ~1 ulp of float32 against the exact erf) instead of scipy's double-precision erf.
+  the GEMMs. It runs in cache-sized chunks with `out=` buffers (no 25 MB temporaries), row
+  statistics as GEMVs (a keepdims reduction over 64-element rows costs NumPy 3x more), and
+  float32 GELU takes Φ from ½·erfc in Numerical Recipes' erfcc form (relative error < 1.2e-7)
+  instead of scipy's double-precision erf: y = max(x, 0) − |x|·½erfc(|x|/√2) has no
+  cancellation in either tail (GELU relative error < 1e-6 for x > −3, < 3e-6 down to x = −8;
+  the plain float32 x·½(1 + erf(x/√2)) is off by 1e-5 at x = −3 and 5% at x = −5).
+- Threads help elementwise NumPy far less than GEMMs: each ufunc call hands the GIL back and
+  forth, so chunks must be large (64K elements) and small ops stay on one thread (the
+  _MIN_* thresholds below, measured on a quiet 2-core machine).
 
 Dispatch: the ops in minivit.functional call ``cpu.handles(*arrays)`` first; it is True only
 for NumPy float32/float64 arrays while the fast paths are on. float64 takes the same chunked
@@ -230,11 +238,6 @@ def _blocks(total, block):
     """(start, stop) pairs covering range(total) in pieces of `block` (the last may be shorter)."""
     block = max(1, int(block))
     return [(start, min(start + block, total)) for start in range(0, total, block)]
-
-
-def _block_size(total, per_item, target=1 << 16, minimum=1):
-    """Items per chunk so that one chunk holds about `target` elements (cache-sized)."""
-    return max(minimum, target // max(per_item, 1))
 
 
 # Per-thread scratch buffers, reused between calls (no 25 MB temporaries).
