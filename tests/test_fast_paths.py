@@ -282,6 +282,23 @@ def test_linear_split_gemms_match_plain(dtype, n_threads):
         assert_fast_matches_plain(F.linear, [x, w, b], **TOLERANCES[dtype])
 
 
+def test_large_gemms_really_are_split_into_several_tasks(monkeypatch):
+    sizes = []
+    original = cpu.run_tasks
+
+    def counting(tasks, parallel=True):
+        sizes.append(len(tasks))
+        return original(tasks, parallel)
+
+    monkeypatch.setattr(cpu, "run_tasks", counting)
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((64, 40)).astype(np.float32)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    with threads(2), split_gemms():
+        assert_fast_matches_plain(F.linear, [x, w], **TOLERANCES[np.float32])
+    assert len(sizes) >= 2 and min(sizes) > 1  # forward, then backward (dx, dW, db blocks)
+
+
 def test_linear_split_gemm_without_bias_and_with_transposed_input():
     rng = np.random.default_rng(11)
     x = rng.standard_normal((40, 300)).T  # (300, 40), Fortran-ordered
@@ -438,3 +455,19 @@ def test_one_training_step_keeps_every_array_float32(monkeypatch):
                    optimizer.decay_mask):
         assert buffer.dtype == np.float32
     assert loss.dtype == np.float32
+
+
+def test_without_blas_control_gemms_are_not_split_but_still_right(monkeypatch):
+    """Without threadpoolctl minivit cannot put BLAS on one thread, so it leaves the GEMMs
+    whole (BLAS threads them) rather than run two threaded BLAS calls at once."""
+    monkeypatch.setitem(cpu._state, "blas", {"controlled": False, "threads": None,
+                                             "libraries": []})
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert not cpu._split_gemms()
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((600, 40)).astype(np.float32)
+    w = rng.standard_normal((30, 40)).astype(np.float32)
+    b = rng.standard_normal(30).astype(np.float32)
+    with threads(2):
+        assert_fast_matches_plain(F.linear, [x, w, b], **TOLERANCES[np.float32])
