@@ -1,6 +1,6 @@
 """linear and patchify: the two GEMM layers."""
 
-from minivit import backend, cpu
+from minivit import cpu
 from minivit.errors import ShapeError
 from minivit.tensor import Function
 
