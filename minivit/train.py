@@ -130,6 +130,8 @@ def train(config, on_epoch_end=None):
     run_dir = Path(config.out)
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    if config.epochs < 1:
+        raise MinivitError(f"epochs must be at least 1, got {config.epochs}")
     train_set = load_dataset(config.dataset, "train", config.data_dir)
     test_set = load_dataset(config.dataset, "test", config.data_dir)
     channels, image_size = train_set.images.shape[1], train_set.images.shape[2]
@@ -153,6 +155,9 @@ def train(config, on_epoch_end=None):
         model.load_state_dict(model_state)
         optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
         start_epoch, best_accuracy = saved["epoch"], saved["best_accuracy"]
+        if start_epoch >= config.epochs:
+            raise MinivitError(f"--resume: {run_dir} has already trained {start_epoch} epochs; "
+                               f"pass --epochs greater than {start_epoch} to train further")
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
 

@@ -147,3 +147,16 @@ def test_cupy_backend_without_cupy_is_a_clear_cli_error(tmp_path, capsys, monkey
     assert main(["train", "--backend", "cupy", "--out", str(tmp_path / "run")]) == 1
     assert "pip install 'minivit[gpu]'" in capsys.readouterr().err
     minivit.set_backend("numpy")
+
+
+def test_nothing_left_to_train_is_a_clear_cli_error(tmp_path, capsys):
+    run_dir = tmp_path / "done"
+    assert main(["train", "--epochs", "0", "--out", str(run_dir), "--quiet"]) == 1
+    assert "epochs must be at least 1, got 0" in capsys.readouterr().err
+    common = ["--batch-size", "256", "--out", str(run_dir), "--quiet"]
+    assert main(["train", "--epochs", "1", *common]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--epochs", "1", *common]) == 1
+    assert "already trained 1 epochs; pass --epochs greater than 1" in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
+
