@@ -160,3 +160,24 @@ def test_nothing_left_to_train_is_a_clear_cli_error(tmp_path, capsys):
     assert "already trained 1 epochs; pass --epochs greater than 1" in capsys.readouterr().err
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
 
+
+def test_ctrl_c_names_the_kept_checkpoint_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    import minivit.train as train_module
+
+    real_train = train_module.train
+
+    def interrupted_in_second_epoch(config, on_epoch_end=None):
+        def end(epoch, summary):
+            on_epoch_end(epoch, summary)
+            raise KeyboardInterrupt
+
+        return real_train(config, on_epoch_end=end)
+
+    monkeypatch.setattr(train_module, "train", interrupted_in_second_epoch)
+    run_dir = tmp_path / "run"
+    argv = ["train", "--epochs", "3", "--batch-size", "256", "--out", str(run_dir), "--quiet"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"keeps the checkpoint of epoch 1: continue with minivit train --resume --out {run_dir}" \
+        in err
+    assert read_checkpoint(find_checkpoint(run_dir, "last"))[2]["epoch"] == 1

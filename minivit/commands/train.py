@@ -89,7 +89,21 @@ def run(args):
         saved = json.loads(saved_path.read_text())
         saved.update(resume=True, epochs=args.epochs, progress=args.progress, out=args.out)
         config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    summary = train(config)
+    finished = []  # epochs whose checkpoint has been written in this run
+    try:
+        summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
+    except KeyboardInterrupt:
+        import sys
+
+        if finished or config.resume:
+            kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
+            print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
+                  f"continue with minivit train --resume --out {config.out} --epochs "
+                  f"{config.epochs}", file=sys.stderr)
+        else:
+            print("minivit train: interrupted during the first epoch; no checkpoint was written",
+                  file=sys.stderr)
+        return 130
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {summary['epoch']} epochs, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")
