@@ -190,6 +190,8 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if not path.exists():
+        raise WeightsError(f"cannot read {path}: no such file; check the path")
     if suffix not in LOAD_SUFFIXES:
         raise WeightsError(
             f"cannot read {path}: unsupported suffix {suffix or '(none)'!r}; "

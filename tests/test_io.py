@@ -246,6 +246,8 @@ def test_garbage_npz_says_not_zip(tmp_path):
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(WeightsError, match=r"nope\.safetensors: no such file"):
         load_weights(tmp_path / "nope.safetensors")
+    with pytest.raises(WeightsError, match=r"runs/nope: no such file"):  # not 'unsupported suffix'
+        load_weights(tmp_path / "runs" / "nope")
     (tmp_path / "w.h5").write_bytes(b"x")
     with pytest.raises(WeightsError, match=r"w\.h5: unsupported suffix '\.h5'.*\.pth"):
         load_weights(tmp_path / "w.h5")
