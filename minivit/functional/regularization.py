@@ -2,7 +2,7 @@
 minivit's seeded generator (minivit.manual_seed)."""
 
 from minivit import backend
-from minivit.tensor import Function
+from minivit.tensor import Function, Tensor
 
 
 # -- mask multiply: y = x ⊙ m;  dx = dy ⊙ m  (m holds 0 or 1/(1 − p)) --------------------------
@@ -15,9 +15,11 @@ class MaskMultiply(Function):
         return grad * self.mask, None
 
 
-def _keep_mask(shape, p, dtype):
+def _keep_mask(shape, p, dtype, like):
     keep = 1.0 - p
-    return (backend.random_generator().random(shape, dtype=dtype) < keep) / dtype.type(keep)
+    array = like.data if isinstance(like, Tensor) else like
+    rng = backend.random_generator(backend.backend_of(array))  # x's backend, not the current
+    return (rng.random(shape, dtype=dtype) < keep) / dtype.type(keep)
 
 
 def dropout(x, p=0.5, training=True):
@@ -26,7 +28,7 @@ def dropout(x, p=0.5, training=True):
         raise ValueError(f"dropout: p must be in [0, 1); got {p}")
     if not training or p == 0.0:
         return x
-    return MaskMultiply()(x, _keep_mask(x.shape, p, x.dtype))
+    return MaskMultiply()(x, _keep_mask(x.shape, p, x.dtype, x))
 
 
 def drop_path(x, p=0.0, training=True):
@@ -36,4 +38,4 @@ def drop_path(x, p=0.0, training=True):
     if not training or p == 0.0:
         return x
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return MaskMultiply()(x, _keep_mask(mask_shape, p, x.dtype))
+    return MaskMultiply()(x, _keep_mask(mask_shape, p, x.dtype, x))
