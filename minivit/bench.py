@@ -474,13 +474,18 @@ def profile_ops(runner, mode="train", steps=3):
 
     totals = defaultdict(float)
     patched = []
+    # on the GPU an op only queues kernels: wait for them, or the time lands on the next op
+    # that synchronises (a .item(), the label check) instead of the op that did the work
+    sync = runner.sync if getattr(runner, "backend", "numpy") == "cupy" else (lambda: None)
 
     def timed(function, key):
         def wrapper(*args, **kwargs):
+            sync()
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
+                sync()
                 totals[key] += time.perf_counter() - start
         return wrapper
 
