@@ -130,8 +130,17 @@ def train(config, on_epoch_end=None):
     run_dir = Path(config.out)
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
-    if config.epochs < 1:
-        raise MinivitError(f"epochs must be at least 1, got {config.epochs}")
+    for field, ok, expected in (
+            ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
+            ("min_lr", config.min_lr >= 0, "at least 0"),
+            ("weight_decay", config.weight_decay >= 0, "at least 0"),
+            ("warmup", config.warmup >= 0, "at least 0"),
+            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
+            ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)")):
+        if not ok:
+            raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
+                               f"{getattr(config, field)}")
     train_set = load_dataset(config.dataset, "train", config.data_dir)
     test_set = load_dataset(config.dataset, "test", config.data_dir)
     channels, image_size = train_set.images.shape[1], train_set.images.shape[2]

@@ -181,3 +181,17 @@ def test_ctrl_c_names_the_kept_checkpoint_and_how_to_resume(tmp_path, capsys, mo
     assert f"keeps the checkpoint of epoch 1: continue with minivit train --resume --out {run_dir}" \
         in err
     assert read_checkpoint(find_checkpoint(run_dir, "last"))[2]["epoch"] == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--label-smoothing", "1.5", "label-smoothing must be in [0, 1), got 1.5"),
+    ("--drop-path", "1", "drop-path must be in [0, 1), got 1.0"),
+    ("--lr", "-1", "lr must be positive, got -1.0"),
+    ("--clip-grad", "-1", "clip-grad must be at least 0 (0: off), got -1.0"),  # flipped the grads
+    ("--warmup", "-2", "warmup must be at least 0, got -2"),
+])
+def test_out_of_range_training_options_are_a_clear_cli_error(tmp_path, capsys, flag, value,
+                                                              message):
+    assert main(["train", flag, value, "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
