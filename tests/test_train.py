@@ -195,3 +195,14 @@ def test_out_of_range_training_options_are_a_clear_cli_error(tmp_path, capsys, f
     assert main(["train", flag, value, "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_eval_on_a_dataset_with_more_classes_than_the_model_is_a_clear_error(tmp_path, capsys):
+    from minivit.checkpoint import save_checkpoint
+    from minivit.models import create_model
+
+    model = create_model("vit_digits", depth=1, embed_dim=16, num_heads=2, num_classes=5)
+    save_checkpoint(tmp_path / "best.safetensors", model, {"dataset": "digits"})
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 1  # was a ValueError traceback
+    err = capsys.readouterr().err
+    assert "digits-test has 10 classes, the model only 5" in err

@@ -24,6 +24,12 @@ def run(args):
     model, info = model_from_checkpoint(args.checkpoint)
     model.to(dtype=args.dtype)
     dataset = load_dataset(args.dataset or info["dataset"], args.split, args.data_dir)
+    if dataset.num_classes > model.num_classes:
+        from minivit.errors import MinivitError
+
+        raise MinivitError(f"{dataset.name} has {dataset.num_classes} classes, the model only "
+                           f"{model.num_classes}: evaluate it on a dataset with at most "
+                           f"{model.num_classes} classes")
     loader = DataLoader(dataset, args.batch_size, shuffle=False)
     loss, accuracy = evaluate(model, loader, args.dtype)
     print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
