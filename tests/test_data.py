@@ -227,6 +227,7 @@ def test_cifar_missing_files(tmp_path):
     with pytest.raises(DatasetError, match="batches.meta not found") as e:
         load_dataset("cifar10", "test", data_dir=tmp_path)
     assert str(folder / "batches.meta") in str(e.value)
+    assert "\n" not in str(e.value)  # one line on the command line
     with pytest.raises(DatasetError, match="cifar-100-python"):
         load_dataset("cifar100", "train", data_dir=tmp_path)
 

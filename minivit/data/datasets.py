@@ -183,11 +183,11 @@ def _find_file(name, dirs, dataset, source):
     for path in tried:
         if path.is_file():
             return path
-    looked = "\n  ".join(str(p) for p in tried)
+    looked = ", ".join(str(p) for p in tried)
     raise DatasetError(
-        f"{dataset}: file {name} not found. Looked at:\n  {looked}\n"
+        f"{dataset}: file {name} not found; looked at {looked}. "
         f"minivit cannot download datasets: get the original files from {source} "
-        "and place them in one of these folders (raw or .gz), or pass another data_dir."
+        "and place them in one of these folders, or pass another data_dir."
     )
 
 
