@@ -206,3 +206,17 @@ def test_eval_on_a_dataset_with_more_classes_than_the_model_is_a_clear_error(tmp
     assert main(["eval", "--checkpoint", str(tmp_path)]) == 1  # was a ValueError traceback
     err = capsys.readouterr().err
     assert "digits-test has 10 classes, the model only 5" in err
+
+
+def test_resume_without_epochs_keeps_the_runs_own(tmp_path, capsys):
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, summary):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(quick_config(tmp_path, epochs=2, batch_size=256), on_epoch_end=stop_after_first_epoch)
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "after 2 epochs" in capsys.readouterr().out  # not the default 100
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2

@@ -39,8 +39,8 @@ def add_parser(subparsers, name, help_text):
     model.add_argument("--model", default=None, metavar="NAME",
                        help="named configuration (see minivit info --list); default: the small "
                             "model that suits the dataset (vit_digits, vit_mnist, vit_cifar)")
-    model.add_argument("--epochs", type=int, default=defaults.epochs,
-                       help="default: %(default)s")
+    model.add_argument("--epochs", type=int, default=None,
+                       help=f"default: {defaults.epochs}; with --resume, the run's own")
     model.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="default: %(default)s")
     model.add_argument("--lr", type=float, default=defaults.lr,
@@ -79,6 +79,8 @@ def run(args):
     from minivit.train import TrainConfig, train
 
     args.backend = apply_backend(args)
+    if args.epochs is None and not args.resume:
+        args.epochs = TrainConfig.epochs
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.resume:
@@ -87,7 +89,9 @@ def run(args):
             raise MinivitError(f"--resume: {saved_path} does not exist; is {args.out} a run "
                                f"folder made by minivit train?")
         saved = json.loads(saved_path.read_text())
-        saved.update(resume=True, epochs=args.epochs, progress=args.progress, out=args.out)
+        saved.update(resume=True, progress=args.progress, out=args.out)
+        if args.epochs is not None:
+            saved["epochs"] = args.epochs
         config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
     finished = []  # epochs whose checkpoint has been written in this run
     try:
@@ -98,8 +102,7 @@ def run(args):
         if finished or config.resume:
             kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
-                  f"continue with minivit train --resume --out {config.out} --epochs "
-                  f"{config.epochs}", file=sys.stderr)
+                  f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
         else:
             print("minivit train: interrupted during the first epoch; no checkpoint was written",
                   file=sys.stderr)
