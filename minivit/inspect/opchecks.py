@@ -339,10 +339,6 @@ def _vit_logits(images, *parameters):
 
 
 # -- running ------------------------------------------------------------------------------------
-def check_names():
-    return list(OP_CHECKS)
-
-
 def get_check(name):
     if name not in OP_CHECKS:
         raise MinivitError(f"unknown op {name!r}; known ops: {', '.join(OP_CHECKS)}")
