@@ -57,10 +57,11 @@ def model_from_checkpoint(path):
 
 
 def find_checkpoint(run_dir, name="best"):
-    """The `name` checkpoint of a run folder, in whichever format it was written."""
-    for suffix in (".safetensors", ".npz"):
-        candidate = Path(run_dir) / f"{name}{suffix}"
-        if candidate.exists():
-            return candidate
+    """The `name` checkpoint of a run folder, in whichever format it was written (the newer
+    one where a folder reused with another --format holds both)."""
+    existing = [path for path in (Path(run_dir) / f"{name}{suffix}"
+                                  for suffix in (".safetensors", ".npz")) if path.exists()]
+    if existing:
+        return max(existing, key=lambda path: path.stat().st_mtime_ns)
     raise WeightsError(f"no {name}.safetensors or {name}.npz in {run_dir}: is it a minivit run "
                        f"folder (made by minivit train --out)?")

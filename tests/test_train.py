@@ -220,3 +220,15 @@ def test_resume_without_epochs_keeps_the_runs_own(tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert "after 2 epochs" in capsys.readouterr().out  # not the default 100
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+
+
+def test_a_run_folder_reused_with_another_format_resumes_from_the_newer_checkpoint(tmp_path):
+    train(quick_config(tmp_path, epochs=1, batch_size=256))
+    train(quick_config(tmp_path, epochs=2, batch_size=256, checkpoint_format="npz"))
+    run_dir = tmp_path / "run"
+    assert (run_dir / "last.safetensors").exists()  # stale, from the first run
+    assert find_checkpoint(run_dir, "last").name == "last.npz"
+    summary = train(quick_config(tmp_path, epochs=3, batch_size=256, checkpoint_format="npz",
+                                 resume=True))
+    epochs = [r["epoch"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert epochs == [1, 2, 3] and summary["epoch"] == 3  # went on from epoch 2, not 1
