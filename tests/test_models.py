@@ -5,7 +5,7 @@ import pytest
 
 import minivit
 import minivit.functional as F
-from minivit.errors import MinivitError, ShapeError, WeightsError
+from minivit.errors import DTypeError, MinivitError, ShapeError, WeightsError
 from minivit.models import MODEL_CONFIGS, VisionTransformer, create_model
 
 TIMM_PARAMETER_COUNTS = {
@@ -160,3 +160,9 @@ def test_whole_model_gradient_check():
                                names=["image"], full_check_limit=64, directions=3)
     assert report.passed, str(report)
     assert len(report.inputs) == 1 + len(model.parameters())
+
+
+def test_images_of_another_dtype_than_the_model_are_a_clear_error():
+    model = create_model("vit_digits", depth=1)  # float32
+    with pytest.raises(DTypeError, match=r"expected float32 images .* got float64: cast them"):
+        model(np.zeros((2, 1, 8, 8)))  # used to run in float64 and fail in Linear.backward

@@ -1,7 +1,7 @@
 """The layers of a ViT, each a thin Module over one hand-written functional op."""
 
 import minivit.functional as F
-from minivit.errors import ShapeError
+from minivit.errors import DTypeError, ShapeError
 from minivit.nn import init
 from minivit.nn.module import Module, Parameter
 
@@ -72,6 +72,10 @@ class PatchEmbed(Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ShapeError(f"expected images of shape (batch, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}) (channels, height, width); got {tuple(x.shape)}")
+        dtype = self.proj.weight.dtype
+        if x.dtype != dtype:  # would compute in float64 and fail in backward, blaming Linear
+            raise DTypeError(f"expected {dtype} images for this {dtype} model; got {x.dtype}: "
+                             f"cast them with .astype('{dtype}') (or use model.to(dtype=...))")
         return self.proj(x)
 
 
