@@ -213,9 +213,6 @@ def train(config, on_epoch_end=None):
         best_accuracy = max(best_accuracy, test_accuracy)
         checkpoint_info = dict(info, epoch=epoch + 1, step=step, best_accuracy=best_accuracy,
                                test_accuracy=test_accuracy)
-        save_checkpoint(last_path, model, checkpoint_info, optimizer)
-        if is_best:
-            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info)
         common = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started}
         metrics.write(dict(common, split="train", loss=epoch_loss / epoch_count,
                            accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
@@ -225,6 +222,11 @@ def train(config, on_epoch_end=None):
             grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
             metrics.write(dict(common, split="grads", grad_norms=grad_norms,
                                update_ratios=update_ratios))
+        # metrics, then best, then last: whatever an interruption cuts short, resuming from
+        # `last` redoes (a resumed run drops metrics records past its checkpoint)
+        if is_best:
+            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info)
+        save_checkpoint(last_path, model, checkpoint_info, optimizer)
         if config.progress:
             tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  train loss "
                        f"{epoch_loss / epoch_count:.4f} acc {epoch_correct / epoch_count:.4f}  "
