@@ -45,7 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: int = 5  # epochs of linear warmup
     label_smoothing: float = 0.1
-    drop_path: float = 0.1
+    drop_path: float = 0.2
     optimizer: str = "adamw"
     clip_grad: float = 1.0
     augment: bool = True
