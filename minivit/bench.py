@@ -76,6 +76,7 @@ def machine_info(backend_name="numpy", torch_module=None):
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "blas": cpu.blas_info(),
+        "compiled_kernels": cpu.compiled_kernels_info(),
         "minivit_threads": cpu.num_threads(),
     }
     if backend_name == "cupy":
@@ -558,7 +559,8 @@ def format_report(result):
              "versions: " + ", ".join(f"{k} {machine[k]}" for k in
                                       ("minivit", "python", "numpy", "scipy", "cupy", "torch")
                                       if k in machine),
-             f"BLAS: {machine['blas']}; date {machine['date']}"]
+             f"BLAS: {machine['blas']}; compiled CPU kernels: {machine['compiled_kernels']}; "
+             f"date {machine['date']}"]
     if "max_abs_logit_difference" in result:
         lines.append(f"same weights and batch: max |logits minivit - torch| = "
                      f"{result['max_abs_logit_difference']:.2e}")

@@ -22,10 +22,16 @@ shows where a step's time goes):
 - Threads help elementwise NumPy far less than GEMMs: each ufunc call hands the GIL back and
   forth, so chunks must be large (64K elements) and small ops stay on one thread (the
   _MIN_* thresholds below, measured on a quiet 2-core machine).
+- With numba installed (``pip install 'minivit[fast]'``), GELU, LayerNorm, softmax (also inside
+  attention) and AdamW run as compiled one-pass kernels (minivit.kernels) on the same chunks
+  and threads, with the GIL released; without it, the NumPy code here. MINIVIT_JIT=0 (or
+  ``compiled_kernels(False)``) keeps the NumPy code with numba installed; `minivit bench`
+  prints which ran.
 
 Dispatch: the ops in minivit.functional call ``cpu.handles(*arrays)`` first; it is True only
 for NumPy float32/float64 arrays while the fast paths are on. float64 takes the same chunked
-kernels with exact scipy erf, so gradient checks see the exact math. ``fast_paths(False)``
+kernels with exact erf (scipy's, or libm's in the compiled kernel), so gradient checks see the
+exact math. ``fast_paths(False)``
 (or MINIVIT_FAST_CPU=0) turns them off, leaving the plain whole-array NumPy code; the tests
 compare both.
 
@@ -64,7 +70,9 @@ def _default_threads():
 
 
 _state = {"fast": _env_flag("MINIVIT_FAST_CPU", "1"), "threads": _default_threads(),
-          "blas": None}  # blas: None until first configured, then a dict (see blas_info)
+          "blas": None,  # None until first configured, then a dict (see blas_info)
+          "compiled": _env_flag("MINIVIT_JIT", "1"),  # use minivit.kernels when numba is there
+          "kernels": None}  # the minivit.kernels module once imported, False if numba is missing
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -101,6 +109,47 @@ def fast_paths(enabled):
         yield
     finally:
         _state["fast"] = previous
+
+
+def _kernels():
+    """minivit.kernels (the numba kernels) when they are on and numba is installed, else None."""
+    if not _state["compiled"]:
+        return None
+    if _state["kernels"] is None:
+        try:
+            from minivit import kernels
+        except ImportError:  # numba is not installed: the NumPy code below runs instead
+            kernels = False
+        _state["kernels"] = kernels
+    return _state["kernels"] or None
+
+
+def compiled_kernels_available():
+    """True when the numba kernels are installed and switched on (see minivit.kernels)."""
+    return _kernels() is not None
+
+
+def compiled_kernels_info():
+    """A line saying whether the compiled kernels run, and if not, why and how to get them."""
+    if not _state["compiled"]:
+        return "off (MINIVIT_JIT=0 or compiled_kernels(False))"
+    if _kernels() is None:
+        return "off: numba is not installed (pip install 'minivit[fast]')"
+    import numba
+
+    return f"numba {numba.__version__}"
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled):
+    """Within the block, use (True, when numba is installed) or bypass (False) the compiled
+    kernels; the chunked NumPy code runs instead."""
+    previous = _state["compiled"]
+    _state["compiled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["compiled"] = previous
 
 
 def num_threads():
@@ -432,6 +481,7 @@ def _gelu_exact_chunk(x, y, d):
     f = np.float32
     a, e, t, u = (_scratch(n, x.dtype, slot) for slot in (1, 2, 3, 4))
     np.abs(x, out=a)
+    np.minimum(a, f(1e30), out=a)  # gelu(±inf) = inf, 0 rather than inf − inf·0 = NaN
     half_erfc_float32(a, e, t, u)                  # e = ½ erfc(|x|/√2), u = x²/2
     if d is not None:
         # x φ(x) + ½ = x exp(−x²/2 + ln(1/√(2π))) + ½
@@ -447,6 +497,7 @@ def _gelu_exact_chunk(x, y, d):
         np.bitwise_or(bits, a.view(np.uint32), out=bits)
         np.add(t, u, out=d)
         np.abs(x, out=a)
+        np.minimum(a, f(1e30), out=a)
     np.multiply(a, e, out=a)
     np.maximum(x, f(0.0), out=y)
     y -= a
@@ -488,14 +539,20 @@ def _gelu_tanh_chunk(x, y, d):
 def gelu_forward(x, approximate="none", need_grad=True):
     """(y, dy/dx) of GELU for a NumPy array (dy/dx None unless need_grad): chunked, with
     scratch buffers, on minivit's threads."""
-    kernel = _gelu_tanh_chunk if approximate == "tanh" else _gelu_exact_chunk
+    compiled = _kernels()
+    if compiled is not None:  # one pass per chunk; no scratch
+        kernel = compiled.gelu_tanh if approximate == "tanh" else compiled.gelu_exact
+    else:
+        kernel = _gelu_tanh_chunk if approximate == "tanh" else _gelu_exact_chunk
     flat = _contiguous(x).reshape(-1)
     y = np.empty_like(flat)
     d = np.empty_like(flat) if need_grad else None
 
+    chunk = _CHUNK if compiled is None else _CHUNK * 4  # the ufunc chains want L2-sized chunks
+
     def task(s, e):
-        for cs in range(s, e, _CHUNK):
-            ce = min(cs + _CHUNK, e)
+        for cs in range(s, e, chunk):
+            ce = min(cs + chunk, e)
             kernel(flat[cs:ce], y[cs:ce], None if d is None else d[cs:ce])
 
     run_tasks([lambda s=s, e=e: task(s, e) for s, e in _flat_chunks(flat.size)],
@@ -534,8 +591,13 @@ def layer_norm_forward(x, weight, bias, eps):
     normalized = np.empty_like(x2)
     rstd = np.empty((rows, 1), x2.dtype)
     mean_of = _row_mean_vector(features, x2.dtype)
+    compiled = _kernels()
 
     def task(s, e):
+        if compiled is not None:
+            compiled.layer_norm_forward(x2[s:e], weight, bias, eps, out[s:e], normalized[s:e],
+                                        rstd[s:e, 0])
+            return
         xs, ns, rs, sq = x2[s:e], normalized[s:e], rstd[s:e], out[s:e]  # out: scratch first
         mean = np.matmul(xs, mean_of)
         np.subtract(xs, mean[:, None], out=ns)
@@ -567,10 +629,18 @@ def layer_norm_backward(grad, normalized, rstd, weight, needs):
     grad_x = np.empty_like(g2) if needs[0] else None
     blocks = _row_blocks(rows, features)
     ones = np.ones(max(e - s for s, e in blocks), g2.dtype)
-    partial_w = np.empty((len(blocks), features), g2.dtype) if needs[1] else None
-    partial_b = np.empty((len(blocks), features), g2.dtype) if needs[2] else None
+    compiled = _kernels()
+    partial_dtype = np.float64 if compiled is not None else g2.dtype  # the kernel adds into it
+    partial_w = np.zeros((len(blocks), features), partial_dtype) if needs[1] else None
+    partial_b = np.zeros((len(blocks), features), partial_dtype) if needs[2] else None
 
     def task(index, s, e):
+        if compiled is not None:
+            compiled.layer_norm_backward(
+                g2[s:e], n2[s:e], r2[s:e, 0], weight, None if grad_x is None else grad_x[s:e],
+                None if partial_w is None else partial_w[index],
+                None if partial_b is None else partial_b[index])
+            return
         gs, ns, count = g2[s:e], n2[s:e], e - s
         if partial_b is not None:
             np.matmul(ones[:count], gs, out=partial_b[index])      # Σ dy (column sums, GEMV)
@@ -595,8 +665,8 @@ def layer_norm_backward(grad, normalized, rstd, weight, needs):
 
     run_tasks([lambda i=i, s=s, e=e: task(i, s, e) for i, (s, e) in enumerate(blocks)],
               parallel=g2.size >= _MIN_PARALLEL_ROWS)
-    grad_w = partial_w.sum(axis=0) if partial_w is not None else None
-    grad_b = partial_b.sum(axis=0) if partial_b is not None else None
+    grad_w = partial_w.sum(axis=0).astype(g2.dtype, copy=False) if needs[1] else None
+    grad_b = partial_b.sum(axis=0).astype(g2.dtype, copy=False) if needs[2] else None
     return (None if grad_x is None else grad_x.reshape(grad.shape)), grad_w, grad_b
 
 
@@ -607,7 +677,12 @@ def _run_rows(task, rows, features):
 
 # -- softmax over the last axis: p = eˣ / Σ eˣ;  dx = p ⊙ (dp − Σ dp ⊙ p) --------------------------
 def _softmax_rows_inplace(p, scale=None):
-    """p ← softmax(scale · p) along the last axis, in place (scale > 0)."""
+    """p ← softmax(scale · p) along the last axis, in place (scale > 0; p C-contiguous)."""
+    compiled = _kernels()
+    if compiled is not None:
+        rows = p.reshape(-1, p.shape[-1])
+        compiled.softmax_forward(rows, rows, p.dtype.type(1.0 if scale is None else scale))
+        return
     p -= p.max(axis=-1, keepdims=True)
     if scale is not None:
         p *= p.dtype.type(scale)
@@ -642,8 +717,12 @@ def softmax_backward(probs, grad):
     p2 = _contiguous(probs).reshape(-1, features)
     g2 = _contiguous(grad).reshape(-1, features)
     out = np.empty_like(g2)
+    compiled = _kernels()
 
     def task(s, e):
+        if compiled is not None:
+            compiled.softmax_backward(p2[s:e], g2[s:e], out[s:e], p2.dtype.type(1.0))
+            return
         ps, dx = p2[s:e], out[s:e]
         np.multiply(g2[s:e], ps, out=dx)
         dot = _row_sums(dx)
@@ -684,6 +763,7 @@ def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
     """Write dq, dk, dv (views of any strides, or None) for upstream grad dO (B, H, N, d)."""
     batch, heads, tokens, keys = probs.shape
     f = probs.dtype.type
+    compiled = _kernels()
 
     def task(s, e):
         p, g = probs[s:e], grad[s:e]
@@ -693,12 +773,16 @@ def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
             return
         ds = _scratch(p.size, p.dtype, 6).reshape(p.shape)
         np.matmul(g, v[s:e].swapaxes(-1, -2), out=ds)           # dP
-        tmp = _scratch(p.size, p.dtype, 7).reshape(p.shape)
-        np.multiply(ds, p, out=tmp)
-        dot = _row_sums(tmp)
-        ds -= dot
-        ds *= p
-        ds *= f(scale)                                           # dS·s
+        if compiled is not None:                                 # dS·s, in place
+            rows = ds.reshape(-1, keys)
+            compiled.softmax_backward(p.reshape(-1, keys), rows, rows, f(scale))
+        else:
+            tmp = _scratch(p.size, p.dtype, 7).reshape(p.shape)
+            np.multiply(ds, p, out=tmp)
+            dot = _row_sums(tmp)
+            ds -= dot
+            ds *= p
+            ds *= f(scale)                                       # dS·s
         if grad_q is not None:
             np.matmul(ds, k[s:e], out=grad_q[s:e])
         if grad_k is not None:
@@ -715,7 +799,14 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
     inv_bias2 = f(1.0 / math.sqrt(1.0 - beta2 ** step))
     decay = f(lr * weight_decay)
 
+    compiled = _kernels()
+
     def task(s, e):
+        if compiled is not None:
+            compiled.adamw_update(params[s:e], grads[s:e], m[s:e], v[s:e], decay_mask[s:e],
+                                  beta1, beta2, eps, lr * weight_decay, lr / (1.0 - beta1 ** step),
+                                  1.0 / math.sqrt(1.0 - beta2 ** step))
+            return
         g, ms, vs, ps = grads[s:e], m[s:e], v[s:e], params[s:e]
         tmp = _scratch(e - s, params.dtype, 8)
         ms *= f(beta1)

@@ -1,5 +1,7 @@
 """Every fast CPU path (minivit.cpu) against the plain or exact computation.
 
+- every test twice: with the compiled numba kernels (minivit.kernels) and with the chunked
+  NumPy code used without numba;
 - float32 GELU (erfc-based Φ, chunked, threaded) against float64 exact GELU (scipy erf);
 - LayerNorm, softmax, attention, linear/patchify (split GEMMs) and AdamW: the chunked,
   threaded kernels against the plain whole-array NumPy code (``cpu.fast_paths(False)``), in
@@ -22,6 +24,17 @@ import minivit.functional as F
 from minivit import Tensor, cpu, gradcheck
 from minivit.models import create_model
 from minivit.optim import AdamW
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def kernels(request):
+    """Every test here runs twice: with the compiled kernels (minivit.kernels, numba) and with
+    the chunked NumPy code that runs when numba is not installed."""
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="numba (the 'fast' extra) is not installed")
+    with cpu.compiled_kernels(request.param == "numba"):
+        assert cpu.compiled_kernels_available() == (request.param == "numba")
+        yield request.param
 
 
 _THRESHOLDS = ("_MIN_PARALLEL", "_MIN_PARALLEL_ROWS", "_MIN_SPLIT_MACS", "_MIN_BLOCK_ROWS")
