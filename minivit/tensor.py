@@ -272,6 +272,7 @@ def _topological_order(root):
 
 def _run_backward(root, root_grad):
     pending = {id(root): root_grad}  # gradients still being accumulated, by tensor id
+    stored = set()  # ids of the arrays already stored as some tensor's .grad by this backward
     for tensor in reversed(_topological_order(root)):
         grad = pending.pop(id(tensor), None)
         if grad is None:
@@ -283,7 +284,11 @@ def _run_backward(root, root_grad):
                 _check_gradient(grad, tensor, "the gradient returned by a hook")
         creator = tensor._creator
         if creator is None or tensor._retains_grad:
-            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+            if tensor.grad is not None:
+                tensor.grad = tensor.grad + grad
+            else:  # an op may hand one array to several inputs (a + b): give each its own
+                tensor.grad = grad.copy() if id(grad) in stored else grad
+                stored.add(id(tensor.grad))
         if creator is None:
             continue
         if getattr(creator, "released", False):

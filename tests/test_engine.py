@@ -69,6 +69,17 @@ def test_gradients_accumulate_over_uses_and_backward_calls(backend):
     np.testing.assert_allclose(as_host(x.grad), [5.0, -1.0, 9.0])
 
 
+def test_leaves_never_share_one_gradient_array(backend):
+    """Add hands the same upstream array to both inputs; each leaf still gets its own, so
+    editing one .grad in place leaves the other alone."""
+    a, b = leaf([1.0, 2.0]), leaf([3.0, 4.0])
+    (a + b).backward(on_backend([0.5, -1.0]))
+    assert a.grad is not b.grad
+    a.grad *= 10.0
+    np.testing.assert_allclose(as_host(b.grad), [0.5, -1.0])
+    np.testing.assert_allclose(as_host(a.grad), [5.0, -10.0])
+
+
 def test_leaf_without_requires_grad_gets_no_gradient(backend):
     x, c = leaf([1.0, 2.0]), Tensor(on_backend([3.0, 4.0]))
     (x * c).sum().backward()
