@@ -398,7 +398,7 @@ def test_attention_command_image_files(tmp_path, monkeypatch, capsys, tiny_check
 @pytest.mark.parametrize("argv, message", [
     ([], "give image files or --index"),
     (["--index", "100000"], "out of range"),
-    (["wrong.npy"], "no such image file"),
+    (["wrong.npy"], "wrong.npy: no such file"),
 ])
 def test_attention_command_errors(tmp_path, monkeypatch, capsys, tiny_checkpoint, argv, message):
     run_dir, _ = tiny_checkpoint
@@ -407,9 +407,31 @@ def test_attention_command_errors(tmp_path, monkeypatch, capsys, tiny_checkpoint
     assert message in capsys.readouterr().err
 
 
-def test_attention_command_wrong_image_shape(tmp_path, monkeypatch, capsys, tiny_checkpoint):
+def test_attention_command_bad_images(tmp_path, monkeypatch, capsys, tiny_checkpoint):
     run_dir, _ = tiny_checkpoint
     monkeypatch.chdir(tmp_path)
-    np.save("big.npy", np.zeros((3, 16, 16), dtype=np.float32))
-    assert main(["attention", "--checkpoint", str(run_dir), "big.npy"]) == 1
-    assert "expected an image of shape (1, 8, 8)" in capsys.readouterr().err
+    np.save("two.npy", np.zeros((2, 16, 16), dtype=np.float32))
+    assert main(["attention", "--checkpoint", str(run_dir), "two.npy"]) == 1
+    assert ("two.npy: expected an image array (H,W), (C,H,W) or (N,C,H,W), channels first or "
+            "last, with C = 1 or 3 (the model takes 1 channel); got shape (2, 16, 16)") in \
+        capsys.readouterr().err
+    np.save("bright.npy", np.full((8, 8), 255.0, dtype=np.float32))
+    assert main(["attention", "--checkpoint", str(run_dir), "bright.npy"]) == 1
+    assert "bright.npy: pixel values must lie in [0, 1] (or be uint8 0..255); found 255 to 255" \
+        in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_attention_command_converts_and_splits_arrays(tmp_path, monkeypatch, capsys,
+                                                      tiny_checkpoint):
+    pytest.importorskip("PIL.Image")
+    run_dir, _ = tiny_checkpoint
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(2)
+    np.save("rgb.npy", rng.random((16, 16, 3)).astype(np.float32))  # (H, W, C), resized, grey
+    np.save("batch.npy", (rng.random((2, 1, 8, 8)) * 255).astype(np.uint8))
+    assert main(["attention", "--checkpoint", str(run_dir), "rgb.npy", "batch.npy"]) == 0
+    out = capsys.readouterr().out
+    for tag, name in (("rgb.npy", "rgb"), ("batch.npy[0]", "batch_0"), ("batch.npy[1]", "batch_1")):
+        assert f"{tag}: predicted digit" in out
+        assert_png(tmp_path / f"{name}_attention.png")

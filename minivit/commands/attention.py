@@ -6,10 +6,12 @@ averaged, identity added for the residual path, rows renormalised, layers multip
 laid over the input. Prints the predicted class.
 """
 
-EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or (H, W, C); float values in [0, 1] as the
-datasets hold them, uint8 in 0..255) or, with Pillow, a PNG/JPEG (converted to the model's
-channels and resized to its image size). --index N takes sample N of the checkpoint's dataset
-instead. The image is normalised with the checkpoint's mean/std before the forward pass.
+EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), channels first or
+last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
+PNG/JPEG. Images are converted to the model's channels and resized (bicubic) to its image size;
+resizing an array needs Pillow too. A batch gives one figure per image (b.npy:
+b_0_attention.png, b_1_attention.png, ...). --index N takes sample N of the checkpoint's
+dataset instead. The image is normalised with the checkpoint's mean/std before the forward pass.
 
 examples:
   minivit attention --checkpoint runs/latest --index 0 1 2 3
@@ -46,8 +48,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from pathlib import Path
-
     import numpy as np
 
     import minivit.functional as F
@@ -65,17 +65,13 @@ def run(args):
     apply_backend(args)
     model, info = model_from_checkpoint(args.checkpoint)
     model.to(dtype=args.dtype)
-    config = info["model_config"]
-    channels, size = config["in_chans"], _pair(config["img_size"])
-    class_names = info.get("class_names") or [str(k) for k in range(config["num_classes"])]
+    class_names = info.get("class_names") or [str(k) for k in range(model.num_classes)]
 
     if args.index:
-        images, labels, tags = _dataset_samples(info, args)
+        images, labels, tags, stems = _dataset_samples(info, args)
     else:
-        images = np.stack([load_image(path, channels, size) for path in args.images])
-        labels = [None] * len(images)
-        tags = [Path(path).name for path in args.images]
-    outs = _output_paths(args, tags)
+        images, labels, tags, stems = _file_samples(model, args)
+    outs = _output_paths(args, stems)
 
     mean = np.asarray(info["mean"], dtype=np.float64).reshape(-1, 1, 1)
     std = np.asarray(info["std"], dtype=np.float64).reshape(-1, 1, 1)
@@ -100,12 +96,9 @@ def run(args):
     return 0
 
 
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def _dataset_samples(info, args):
-    """(images (B, C, H, W) in [0, 1], labels, tags) of --index from the checkpoint's dataset."""
+    """(images (B, C, H, W) in [0, 1], labels, tags, stems) of --index from the checkpoint's
+    dataset."""
     from minivit.data import load_dataset
     from minivit.errors import MinivitError
 
@@ -119,83 +112,45 @@ def _dataset_samples(info, args):
     images = dataset.images[args.index].astype("float64")
     labels = [int(dataset.labels[i]) for i in args.index]
     tags = [f"{dataset.name} #{i}" for i in args.index]
-    return images, labels, tags
+    return images, labels, tags, [str(i) for i in args.index]
 
 
-def _output_paths(args, tags):
+def _file_samples(model, args):
+    """(images (B, C, H, W) in [0, 1], labels, tags, stems) of the image files; a batch file
+    gives one of each per image."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from minivit.images import image_names, read_images
+
+    channels, size = model.patch_embed.in_chans, model.patch_embed.img_size
+    batches = [read_images(path, channels, size) for path in args.images]
+    names = [Path(path).name for path in args.images]
+    stems = [Path(path).stem for path in args.images]
+    if len(set(stems)) < len(stems):  # img.npy and img.png
+        stems = [name.replace(".", "_") for name in names]
+    tags, file_stems = [], []
+    for name, stem, batch in zip(names, stems, batches):
+        tags += image_names(name, len(batch))
+        file_stems += image_names(stem, len(batch), "_{}")
+    images = np.concatenate(batches)
+    return images, [None] * len(images), tags, file_stems
+
+
+def _output_paths(args, stems):
+    """One PNG path per image: --out (with _<stem> added for several), else a default name."""
     from pathlib import Path
 
     from minivit.errors import MinivitError
 
-    if args.index:
-        labels = [str(i) for i in args.index]
-        defaults = [Path(f"attention_{args.split}_{i}.png") for i in args.index]
-    else:
-        labels = [Path(p).stem for p in args.images]
-        if len(set(labels)) < len(labels):  # img.npy and img.png
-            labels = [Path(p).name.replace(".", "_") for p in args.images]
-        defaults = [Path(f"{stem}_attention.png") for stem in labels]
     if args.out is None:
-        return defaults
+        if args.index:
+            return [Path(f"attention_{args.split}_{stem}.png") for stem in stems]
+        return [Path(f"{stem}_attention.png") for stem in stems]
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise MinivitError(f"--out must name a .png file, got {out}")
-    if len(tags) == 1:
+    if len(stems) == 1:
         return [out]
-    return [out.with_name(f"{out.stem}_{label}{out.suffix}") for label in labels]
-
-
-def load_image(path, channels, size):
-    """An image file as a float64 (C, H, W) array in [0, 1] for a model with `channels` input
-    channels and image size `size` (h, w)."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from minivit.errors import MinivitError
-
-    path = Path(path)
-    if not path.is_file():
-        raise MinivitError(f"no such image file: {path}")
-    if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise MinivitError(f"cannot read {path} as a .npy array: {error}") from None
-        return _from_array(array, channels, size, path)
-    try:
-        from PIL import Image
-    except ImportError:
-        raise MinivitError(f"reading {path.suffix or 'image'} files needs Pillow: "
-                           f"pip install 'minivit[images]' (or save the image as .npy)") from None
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float64) / 255.0
-    except OSError as error:
-        raise MinivitError(f"cannot read {path} as an image: {error}") from None
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
-def _from_array(array, channels, size, path):
-    import numpy as np
-
-    from minivit.errors import MinivitError
-
-    scale = 255.0 if array.dtype == np.uint8 else 1.0
-    if array.dtype.kind not in "uif":
-        raise MinivitError(f"{path}: expected a numeric image array, got dtype {array.dtype}")
-    array = np.asarray(array, dtype=np.float64) / scale
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim == 2 and channels == 1:
-        array = array[None]
-    elif array.ndim == 3 and array.shape[0] != channels and array.shape[-1] == channels:
-        array = array.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    expected = (channels,) + tuple(size)
-    if array.shape != expected:
-        raise MinivitError(f"{path}: expected an image of shape {expected} (C, H, W) for this "
-                           f"model (or (H, W, C), or (H, W) for one channel); got {array.shape}")
-    return array
+    return [out.with_name(f"{out.stem}_{stem}{out.suffix}") for stem in stems]

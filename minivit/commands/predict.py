@@ -9,8 +9,9 @@ EPILOG = """examples:
   minivit predict --weights vit_base_patch16_224.safetensors --model vit_base_patch16_224 \\
                   --labels imagenet_classes.txt cat.jpg
 
-Inputs: .npy arrays (H,W), (C,H,W) or (N,C,H,W) with values in [0,1] (or uint8 0..255), and
-PNG/JPEG files (needs Pillow: pip install 'minivit[images]').
+Inputs: .npy arrays (H,W), (C,H,W) or (N,C,H,W), channels first or last, with values in [0,1]
+(or uint8 0..255), and PNG/JPEG files (needs Pillow: pip install 'minivit[images]'; so does
+resizing an array). Grey images are repeated for RGB models, RGB made grey for 1-channel ones.
 --checkpoint: a minivit training checkpoint (or run folder); images are converted to the
   model's channels, resized to its image size and normalised with the training data's
   mean/std; class names come from the checkpoint.
@@ -21,9 +22,6 @@ PNG/JPEG files (needs Pillow: pip install 'minivit[images]').
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_PCT = 0.875
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-PILLOW_HINT = "reading PNG/JPEG needs Pillow: pip install 'minivit[images]'"
 
 
 def add_parser(subparsers, name, help_text):
@@ -53,6 +51,7 @@ def run(args):
     import sys
 
     from minivit.errors import MinivitError
+    from minivit.images import image_names, read_images
 
     if args.weights is not None and args.model is None:
         raise MinivitError("--weights needs --model NAME (the configuration the weights were "
@@ -69,10 +68,10 @@ def run(args):
 
     if args.checkpoint is not None:
         model, class_names, mean, std = _from_checkpoint(args, note)
-        preprocess = "resize"
+        fit = "resize"
     else:
         model, class_names, mean, std = _from_weights(args, note)
-        preprocess = "center_crop"
+        fit = "center_crop"
     if model.head is None:
         raise MinivitError("the model has no head (num_classes=0): nothing to classify")
     if args.labels is not None:
@@ -81,7 +80,8 @@ def run(args):
 
     items = []  # (name, (C, H, W) float32 array in [0, 1] at the model's size)
     for path in args.files:
-        items += _prepare(path, model, preprocess)
+        images = read_images(path, model.patch_embed.in_chans, model.patch_embed.img_size, fit)
+        items += zip(image_names(str(path), len(images)), images)
     probs = _predict(model, [array for _, array in items], mean, std, args.dtype,
                      args.batch_size)
     k = min(args.top_k, probs.shape[1])
@@ -98,7 +98,7 @@ def _from_checkpoint(args, note):
     from minivit.checkpoint import model_from_checkpoint
 
     model, info = model_from_checkpoint(args.checkpoint)
-    if args.img_size is not None and _pair(args.img_size) != tuple(model.patch_embed.img_size):
+    if args.img_size is not None and (args.img_size,) * 2 != model.patch_embed.img_size:
         model.resample_pos_embed(args.img_size)
         note(f"resampled pos_embed to image size {args.img_size}")
     channels = model.patch_embed.in_chans
@@ -143,162 +143,6 @@ def _read_labels(path, num_classes):
         raise MinivitError(f"--labels {path} has {len(names)} names, the model has "
                            f"{num_classes} classes: expected one name per line")
     return names
-
-
-def _pair(size):
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-# -- inputs --------------------------------------------------------------------------------------
-def _prepare(path, model, preprocess):
-    """[(name, (C, H, W) float32 array)] for one file, at the model's channels and size."""
-    from pathlib import Path
-
-    from minivit.errors import MinivitError
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    channels = model.patch_embed.in_chans
-    size = tuple(model.patch_embed.img_size)
-    if not path.is_file():
-        raise MinivitError(f"{path}: no such file")
-    if suffix == ".npy":
-        images = [(f"{path}" if len(a) == 1 else f"{path}[{i}]", image)
-                  for a in [_read_npy(path)] for i, image in enumerate(a)]
-    elif suffix in IMAGE_SUFFIXES:
-        images = [(str(path), _read_image(path, channels))]
-    else:
-        raise MinivitError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected "
-                           f".npy, {', '.join(IMAGE_SUFFIXES)}")
-    out = []
-    for name, image in images:
-        image = _match_channels(image, channels, name)
-        if preprocess == "resize":
-            image = _resize(image, size)
-        else:
-            image = _resize_and_crop(image, size)
-        out.append((name, _as_unit_array(image)))
-    return out
-
-
-def _read_npy(path):
-    """(N, C, H, W) float32 in [0, 1] from an .npy array (H,W), (C,H,W) or (N,C,H,W)."""
-    import numpy as np
-
-    from minivit.errors import MinivitError
-
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise MinivitError(f"{path}: cannot read as .npy ({err})") from None
-    if array.ndim not in (2, 3, 4) or 0 in array.shape:
-        raise MinivitError(f"{path}: expected an image array (H,W), (C,H,W) or (N,C,H,W); got "
-                           f"shape {array.shape}")
-    array = array.reshape((1,) * (4 - array.ndim) + array.shape)
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / np.float32(255)
-    if array.dtype.kind not in "fiub":
-        raise MinivitError(f"{path}: expected numeric pixels, got dtype {array.dtype}")
-    array = array.astype(np.float32)
-    low, high = float(array.min()), float(array.max())
-    if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-6 or high > 1 + 1e-6:
-        raise MinivitError(f"{path}: pixel values must lie in [0, 1] (or be uint8 0..255); "
-                           f"found {low:g} to {high:g}")
-    return np.clip(array, 0.0, 1.0)
-
-
-def _pillow():
-    from minivit.errors import MinivitError
-
-    try:
-        from PIL import Image
-    except ImportError:
-        raise MinivitError(PILLOW_HINT) from None
-    return Image
-
-
-def _read_image(path, channels):
-    """A Pillow image in mode "L" (1 channel) or "RGB" (3 channels)."""
-    from minivit.errors import MinivitError
-
-    Image = _pillow()
-    if channels not in (1, 3):
-        raise MinivitError(f"{path}: the model takes {channels} channels; PNG/JPEG inputs need "
-                           "a 1- or 3-channel model (give .npy arrays instead)")
-    try:
-        with Image.open(path) as image:
-            return image.convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError) as err:
-        raise MinivitError(f"{path}: cannot read the image ({err})") from None
-
-
-def _match_channels(image, channels, name):
-    """An array image with `channels` channels: grey repeated to RGB, RGB to grey (ITU-R 601
-    luma, as Pillow's "L"). Pillow images were converted on reading."""
-    import numpy as np
-
-    from minivit.errors import MinivitError
-
-    if not isinstance(image, np.ndarray) or image.shape[0] == channels:
-        return image
-    if image.shape[0] == 1:
-        return np.repeat(image, channels, axis=0)
-    if image.shape[0] == 3 and channels == 1:
-        luma = np.array([0.299, 0.587, 0.114], np.float32)[:, None, None]
-        return (image * luma).sum(axis=0, keepdims=True)
-    raise MinivitError(f"{name}: has {image.shape[0]} channels, the model takes {channels}")
-
-
-def _image_size(image):
-    """(width, height) of a Pillow image or a (C, H, W) array."""
-    return image.size if not hasattr(image, "ndim") else (image.shape[2], image.shape[1])
-
-
-def _resize(image, size):
-    """Bicubic resize to (height, width) = size; arrays go through Pillow channel by channel
-    (mode "F"), so they stay float."""
-    import numpy as np
-
-    height, width = size
-    if _image_size(image) == (width, height):
-        return image
-    Image = _pillow()
-    if not hasattr(image, "ndim"):
-        return image.resize((width, height), Image.BICUBIC)
-    planes = [np.asarray(Image.fromarray(plane).resize((width, height), Image.BICUBIC))
-              for plane in np.ascontiguousarray(image, dtype=np.float32)]
-    return np.clip(np.stack(planes), 0.0, 1.0)
-
-
-def _resize_and_crop(image, size):
-    """timm's ImageNet evaluation transform: resize the shorter side to size/0.875 keeping the
-    aspect ratio (as torchvision's Resize(int)), then crop the centre (as CenterCrop)."""
-    import math
-
-    height, width = size
-    scale = math.floor(max(size) / CROP_PCT)
-    w, h = _image_size(image)
-    if (w, h) != (width, height):
-        if w <= h:
-            new_w, new_h = scale, int(scale * h / w)
-        else:
-            new_w, new_h = int(scale * w / h), scale
-        image = _resize(image, (new_h, new_w))
-        w, h = new_w, new_h
-    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
-    if hasattr(image, "ndim"):
-        return image[:, top:top + height, left:left + width]
-    return image.crop((left, top, left + width, top + height))
-
-
-def _as_unit_array(image):
-    """(C, H, W) float32 in [0, 1] from a Pillow image or an array."""
-    import numpy as np
-
-    if hasattr(image, "ndim"):
-        return np.ascontiguousarray(image, dtype=np.float32)
-    array = np.asarray(image, dtype=np.float32) / np.float32(255)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
 # -- inference -----------------------------------------------------------------------------------
