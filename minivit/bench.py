@@ -77,6 +77,7 @@ def machine_info(backend_name="numpy", torch_module=None):
         "scipy": scipy.__version__,
         "blas": cpu.blas_info(),
         "compiled_kernels": cpu.compiled_kernels_info(),
+        "memory": cpu.memory_info(),
         "minivit_threads": cpu.num_threads(),
     }
     if backend_name == "cupy":
@@ -560,7 +561,7 @@ def format_report(result):
                                       ("minivit", "python", "numpy", "scipy", "cupy", "torch")
                                       if k in machine),
              f"BLAS: {machine['blas']}; compiled CPU kernels: {machine['compiled_kernels']}; "
-             f"date {machine['date']}"]
+             f"memory: {machine['memory']}; date {machine['date']}"]
     if "max_abs_logit_difference" in result:
         lines.append(f"same weights and batch: max |logits minivit - torch| = "
                      f"{result['max_abs_logit_difference']:.2e}")

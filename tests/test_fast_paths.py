@@ -484,3 +484,23 @@ def test_without_blas_control_gemms_are_not_split_but_still_right(monkeypatch):
     b = rng.standard_normal(30).astype(np.float32)
     with threads(2):
         assert_fast_matches_plain(F.linear, [x, w, b], **TOLERANCES[np.float32])
+
+
+def test_freed_large_arrays_are_kept_for_reuse_on_glibc():
+    """The first fast path raises glibc's mmap/trim thresholds (minivit.cpu explains why);
+    MINIVIT_KEEP_MEMORY=0 leaves malloc alone. Checked in fresh interpreters."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from minivit import cpu; "
+            "cpu.handles(np.zeros(2, np.float32)); print(cpu._state['malloc'], cpu.memory_info())")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MINIVIT_KEEP_MEMORY": "0"})
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert off.stdout.startswith("False malloc left as it is")
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert on.stdout.startswith("True glibc keeps freed arrays")
+
