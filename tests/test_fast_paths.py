@@ -278,6 +278,35 @@ def test_self_attention_gradcheck(fast):
     assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_self_attention_for_the_first_tokens_only(fast, queries):
+    """queries=n gives the first n rows of the full output, and the gradient of a loss on
+    those rows (all of qkv's, with dq zero for the tokens that did not ask)."""
+    rng = np.random.default_rng(11)
+    qkv_data = rng.standard_normal((3, 6, 3 * 2 * 4))
+    upstream = rng.standard_normal((3, queries, 8))
+    with cpu.fast_paths(fast):
+        part = Tensor(qkv_data, requires_grad=True)
+        out, probs = F.self_attention(part, 2, return_attention=True, queries=queries)
+        out.backward(upstream)
+        whole = Tensor(qkv_data, requires_grad=True)
+        ref, ref_probs = F.self_attention(whole, 2, return_attention=True)
+        ref[:, :queries].backward(upstream)
+        report = gradcheck(lambda t: F.self_attention(t, 2, queries=queries), qkv_data)
+    assert out.shape == (3, queries, 8) and probs.shape == (3, 2, queries, 6)
+    np.testing.assert_allclose(out.data, ref.data[:, :queries], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(probs, ref_probs[:, :, :queries], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(part.grad, whole.grad, rtol=1e-12, atol=1e-14)
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("queries", [0, 7])
+def test_self_attention_rejects_queries_outside_the_tokens(queries):
+    with pytest.raises(minivit.errors.ShapeError, match="between 1 and the 6 tokens"):
+        F.self_attention(Tensor(np.zeros((1, 6, 12))), 2, queries=queries)
+
+
 def test_self_attention_rejects_a_width_that_is_not_three_heads_wide():
     with pytest.raises(minivit.errors.ShapeError, match="3 · heads"):
         F.self_attention(Tensor(np.zeros((1, 4, 10), np.float32)), 2)

@@ -162,6 +162,37 @@ def test_whole_model_gradient_check():
     assert len(report.inputs) == 1 + len(model.parameters())
 
 
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_forward_computes_only_the_class_token_in_the_last_block_with_the_same_results(
+        drop_path):
+    """forward skips the last block's work for the tokens the head never reads; the logits
+    and every gradient equal the full computation's (timm's) in float64."""
+    model = create_model("vit_digits", depth=3, drop_path_rate=drop_path).to(dtype="float64")
+    images = np.random.default_rng(0).random((6, 1, 8, 8))
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    results = {}
+    for full in (False, True):
+        model.full_last_block = full
+        minivit.manual_seed(3)  # the same drop-path draws on both paths
+        for parameter in model.parameters():
+            parameter.grad = None
+        logits = model(minivit.Tensor(images))
+        F.cross_entropy(logits, labels).backward()
+        results[full] = logits.data, {n: p.grad for n, p in model.named_parameters()}
+    np.testing.assert_allclose(results[False][0], results[True][0], rtol=1e-13, atol=1e-15)
+    for name, grad in results[True][1].items():
+        scale = np.abs(grad).max()
+        np.testing.assert_allclose(results[False][1][name], grad, rtol=1e-12, atol=1e-14 * scale,
+                                   err_msg=name)
+    # the shortcut really is taken: the last block's MLP saw only the class token
+    seen = []
+    original = model.blocks[-1].mlp.forward
+    model.blocks[-1].mlp.forward = lambda x: seen.append(x.shape) or original(x)
+    model.full_last_block = False
+    model(minivit.Tensor(images))
+    assert seen == [(6, 1, 64)]
+
+
 def test_images_of_another_dtype_than_the_model_are_a_clear_error():
     model = create_model("vit_digits", depth=1)  # float32
     with pytest.raises(DTypeError, match=r"expected float32 images .* got float64: cast them"):

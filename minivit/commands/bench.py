@@ -14,7 +14,10 @@ EPILOG = """configurations (--config):
 
 A training step is forward + cross-entropy + backward + AdamW step; inference is a no-grad
 forward in eval mode; both on one fixed random batch. FLOP/s counts 2 x MACs per image forward
-and 3x that for training (minivit.inspect.cost).
+and 3x that for training (minivit.inspect.cost): the model's FLOPs as timm computes them, for
+both frameworks. minivit's forward skips the last block's work for the tokens the head never
+reads (VisionTransformer.forward; same logits and gradients), so its column is model FLOP/s:
+for cifar it executes ~12% fewer multiply-adds than the column counts.
 
 --against torch builds the same architecture in PyTorch with minivit's initial weights (the
 logits are compared as a check), on the same number of threads, and times both ALTERNATELY

@@ -60,6 +60,8 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attention=False):
 #    q, k, v are its three (B, H, N, d) slices and O = attention(q, k, v) is written back as
 #    (B, N, H, d) = (B, N, D). Same math as above; dqkv gathers dq, dk, dv into the packed
 #    layout directly (no zero-filled scatter per slice, no split or merge copies).
+#    queries=n: only the first n tokens ask (q is (B, H, n, d), O is (B, n, D)); every token
+#    is still a key and a value, and dq is zero for the tokens that did not ask.
 def _split_heads(qkv, num_heads):
     batch, tokens, width = qkv.shape
     if width % (3 * num_heads):
@@ -70,11 +72,17 @@ def _split_heads(qkv, num_heads):
 
 
 class SelfAttention(Function):
-    def forward(self, qkv, num_heads, scale=None):
+    def forward(self, qkv, num_heads, scale=None, queries=None):
         if qkv.ndim != 3:
             raise ShapeError(f"self_attention: expected qkv of shape (B, N, 3·D); got {qkv.shape}")
+        if queries is not None and not 1 <= queries <= qkv.shape[1]:
+            raise ShapeError(f"self_attention: queries must be between 1 and the {qkv.shape[1]} "
+                             f"tokens; got {queries}")
         xp = backend.array_module(qkv)
         q, k, v = _split_heads(qkv, num_heads)
+        self.queries = queries
+        if queries is not None:
+            q = q[:, :, :queries]
         batch, heads, tokens, head_dim = q.shape
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.qkv_shape, self.q, self.k, self.v = qkv.shape, q, k, v
@@ -96,6 +104,9 @@ class SelfAttention(Function):
         grad4 = grad.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3)
         grad_qkv = xp.empty(self.qkv_shape, grad.dtype)
         grad_q, grad_k, grad_v = _split_heads(grad_qkv, heads)
+        if self.queries is not None:
+            grad_q[:, :, self.queries:] = 0
+            grad_q = grad_q[:, :, :self.queries]
         if cpu.handles(grad, q, probs):
             cpu.attention_backward(grad4, q, k, v, probs, self.scale, grad_q, grad_k, grad_v)
             return (grad_qkv,)
@@ -108,14 +119,15 @@ class SelfAttention(Function):
         return (grad_qkv,)
 
 
-def self_attention(qkv, num_heads, scale=None, return_attention=False):
+def self_attention(qkv, num_heads, scale=None, return_attention=False, queries=None):
     """Multi-head self-attention from the packed qkv projection (B, N, 3·D) — timm's layout,
     (B, N, 3, heads, head_dim) — to the merged heads (B, N, D), ready for the output
     projection. Equal to splitting q, k, v and calling scaled_dot_product_attention, without
     the split and merge copies. return_attention=True also returns the probabilities
-    (B, heads, N, N) as a raw array."""
+    (B, heads, N, N) as a raw array. queries=n computes the outputs of the first n tokens only
+    (B, n, D), attending to all N: the rows [:, :n] of the full result, for less work."""
     function = SelfAttention()
-    out = function(qkv, num_heads=num_heads, scale=scale)
+    out = function(qkv, num_heads=num_heads, scale=scale, queries=queries)
     if return_attention:
         return out, function.probs
     return out

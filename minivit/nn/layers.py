@@ -95,10 +95,12 @@ class Attention(Module):
         self.keep_attention = False
         self.attention = None
 
-    def forward(self, x):
+    def forward(self, x, queries=None):
+        """(B, N, D) → (B, N, D); with queries=n only the first n tokens' outputs (B, n, D)."""
         # qkv (B, N, 3D) is timm's (B, N, 3, heads, head_dim) layout; self_attention reads q, k,
         # v from it in place and returns the heads merged back to (B, N, D)
-        out, probs = F.self_attention(self.qkv(x), self.num_heads, return_attention=True)
+        out, probs = F.self_attention(self.qkv(x), self.num_heads, return_attention=True,
+                                      queries=queries)
         if self.keep_attention:
             self.attention = probs
         return F.dropout(self.proj(out), self.proj_drop, self.training)
@@ -125,6 +127,11 @@ class Block(Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = drop_path
 
-    def forward(self, x):
-        x = x + F.drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+    def forward(self, x, queries=None):
+        """(B, N, D) → (B, N, D); with queries=n, the first n tokens only (B, n, D): every token
+        is attended to, but only those n go through the projection, the residual and the MLP."""
+        attended = self.attn(self.norm1(x), queries=queries)
+        if queries is not None:
+            x = x[:, :queries]
+        x = x + F.drop_path(attended, self.drop_path, self.training)
         return x + F.drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
