@@ -717,13 +717,17 @@ def _run_rows(task, rows, features):
 
 
 # -- softmax over the last axis: p = eˣ / Σ eˣ;  dx = p ⊙ (dp − Σ dp ⊙ p) --------------------------
-def _softmax_rows_inplace(p, scale=None):
-    """p ← softmax(scale · p) along the last axis, in place (scale > 0; p C-contiguous)."""
+def _softmax_rows(x, p, scale=None):
+    """p = softmax(scale · x) along the last axis (scale > 0; x, p C-contiguous). The compiled
+    kernel needs p and x to be distinct arrays: on overlapping ones LLVM's run-time check picks
+    its scalar loop (2.7x slower); the NumPy code also runs in place (p is x)."""
     compiled = _kernels()
     if compiled is not None:
-        rows = p.reshape(-1, p.shape[-1])
-        compiled.softmax_forward(rows, rows, p.dtype.type(1.0 if scale is None else scale))
+        compiled.softmax_forward(x.reshape(-1, x.shape[-1]), p.reshape(-1, p.shape[-1]),
+                                 p.dtype.type(1.0 if scale is None else scale))
         return
+    if p is not x:
+        p[...] = x
     p -= p.max(axis=-1, keepdims=True)
     if scale is not None:
         p *= p.dtype.type(scale)
@@ -744,10 +748,11 @@ def _row_sums(a):
 
 def softmax_forward(x):
     features = x.shape[-1]
-    out = _contiguous(x).reshape(-1, features).copy()
+    x2 = _contiguous(x).reshape(-1, features)
+    out = np.empty_like(x2)
 
     def task(s, e):
-        _softmax_rows_inplace(out[s:e])
+        _softmax_rows(x2[s:e], out[s:e])
 
     _run_rows(task, out.shape[0], features)
     return out.reshape(x.shape)
@@ -787,11 +792,13 @@ def attention_forward(q, k, v, scale, out):
     (out may be a strided view). Returns P (B, H, N, N)."""
     batch, heads, tokens, _ = q.shape
     probs = np.empty((batch, heads, tokens, k.shape[2]), q.dtype)
+    in_place = _kernels() is None  # the compiled softmax wants its scores in another buffer
 
     def task(s, e):
         p = probs[s:e]
-        np.matmul(q[s:e], k[s:e].swapaxes(-1, -2), out=p)
-        _softmax_rows_inplace(p, scale)
+        scores = p if in_place else _scratch(p.size, p.dtype, 6).reshape(p.shape)
+        np.matmul(q[s:e], k[s:e].swapaxes(-1, -2), out=scores)
+        _softmax_rows(scores, p, scale)
         np.matmul(p, v[s:e], out=out[s:e])
 
     run_tasks([lambda s=s, e=e: task(s, e)
@@ -813,12 +820,13 @@ def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
         if grad_q is None and grad_k is None:
             return
         ds = _scratch(p.size, p.dtype, 6).reshape(p.shape)
-        np.matmul(g, v[s:e].swapaxes(-1, -2), out=ds)           # dP
-        if compiled is not None:                                 # dS·s, in place
-            rows = ds.reshape(-1, keys)
-            compiled.softmax_backward(p.reshape(-1, keys), rows, rows, f(scale))
+        tmp = _scratch(p.size, p.dtype, 7).reshape(p.shape)
+        if compiled is not None:                                 # dS·s from dP in tmp
+            np.matmul(g, v[s:e].swapaxes(-1, -2), out=tmp)
+            compiled.softmax_backward(p.reshape(-1, keys), tmp.reshape(-1, keys),
+                                      ds.reshape(-1, keys), f(scale))
         else:
-            tmp = _scratch(p.size, p.dtype, 7).reshape(p.shape)
+            np.matmul(g, v[s:e].swapaxes(-1, -2), out=ds)       # dP
             np.multiply(ds, p, out=tmp)
             dot = _row_sums(tmp)
             ds -= dot

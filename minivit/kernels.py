@@ -213,7 +213,9 @@ def layer_norm_backward(grad, normalized, rstd, weight, grad_x, grad_w, grad_b):
 # -- softmax over rows: p = e^(s·x) / Σ e^(s·x) (s > 0);  dx = s·p ⊙ (dp − Σ dp ⊙ p)
 @_kernel
 def softmax_forward(x, out, scale):
-    """out = softmax(scale · x) over the rows of 2-D x; out may be x itself."""
+    """out = softmax(scale · x) over the rows of 2-D x. out must not overlap x: for arrays
+    that may overlap, LLVM's run-time check sends the loops to their scalar versions (an
+    in-place call ran 2.7x slower)."""
     rows, features = x.shape
     for i in range(rows):
         top = x[i, 0]
@@ -231,7 +233,7 @@ def softmax_forward(x, out, scale):
 
 @_kernel
 def softmax_backward(probs, grad, out, scale):
-    """out = scale · p ⊙ (dp − Σ dp ⊙ p) over rows; out may be grad itself."""
+    """out = scale · p ⊙ (dp − Σ dp ⊙ p) over rows (out must not overlap grad, as above)."""
     rows, features = probs.shape
     for i in range(rows):
         dot = _like(grad[i, 0], 0.0)

@@ -86,13 +86,20 @@ def test_a_nan_input_makes_a_nan_loss():
     assert math.isnan(float(loss.data))
 
 
-def test_softmax_kernel_works_in_place_and_with_a_scale():
-    x = np.random.default_rng(2).standard_normal((7, 33)).astype(np.float32)
+def test_softmax_kernels_with_a_scale():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 33)).astype(np.float32)
     expected = np.exp(0.25 * x.astype(np.float64))
     expected /= expected.sum(axis=1, keepdims=True)
-    rows = x.copy()
-    kernels.softmax_forward(rows, rows, np.float32(0.25))
-    np.testing.assert_allclose(rows, expected, rtol=1e-6, atol=1e-7)
+    probs = np.empty_like(x)
+    kernels.softmax_forward(x, probs, np.float32(0.25))
+    np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-7)
+    grad = rng.standard_normal(x.shape).astype(np.float32)
+    out = np.empty_like(x)
+    kernels.softmax_backward(probs, grad, out, np.float32(0.25))
+    p64 = probs.astype(np.float64)
+    reference = 0.25 * p64 * (grad - (grad * p64).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-7)
 
 
 def test_layer_norm_backward_adds_into_the_accumulators():
