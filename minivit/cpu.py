@@ -105,14 +105,18 @@ def fast_paths_enabled():
 
 
 @contextlib.contextmanager
-def fast_paths(enabled):
-    """Within the block, use (True) or bypass (False) the fast CPU kernels."""
-    previous = _state["fast"]
-    _state["fast"] = bool(enabled)
+def _switched(key, enabled):
+    previous = _state[key]
+    _state[key] = bool(enabled)
     try:
         yield
     finally:
-        _state["fast"] = previous
+        _state[key] = previous
+
+
+def fast_paths(enabled):
+    """Within the block (a context manager), use (True) or bypass (False) the fast CPU kernels."""
+    return _switched("fast", enabled)
 
 
 def _kernels():
@@ -144,16 +148,10 @@ def compiled_kernels_info():
     return f"numba {numba.__version__}"
 
 
-@contextlib.contextmanager
 def compiled_kernels(enabled):
-    """Within the block, use (True, when numba is installed) or bypass (False) the compiled
-    kernels; the chunked NumPy code runs instead."""
-    previous = _state["compiled"]
-    _state["compiled"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _state["compiled"] = previous
+    """Within the block (a context manager), use (True, when numba is installed) or bypass
+    (False) the compiled kernels; the chunked NumPy code runs instead."""
+    return _switched("compiled", enabled)
 
 
 def num_threads():
