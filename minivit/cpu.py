@@ -75,7 +75,8 @@ _state = {"fast": _env_flag("MINIVIT_FAST_CPU", "1"), "threads": _default_thread
           "blas": None,  # None until first configured, then a dict (see blas_info)
           "malloc": None,  # None until first tried, then whether glibc's thresholds were raised
           "compiled": _env_flag("MINIVIT_JIT", "1"),  # use minivit.kernels when numba is there
-          "kernels": None}  # the minivit.kernels module once imported, False if numba is missing
+          "kernels": None,  # the minivit.kernels module once imported, False if it cannot be
+          "kernels_error": None}  # why numba, though installed, could not load them
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -127,7 +128,10 @@ def _kernels():
         try:
             from minivit import kernels
         except ImportError:  # numba is not installed: the NumPy code below runs instead
-            kernels = False
+            kernels, _state["kernels_error"] = False, None
+        except RuntimeError as error:  # e.g. numba found no writable cache folder
+            kernels, _state["kernels_error"] = False, f"{error}; set NUMBA_CACHE_DIR to a " \
+                                                      "writable folder"
         _state["kernels"] = kernels
     return _state["kernels"] or None
 
@@ -142,6 +146,8 @@ def compiled_kernels_info():
     if not _state["compiled"]:
         return "off (MINIVIT_JIT=0 or compiled_kernels(False))"
     if _kernels() is None:
+        if _state["kernels_error"]:
+            return f"off: numba could not load them ({_state['kernels_error']})"
         return "off: numba is not installed (pip install 'minivit[fast]')"
     import numba
 

@@ -130,3 +130,26 @@ def test_without_numba_the_numpy_code_runs_and_says_why():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "numba is not installed" in result.stdout and "minivit[fast]" in result.stdout
+
+
+def test_when_numba_cannot_load_the_kernels_the_numpy_code_runs_and_says_why():
+    """numba raises RuntimeError at import when it finds no writable cache folder."""
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'minivit.kernels':\n"
+        "            raise RuntimeError('cannot cache function: no locator available')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import numpy as np\n"
+        "from minivit import cpu, Tensor\n"
+        "import minivit.functional as F\n"
+        "y = F.gelu(Tensor(np.linspace(-3, 3, 64, dtype=np.float32)))\n"
+        "assert not cpu.compiled_kernels_available()\n"
+        "print(cpu.compiled_kernels_info())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no locator available" in result.stdout and "NUMBA_CACHE_DIR" in result.stdout
+
