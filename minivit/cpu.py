@@ -17,7 +17,7 @@ shows where a step's time goes):
   statistics as GEMVs (a keepdims reduction over 64-element rows costs NumPy 3x more), and
   float32 GELU takes Φ from ½·erfc in Numerical Recipes' erfcc form (relative error < 1.2e-7)
   instead of scipy's double-precision erf: y = max(x, 0) − |x|·½erfc(|x|/√2) has no
-  cancellation in either tail (GELU relative error < 1e-6 for x > −3, < 3e-6 down to x = −8;
+  cancellation in either tail (GELU relative error < 1.1e-6 for x > −3, < 4.5e-6 down to x = −8;
   the plain float32 x·½(1 + erf(x/√2)) is off by 1e-5 at x = −3 and 5% at x = −5).
 - Threads help elementwise NumPy far less than GEMMs: each ufunc call hands the GIL back and
   forth, so chunks must be large (64K elements) and small ops stay on one thread (the
@@ -97,6 +97,7 @@ def handles(*arrays):
             return False
     if _state["blas"] is None:
         _configure_blas()
+    if _state["malloc"] is None:
         _keep_large_allocations()
     return True
 
@@ -127,11 +128,15 @@ def _kernels():
     if _state["kernels"] is None:
         try:
             from minivit import kernels
+
+            if kernels.numba.config.DISABLE_JIT:  # the kernels would run as (broken) Python
+                raise RuntimeError("NUMBA_DISABLE_JIT is set")
         except ImportError:  # numba is not installed: the NumPy code below runs instead
             kernels, _state["kernels_error"] = False, None
-        except RuntimeError as error:  # e.g. numba found no writable cache folder
-            kernels, _state["kernels_error"] = False, f"{error}; set NUMBA_CACHE_DIR to a " \
-                                                      "writable folder"
+        except RuntimeError as error:  # no writable cache folder, or the JIT switched off
+            hint = "" if "DISABLE_JIT" in str(error) else \
+                "; set NUMBA_CACHE_DIR to a writable folder"
+            kernels, _state["kernels_error"] = False, f"{error}{hint}"
         _state["kernels"] = kernels
     return _state["kernels"] or None
 
@@ -207,7 +212,7 @@ def set_blas_threads(n):
     return _configure_blas()
 
 
-# -- memory: keep freed activations for reuse -------------------------------------------------------
+# -- memory: keep freed activations for reuse -----------------------------------------------------
 # glibc hands every allocation above its mmap threshold (at most 32 MiB) straight to the kernel
 # and back on free, so a 51 MB activation of the cifar model is fresh memory every step: the
 # kernel zeroes it page by page on first touch. A training step allocates ~1.5 GB of such
@@ -216,7 +221,8 @@ def set_blas_threads(n):
 # PyTorch, which allocates fewer large blocks, ran the same either way). glibc only; the
 # process's peak memory is then kept until it exits. MINIVIT_KEEP_MEMORY=0 leaves malloc alone.
 _MMAP_THRESHOLD = 1 << 30  # allocations below 1 GiB come from the heap, reused after free
-_TRIM_THRESHOLD = 1 << 31  # free memory at the heap's top is given back beyond 2 GiB
+_TRIM_THRESHOLD = (1 << 31) - 1  # free memory at the heap's top is given back beyond 2 GiB
+# (mallopt takes a C int: 1 << 31 would wrap to a negative number, which glibc reads as "never")
 
 
 def _keep_large_allocations():
@@ -239,7 +245,9 @@ def _keep_large_allocations():
 
 def memory_info():
     """A line saying whether freed large arrays are kept for reuse (see _keep_large_allocations)."""
-    if _keep_large_allocations():
+    if _state["malloc"] is None:
+        return "malloc not tuned yet (the first fast-path op does it)"
+    if _state["malloc"]:
         return "glibc keeps freed arrays under 1 GiB for reuse (MINIVIT_KEEP_MEMORY=0: off)"
     return "malloc left as it is"
 
@@ -440,7 +448,7 @@ def linear_backward(grad2d, x2d, weight, needs):
     return grad_x, grad_w, grad_b
 
 
-# -- elementwise helpers ----------------------------------------------------------------------------
+# -- elementwise helpers ---------------------------------------------------------------------------
 _CHUNK = 1 << 16  # elements per chunk of the fused elementwise kernels: a few buffers fit in L2
 
 
@@ -465,7 +473,7 @@ def binary(ufunc, a, b, out=None):
     return result.reshape(shape)
 
 
-# -- gelu, exact: y = x Φ(x);  dy/dx = Φ(x) + x φ(x) -------------------------------------------------
+# -- gelu, exact: y = x Φ(x);  dy/dx = Φ(x) + x φ(x) -----------------------------------------------
 # float32: Φ comes from erfc in the form of Numerical Recipes' erfcc (Chebyshev fit, relative
 # error < 1.2e-7 for every z >= 0): with a = |x|, z = a/√2 and t = 1/(1 + z/2),
 #     e = ½ erfc(z) = t · exp(−z² + P(t) + ln ½),   P(t) = −1.26551223 + t(1.00002368 + ...)
@@ -673,7 +681,7 @@ def layer_norm_backward(grad, normalized, rstd, weight, needs):
     mean_of = _row_mean_vector(features, g2.dtype)
     grad_x = np.empty_like(g2) if needs[0] else None
     blocks = _row_blocks(rows, features)
-    ones = np.ones(max(e - s for s, e in blocks), g2.dtype)
+    ones = np.ones(max((e - s for s, e in blocks), default=0), g2.dtype)
     compiled = _kernels()
     partial_dtype = np.float64 if compiled is not None else g2.dtype  # the kernel adds into it
     partial_w = np.zeros((len(blocks), features), partial_dtype) if needs[1] else None
@@ -855,10 +863,10 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
     compiled = _kernels()
 
     def task(s, e):
-        if compiled is not None:
+        if compiled is not None:  # scalars of the parameters' type: float32 math stays float32
             compiled.adamw_update(params[s:e], grads[s:e], m[s:e], v[s:e], decay_mask[s:e],
-                                  beta1, beta2, eps, lr * weight_decay, lr / (1.0 - beta1 ** step),
-                                  1.0 / math.sqrt(1.0 - beta2 ** step))
+                                  f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(eps),
+                                  decay, step_size, inv_bias2)
             return
         g, ms, vs, ps = grads[s:e], m[s:e], v[s:e], params[s:e]
         tmp = _scratch(e - s, params.dtype, 8)

@@ -270,9 +270,18 @@ def _topological_order(root):
     return order
 
 
+def _owner(array):
+    """The array that owns `array`'s memory (itself unless it is a view)."""
+    while array.base is not None and hasattr(array.base, "base"):
+        array = array.base
+    return array
+
+
 def _run_backward(root, root_grad):
     pending = {id(root): root_grad}  # gradients still being accumulated, by tensor id
-    stored = set()  # ids of the arrays already stored as some tensor's .grad by this backward
+    # memory already handed out (as some tensor's .grad, or the caller's own upstream array),
+    # by the id of the array that owns it: a view of it (reshape, transpose) is the same memory
+    stored = {id(_owner(root_grad))}
     for tensor in reversed(_topological_order(root)):
         grad = pending.pop(id(tensor), None)
         if grad is None:
@@ -286,9 +295,10 @@ def _run_backward(root, root_grad):
         if creator is None or tensor._retains_grad:
             if tensor.grad is not None:
                 tensor.grad = tensor.grad + grad
-            else:  # an op may hand one array to several inputs (a + b): give each its own
-                tensor.grad = grad.copy() if id(grad) in stored else grad
-                stored.add(id(tensor.grad))
+            else:  # an op may hand one array (or views of it) to several inputs: a + b
+                owner = id(_owner(grad))
+                tensor.grad = grad.copy() if owner in stored else grad
+                stored.add(owner if tensor.grad is grad else id(tensor.grad))
         if creator is None:
             continue
         if getattr(creator, "released", False):

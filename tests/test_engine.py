@@ -80,6 +80,20 @@ def test_leaves_never_share_one_gradient_array(backend):
     np.testing.assert_allclose(as_host(a.grad), [5.0, -10.0])
 
 
+def test_leaves_never_share_gradient_memory_through_views(backend):
+    """reshape and transpose hand back views of the upstream gradient; the caller's own
+    upstream array is not stored as a .grad either."""
+    a, b, c = leaf([[1.0, 2.0], [3.0, 4.0]]), leaf([1.0, 1.0, 1.0, 1.0]), leaf([[0.0, 0.0]] * 2)
+    upstream = on_backend([1.0, 2.0, 3.0, 4.0])
+    (a.reshape(4) + b + c.T.reshape(4)).backward(upstream)
+    a.grad *= 10.0
+    c.grad *= 100.0
+    np.testing.assert_allclose(as_host(b.grad), [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(as_host(upstream), [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(as_host(a.grad), [[10.0, 20.0], [30.0, 40.0]])
+    np.testing.assert_allclose(as_host(c.grad), [[100.0, 300.0], [200.0, 400.0]])
+
+
 def test_leaf_without_requires_grad_gets_no_gradient(backend):
     x, c = leaf([1.0, 2.0]), Tensor(on_backend([3.0, 4.0]))
     (x * c).sum().backward()

@@ -4,6 +4,7 @@ numba. Their agreement with the NumPy code on every op is in test_fast_paths.py,
 all its tests with and without them."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -152,4 +153,41 @@ def test_when_numba_cannot_load_the_kernels_the_numpy_code_runs_and_says_why():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "no locator available" in result.stdout and "NUMBA_CACHE_DIR" in result.stdout
+
+
+def test_with_numba_disable_jit_the_numpy_code_runs():
+    """NUMBA_DISABLE_JIT=1 would run the kernels as plain Python, where the typed helpers do
+    not exist: minivit keeps its NumPy code instead."""
+    code = ("import numpy as np; from minivit import cpu\n"
+            "y, d = cpu.gelu_forward(np.linspace(-3, 3, 8, dtype=np.float32))\n"
+            "assert y.dtype == np.float32 and not cpu.compiled_kernels_available()\n"
+            "print(cpu.compiled_kernels_info())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "NUMBA_DISABLE_JIT is set" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_kernel_keeps_the_parameters_type_and_skips_zero_decay(dtype):
+    """The compiled AdamW agrees with the NumPy code, also for an inf parameter without weight
+    decay (p − 0·p would make it NaN)."""
+    from minivit.optim import AdamW
+
+    rng = np.random.default_rng(4)
+    start = rng.standard_normal(300_000).astype(dtype)
+    start[7] = np.inf
+    grads = rng.standard_normal(start.size).astype(dtype)
+    results = []
+    for compiled in (True, False):
+        param = Tensor(start.copy(), requires_grad=True)
+        optimizer = AdamW([("w", param)], lr=1e-2, weight_decay=0.0)
+        with cpu.compiled_kernels(compiled):
+            for _ in range(3):
+                param.grad = grads.copy()
+                optimizer.step()
+        results.append(param.data)
+    assert results[0].dtype == dtype and results[0][7] == np.inf
+    tolerance = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(results[0], results[1], **tolerance)
 

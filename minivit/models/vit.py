@@ -56,8 +56,10 @@ class VisionTransformer(Module):
         The head reads only the class token, so the last block computes only its output:
         the other tokens still serve as keys and values, but skip the output projection, the
         MLP and the final norm (for cifar's 6 blocks, ~12% of a step's multiply-adds). The
-        logits and every gradient are those of forward_head(forward_features(x)) to rounding;
-        set ``model.full_last_block = True`` to compute every token as timm does."""
+        logits and every gradient are those of forward_head(forward_features(x)) to rounding
+        (with dropout, drop_rate > 0, in training: the same in distribution, as the last
+        block then draws its masks for the class token only); set
+        ``model.full_last_block = True`` to compute every token as timm does."""
         class_token_only = not self.full_last_block and len(self.blocks) > 0
         return self.forward_head(self.forward_features(x, class_token_only))
 

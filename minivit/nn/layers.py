@@ -83,7 +83,9 @@ class Attention(Module):
     """Multi-head self-attention: qkv projection, softmax(q kᵀ/√d) v per head, output projection.
 
     Set ``keep_attention = True`` to keep the last forward's probabilities (B, heads, N, N) in
-    ``self.attention`` (they are computed anyway; nothing is added to the normal path)."""
+    ``self.attention`` (they are computed anyway; nothing is added to the normal path). With
+    ``forward(x, queries=n)`` they are (B, heads, n, N): the model's forward does that in its
+    last block, so use ``VisionTransformer.forward_with_attention`` for full maps."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, proj_drop=0.0):
         if dim % num_heads:
