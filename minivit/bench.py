@@ -132,7 +132,7 @@ class MinivitRunner:
 
     name = "minivit"
 
-    def __init__(self, model_args, batch, dtype="float32", seed=0):
+    def __init__(self, model_args, batch, dtype="float32", seed=0, full_last_block=False):
         import minivit
         from minivit import backend
         from minivit.models import VisionTransformer
@@ -141,6 +141,7 @@ class MinivitRunner:
         self.backend = backend.get_backend()
         minivit.manual_seed(seed)
         self.model = VisionTransformer(**model_args).to(dtype=dtype)
+        self.model.full_last_block = full_last_block
         self.optimizer = AdamW(self.model.named_parameters(), lr=1e-4, weight_decay=0.05)
         rng = np.random.default_rng(seed)
         size, chans = model_args["img_size"], model_args["in_chans"]
@@ -351,13 +352,14 @@ def _measure_memory(runner, mode, on_gpu):
 
 def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=3,
                   backend_name="numpy", dtype="float32", against=None, threads=None, tf32=False,
-                  modes=("train", "infer"), profile=False, log=None):
+                  modes=("train", "infer"), profile=False, log=None, full_last_block=False):
     """Benchmark one named configuration; returns a JSON-ready dict (see `format_report`).
 
     steps: timed steps per round, mode and framework; rounds: how many times minivit and
     PyTorch take turns (only with against="torch"); threads: minivit's threads, NumPy BLAS
     and PyTorch intra-op threads (default: the CPUs this process may use); profile: also
-    time every op of minivit's steps (profile_ops), after the timed runs."""
+    time every op of minivit's steps (profile_ops), after the timed runs; full_last_block:
+    minivit computes every token in the last block, as PyTorch/timm do (like-for-like work)."""
     from minivit import backend, cpu
     from minivit.errors import MinivitError
     from minivit.inspect.cost import model_cost
@@ -384,12 +386,13 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
               "backend": backend_name, "threads": threads, "tf32": bool(tf32),
+              "full_last_block": bool(full_last_block),
               "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds,
               "flops_per_image": {"forward": cost.flops, "train": cost.train_flops},
               "params": cost.total_params, "against": against}
 
     log(f"building minivit {config} (batch {batch}, {dtype}, {backend_name})")
-    mini = MinivitRunner(model_args, batch, dtype)
+    mini = MinivitRunner(model_args, batch, dtype, full_last_block=full_last_block)
     # minivit alone first: PyTorch is not even imported yet
     alone = {}
     for mode in modes:
@@ -554,7 +557,8 @@ def format_report(result):
     machine = result["machine"]
     lines = [f"minivit bench: {result['config']} (batch {result['batch']}, {result['dtype']}, "
              f"backend {result['backend']}, {result['threads']} threads"
-             + (", TF32" if result["tf32"] else "") + ")",
+             + (", TF32" if result["tf32"] else "")
+             + (", full last block" if result.get("full_last_block") else "") + ")",
              f"machine: {machine.get('gpu') or machine['cpu']}, {machine['usable_cores']} usable "
              f"cores of {machine['cores']}, load {', '.join(f'{x:.1f}' for x in machine['load_average'] or [])}",
              "versions: " + ", ".join(f"{k} {machine[k]}" for k in

@@ -45,8 +45,9 @@ def test_digits_json_reports_the_fields(capsys):
     assert result["peak_rss_bytes"] > 0
     machine = result["machine"]
     for key in ("cpu", "cores", "usable_cores", "numpy", "scipy", "python", "date", "blas",
-                "minivit_threads"):
+                "minivit_threads", "compiled_kernels", "memory"):
         assert key in machine
+    assert result["full_last_block"] is False
     assert "torch" not in result and "ratio" not in result
 
 
@@ -56,6 +57,20 @@ def test_text_report_and_options(capsys):
     assert "minivit bench: tiny (batch 4, float32, backend numpy, 1 threads)" in out
     assert "infer" in out and "train " not in out
     assert "machine:" in out and "numpy" in out
+
+
+def test_full_last_block_runs_the_whole_last_block(capsys, monkeypatch):
+    seen = []
+    original = bench.MinivitRunner.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.model.full_last_block)
+
+    monkeypatch.setattr(bench.MinivitRunner, "__init__", spy)
+    out = run_cli(capsys, "--config", "tiny", "--steps", "1", "--warmup-steps", "0",
+                  "--full-last-block", "--quiet")
+    assert "full last block" in out and seen == [True]
 
 
 def test_profile_shows_where_the_time_goes(capsys):

@@ -17,7 +17,8 @@ forward in eval mode; both on one fixed random batch. FLOP/s counts 2 x MACs per
 and 3x that for training (minivit.inspect.cost): the model's FLOPs as timm computes them, for
 both frameworks. minivit's forward skips the last block's work for the tokens the head never
 reads (VisionTransformer.forward; same logits and gradients), so its column is model FLOP/s:
-for cifar it executes ~12% fewer multiply-adds than the column counts.
+for cifar it executes ~12% fewer multiply-adds than the column counts. --full-last-block
+makes minivit do the same work as PyTorch.
 
 --against torch builds the same architecture in PyTorch with minivit's initial weights (the
 logits are compared as a check), on the same number of threads, and times both ALTERNATELY
@@ -58,6 +59,9 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--mode", choices=("both", "train", "infer"), default="both",
                    help="what to time (default: %(default)s)")
     add_backend_flags(p)
+    p.add_argument("--full-last-block", action="store_true",
+                   help="minivit computes every token in the last block, as PyTorch/timm do "
+                        "(default: only the class token, whose output the head reads)")
     p.add_argument("--tf32", action="store_true",
                    help="GPU: TF32 tensor-core GEMMs for float32 (CuPy and PyTorch)")
     p.add_argument("--against", choices=("torch",), default=None,
@@ -84,6 +88,7 @@ def run(args):
                            warmup_steps=args.warmup_steps, rounds=args.rounds,
                            backend_name=backend_name, dtype=args.dtype, against=args.against,
                            threads=args.threads, tf32=args.tf32, modes=modes,
-                           profile=args.profile, log=log)
+                           profile=args.profile, log=log,
+                           full_last_block=args.full_last_block)
     print(main_json(result) if args.json else format_report(result))
     return 0
