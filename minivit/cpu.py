@@ -31,9 +31,8 @@ shows where a step's time goes):
 Dispatch: the ops in minivit.functional call ``cpu.handles(*arrays)`` first; it is True only
 for NumPy float32/float64 arrays while the fast paths are on. float64 takes the same chunked
 kernels with exact erf (scipy's, or libm's in the compiled kernel), so gradient checks see the
-exact math. ``fast_paths(False)``
-(or MINIVIT_FAST_CPU=0) turns them off, leaving the plain whole-array NumPy code; the tests
-compare both.
+exact math. ``fast_paths(False)`` (or MINIVIT_FAST_CPU=0) turns them off, leaving the plain
+whole-array NumPy code; the tests compare both.
 
 Threads: ``set_num_threads(n)`` (or MINIVIT_NUM_THREADS); default: the CPUs this process may
 run on. BLAS threads: minivit sets NumPy's BLAS to 1 thread the first time a fast path runs,
@@ -601,7 +600,7 @@ def gelu_forward(x, approximate="none", need_grad=True):
     y = np.empty_like(flat)
     d = np.empty_like(flat) if need_grad else None
 
-    chunk = _CHUNK if compiled is None else _CHUNK * 4  # the ufunc chains want L2-sized chunks
+    chunk = _CHUNK if compiled is None else max(flat.size, 1)  # ufunc chains: L2-sized chunks
 
     def task(s, e):
         for cs in range(s, e, chunk):
