@@ -18,7 +18,7 @@ _GPU_INSTALL_HINT = (
     "on a machine with an NVIDIA GPU, or use --backend numpy"
 )
 
-_current = {"name": "numpy", "xp": np}
+_current = {"name": "numpy", "xp": np, "error": None}  # error: a bad MINIVIT_BACKEND, raised on use
 _random_generators = {}
 _checked_modules = {}  # "cupy" -> the module, once it imported and showed a GPU
 
@@ -58,15 +58,20 @@ def set_backend(name):
         raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
     _current["xp"] = np if name == "numpy" else _import_cupy()
     _current["name"] = name
+    _current["error"] = None
 
 
 def get_backend():
     """The current backend's name: "numpy" or "cupy"."""
+    if _current["error"] is not None:
+        raise _current["error"]
     return _current["name"]
 
 
 def xp():
     """The current backend's array module (numpy or cupy)."""
+    if _current["error"] is not None:
+        raise _current["error"]
     return _current["xp"]
 
 
@@ -136,9 +141,15 @@ def random_generator(name=None):
 
 
 def _select_from_environment():
+    """MINIVIT_BACKEND's choice. A bad one (unknown, or cupy without CuPy or a GPU) is raised
+    where a backend is first needed, not at import: `import minivit` and the command line's
+    error handling still work, and set_backend() or --backend can override it."""
     name = os.environ.get("MINIVIT_BACKEND")
     if name:
-        set_backend(name.strip().lower())
+        try:
+            set_backend(name.strip().lower())
+        except BackendError as error:
+            _current["error"] = BackendError(f"MINIVIT_BACKEND={name}: {error}")
 
 
 _select_from_environment()

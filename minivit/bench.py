@@ -75,9 +75,7 @@ def machine_info(backend_name="numpy", torch_module=None):
         "minivit": __version__,
         "numpy": np.__version__,
         "scipy": scipy.__version__,
-        "blas": cpu.blas_info(),
-        "compiled_kernels": cpu.compiled_kernels_info(),
-        "memory": cpu.memory_info(),
+        **_cpu_paths_info(cpu),
         "minivit_threads": cpu.num_threads(),
     }
     if backend_name == "cupy":
@@ -527,10 +525,22 @@ def profile_ops(runner, mode="train", steps=3):
     return {"mode": mode, "total": total, "ops": ops, "groups": dict(groups)}
 
 
+def _cpu_paths_info(cpu):
+    """What minivit did to BLAS, which CPU kernels ran, and malloc; with the fast paths off
+    (MINIVIT_FAST_CPU=0) none of them, and blas_info() is not called: it would set BLAS's
+    threads after the timed runs."""
+    if not cpu.fast_paths_enabled():
+        off = "not used: fast CPU paths off (MINIVIT_FAST_CPU=0)"
+        return {"blas": "left as it is: fast CPU paths off (MINIVIT_FAST_CPU=0)",
+                "compiled_kernels": off, "memory": "malloc left as it is"}
+    return {"blas": cpu.blas_info(), "compiled_kernels": cpu.compiled_kernels_info(),
+            "memory": cpu.memory_info()}
+
+
 def format_profile(profile, batch):
     lines = [f"per-op profile, {profile['mode']}: {1e3 * profile['total']:.1f} ms per step "
              f"({batch / profile['total']:.1f} images/s with the timers on)"]
-    for name, value in profile["groups"].items():
+    for name, value in sorted(profile["groups"].items(), key=lambda item: -item[1]):
         lines.append(f"  {name:<40}{1e3 * value:>9.1f} ms {100 * value / profile['total']:>5.1f}%")
     lines.append("  by op:")
     for name, value in profile["ops"].items():
@@ -549,14 +559,29 @@ def _human(value, unit):
 
 
 def _mib(value):
-    return f"{value / 2**20:.0f} MiB"
+    """Bytes as MiB (KiB below 1 MiB, so that a small model's peak does not read 0)."""
+    return f"{value / 2**20:.0f} MiB" if value >= 2**20 else f"{value / 2**10:.0f} KiB"
+
+
+def _blas_line(blas):
+    """"openblas 0.3.31 (libscipy_openblas), 1 thread (set by minivit)" from blas_info()."""
+    if isinstance(blas, str):
+        return blas
+    libraries = ", ".join(blas["libraries"]) or "not found by threadpoolctl"
+    if not blas["controlled"]:
+        return f"{libraries}, threads left as they are"
+    return f"{libraries}, {_count(blas['threads'], 'thread')} (set by minivit)"
+
+
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def format_report(result):
     """The human-readable table of a run_benchmark() result."""
     machine = result["machine"]
     lines = [f"minivit bench: {result['config']} (batch {result['batch']}, {result['dtype']}, "
-             f"backend {result['backend']}, {result['threads']} threads"
+             f"backend {result['backend']}, {_count(result['threads'], 'thread')}"
              + (", TF32" if result["tf32"] else "")
              + (", full last block" if result.get("full_last_block") else "") + ")",
              f"machine: {machine.get('gpu') or machine['cpu']}, {machine['usable_cores']} usable "
@@ -564,8 +589,8 @@ def format_report(result):
              "versions: " + ", ".join(f"{k} {machine[k]}" for k in
                                       ("minivit", "python", "numpy", "scipy", "cupy", "torch")
                                       if k in machine),
-             f"BLAS: {machine['blas']}; compiled CPU kernels: {machine['compiled_kernels']}; "
-             f"memory: {machine['memory']}; date {machine['date']}"]
+             f"BLAS: {_blas_line(machine['blas'])}; compiled CPU kernels: "
+             f"{machine['compiled_kernels']}; memory: {machine['memory']}; date {machine['date']}"]
     if "max_abs_logit_difference" in result:
         lines.append(f"same weights and batch: max |logits minivit - torch| = "
                      f"{result['max_abs_logit_difference']:.2e}")

@@ -50,6 +50,7 @@ import os
 import queue
 import sys
 import threading
+import warnings
 
 import numpy as np
 
@@ -60,14 +61,26 @@ def _env_flag(name, default):
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
 
 
-def _default_threads():
-    value = os.environ.get("MINIVIT_NUM_THREADS", "").strip()
-    if value:
-        return max(1, int(value))
+def _env_int(name, default):
+    """The integer in environment variable `name`, or `default` (with a warning saying so)
+    when it is set to something else."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return int(value)
+    except ValueError:
+        warnings.warn(f"{name}={value!r} is not a whole number; using {default}", stacklevel=3)
+        return default
+
+
+def _default_threads():
+    """MINIVIT_NUM_THREADS, else the CPUs this process may run on."""
+    try:
+        usable = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        usable = max(1, os.cpu_count() or 1)
+    return max(1, _env_int("MINIVIT_NUM_THREADS", usable))
 
 
 _state = {"fast": _env_flag("MINIVIT_FAST_CPU", "1"), "threads": _default_threads(),
@@ -177,7 +190,7 @@ def set_num_threads(n):
 # -- BLAS threads ---------------------------------------------------------------------------------
 def _configure_blas():
     """Put NumPy's BLAS on MINIVIT_BLAS_THREADS threads (default 1) through threadpoolctl."""
-    wanted = int(os.environ.get("MINIVIT_BLAS_THREADS", "1") or 1)
+    wanted = _env_int("MINIVIT_BLAS_THREADS", 1)
     info = {"controlled": False, "threads": None, "libraries": []}
     _state["blas"] = info
     if wanted <= 0:

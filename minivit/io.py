@@ -71,8 +71,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
     open(tmp, "xb").close()  # claims the name; permissions follow the umask
+    mode = tmp.stat().st_mode & 0o777
     try:
         write_fn(str(tmp))
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors: 0600) gets it back
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -54,7 +54,8 @@ def test_digits_json_reports_the_fields(capsys):
 def test_text_report_and_options(capsys):
     out = run_cli(capsys, "--config", "tiny", "--steps", "1", "--warmup-steps", "0",
                   "--mode", "infer", "--threads", "1", "--batch", "4", "--quiet")
-    assert "minivit bench: tiny (batch 4, float32, backend numpy, 1 threads)" in out
+    assert "minivit bench: tiny (batch 4, float32, backend numpy, 1 thread)" in out
+    assert " 0 MiB" not in out and "KiB" in out  # a tiny model's peak is not rounded to 0
     assert "infer" in out and "train " not in out
     assert "machine:" in out and "numpy" in out
 
@@ -140,3 +141,19 @@ def test_configurations_match_the_issue():
     assert c["cifar"]["model"]["embed_dim"] == 192 and c["cifar"]["batch"] == 128
     assert c["vit_s16"]["model"]["embed_dim"] == 384 and c["vit_s16"]["batch"] == 64
     assert c["vit_b16"]["model"]["embed_dim"] == 768 and c["vit_b16"]["batch"] == 64
+
+
+def test_with_the_fast_paths_off_the_report_says_so_and_leaves_blas_alone(capsys):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    with cpu.fast_paths(False):
+        out = run_cli(capsys, "--config", "tiny", "--steps", "1", "--warmup-steps", "0",
+                      "--quiet")
+    assert "BLAS: left as it is: fast CPU paths off (MINIVIT_FAST_CPU=0)" in out
+    assert "compiled CPU kernels: not used" in out
+    assert blas_threads() == before
+

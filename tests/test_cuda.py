@@ -60,6 +60,31 @@ def test_importing_minivit_cuda_does_not_import_cupy():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+def test_a_bad_minivit_backend_is_an_error_on_use_not_on_import():
+    """MINIVIT_BACKEND=foo (or cupy without a GPU): `import minivit` works, the first use of
+    the backend raises the BackendError, set_backend overrides it, and the command line
+    prints it as an error instead of a traceback."""
+    code = ("import minivit, numpy\n"
+            "from minivit.errors import BackendError\n"
+            "try:\n"
+            "    minivit.Tensor([1.0, 2.0])\n"
+            "except BackendError as error:\n"
+            "    print('raised:', error)\n"
+            "minivit.set_backend('numpy')\n"
+            "print(minivit.Tensor([1.0, 2.0]).sum().item())\n")
+    env = {**os.environ, "MINIVIT_BACKEND": "foo"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "raised: MINIVIT_BACKEND=foo: unknown backend 'foo'" in result.stdout
+    assert result.stdout.strip().endswith("3.0")
+    cli = subprocess.run([sys.executable, "-m", "minivit.cli", "bench", "--config", "tiny",
+                          "--steps", "1", "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert "error: MINIVIT_BACKEND=foo: unknown backend 'foo'" in cli.stderr
+
+
 def _ops_forward_and_backward(dtype):
     """Every op with a CUDA branch, forward and backward, on NumPy arrays of `dtype`."""
     rng = np.random.default_rng(0)

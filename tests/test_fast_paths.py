@@ -533,3 +533,19 @@ def test_freed_large_arrays_are_kept_for_reuse_on_glibc():
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert on.stdout.startswith("True glibc keeps freed arrays")
 
+
+def test_bad_thread_counts_in_the_environment_warn_and_fall_back():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from minivit import cpu; cpu.handles(np.zeros(2, np.float32)); "
+            "print(cpu.num_threads() >= 1, cpu.blas_info()['threads'])")
+    env = {**os.environ, "MINIVIT_NUM_THREADS": "abc", "MINIVIT_BLAS_THREADS": "two"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "MINIVIT_NUM_THREADS='abc' is not a whole number" in result.stderr
+    assert "MINIVIT_BLAS_THREADS='two' is not a whole number; using 1" in result.stderr
+    assert result.stdout.split()[0] == "True"
+

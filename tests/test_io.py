@@ -134,6 +134,19 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.npz"]
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_saved_weights_get_the_umasks_permissions(tmp_path, suffix):
+    """safetensors' writer creates its file 0600; the saved file follows the umask like the
+    other formats."""
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / f"w{suffix}"
+        save_weights({"w": np.zeros(3, np.float32)}, path)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_interrupt_removes_temp_file(tmp_path):
     def interrupted(tmp):
         raise KeyboardInterrupt
