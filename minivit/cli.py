@@ -19,10 +19,13 @@ COMMANDS = {
 
 
 def build_parser():
+    from minivit import __version__
+
     parser = argparse.ArgumentParser(
         prog="minivit",
         description="Vision Transformers on a small hand-written autograd engine (NumPy/CuPy).",
     )
+    parser.add_argument("--version", action="version", version=f"minivit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = _command_module(name)

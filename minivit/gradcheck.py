@@ -28,6 +28,16 @@ class InputCheck:
     max_rel_error: float
     mode: str  # "full" (every element) or "directional"
     passed: bool
+    rtol: float = 0.0  # the tolerances it was held to
+    atol: float = 0.0
+
+    @property
+    def verdict(self):
+        """"pass", "pass (atol)" when its relative error is above rtol but its absolute error
+        is under the round-off floor atol, or "FAIL"."""
+        if not self.passed:
+            return "FAIL"
+        return "pass" if self.max_rel_error <= self.rtol else "pass (atol)"
 
 
 @dataclass
@@ -43,7 +53,7 @@ class GradcheckReport:
                  f"{'max rel err':>12}  result"]
         for c in self.inputs:
             lines.append(f"{c.name:<16} {str(c.shape):<18} {c.mode:<12} {c.max_abs_error:12.3e} "
-                         f"{c.max_rel_error:12.3e}  {'pass' if c.passed else 'FAIL'}")
+                         f"{c.max_rel_error:12.3e}  {c.verdict}")
         return "\n".join(lines)
 
 
@@ -118,7 +128,7 @@ def gradcheck(fn, *inputs, parameters=(), eps=1e-6, rtol=1e-6, atol=None, names=
         rel_error = abs_error / scale if scale > 0 else abs_error
         passed = rel_error <= rtol or abs_error <= atol
         report.inputs.append(InputCheck(index, name, tuple(tensor.shape), abs_error, rel_error,
-                                        mode, passed))
+                                        mode, passed, rtol, atol))
     if raise_on_failure and not report.passed:
         raise AssertionError(f"gradient check failed:\n{report}")
     return report
