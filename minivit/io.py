@@ -420,24 +420,33 @@ def check_state_dict(
         f"{source} does not fit the model: {len(missing)} missing, {len(unexpected)} "
         f"unexpected, {len(misshaped)} mis-shaped key(s)"
     ]
-    lines += [f"  missing: {k}" for k in missing]
-    for k in unexpected:
-        reason = _unsupported_reason(k)
-        lines.append(f"  unexpected: {k}" + (f" ({reason}: not supported)" if reason else ""))
-    lines += [f"  mis-shaped: {k}: expected {want}, got {got}" for k, want, got in misshaped]
+    lines += _first(f"  missing: {k}" for k in missing)
+    lines += _first(f"  unexpected: {k}" + (f" ({reason}: not supported)" if reason else "")
+                    for k, reason in ((k, _unsupported_reason(k)) for k in unexpected))
+    lines += _first(f"  mis-shaped: {k}: expected {want}, got {got}" for k, want, got in misshaped)
     names = {k for k, _, _ in misshaped}
-    if "pos_embed" in names:
+    # the hints fit when only the image size or the classes differ, not another architecture
+    hinted = names <= {"pos_embed", "head.weight", "head.bias"}
+    if hinted and "pos_embed" in names:
         lines.append(
             "  hint: another image size changes pos_embed; resample it with "
             "minivit.io.resample_abs_pos_embed"
         )
-    if names & {"head.weight", "head.bias"}:
+    if hinted and names & {"head.weight", "head.bias"}:
         lines.append("  hint: another num_classes changes head.*; drop them to train a new head")
     lines.append(
         "Build the model with the checkpoint's configuration (patch size, embed_dim, depth, "
         "num_heads, num_classes, image size)."
     )
     raise WeightsError("\n".join(lines))
+
+
+def _first(lines, limit=12):
+    """At most `limit` of `lines`, then how many more there were."""
+    lines = list(lines)
+    if len(lines) <= limit:
+        return lines
+    return lines[:limit] + [f"  ... and {len(lines) - limit} more like these"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -329,6 +329,20 @@ def test_unsupported_timm_options_are_named(key, reason):
         check_state_dict(VIT_EXPECTED, state)
 
 
+def test_another_architecture_gets_a_short_error_without_misleading_hints():
+    """Every width differs (another model size): at most 12 lines per kind of problem, then a
+    count, and no pos_embed / num_classes hints."""
+    state = {k: np.zeros(tuple(2 * n for n in shape)) for k, shape in VIT_EXPECTED.items()}
+    for i in range(30):
+        state[f"blocks.{i + 9}.mlp.fc1.weight"] = np.zeros(1)
+    with pytest.raises(WeightsError) as info:
+        check_state_dict(VIT_EXPECTED, state)
+    message = str(info.value)
+    assert "... and 18 more like these" in message  # the 30 unexpected keys
+    assert "resample_abs_pos_embed" not in message and "drop them" not in message
+    assert len(message.splitlines()) <= 1 + 3 * 13 + 1
+
+
 def test_non_vit_state_dict_is_called_out():
     resnet = {"conv1.weight": np.zeros((4, 3, 7, 7)), "bn1.weight": np.zeros(4)}
     resnet["fc.weight"] = np.zeros((2, 4))
