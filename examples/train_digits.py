@@ -1,7 +1,9 @@
 """Train a tiny ViT on the embedded 8x8 digits through the Python API (no CLI).
 
-    python examples/train_digits.py
+    python examples/train_digits.py [--epochs 30]
 """
+
+import argparse
 
 import minivit
 import minivit.functional as F
@@ -10,7 +12,9 @@ from minivit.models import create_model
 from minivit.optim import AdamW, warmup_cosine
 from minivit.train import evaluate
 
-EPOCHS, BATCH, LR = 30, 64, 2e-3
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--epochs", type=int, default=30, help="default: %(default)s")
+EPOCHS, BATCH, LR = parser.parse_args().epochs, 64, 2e-3
 
 minivit.manual_seed(0)
 train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
