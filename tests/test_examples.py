@@ -7,14 +7,14 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_train_digits_example_learns_in_two_epochs():
-    result = subprocess.run([sys.executable, str(EXAMPLES / "train_digits.py"), "--epochs", "2"],
+def test_train_digits_example_learns_in_four_epochs():
+    result = subprocess.run([sys.executable, str(EXAMPLES / "train_digits.py"), "--epochs", "4"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
-    assert [line.split(":")[0].split()[-1] for line in lines] == ["1", "2"]
+    assert [line.split(":")[0].split()[-1] for line in lines] == ["1", "2", "3", "4"]
     accuracy = float(lines[-1].split()[-1])
-    assert accuracy > 0.2  # chance is 0.1
+    assert accuracy > 0.2  # chance is 0.1; 0.30 here after 4 epochs (the warm-up takes one)
 
 
 def test_train_digits_example_help_does_not_train():
