@@ -5,7 +5,10 @@
 
 - .npy: (H, W), (C, H, W) or a batch (N, C, H, W), channels first or last; float (or bool)
   values in [0, 1], or uint8 in 0..255. Anything else is refused with the shape or range found.
-- PNG/JPEG: one image, converted by Pillow to "L" (1-channel models) or "RGB" (3 channels).
+  A stack of grey images is (N, 1, H, W): for a 1-channel model (3, H, W) could be three grey
+  images or one RGB image, and is refused as ambiguous.
+- PNG/JPEG: one image, converted by Pillow to "L" (1-channel models) or "RGB" (3 channels);
+  16-bit grey PNGs ("I;16", "I" in 0..65535) are read at their full range (/ 65535).
 - Channels: a grey image is repeated for an RGB model; an RGB array becomes grey (ITU-R 601
   luma, as Pillow's "L") for a 1-channel model.
 - Size: "resize" (bicubic to the model's size) or "center_crop" (timm's ImageNet evaluation:
@@ -36,6 +39,9 @@ def read_images(path, channels, size, fit="resize"):
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     path = Path(path)
     size = tuple(size)
+    if path.is_dir():
+        raise MinivitError(f"{path}: is a folder, not an image file; name the image files in it "
+                           f"({', '.join(SUFFIXES)})")
     if not path.is_file():
         raise MinivitError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -72,29 +78,43 @@ def _read_npy(path, channels):
     elif array.dtype.kind not in "fiub":
         raise MinivitError(f"{path}: expected numeric pixels, got dtype {array.dtype}")
     else:
-        array = array.astype(np.float32)
-        low, high = float(array.min()), float(array.max())
-        if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-6 or high > 1 + 1e-6:
-            raise MinivitError(f"{path}: pixel values must lie in [0, 1] (or be uint8 0..255); "
-                               f"found {low:g} to {high:g}")
-        array = np.clip(array, 0.0, 1.0)
+        array = _unit_range(array, path, "pixel values must lie in [0, 1] (or be uint8 0..255)")
     return _match_channels(array, channels)
+
+
+def _unit_range(array, path, rule, hint=""):
+    """float32 `array` clipped to [0, 1]; an error (`rule`, the range found, `hint`) if it holds
+    values outside (beyond rounding) or NaN/inf."""
+    array = array.astype(np.float32)
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-6 or high > 1 + 1e-6:
+        raise MinivitError(f"{path}: {rule}; found {low:g} to {high:g}{hint}")
+    return np.clip(array, 0.0, 1.0)
 
 
 def _channels_first(array, channels, path):
     """(N, C, H, W) from (H, W), (C, H, W), (H, W, C), (N, C, H, W) or (N, H, W, C), where C is
-    one `_match_channels` can convert to `channels`."""
+    one `_match_channels` can convert to `channels`. For a 1-channel model, (3, H, W) with W not
+    a channel count is refused: three grey images, or one RGB image?"""
     usable = sorted({1, channels} | ({3} if channels == 1 else set()))
     if array.ndim in (2, 3, 4) and 0 not in array.shape:
         batch = array.reshape((1,) * (4 - array.ndim) + array.shape)
+        if array.ndim == 3 and channels == 1 and array.shape[0] == 3 \
+                and array.shape[2] not in usable:
+            raise MinivitError(f"{path}: shape {array.shape} is ambiguous for a 1-channel model: "
+                               "three grey images, or one RGB image channels first? Save N grey "
+                               "images as (N, 1, H, W), one RGB image as (H, W, 3) or "
+                               "(1, 3, H, W)")
         if batch.shape[1] in usable:
             return batch
         if batch.shape[3] in usable:
             return batch.transpose(0, 3, 1, 2)
     counts = " or ".join(str(c) for c in usable)
+    stack = array.ndim == 3 and array.size > 0
+    hint = "; save a stack of N grey images as (N, 1, H, W)" if stack else ""
     raise MinivitError(f"{path}: expected an image array {LAYOUTS}, with C = {counts} (the model "
                        f"takes {channels} channel{'s' * (channels != 1)}); got shape "
-                       f"{array.shape}")
+                       f"{array.shape}{hint}")
 
 
 def _match_channels(images, channels):
@@ -119,16 +139,36 @@ def _pillow(path, doing, instead):
 
 
 def _read_image(path, channels):
-    """A Pillow image in mode "L" (1 channel) or "RGB" (3 channels)."""
+    """A Pillow image in mode "L" (1 channel) or "RGB" (3 channels); a 16-bit or 32-bit one
+    (modes "I;16", "I", "F", which Pillow's "L" would clip at 255) as a (channels, H, W) array
+    in [0, 1]."""
     Image = _pillow(path, "reading PNG/JPEG", "give a .npy array")
     if channels not in (1, 3):
         raise MinivitError(f"{path}: the model takes {channels} channels; PNG/JPEG inputs need "
                            "a 1- or 3-channel model (give .npy arrays instead)")
     try:
         with Image.open(path) as image:
-            return image.convert("L" if channels == 1 else "RGB")
+            mode = image.mode
+            if mode.split(";")[0] not in ("I", "F"):
+                return image.convert("L" if channels == 1 else "RGB")
+            pixels = np.asarray(image)
     except (OSError, ValueError) as err:
         raise MinivitError(f"{path}: cannot read the image ({err})") from None
+    return _match_channels(_wide_pixels(pixels, mode, path)[None, None], channels)[0]
+
+
+def _wide_pixels(pixels, mode, path):
+    """(H, W) float32 in [0, 1] from a Pillow image of integers in 0..65535 (16-bit PNGs open
+    as "I;16", or "I" in older Pillow) or of floats in [0, 1] ("F")."""
+    instead = " (save it as an 8- or 16-bit PNG, or as a .npy array in [0, 1])"
+    if pixels.dtype.kind == "f":
+        return _unit_range(pixels, path, f"float pixels (mode {mode}) must lie in [0, 1]",
+                           instead)
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or high > 65535:
+        raise MinivitError(f"{path}: expected 16-bit values 0..65535 in a 32-bit integer image "
+                           f"(mode {mode}), found {low} to {high}{instead}")
+    return pixels.astype(np.float32) / np.float32(65535)
 
 
 # -- size ----------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ def table_rows(output):
     """{(op, input): result} from the gradcheck table."""
     rows = {}
     for line in output.splitlines():
-        parts = line.split()
-        if len(parts) == 7 and parts[-1] in ("pass", "FAIL"):
+        parts = line.replace("pass (atol)", "pass(atol)").split()
+        if len(parts) == 7 and parts[-1] in ("pass", "pass(atol)", "FAIL"):
             rows[parts[0], parts[1]] = parts[-1]
     return rows
 
@@ -126,6 +126,16 @@ def test_gradcheck_notices_a_forgotten_attention_scale(monkeypatch, capsys):
     assert rows["scaled_dot_product_attention", "k"] == "FAIL"
     assert rows["scaled_dot_product_attention", "v"] == "pass"
     assert rows["softmax", "x"] == "pass"
+
+
+def test_gradcheck_says_which_inputs_passed_on_the_absolute_floor(capsys):
+    """With an rtol no float64 difference can meet, the rows that pass do so on atol, and the
+    table says so instead of a bare 'pass'."""
+    assert main(["gradcheck", "--op", "linear", "--rtol", "1e-14"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert rows and set(rows.values()) == {"pass(atol)"}
+    assert "round-off" in out
 
 
 def test_gradcheck_unknown_op_lists_the_names(capsys):
@@ -399,6 +409,8 @@ def test_attention_command_image_files(tmp_path, monkeypatch, capsys, tiny_check
     ([], "give image files or --index"),
     (["--index", "100000"], "out of range"),
     (["wrong.npy"], "wrong.npy: no such file"),
+    (["."], ".: is a folder, not an image file; name the image files in it (.npy, .png, .jpg, "
+            ".jpeg)"),
 ])
 def test_attention_command_errors(tmp_path, monkeypatch, capsys, tiny_checkpoint, argv, message):
     run_dir, _ = tiny_checkpoint
@@ -435,3 +447,57 @@ def test_attention_command_converts_and_splits_arrays(tmp_path, monkeypatch, cap
     for tag, name in (("rgb.npy", "rgb"), ("batch.npy[0]", "batch_0"), ("batch.npy[1]", "batch_1")):
         assert f"{tag}: predicted digit" in out
         assert_png(tmp_path / f"{name}_attention.png")
+
+
+def test_attention_command_keeps_files_of_the_same_name_apart(tmp_path, monkeypatch, capsys,
+                                                               tiny_checkpoint, figures):
+    run_dir, _ = tiny_checkpoint
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    for folder in ("in", "other"):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "hw.npy", rng.random((8, 8)).astype(np.float32))
+    np.save("hw.npy", rng.random((2, 1, 8, 8)).astype(np.float32))
+    files = ["in/hw.npy", "other/hw.npy", "hw.npy"]
+    assert main(["attention", "--checkpoint", str(run_dir), *files]) == 0
+    out = capsys.readouterr().out
+    names = ["in_hw_npy", "other_hw_npy", f"{tmp_path.name}_hw_npy_0",
+             f"{tmp_path.name}_hw_npy_1"]
+    for tag, name in zip(["in/hw.npy", "other/hw.npy", "hw.npy[0]", "hw.npy[1]"], names):
+        assert f"{tag}: predicted digit" in out and f"-> {name}_attention.png" in out
+        assert_png(tmp_path / f"{name}_attention.png")
+    assert len(list(tmp_path.glob("*.png"))) == 4
+    # each figure shows its own input
+    inputs = [np.load(path) for path in files[:2]] + list(np.load("hw.npy")[:, 0])
+    for figure, image in zip(figures, inputs):
+        shown = figure.axes[0].get_images()[0].get_array()
+        np.testing.assert_allclose(shown, (image - image.min()) / np.ptp(image), rtol=1e-5)
+    # the same file twice: numbered; and with --out
+    assert main(["attention", "--checkpoint", str(run_dir), "in/hw.npy", "in/hw.npy",
+                 "--out", "maps/x.png"]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["x_hw_npy_0.png",
+                                                                      "x_hw_npy_1.png"]
+
+
+def test_attention_command_16_bit_png_as_its_8_bit_copy(tmp_path, monkeypatch, capsys,
+                                                         tiny_checkpoint, figures):
+    from PIL import Image
+
+    run_dir, _ = tiny_checkpoint
+    monkeypatch.chdir(tmp_path)
+    wide = (np.random.default_rng(4).random((8, 8)) * 65535).round().astype(np.uint16)
+    Image.fromarray(wide).save("16.png")
+    Image.fromarray((wide / 257).round().astype(np.uint8)).save("8.png")
+    assert main(["attention", "--checkpoint", str(run_dir), "16.png", "8.png"]) == 0
+    found = re.findall(r"^\d+\.png: predicted (digit \d) \(([\d.]+)%\)",
+                       capsys.readouterr().out, re.M)
+    assert found[0][0] == found[1][0]
+    assert float(found[0][1]) == pytest.approx(float(found[1][1]), abs=0.2)
+    # the input as shown, (image - min) / (max - min), and the attention maps agree
+    wide_input, narrow_input = (f.axes[0].get_images()[0].get_array() for f in figures)
+    shown = (wide - wide.min()) / np.ptp(wide)
+    np.testing.assert_allclose(wide_input, shown, rtol=1e-5)
+    np.testing.assert_allclose(narrow_input, shown, atol=2 / 255)
+    for panel in range(1, 4):
+        maps = [f.axes[panel].get_images()[-1].get_array() for f in figures]
+        np.testing.assert_allclose(maps[0], maps[1], rtol=1e-2)

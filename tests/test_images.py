@@ -89,6 +89,10 @@ def test_png_and_jpeg(tmp_path):
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(MinivitError, match=r"none\.npy: no such file"):
         read_images(tmp_path / "none.npy", 1, (8, 8))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(MinivitError, match=r"run: is a folder, not an image file; name the "
+                                           r"image files in it \(\.npy, \.png, \.jpg, \.jpeg\)"):
+        read_images(tmp_path / "run", 1, (8, 8))
     (tmp_path / "x.gif").write_bytes(b"GIF89a")
     with pytest.raises(MinivitError, match=r"x\.gif: unsupported file type '\.gif'; expected "
                                            r"\.npy, \.png, \.jpg, \.jpeg"):
@@ -112,23 +116,51 @@ def test_npz_named_npy(tmp_path):
         read_images(tmp_path / "x.npy", 1, (8, 8))
 
 
-@pytest.mark.parametrize("shape, channels, counts", [
-    ((64,), 1, "1 or 3"),
-    ((2, 8, 8), 1, "1 or 3"),
-    ((8, 8, 2), 3, "1 or 3"),
-    ((0, 8, 8), 1, "1 or 3"),
-    ((1, 1, 1, 8, 8), 1, "1 or 3"),
-    ((3, 8, 8), 4, "1 or 4"),
+STACK_HINT = "; save a stack of N grey images as (N, 1, H, W)"
+
+
+@pytest.mark.parametrize("shape, channels, counts, hint", [
+    ((64,), 1, "1 or 3", ""),
+    ((2, 8, 8), 1, "1 or 3", STACK_HINT),
+    ((5, 8, 8), 1, "1 or 3", STACK_HINT),
+    ((8, 8, 2), 3, "1 or 3", STACK_HINT),
+    ((0, 8, 8), 1, "1 or 3", ""),
+    ((1, 1, 1, 8, 8), 1, "1 or 3", ""),
+    ((3, 8, 8), 4, "1 or 4", STACK_HINT),
 ])
-def test_wrong_shape(tmp_path, shape, channels, counts):
+def test_wrong_shape(tmp_path, shape, channels, counts, hint):
     path = save(tmp_path, "x.npy", np.zeros(shape, np.float32))
     plural = "s" if channels > 1 else ""
     message = (f"x.npy: expected an image array (H,W), (C,H,W) or (N,C,H,W), channels first or "
                f"last, with C = {counts} (the model takes {channels} channel{plural}); got "
-               f"shape {shape}")
+               f"shape {shape}{hint}")
     with pytest.raises(MinivitError) as info:
         read_images(path, channels, (8, 8))
     assert str(info.value).endswith(message)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (3, 28, 28), (3, 8, 5)])
+def test_three_grey_images_or_one_rgb_is_ambiguous_for_a_grey_model(tmp_path, shape):
+    path = save(tmp_path, "x.npy", np.zeros(shape, np.float32))
+    with pytest.raises(MinivitError) as info:
+        read_images(path, 1, shape[1:])
+    assert str(info.value).endswith(
+        f"x.npy: shape {shape} is ambiguous for a 1-channel model: three grey images, or one "
+        "RGB image channels first? Save N grey images as (N, 1, H, W), one RGB image as "
+        "(H, W, 3) or (1, 3, H, W)")
+    assert read_images(path, 3, shape[1:]).shape == (1, 3) + shape[1:]  # RGB for an RGB model
+
+
+def test_unambiguous_layouts_of_three_grey_or_one_rgb_image(tmp_path):
+    rng = np.random.default_rng(7)
+    greys = rng.random((3, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(read_images(save(tmp_path, "g.npy", greys), 1, (8, 8)), greys)
+    rgb = rng.random((3, 8, 8)).astype(np.float32)
+    luma = (rgb * np.array([0.299, 0.587, 0.114], np.float32)[:, None, None]).sum(axis=0)
+    for name, array in (("hwc.npy", rgb.transpose(1, 2, 0)), ("nchw.npy", rgb[None])):
+        images = read_images(save(tmp_path, name, array), 1, (8, 8))
+        assert images.shape == (1, 1, 8, 8)
+        np.testing.assert_allclose(images[0, 0], luma, rtol=1e-6)
 
 
 @pytest.mark.parametrize("value, found", [(3.0, "found 0 to 3"), (-0.5, "found -0.5 to 0"),
@@ -146,6 +178,57 @@ def test_non_numeric_npy(tmp_path):
     path = save(tmp_path, "x.npy", np.full((8, 8), "a"))
     with pytest.raises(MinivitError, match=r"x\.npy: expected numeric pixels, got dtype <U1"):
         read_images(path, 1, (8, 8))
+
+
+@pytest.mark.parametrize("channels, size", [(1, (8, 8)), (3, (8, 8)), (3, (6, 6))])
+def test_16_bit_png_reads_at_full_range(tmp_path, channels, size):
+    Image = pytest.importorskip("PIL.Image")
+    wide = (np.random.default_rng(8).random((8, 8)) * 65535).round().astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "16.png")
+    Image.fromarray((wide / 257).round().astype(np.uint8)).save(tmp_path / "8.png")
+    with Image.open(tmp_path / "16.png") as image:
+        assert image.mode == "I;16"
+    images = read_images(tmp_path / "16.png", channels, size)
+    assert images.dtype == np.float32 and images.shape == (1, channels) + size
+    np.testing.assert_allclose(images, read_images(tmp_path / "8.png", channels, size),
+                               atol=1 / 255)
+    if size == (8, 8):
+        np.testing.assert_allclose(images[0], np.repeat(wide[None] / 65535, channels, axis=0),
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["I;16B", "I;16L"])
+def test_16_bit_byte_orders(tmp_path, mode):
+    Image = pytest.importorskip("PIL.Image")
+    wide = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    order = ">u2" if mode.endswith("B") else "<u2"
+    Image.frombytes(mode, (8, 8), wide.astype(order).tobytes()).save(tmp_path / "x.tiff")
+    (tmp_path / "x.tiff").rename(tmp_path / "x.png")  # Pillow reads the content, not the name
+    np.testing.assert_allclose(read_images(tmp_path / "x.png", 1, (8, 8))[0, 0], wide / 65535,
+                               rtol=1e-6)
+
+
+def test_32_bit_images(tmp_path):
+    """Mode "I" (as 16-bit PNGs open in older Pillow) and "F", here TIFFs named .png."""
+    Image = pytest.importorskip("PIL.Image")
+    wide = np.arange(64, dtype=np.int32).reshape(8, 8) * 1000
+    floats = np.random.default_rng(9).random((8, 8)).astype(np.float32)
+    for name, array in (("i.png", wide), ("f.png", floats)):
+        Image.fromarray(array).save(tmp_path / name, format="TIFF")
+    np.testing.assert_allclose(read_images(tmp_path / "i.png", 1, (8, 8))[0, 0], wide / 65535,
+                               rtol=1e-6)
+    np.testing.assert_allclose(read_images(tmp_path / "f.png", 3, (8, 8))[0],
+                               np.repeat(floats[None], 3, axis=0))
+    instead = r" \(save it as an 8- or 16-bit PNG, or as a \.npy array in \[0, 1\]\)"
+    Image.fromarray(wide * 100).save(tmp_path / "big.png", format="TIFF")
+    with pytest.raises(MinivitError, match=r"big\.png: expected 16-bit values 0\.\.65535 in a "
+                                           r"32-bit integer image \(mode I\), found 0 to "
+                                           r"6300000" + instead):
+        read_images(tmp_path / "big.png", 1, (8, 8))
+    Image.fromarray(floats * 255).save(tmp_path / "f255.png", format="TIFF")
+    with pytest.raises(MinivitError, match=r"f255\.png: float pixels \(mode F\) must lie in "
+                                           r"\[0, 1\]; found [\d.]+ to [\d.]+" + instead):
+        read_images(tmp_path / "f255.png", 1, (8, 8))
 
 
 def test_bad_png(tmp_path):

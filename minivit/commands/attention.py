@@ -10,8 +10,10 @@ EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), ch
 last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
 PNG/JPEG. Images are converted to the model's channels and resized (bicubic) to its image size;
 resizing an array needs Pillow too. A batch gives one figure per image (b.npy:
-b_0_attention.png, b_1_attention.png, ...). --index N takes sample N of the checkpoint's
-dataset instead. The image is normalised with the checkpoint's mean/std before the forward pass.
+b_0_attention.png, b_1_attention.png, ...). Where output names would clash, they take the
+file's suffix (b_npy_attention.png), else its folder (in_b_npy_...), else a number. --index N
+takes sample N of the checkpoint's dataset instead. The image is normalised with the
+checkpoint's mean/std before the forward pass.
 
 examples:
   minivit attention --checkpoint runs/latest --index 0 1 2 3
@@ -126,16 +128,34 @@ def _file_samples(model, args):
 
     channels, size = model.patch_embed.in_chans, model.patch_embed.img_size
     batches = [read_images(path, channels, size) for path in args.images]
-    names = [Path(path).name for path in args.images]
-    stems = [Path(path).stem for path in args.images]
-    if len(set(stems)) < len(stems):  # img.npy and img.png
-        stems = [name.replace(".", "_") for name in names]
-    tags, file_stems = [], []
-    for name, stem, batch in zip(names, stems, batches):
-        tags += image_names(name, len(batch))
-        file_stems += image_names(stem, len(batch), "_{}")
+    tags = [tag for path, batch in zip(args.images, batches)
+            for tag in image_names(str(path), len(batch))]
     images = np.concatenate(batches)
-    return images, [None] * len(images), tags, file_stems
+    stems = _unique_stems([Path(path) for path in args.images], [len(b) for b in batches])
+    return images, [None] * len(images), tags, stems
+
+
+def _unique_stems(paths, counts):
+    """One output-name stem per image (b_0, b_1, ... for a batch), unique: from each file's stem
+    (img), else its name (img_npy for img.npy and img.png), else its folder and name (in_img_npy
+    for in/img.npy and out/img.npy), else its name and the image's number (img_npy_3)."""
+    from minivit.images import image_names
+
+    def name(path):
+        return path.name.replace(".", "_")
+
+    def folder_and_name(path):
+        return "_".join(filter(None, (path.resolve().parent.name, name(path))))
+
+    def per_image(stem):
+        return [s for path, count in zip(paths, counts)
+                for s in image_names(stem(path), count, "_{}")]
+
+    for stem in (lambda path: path.stem, name, folder_and_name):
+        stems = per_image(stem)
+        if len(set(stems)) == len(stems):
+            return stems
+    return [f"{stem}_{i}" for i, stem in enumerate(per_image(name))]
 
 
 def _output_paths(args, stems):

@@ -10,8 +10,9 @@ EPILOG = """examples:
                   --labels imagenet_classes.txt cat.jpg
 
 Inputs: .npy arrays (H,W), (C,H,W) or (N,C,H,W), channels first or last, with values in [0,1]
-(or uint8 0..255), and PNG/JPEG files (needs Pillow: pip install 'minivit[images]'; so does
-resizing an array). Grey images are repeated for RGB models, RGB made grey for 1-channel ones.
+(or uint8 0..255; a stack of grey images as (N,1,H,W)), and PNG/JPEG files, 8- or 16-bit
+(needs Pillow: pip install 'minivit[images]'; so does resizing an array). Grey images are
+repeated for RGB models, RGB made grey for 1-channel ones.
 --checkpoint: a minivit training checkpoint (or run folder); images are converted to the
   model's channels, resized to its image size and normalised with the training data's
   mean/std; class names come from the checkpoint.
