@@ -16,6 +16,7 @@ from minivit.models import VisionTransformer
 
 OPTIMIZER_PREFIX = "optimizer."
 METADATA_KEY = "minivit"
+CHECKPOINT_SUFFIXES = (".safetensors", ".npz")  # the formats of --format
 
 
 def save_checkpoint(path, model, info, optimizer=None):
@@ -36,7 +37,9 @@ def read_checkpoint(path):
     state, metadata = load_weights(path)
     if METADATA_KEY not in metadata:
         raise WeightsError(f"{path} is a weights file but not a minivit checkpoint (it has no "
-                           f"'{METADATA_KEY}' metadata): use --weights with --model instead")
+                           f"'{METADATA_KEY}' metadata, so no model configuration): "
+                           f"`minivit predict --weights {path} --model NAME` reads such files, "
+                           f"`minivit info NAME` shows a model's shapes")
     info = json.loads(metadata[METADATA_KEY])
     model_state = {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX)}
     optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in state.items()
@@ -58,9 +61,10 @@ def model_from_checkpoint(path):
 
 def find_checkpoint(run_dir, name="best"):
     """The `name` checkpoint of a run folder, in whichever format it was written (the newer
-    one where a folder reused with another --format holds both)."""
+    one where a folder holds both, as one reused with another --format by minivit before
+    --overwrite could)."""
     existing = [path for path in (Path(run_dir) / f"{name}{suffix}"
-                                  for suffix in (".safetensors", ".npz")) if path.exists()]
+                                  for suffix in CHECKPOINT_SUFFIXES) if path.exists()]
     if existing:
         return max(existing, key=lambda path: path.stat().st_mtime_ns)
     raise WeightsError(f"no {name}.safetensors or {name}.npz in {run_dir}: is it a minivit run "

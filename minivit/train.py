@@ -10,7 +10,8 @@ schedule, evaluates every epoch and keeps a run folder:
 
 Checkpoints are written atomically; a run stopped at any point (Ctrl-C, NaN loss, a crash)
 keeps the last good checkpoint, and ``resume=True`` continues from it with exactly the batches
-and random numbers the uninterrupted run would have used.
+and random numbers the uninterrupted run would have used. A new run refuses a folder that holds
+another run unless ``overwrite=True``, which removes that run's checkpoints and metrics first.
 """
 
 import dataclasses
@@ -22,15 +23,21 @@ from pathlib import Path
 
 import minivit.functional as F
 from minivit import backend
-from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
+                                save_checkpoint)
 from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
 from minivit.errors import MinivitError, TrainingError
+from minivit.io import atomic_write
 from minivit.models import create_model
 from minivit.optim import AdamW, SGD, warmup_cosine
 from minivit.tensor import no_grad
 
 DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist": "vit_mnist",
                   "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar"}
+# The files of a run, in the order --overwrite removes them: the checkpoints --resume would
+# continue from first, config.json last.
+RUN_FILES = (*(f"{name}{suffix}" for name in ("last", "best") for suffix in CHECKPOINT_SUFFIXES),
+             "metrics.jsonl", "config.json")
 
 
 @dataclasses.dataclass
@@ -57,9 +64,54 @@ class TrainConfig:
     log_grads: bool = False
     progress: bool = True
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
+    overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
 
     def model_name(self):
         return self.model or DEFAULT_MODELS[self.dataset]
+
+
+def epochs_text(count):
+    """'1 epoch', '2 epochs'."""
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
+def _run_files(run_dir):
+    """The names of the run files (RUN_FILES) that `run_dir` holds."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _describe_run(run_dir, files):
+    """How far the run in `run_dir` got and its files, e.g. 'epoch 2 of 3 done: config.json,
+    ...', for messages."""
+    progress = "no epoch finished"
+    if any(name.startswith("last.") for name in files):
+        try:
+            info = read_checkpoint(find_checkpoint(run_dir, "last"))[2]
+            progress = f"epoch {info['epoch']} of {info['train_config']['epochs']} done"
+        except (MinivitError, OSError, KeyError, TypeError, ValueError):
+            progress = "an unreadable last checkpoint"
+    return f"{progress}: {', '.join(files)}"
+
+
+def _check_run_folder(config, run_dir):
+    """Refuse an `out` that is a file, a new run into a folder holding another run (unless
+    `overwrite`), and a resume with no checkpoint to continue from."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MinivitError(f"--out {run_dir} is a file, not a folder: pass --out a folder for "
+                           f"the run (a new one, or a run folder with --resume)")
+    if config.resume and config.overwrite:
+        raise MinivitError(f"--resume continues the run in {run_dir} and --overwrite replaces "
+                           f"it: pass one of them")
+    files = _run_files(run_dir)
+    if files and not config.resume and not config.overwrite:
+        raise MinivitError(f"{run_dir} already holds a run ({_describe_run(run_dir, files)}): "
+                           f"pass --resume to continue it, --out OTHER to keep it and start "
+                           f"another run, or --overwrite to replace it")
+    if config.resume and "config.json" in files and not any(
+            name.startswith("last.") for name in files):
+        raise MinivitError(f"--resume: {run_dir} has no checkpoint to continue from (its run "
+                           f"stopped before its first epoch ended): start it again with "
+                           f"--overwrite")
 
 
 def build_model(config, num_classes, image_size, channels):
@@ -128,6 +180,7 @@ def train(config, on_epoch_end=None):
 
     backend.set_backend(config.backend)
     run_dir = Path(config.out)
+    _check_run_folder(config, run_dir)
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
     for field, ok, expected in (
@@ -147,6 +200,7 @@ def train(config, on_epoch_end=None):
     model = build_model(config, train_set.num_classes, image_size, channels)
     optimizer = build_optimizer(config, model)
     augment = default_augmentation(config.dataset) if config.augment else None
+    config = dataclasses.replace(config, augment=augment is not None)  # record what is applied
     train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
                               augment=augment)
     test_loader = DataLoader(test_set, 256, shuffle=False)
@@ -156,7 +210,11 @@ def train(config, on_epoch_end=None):
             "class_names": train_set.class_names, "train_config": dataclasses.asdict(config)}
 
     start_epoch, best_accuracy = 0, -1.0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MinivitError(f"cannot create the run folder {run_dir}: {error.strerror or error}; "
+                           f"pass --out a folder that can be created") from None
     suffix = "." + config.checkpoint_format
     last_path = run_dir / f"last{suffix}"
     if config.resume:
@@ -165,9 +223,14 @@ def train(config, on_epoch_end=None):
         optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
         start_epoch, best_accuracy = saved["epoch"], saved["best_accuracy"]
         if start_epoch >= config.epochs:
-            raise MinivitError(f"--resume: {run_dir} has already trained {start_epoch} epochs; "
-                               f"pass --epochs greater than {start_epoch} to train further")
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            raise MinivitError(f"--resume: {run_dir} has already trained "
+                               f"{epochs_text(start_epoch)}; pass --epochs greater than "
+                               f"{start_epoch} to train further")
+    if config.overwrite:  # nothing of the old run may be resumed under the new config
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
     metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "best_accuracy": best_accuracy}

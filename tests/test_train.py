@@ -1,6 +1,7 @@
 """The training loop: it learns, resumes exactly, survives failures with its checkpoints intact."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 import minivit
 from minivit.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
 from minivit.cli import main
-from minivit.errors import TrainingError
+from minivit.errors import MinivitError, TrainingError
 from minivit.io import load_weights
 from minivit.train import TrainConfig, train
 
@@ -159,7 +160,7 @@ def test_nothing_left_to_train_is_a_clear_cli_error(tmp_path, capsys):
     assert main(["train", "--epochs", "1", *common]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", "--epochs", "1", *common]) == 1
-    assert "already trained 1 epochs; pass --epochs greater than 1" in capsys.readouterr().err
+    assert "already trained 1 epoch; pass --epochs greater than 1" in capsys.readouterr().err
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1
 
 
@@ -210,6 +211,29 @@ def test_eval_on_a_dataset_with_more_classes_than_the_model_is_a_clear_error(tmp
     assert "digits-test has 10 classes, the model only 5" in err
 
 
+def test_eval_on_a_dataset_of_another_image_size_names_both(tmp_path, capsys):
+    from minivit.checkpoint import save_checkpoint
+    from minivit.models import create_model
+
+    model = create_model("vit_digits", depth=1, embed_dim=16, num_heads=2)
+    save_checkpoint(tmp_path / "best.safetensors", model, {"dataset": "digits"})
+    assert main(["eval", "--checkpoint", str(tmp_path), "--dataset", "synthetic"]) == 1
+    err = capsys.readouterr().err
+    assert "synthetic-test's images are 3x32x32, the model takes 1x8x8 (it was trained on " \
+           "digits)" in err and "Traceback" not in err
+
+
+def test_plain_weights_given_as_a_checkpoint_point_to_predict(tmp_path, capsys):
+    from minivit.io import save_weights
+    from minivit.models import create_model
+
+    path = tmp_path / "plain.safetensors"
+    save_weights(create_model("vit_digits", depth=1).state_dict(), path)
+    assert main(["eval", "--checkpoint", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "not a minivit checkpoint" in err and "minivit predict --weights" in err
+
+
 def test_resume_without_epochs_keeps_the_runs_own(tmp_path, capsys):
     class Interrupt(Exception):
         pass
@@ -226,11 +250,142 @@ def test_resume_without_epochs_keeps_the_runs_own(tmp_path, capsys):
 
 def test_a_run_folder_reused_with_another_format_resumes_from_the_newer_checkpoint(tmp_path):
     train(quick_config(tmp_path, epochs=1, batch_size=256))
-    train(quick_config(tmp_path, epochs=2, batch_size=256, checkpoint_format="npz"))
     run_dir = tmp_path / "run"
-    assert (run_dir / "last.safetensors").exists()  # stale, from the first run
+    stale, stale_time = (run_dir / "last.safetensors").read_bytes(), \
+        (run_dir / "last.safetensors").stat().st_mtime_ns
+    train(quick_config(tmp_path, epochs=2, batch_size=256, checkpoint_format="npz",
+                       overwrite=True))
+    assert not (run_dir / "last.safetensors").exists()  # --overwrite removed the first run's
+    (run_dir / "last.safetensors").write_bytes(stale)  # as minivit before --overwrite left it
+    os.utime(run_dir / "last.safetensors", ns=(stale_time, stale_time))
     assert find_checkpoint(run_dir, "last").name == "last.npz"
     summary = train(quick_config(tmp_path, epochs=3, batch_size=256, checkpoint_format="npz",
                                  resume=True))
     epochs = [r["epoch"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert epochs == [1, 2, 3] and summary["epoch"] == 3  # went on from epoch 2, not 1
+
+
+# -- run folders: a new run never mixes with, or silently destroys, another ---------------------
+
+def run_files(run_dir):
+    """{name: bytes} of everything in a run folder."""
+    return {path.name: path.read_bytes() for path in sorted(run_dir.iterdir())}
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
+    run_dir = tmp_path / "mix"
+    assert main(["train", "--epochs", "2", "--batch-size", "256", "--out", str(run_dir),
+                 "--quiet"]) == 0
+    before = run_files(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--epochs", "1", "--lr", "1e-3", "--out", str(run_dir),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (f"{run_dir} already holds a run (epoch 2 of 2 done: last.safetensors, "
+            f"best.safetensors, metrics.jsonl, config.json): pass --resume to continue it, "
+            f"--out OTHER to keep it and start another run, or --overwrite to replace it") in err
+    assert run_files(run_dir) == before  # config, metrics and checkpoints untouched
+    with pytest.raises(MinivitError, match="already holds a run"):  # the Python API too
+        train(TrainConfig(**dict(QUICK, out=str(run_dir))))
+    assert run_files(run_dir) == before
+
+
+def test_an_overwritten_run_interrupted_in_its_first_epoch_cannot_resume_the_old_one(
+        tmp_path, capsys, monkeypatch):
+    import minivit.train as train_module
+
+    run_dir = tmp_path / "mix"
+    assert main(["train", "--epochs", "2", "--batch-size", "256", "--out", str(run_dir),
+                 "--quiet"]) == 0
+
+    def interrupt(*args, **kwargs):  # the first epoch's evaluation: before any checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate", interrupt)
+    assert main(["train", "--epochs", "3", "--lr", "1e-3", "--batch-size", "128", "--overwrite",
+                 "--out", str(run_dir), "--quiet"]) == 130
+    monkeypatch.undo()
+    assert sorted(path.name for path in run_dir.iterdir()) == ["config.json"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["lr"], saved["batch_size"], saved["epochs"]) == (1e-3, 128, 3)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run_dir), "--quiet"]) == 1
+    assert (f"--resume: {run_dir} has no checkpoint to continue from (its run stopped before "
+            f"its first epoch ended): start it again with --overwrite") in capsys.readouterr().err
+    assert main(["train", "--epochs", "1", "--out", str(run_dir), "--quiet"]) == 1
+    assert "already holds a run (no epoch finished: config.json)" in capsys.readouterr().err
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(quick_config(tmp_path, epochs=1, batch_size=256))
+    before = run_files(run_dir)
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"),
+                 "--overwrite", "--out", str(run_dir), "--quiet"]) == 1
+    assert "mnist" in capsys.readouterr().err.lower()
+    assert run_files(run_dir) == before
+    assert main(["train", "--resume", "--overwrite", "--out", str(run_dir), "--quiet"]) == 1
+    assert (f"--resume continues the run in {run_dir} and --overwrite replaces it: pass one of "
+            f"them") in capsys.readouterr().err
+    assert run_files(run_dir) == before
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    assert main(["train", "--epochs", "1", "--out", str(file), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (f"--out {file} is a file, not a folder: pass --out a folder for the run (a new one, "
+            f"or a run folder with --resume)") in err and "Traceback" not in err
+    assert main(["train", "--epochs", "1", "--out", str(file / "run"), "--quiet"]) == 1
+    assert f"cannot create the run folder {file / 'run'}: " in capsys.readouterr().err
+    assert file.read_text() == "keep me"
+
+
+def test_resume_refuses_training_options_that_differ_from_the_saved_ones(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = ["--batch-size", "256", "--out", str(run_dir), "--quiet"]
+    assert main(["train", "--epochs", "1", *common]) == 0
+    before = run_files(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--epochs", "2", "--lr", "1", "--optimizer", "sgd",
+                 "--log-grads", *common]) == 1
+    err = capsys.readouterr().err
+    assert (f"--resume continues {run_dir} with the configuration saved in its config.json, and "
+            f"these options differ from it: --lr 1.0 (saved: 0.002), --optimizer sgd (saved: "
+            f"adamw), --log-grads (saved: log-grads false). Leave them out to continue the run "
+            f"as it was, or start a new run with --out OTHER (or --overwrite to replace this "
+            f"one)") in err
+    assert run_files(run_dir) == before
+    # options equal to the saved ones (digits get no augmentation) are fine; the data may move
+    assert main(["train", "--resume", "--epochs", "2", "--model", "vit_digits", "--no-augment",
+                 "--lr", "0.002", "--data-dir", str(tmp_path), *common]) == 0
+    assert read_checkpoint(find_checkpoint(run_dir, "last"))[2]["epoch"] == 2
+    assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(tmp_path)
+
+
+def test_one_epoch_is_singular(tmp_path, capsys):
+    assert main(["train", "--epochs", "1", "--batch-size", "256", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    assert "after 1 epoch, " in capsys.readouterr().out
+
+
+def test_config_records_the_augmentation_actually_applied(tmp_path):
+    summary = train(quick_config(tmp_path, epochs=1, batch_size=256, augment=True))
+    assert summary["epoch"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] is False
+    _, _, info = read_checkpoint(find_checkpoint(tmp_path / "run", "last"))
+    assert info["train_config"]["augment"] is False  # digits get none
+
+
+def test_train_help_names_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = TrainConfig()
+    for expected in (f"default: {defaults.lr}", f"default: {defaults.batch_size}",
+                     f"default: {defaults.dataset}", f"default: {defaults.optimizer}",
+                     f"default: {defaults.seed}", "default float32", "--overwrite",
+                     f"default: {defaults.checkpoint_format}", f"default: {defaults.out}"):
+        assert expected in text, expected
+    assert "None" not in text

@@ -11,11 +11,19 @@ EPILOG = """examples:
   minivit train                                   tiny ViT on the embedded 8x8 digits (CPU)
   minivit train --dataset cifar10 --data-dir ~/data --epochs 50 --backend cupy
   minivit train --out runs/a --resume             continue runs/a from its last checkpoint
+  minivit train --out runs/a --overwrite          replace the run in runs/a with a new one
 
 The run folder (--out) gets config.json, metrics.jsonl (one JSON record per epoch and split),
 last.safetensors (weights + optimizer, every epoch) and best.safetensors (best test accuracy).
-Checkpoints are written atomically: an interrupted run keeps its last good checkpoint.
+Checkpoints are written atomically: an interrupted run keeps its last good checkpoint. A new run
+refuses a folder that holds another run: --resume it, pick another --out, or --overwrite it.
 """
+
+# Options that are not part of what a run trains: never compared with a resumed run's config.
+RUN_CONTROL = {"out", "resume", "overwrite", "progress"}
+# Training options --resume takes from the command line instead of the run's config.json.
+RESUME_MAY_CHANGE = {"epochs", "data_dir"}
+FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest: --name-like-this
 
 
 def add_parser(subparsers, name, help_text):
@@ -25,15 +33,17 @@ def add_parser(subparsers, name, help_text):
     p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=defaults.dataset,
+    # Training options default to None so that run() knows which ones were given (--resume
+    # refuses those that differ from the run's); the help texts name TrainConfig's defaults.
+    data.add_argument("--dataset", default=None,
                       choices=("digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
                                "synthetic"),
                       help="digits is embedded; mnist/fashion_mnist (IDX files) and "
                            "cifar10/cifar100 (python pickle batches) are read from --data-dir "
-                           "(default: %(default)s)")
+                           f"(default: {defaults.dataset})")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding the dataset files (default: ./data)")
-    data.add_argument("--no-augment", dest="augment", action="store_false",
+    data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                       help="turn off the dataset's default augmentation")
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", default=None, metavar="NAME",
@@ -41,58 +51,88 @@ def add_parser(subparsers, name, help_text):
                             "model that suits the dataset (vit_digits, vit_mnist, vit_cifar)")
     model.add_argument("--epochs", type=int, default=None,
                        help=f"default: {defaults.epochs}; with --resume, the run's own")
-    model.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                       help="default: %(default)s")
-    model.add_argument("--lr", type=float, default=defaults.lr,
-                       help="peak AdamW learning rate (default: %(default)s)")
-    model.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    model.add_argument("--batch-size", type=int, default=None,
+                       help=f"default: {defaults.batch_size}")
+    model.add_argument("--lr", type=float, default=None,
+                       help=f"peak AdamW learning rate (default: {defaults.lr})")
+    model.add_argument("--weight-decay", type=float, default=None,
                        help="decoupled weight decay, not on biases/norms/embeddings "
-                            "(default: %(default)s)")
-    model.add_argument("--warmup", type=int, default=defaults.warmup, metavar="EPOCHS",
-                       help="linear warmup epochs before the cosine decay (default: %(default)s)")
-    model.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
-                       help="default: %(default)s")
-    model.add_argument("--drop-path", type=float, default=defaults.drop_path,
-                       help="stochastic depth rate of the last block (default: %(default)s)")
-    model.add_argument("--clip-grad", type=float, default=defaults.clip_grad,
-                       help="clip the global gradient norm to this (0: off; default: "
-                            "%(default)s)")
-    model.add_argument("--optimizer", choices=("adamw", "sgd"), default=defaults.optimizer)
+                            f"(default: {defaults.weight_decay})")
+    model.add_argument("--warmup", type=int, default=None, metavar="EPOCHS",
+                       help="linear warmup epochs before the cosine decay (default: "
+                            f"{defaults.warmup})")
+    model.add_argument("--label-smoothing", type=float, default=None,
+                       help=f"default: {defaults.label_smoothing}")
+    model.add_argument("--drop-path", type=float, default=None,
+                       help=f"stochastic depth rate of the last block (default: "
+                            f"{defaults.drop_path})")
+    model.add_argument("--clip-grad", type=float, default=None,
+                       help=f"clip the global gradient norm to this (0: off; default: "
+                            f"{defaults.clip_grad})")
+    model.add_argument("--optimizer", choices=("adamw", "sgd"), default=None,
+                       help=f"default: {defaults.optimizer}")
     run = p.add_argument_group("run")
     add_backend_flags(run)
-    run.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    p.set_defaults(dtype=None)  # its help names the default
+    run.add_argument("--seed", type=int, default=None, help=f"default: {defaults.seed}")
     run.add_argument("--out", default=defaults.out, metavar="RUN_DIR",
                      help="run folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint, with its saved "
-                          "configuration (only --epochs may change)")
+                          "configuration (only --epochs and --data-dir may change)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --out that holds a run, removing that run's "
+                          "checkpoints and metrics")
     run.add_argument("--format", dest="checkpoint_format", choices=("safetensors", "npz"),
-                     default=defaults.checkpoint_format, help="checkpoint file format")
-    run.add_argument("--log-grads", action="store_true",
+                     default=None, help=f"checkpoint file format (default: "
+                                        f"{defaults.checkpoint_format})")
+    run.add_argument("--log-grads", action="store_true", default=None,
                      help="log per-layer gradient norms and update/weight ratios each epoch")
     run.add_argument("--quiet", dest="progress", action="store_false",
                      help="no progress bar or per-epoch lines")
 
 
+def _check_resumed_options(run_dir, saved, given):
+    """Refuse training options given with --resume that differ from the run's saved config."""
+    differing = []
+    for name, value in given.items():
+        kept = saved.model_name() if name == "model" else getattr(saved, name)
+        if name in RESUME_MAY_CHANGE or value == kept:
+            continue
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            differing.append(f"{flag} (saved: {name.replace('_', '-')} {json.dumps(kept)})")
+        else:
+            differing.append(f"{flag} {value} (saved: {kept})")
+    if differing:
+        from minivit.errors import MinivitError
+
+        raise MinivitError(f"--resume continues {run_dir} with the configuration saved in its "
+                           f"config.json, and these options differ from it: "
+                           f"{', '.join(differing)}. Leave them out to continue the run as it "
+                           f"was, or start a new run with --out OTHER (or --overwrite to "
+                           f"replace this one)")
+
+
 def run(args):
     from minivit.errors import MinivitError
-    from minivit.train import TrainConfig, train
+    from minivit.train import TrainConfig, epochs_text, train
 
-    args.backend = apply_backend(args)
-    if args.epochs is None and not args.resume:
-        args.epochs = TrainConfig.epochs
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items()
+             if k in fields - RUN_CONTROL and v is not None}  # before apply_backend fills it
+    run_control = {"out": args.out, "progress": args.progress, "overwrite": args.overwrite}
+    config = TrainConfig(**dict(given, backend=apply_backend(args), **run_control))
     if args.resume:
         saved_path = Path(args.out) / "config.json"
         if not saved_path.exists():
             raise MinivitError(f"--resume: {saved_path} does not exist; is {args.out} a run "
                                f"folder made by minivit train?")
-        saved = json.loads(saved_path.read_text())
-        saved.update(resume=True, progress=args.progress, out=args.out)
-        if args.epochs is not None:
-            saved["epochs"] = args.epochs
-        config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+        saved = TrainConfig(**{k: v for k, v in json.loads(saved_path.read_text()).items()
+                               if k in fields})
+        _check_resumed_options(args.out, saved, given)
+        changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
+        config = dataclasses.replace(saved, resume=True, **run_control, **changes)
     finished = []  # epochs whose checkpoint has been written in this run
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
@@ -108,6 +148,6 @@ def run(args):
                   file=sys.stderr)
         return 130
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
-          f"after {summary['epoch']} epochs, {summary['seconds']:.1f} s; run folder "
+          f"after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")
     return 0
