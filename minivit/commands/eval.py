@@ -18,15 +18,19 @@ def add_parser(subparsers, name, help_text):
 def run(args):
     from minivit.checkpoint import model_from_checkpoint
     from minivit.data import DataLoader, load_dataset
+    from minivit.errors import MinivitError
     from minivit.train import evaluate
 
     apply_backend(args)
     model, info = model_from_checkpoint(args.checkpoint)
     model.to(dtype=args.dtype)
     dataset = load_dataset(args.dataset or info["dataset"], args.split, args.data_dir)
+    expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
+    if tuple(dataset.images.shape[1:]) != expected:
+        raise MinivitError(f"{dataset.name}'s images are {_size(dataset.images.shape[1:])}, the "
+                           f"model takes {_size(expected)} (it was trained on {info['dataset']}): "
+                           f"evaluate it on a dataset of that size")
     if dataset.num_classes > model.num_classes:
-        from minivit.errors import MinivitError
-
         raise MinivitError(f"{dataset.name} has {dataset.num_classes} classes, the model only "
                            f"{model.num_classes}: evaluate it on a dataset with at most "
                            f"{model.num_classes} classes")
@@ -34,3 +38,8 @@ def run(args):
     loss, accuracy = evaluate(model, loader, args.dtype)
     print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
     return 0
+
+
+def _size(shape):
+    """'1x8x8' (channels x height x width)."""
+    return "x".join(map(str, shape))
