@@ -113,6 +113,14 @@ def test_layer_norm_backward_adds_into_the_accumulators():
     np.testing.assert_allclose(grad_b, 1 + grad.sum(axis=0), rtol=1e-13)
 
 
+def run_python(code, **env):
+    """stdout of `code` in a fresh interpreter with `env` added to the environment."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_without_numba_the_numpy_code_runs_and_says_why():
     """A fresh interpreter where `import numba` fails: minivit works and says how to get them."""
     code = (
@@ -127,10 +135,8 @@ def test_without_numba_the_numpy_code_runs_and_says_why():
         "y.sum().backward()\n"
         "assert x.grad.dtype == np.float32 and np.all(np.isfinite(x.grad))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "numba is not installed" in result.stdout and "minivit[fast]" in result.stdout
+    out = run_python(code)
+    assert "numba is not installed" in out and "minivit[fast]" in out
 
 
 def test_when_numba_cannot_load_the_kernels_the_numpy_code_runs_and_says_why():
@@ -149,10 +155,8 @@ def test_when_numba_cannot_load_the_kernels_the_numpy_code_runs_and_says_why():
         "assert not cpu.compiled_kernels_available()\n"
         "print(cpu.compiled_kernels_info())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "no locator available" in result.stdout and "NUMBA_CACHE_DIR" in result.stdout
+    out = run_python(code)
+    assert "no locator available" in out and "NUMBA_CACHE_DIR" in out
 
 
 def test_with_numba_disable_jit_the_numpy_code_runs():
@@ -162,10 +166,7 @@ def test_with_numba_disable_jit_the_numpy_code_runs():
             "y, d = cpu.gelu_forward(np.linspace(-3, 3, 8, dtype=np.float32))\n"
             "assert y.dtype == np.float32 and not cpu.compiled_kernels_available()\n"
             "print(cpu.compiled_kernels_info())\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
-    assert result.returncode == 0, result.stderr
-    assert "NUMBA_DISABLE_JIT is set" in result.stdout
+    assert "NUMBA_DISABLE_JIT is set" in run_python(code, NUMBA_DISABLE_JIT="1")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
