@@ -12,7 +12,7 @@ the two).
   threading layer is never used.
 - One kernel serves float32 and float64: ``_like(x, c)`` makes the constant c of x's type, so
   float32 stays float32 (no conversions; float64 sums halved LayerNorm's speed), and
-  ``_exp``/``_half_erfc`` pick the float32 approximations or libm's exact float64 functions by
+  ``_exp``/``_half_erfc_over_sqrt2`` pick the float32 approximations or libm's exact float64 functions by
   type at compile time. Sums along a row (LayerNorm statistics, softmax denominators, their
   backward dot products) run in the input's type over vector lanes, as PyTorch's; sums down
   many rows (LayerNorm's dw, db) accumulate in float64.
@@ -53,9 +53,8 @@ def _like_overload(x, constant):
 
 # exp for x <= 0 in float32: 2ⁿ·e^r with n = round(x/ln 2), |r| <= ln2/2, e^r by its degree-6
 # Taylor polynomial (truncation < 2e-7; < 2.5e-7 with float32 rounding), 2ⁿ built from its
-# exponent bits. Unlike libm's
-# expf, LLVM vectorises it. Below ln(2⁻¹²⁶) the result flushes to 0 (true values are
-# subnormal or 0).
+# exponent bits. Unlike libm's expf, LLVM vectorises it. Below ln(2⁻¹²⁶) the result flushes to
+# 0 (true values are subnormal or 0).
 _EXP_LOWEST = -87.33  # ≈ ln(2⁻¹²⁶)
 
 
