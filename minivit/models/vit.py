@@ -60,8 +60,7 @@ class VisionTransformer(Module):
         (with dropout, drop_rate > 0, in training: the same in distribution, as the last
         block then draws its masks for the class token only); set
         ``model.full_last_block = True`` to compute every token as timm does."""
-        class_token_only = not self.full_last_block and len(self.blocks) > 0
-        return self.forward_head(self.forward_features(x, class_token_only))
+        return self.forward_head(self.forward_features(x, not self.full_last_block))
 
     def forward_with_attention(self, x):
         """(logits, attention) where attention is a list with one (B, heads, N+1, N+1) array of
