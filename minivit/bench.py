@@ -179,15 +179,15 @@ class MinivitRunner:
         with no_grad():
             return np.asarray(backend.to_numpy(self.model(self.x).data), dtype=np.float64)
 
-    def memory_reset(self):
-        if self.backend == "cupy":
-            from minivit import cuda
-            cuda.free_memory()
-
-    def memory_peak(self):
-        """Bytes CuPy's pool holds (it keeps freed blocks, so this is the high-water mark)."""
+    def gpu_memory(self, step):
+        """GPU memory over one call of step(): the peak of bytes in use (arrays alive, as
+        torch.cuda.max_memory_allocated counts) and what CuPy's pool then holds (freed blocks
+        it keeps for reuse included, as torch.cuda.max_memory_reserved counts)."""
         from minivit import cuda
-        return cuda.memory_info()["held"]
+        cuda.free_memory()
+        with cuda.PeakMemory() as peak:
+            step()
+        return {"peak_gpu_bytes": peak.bytes, "gpu_pool_bytes": cuda.memory_info()["held"]}
 
 
 # -- PyTorch (only with --against torch) ------------------------------------------------------------
@@ -308,13 +308,14 @@ class TorchRunner:
         with self.torch.no_grad():
             return self.model(self.x).double().cpu().numpy()
 
-    def memory_reset(self):
-        if self.device != "cpu":
-            self.torch.cuda.empty_cache()
-            self.torch.cuda.reset_peak_memory_stats()
-
-    def memory_peak(self):
-        return int(self.torch.cuda.max_memory_allocated())
+    def gpu_memory(self, step):
+        """The peak of allocated and of reserved GPU bytes over one call of step()."""
+        cuda = self.torch.cuda
+        cuda.empty_cache()
+        cuda.reset_peak_memory_stats()
+        step()
+        return {"peak_gpu_bytes": int(cuda.max_memory_allocated()),
+                "gpu_pool_bytes": int(cuda.max_memory_reserved())}
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -336,13 +337,12 @@ def _summary(times, batch, flops_per_image):
 
 
 def _measure_memory(runner, mode, on_gpu):
-    """Peak memory of one step of `mode`: on the GPU the memory pool's (CuPy) or allocator's
-    (PyTorch) peak; on the CPU, for minivit, the peak of live NumPy arrays (tracemalloc)."""
+    """Peak memory of one step of `mode`: on the GPU the peak of bytes in use and the bytes
+    the allocator holds (runner.gpu_memory); on the CPU, for minivit, the peak of live NumPy
+    arrays (tracemalloc)."""
     step = runner.train_step if mode == "train" else runner.infer_step
     if on_gpu:
-        runner.memory_reset()
-        step()
-        return {"peak_gpu_bytes": runner.memory_peak()}
+        return runner.gpu_memory(step)
     if runner.name == "minivit":
         return {"peak_array_bytes": traced_peak_bytes(step)}
     return {}
@@ -626,8 +626,12 @@ def format_report(result):
         lines.append("")
         lines.append(format_profile(profile, result["batch"]))
     if result["backend"] == "cupy":
-        lines.append("peak memory: GPU memory-pool high-water mark over one step (PyTorch: "
-                     "torch.cuda.max_memory_allocated)")
+        held = ", ".join(f"{mode} {_mib(result['minivit'][mode]['gpu_pool_bytes'])}"
+                         + (f" (torch {_mib(result['torch'][mode]['gpu_pool_bytes'])})"
+                            if "torch" in result else "") for mode in result["minivit"])
+        lines.append("peak memory: the most GPU bytes in use at once during one step (CuPy "
+                     "pool's used bytes; PyTorch: torch.cuda.max_memory_allocated); held by the "
+                     f"pool after it (reserved): {held}")
     else:
         lines.append("peak memory: live NumPy arrays at the peak of one step (tracemalloc, "
                      "untimed step); process peak RSS "

@@ -5,7 +5,8 @@ chain of CuPy calls (each ~18 µs of Python launch overhead plus a full read/wri
 
     op                  forward                            backward
     layer_norm          RawKernel, one block per row       RawKernel (dx, two row sums per
-                        (mean, variance, x̂, y, 1/σ)        block) + ReductionKernel (dw) + sum (db)
+                        (mean, variance, x̂, y, 1/σ)        block) + column_sums (dw and db)
+    bias gradients                                         column_sums: coalesced Σ over rows
     gelu (exact, tanh)  ElementwiseKernel (erff/erf)       ElementwiseKernel (recomputes Φ / tanh)
     softmax/log_softmax RawKernel, one block per row       RawKernel p ⊙ (g − Σ g ⊙ p)
     cross_entropy       RawKernel per row: log-sum-exp and ElementwiseKernel (p Σq − q)·scale
@@ -27,7 +28,7 @@ Kernels are built on first use and cached per (kernel, dtype); CuPy also caches 
 binaries on disk (~/.cupy/kernel_cache), so only the first run on a machine pays for NVRTC.
 
 Other helpers: ``set_tf32(enabled)`` (TF32 tensor-core GEMMs for float32 matmuls),
-``synchronize()``, ``memory_info()``, and the experimental ``capture_step`` (CUDA graphs).
+``synchronize()``, ``memory_info()``, ``PeakMemory()``, and the experimental ``capture_step`` (CUDA graphs).
 """
 
 import contextlib
@@ -270,10 +271,43 @@ extern "C" __global__ void cross_entropy_soft(
 }
 """
 
+# Column sums of a C-contiguous (rows, cols) array: sums_c = Σ_r a_rc and, with_dot, dots_c =
+# Σ_r a_rc b_rc. Block (32, 8): a warp reads 32 neighbouring columns of one row (coalesced), the
+# 8 warps take every 8th row of the block's chunk; grid (column tiles, row chunks) writes one
+# partial row per chunk, which a second launch over the (chunks, cols) partials sums.
+_COLUMN_SUMS = r"""
+extern "C" __global__ void column_sums(
+        const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ sums,
+        T* __restrict__ dots, const int rows, const int cols, const int chunk_rows,
+        const int with_dot) {
+    __shared__ T shared_sums[8][33], shared_dots[8][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const int stop = min(rows, (blockIdx.y + 1) * chunk_rows);
+    T s = 0, d = 0;
+    if (col < cols) {
+        for (int r = blockIdx.y * chunk_rows + threadIdx.y; r < stop; r += 8) {
+            const T value = a[(long long)r * cols + col];
+            s += value;
+            if (with_dot) d += value * b[(long long)r * cols + col];
+        }
+    }
+    shared_sums[threadIdx.y][threadIdx.x] = s;
+    shared_dots[threadIdx.y][threadIdx.x] = d;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < cols) {
+        for (int i = 1; i < 8; ++i) { s += shared_sums[i][threadIdx.x]; d += shared_dots[i][threadIdx.x]; }
+        const long long out = (long long)blockIdx.y * cols + col;
+        sums[out] = s;
+        if (with_dot) dots[out] = d;
+    }
+}
+"""
+
 _ROW_SOURCES = {
     "layer_norm_forward": _LAYER_NORM, "layer_norm_backward": _LAYER_NORM,
     "softmax_forward": _SOFTMAX, "softmax_backward": _SOFTMAX,
     "cross_entropy_labels": _CROSS_ENTROPY, "cross_entropy_soft": _CROSS_ENTROPY,
+    "column_sums": _COLUMN_SUMS,
 }
 _C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -354,15 +388,6 @@ def _elementwise(name):
     return _kernels[key]
 
 
-def _dot_columns():
-    """ReductionKernel: out_j = Σ_i g_ij n_ij (LayerNorm's dw = Σ dy ⊙ x̂ in one pass)."""
-    key = ("dot_columns", None)
-    if key not in _kernels:
-        _kernels[key] = _cupy().ReductionKernel("T g, T xhat", "T out", "g * xhat", "a + b",
-                                                "out = a", "0", "minivit_dot_columns")
-    return _kernels[key]
-
-
 def _threads(cols):
     """Threads per row block: a power of two from 32 (one warp) to 256, about one per column."""
     return min(256, max(32, 1 << max(cols - 1, 0).bit_length()))
@@ -371,6 +396,46 @@ def _threads(cols):
 def _launch_rows(name, dtype, rows, cols, args):
     if rows:
         _row_kernel(name, dtype)((rows,), (_threads(cols),), args)
+
+
+# -- column sums (bias and LayerNorm weight gradients) ---------------------------------------
+_COLUMN_BLOCKS = 512  # blocks to aim for: a few per multiprocessor (132 on an H100)
+
+
+def _column_pass(a, b, rows, cols, max_chunks=_COLUMN_BLOCKS):
+    """One launch of column_sums over (rows, cols): returns (sums, dots or None), each of shape
+    (chunks, cols), chunks <= max_chunks chosen so the grid has about _COLUMN_BLOCKS blocks."""
+    cp = _cupy()
+    tiles = (cols + 31) // 32
+    chunks = max(1, min((rows + 7) // 8, _COLUMN_BLOCKS // tiles, max_chunks))
+    chunk_rows = (rows + chunks - 1) // chunks
+    chunks = (rows + chunk_rows - 1) // chunk_rows
+    sums = cp.empty((chunks, cols), a.dtype)
+    dots = cp.empty((chunks, cols), a.dtype) if b is not None else None
+    _row_kernel("column_sums", a.dtype)(
+        (tiles, chunks), (32, 8),
+        (a, a if b is None else b, sums, sums if dots is None else dots, np.int32(rows),
+         np.int32(cols), np.int32(chunk_rows), np.int32(b is not None)))
+    return sums, dots
+
+
+def column_sums(a, b=None):
+    """Σ over the rows of a 2-D array `a` (its column sums), and with `b` (same shape) also
+    Σ_rows a ⊙ b, in one coalesced pass: (sums, dots or None), each of shape (cols,)."""
+    cp = _cupy()
+    a = cp.ascontiguousarray(a)
+    rows, cols = a.shape
+    if b is not None:
+        b = cp.ascontiguousarray(b)
+    if rows == 0 or cols == 0:
+        zeros = cp.zeros(cols, a.dtype)
+        return zeros, (zeros.copy() if b is not None else None)
+    sums, dots = _column_pass(a, b, rows, cols)
+    if sums.shape[0] > 1:  # sum the per-chunk partials: one more pass, one chunk
+        sums = _column_pass(sums, None, sums.shape[0], cols, max_chunks=1)[0]
+        if dots is not None:
+            dots = _column_pass(dots, None, dots.shape[0], cols, max_chunks=1)[0]
+    return sums.reshape(cols), (dots.reshape(cols) if dots is not None else None)
 
 
 # -- layer_norm -------------------------------------------------------------------------------
@@ -404,12 +469,10 @@ def layer_norm_backward(grad, normalized, rstd, weight, needs_input_grad):
         _launch_rows("layer_norm_backward", grad.dtype, rows, cols,
                      (grad, cp.ascontiguousarray(normalized), cp.ascontiguousarray(rstd), w,
                       grad_x, np.int32(cols)))
-    grad2d = grad.reshape(rows, cols)
-    if need_w:
-        grad_w = _dot_columns()(grad2d, normalized.reshape(rows, cols), axis=0)
-    if need_b:
-        grad_b = grad2d.sum(axis=0)
-    return grad_x, grad_w, grad_b
+    if need_w or need_b:  # db = Σ dy and dw = Σ dy ⊙ x̂ over the rows, in one pass
+        grad_b, grad_w = column_sums(grad.reshape(rows, cols),
+                                     normalized.reshape(rows, cols) if need_w else None)
+    return grad_x, grad_w if need_w else None, grad_b if need_b else None
 
 
 # -- gelu -------------------------------------------------------------------------------------
@@ -565,6 +628,34 @@ def memory_info():
     return {"used": int(pool.used_bytes()), "held": int(pool.total_bytes())}
 
 
+class PeakMemory:
+    """Context manager: the most bytes in use at once from CuPy's memory pool while it is open
+    (``.bytes``; arrays alive before it count), as torch.cuda.max_memory_allocated counts.
+    A cupy.cuda.MemoryHook follows every malloc and free of the pool in this thread."""
+
+    def __enter__(self):
+        cp = _cupy()
+        tracker = self
+
+        class Hook(cp.cuda.MemoryHook):
+            name = "minivit_peak_memory"
+
+            def malloc_postprocess(self, **kwargs):
+                tracker.used += kwargs["mem_size"]
+                tracker.bytes = max(tracker.bytes, tracker.used)
+
+            def free_postprocess(self, **kwargs):
+                tracker.used -= kwargs["mem_size"]
+
+        self.used = self.bytes = int(cp.get_default_memory_pool().used_bytes())
+        self.hook = Hook()
+        self.hook.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.hook.__exit__(*exc_info)
+
+
 def free_memory():
     """Return the default pool's unused blocks to the driver (between benchmarks)."""
     cp = _cupy()
@@ -581,8 +672,7 @@ class CapturedStep:
       new arrays of the same shapes and it copies them in before the replay;
     - no host synchronisation inside: no .item(), float()/int()/bool() of a device value, no
       printing device arrays, no NumPy transfer. In minivit that rules out integer-label
-      cross_entropy (it checks the label range on the host; soft targets are fine) and
-      optimizer.step() (clip_grad_norm reads the norm on the host);
+      cross_entropy (it checks the label range on the host; soft targets are fine);
     - Python scalars are frozen at capture: a learning rate or step count passed as a number
       to a kernel keeps its captured value on every replay;
     - random numbers (dropout, drop_path) are not guaranteed to differ between replays: use

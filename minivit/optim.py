@@ -58,7 +58,7 @@ class FlatOptimizer:
 
     def step(self, max_grad_norm=None):
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
-        is clipped to it first. Returns the gradient norm before clipping."""
+        is clipped to it first. Returns the gradient norm before clipping (a 0-d array)."""
         grads = self.gather_grads()
         norm = clip_grad_norm(grads, max_grad_norm)
         self.step_count += 1
@@ -147,12 +147,14 @@ class SGD(FlatOptimizer):
 
 
 def clip_grad_norm(grads, max_norm=None):
-    """Global L2 norm of a flat gradient; with max_norm, scale it in place to at most that."""
+    """Global L2 norm of a flat gradient, as a 0-d array on the gradient's device; with
+    max_norm, scale the gradient in place by min(1, max_norm / (norm + 1e-6)). Nothing here
+    reads a value on the host, so a GPU step never waits for the GPU (float(norm) would)."""
     xp = backend.array_module(grads)
-    norm = float(xp.sqrt(xp.dot(grads, grads))) if grads.ndim == 1 else \
-        float(xp.sqrt((grads * grads).sum()))  # dot: no temporary the size of the model
-    if max_norm and norm > max_norm:
-        grads *= max_norm / (norm + 1e-6)
+    norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 else \
+        xp.sqrt((grads * grads).sum())  # dot: no temporary the size of the model
+    if max_norm:
+        grads *= xp.minimum(1.0, max_norm / (norm + 1e-6))
     return norm
 
 

@@ -5,13 +5,13 @@
 #
 #   bash scripts/gpu_check.sh          # from anywhere; the log goes to $OUT/gpu_check.log
 #
-# Steps (each under its own `timeout`, about 8 minutes in all; a failed step does not stop the
+# Steps (each under its own `timeout`, about 6 minutes in all; a failed step does not stop the
 # ones after it, and the summary at the end gives every step's exit status):
 #   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
-#   cuda-tests    pytest -k "cuda or cupy": tests/test_cuda.py (fused kernels against NumPy,
+#   cuda-tests    pytest -k "cuda or cupy" (-n 12 with pytest-xdist): tests/test_cuda.py (fused kernels against NumPy,
 #                 gradcheck on cupy, AdamW kernel, training run, TF32, CUDA graph) and every
 #                 backend-parametrised test's cupy case (tests/test_ops.py, ...)
-#   bench-cifar   minivit bench --backend cupy --against torch --config cifar
+#   bench-cifar   minivit bench --backend cupy --against torch --config cifar --profile
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
 # minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is
 # installed; PYTHON=... picks another interpreter.
@@ -47,12 +47,16 @@ print(\"numpy\", numpy.__version__, \"scipy\", scipy.__version__, \"cupy\", cupy
 print(\"CUDA runtime\", cupy.cuda.runtime.runtimeGetVersion(), \"GPUs\", cupy.cuda.runtime.getDeviceCount())'
   $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available())' || true"
 
-step cuda-tests 270 "$PY" -m pytest tests -q -k "cuda or cupy" --maxfail=10 -p no:cacheprovider \
-  -o addopts="-ra"
+# pytest-xdist (there on the lent machines) spreads the tests over 12 processes when present
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 12)
+step cuda-tests 180 "$PY" -m pytest tests -q -k "cuda or cupy" --maxfail=40 -p no:cacheprovider \
+  --tb=short -o addopts="-ra" "${XDIST[@]}"
 
-step bench-cifar 75 "$PY" -m minivit.cli bench --backend cupy --against torch --config cifar
+step bench-cifar 75 "$PY" -m minivit.cli bench --backend cupy --against torch --config cifar \
+  --profile
 
-step bench-vit-s16 105 "$PY" -m minivit.cli bench --backend cupy --against torch --config vit_s16 \
+step bench-vit-s16 90 "$PY" -m minivit.cli bench --backend cupy --against torch --config vit_s16 \
   --steps 5 --rounds 2 --tf32
 
 {

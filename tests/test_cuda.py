@@ -33,7 +33,7 @@ GPU = pytest.mark.skipif(not mb.cupy_available(),
 TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
 KERNEL_ENTRY_POINTS = ("layer_norm_forward", "layer_norm_backward", "gelu_forward",
                        "gelu_backward", "softmax", "softmax_backward", "cross_entropy_forward",
-                       "cross_entropy_backward", "adamw_update")
+                       "cross_entropy_backward", "adamw_update", "column_sums")
 
 
 @pytest.fixture(autouse=True)
@@ -146,8 +146,7 @@ def _nvcc_check_source(c_type):
     common = cuda._ROW_COMMON
     parts = [f"typedef {c_type} T;", common]
     for source in dict.fromkeys(cuda._ROW_SOURCES.values()):  # each file once, in order
-        assert source.startswith(common)
-        parts.append(source[len(common):])
+        parts.append(source[len(common):] if source.startswith(common) else source)
     c_types = {"T": "T", "int32": "int", "int64": "long long"}
     for name, (in_params, out_params, operation) in cuda._ELEMENTWISE.items():
         signature, locals_ = ["long long n"], []
@@ -240,6 +239,28 @@ def test_layer_norm_kernel_matches_numpy(dtype, cols, affine):
         inputs = [x, rng.standard_normal(cols).astype(dtype), rng.standard_normal(cols).astype(dtype)]
     _assert_fused_matches_numpy(fn, inputs, ("layer_norm_forward", np.dtype(dtype).name), dtype)
     assert ("layer_norm_backward", np.dtype(dtype).name) in cuda._kernels
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (8, 32), (9, 33), (0, 4), (3, 1000),
+                                   (4099, 65), (12608, 384), (20000, 1)])
+@pytest.mark.parametrize("with_dot", [False, True])
+def test_column_sums_match_numpy(cp, dtype, shape, with_dot):
+    """One or two passes (row chunks), partial column tiles, empty input; sums and dots."""
+    rng = np.random.default_rng(shape[0])
+    a = rng.standard_normal(shape).astype(dtype)
+    b = rng.standard_normal(shape).astype(dtype) if with_dot else None
+    sums, dots = cuda.column_sums(cp.asarray(a), cp.asarray(b) if with_dot else None)
+    assert sums.dtype == dtype and sums.shape == (shape[1],)
+    scale = max(1.0, shape[0] ** 0.5)  # float32 round-off grows with the number of rows
+    tolerance = {"rtol": TOLERANCE[dtype]["rtol"], "atol": TOLERANCE[dtype]["atol"] * scale}
+    np.testing.assert_allclose(cp.asnumpy(sums), a.astype(np.float64).sum(axis=0), **tolerance)
+    if with_dot:
+        expected = (a.astype(np.float64) * b).sum(axis=0)
+        np.testing.assert_allclose(cp.asnumpy(dots), expected, **tolerance)
+    else:
+        assert dots is None
 
 
 @GPU
@@ -403,6 +424,19 @@ def test_memory_info_and_synchronize(cp):
     cuda.synchronize()
     info = cuda.memory_info()
     assert info["used"] >= keep.nbytes and info["held"] >= info["used"]
+
+
+@GPU
+def test_peak_memory_counts_the_most_bytes_in_use_at_once(cp):
+    before = cp.get_default_memory_pool().used_bytes()
+    with cuda.PeakMemory() as peak:
+        big = cp.empty(8 << 20, cp.uint8)
+        del big
+        small = cp.empty(4 << 20, cp.uint8)
+    assert peak.bytes == before + (8 << 20)
+    assert peak.used == before + (4 << 20) == cp.get_default_memory_pool().used_bytes()
+    with cuda.PeakMemory():  # the hook was removed on exit: a second one may start
+        del small
 
 
 @GPU

@@ -159,3 +159,34 @@ def test_cross_entropy(backend, data, soft, smoothing):
             lambda x, t: TF.cross_entropy(x, t, label_smoothing=smoothing),
             [logits, target], data)
 
+
+
+@FIXTURE_OK
+@given(seed=seeds, max_norm=st.sampled_from([None, 0.5, 2.0, 100.0]))
+def test_adamw_steps_with_gradient_clipping(backend, seed, max_norm):
+    """Five AdamW steps (decay on the matrix, none on the bias) with the global gradient norm
+    clipped as torch.nn.utils.clip_grad_norm_ does: parameters and norms equal torch's."""
+    from minivit.optim import AdamW
+    rng = np.random.default_rng(seed)
+    host = {"layer.weight": rng.standard_normal((3, 4)), "layer.bias": rng.standard_normal(4)}
+    ours = {name: Tensor(on_backend(value), requires_grad=True) for name, value in host.items()}
+    theirs = {name: torch.tensor(value, requires_grad=True) for name, value in host.items()}
+    optimizer = AdamW(ours.items(), lr=0.1, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3)
+    reference = torch.optim.AdamW(
+        [{"params": [theirs["layer.weight"]], "weight_decay": 0.3},
+         {"params": [theirs["layer.bias"]], "weight_decay": 0.0}],
+        lr=0.1, betas=(0.8, 0.95), eps=1e-6)
+    for step in range(5):
+        grads = {name: rng.standard_normal(value.shape) * 2.0 ** step
+                 for name, value in host.items()}
+        for name, grad in grads.items():
+            ours[name].grad = on_backend(grad)
+            theirs[name].grad = torch.tensor(grad)
+        norm = optimizer.step(max_grad_norm=max_norm)
+        expected_norm = torch.nn.utils.clip_grad_norm_(list(theirs.values()),
+                                                       max_norm if max_norm else float("inf"))
+        reference.step()
+        assert_relative(as_host(norm), expected_norm.numpy(), f"gradient norm, step {step}")
+        for name in host:
+            assert_relative(as_host(ours[name].data), theirs[name].detach().numpy(),
+                            f"{name} after step {step}")

@@ -85,16 +85,17 @@ class SelfAttention(Function):
             q = q[:, :, :queries]
         batch, heads, tokens, head_dim = q.shape
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        self.qkv_shape, self.q, self.k, self.v = qkv.shape, q, k, v
+        self.qkv_shape = qkv.shape
         out = xp.empty((batch, tokens, heads, head_dim), qkv.dtype)
-        if cpu.handles(qkv):
+        self.fast = cpu.handles(qkv)
+        if self.fast:  # q, k, v stay views of qkv
             self.probs = cpu.attention_forward(q, k, v, self.scale, out.transpose(0, 2, 1, 3))
-        else:
-            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
-            scores = q @ k.swapaxes(-1, -2)
-            scores *= self.scale
-            self.probs = softmax_array(scores)
+        else:  # contiguous copies for the batched GEMMs, saved for backward; s folded into q
+            q = xp.ascontiguousarray(q * self.scale)
+            k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
+            self.probs = softmax_array(q @ k.swapaxes(-1, -2))
             out[...] = (self.probs @ v).transpose(0, 2, 1, 3)
+        self.q, self.k, self.v = q, k, v
         return out.reshape(batch, tokens, heads * head_dim)
 
     def backward(self, grad):
@@ -107,14 +108,16 @@ class SelfAttention(Function):
         if self.queries is not None:
             grad_q[:, :, self.queries:] = 0
             grad_q = grad_q[:, :, :self.queries]
-        if cpu.handles(grad, q, probs):
+        if self.fast and cpu.handles(grad):
             cpu.attention_backward(grad4, q, k, v, probs, self.scale, grad_q, grad_k, grad_v)
             return (grad_qkv,)
-        q, k, v, grad4 = (xp.ascontiguousarray(a) for a in (q, k, v, grad4))
+        # here q holds q·s (as the forward saved it): dq = dS k·s, dk = dSᵀ (q·s)
+        if self.fast:  # the forward ran on the fast path: q is an unscaled view of qkv
+            q = q * self.scale
+        grad4 = xp.ascontiguousarray(grad4)
         grad_v[...] = probs.swapaxes(-1, -2) @ grad4
         grad_scores = softmax_backward_array(probs, grad4 @ v.swapaxes(-1, -2))
-        grad_scores *= self.scale
-        grad_q[...] = grad_scores @ k
+        xp.multiply(grad_scores @ k, self.scale, out=grad_q)
         grad_k[...] = grad_scores.swapaxes(-1, -2) @ q
         return (grad_qkv,)
 

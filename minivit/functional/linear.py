@@ -1,8 +1,14 @@
 """linear and patchify: the two GEMM layers."""
 
-from minivit import cpu
+from minivit import cpu, cuda
 from minivit.errors import ShapeError
 from minivit.tensor import Function
+
+
+def _bias_grad(grad2d):
+    """db = Σ dy over the rows. On CuPy one coalesced kernel (CuPy's own sum(axis=0) reads
+    each column with a row-sized stride)."""
+    return cuda.column_sums(grad2d)[0] if cuda.handles(grad2d) else grad2d.sum(axis=0)
 
 
 # -- linear: y = x Wᵀ + b;  dx = dy W,  dW = dyᵀ x,  db = Σ dy  (x flattened to 2-D) ------------
@@ -34,7 +40,7 @@ class Linear(Function):
         grad_x = (grad2d @ self.weight).reshape(grad.shape[:-1] + (self.weight.shape[1],)) \
             if self.needs_input_grad[0] else None
         grad_w = grad2d.T @ self.x2d if self.needs_input_grad[1] else None
-        grad_b = grad2d.sum(axis=0) if self.needs_input_grad[2] else None
+        grad_b = _bias_grad(grad2d) if self.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
@@ -97,7 +103,7 @@ class Patchify(Function):
                   if self.needs_input_grad[0] else None)
         grad_w = ((grad2d.T @ self.patches).reshape(self.weight.shape)
                   if self.needs_input_grad[1] else None)
-        grad_b = grad2d.sum(axis=0) if self.needs_input_grad[2] else None
+        grad_b = _bias_grad(grad2d) if self.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
