@@ -12,6 +12,7 @@ chain of CuPy calls (each ~18 µs of Python launch overhead plus a full read/wri
     cross_entropy       RawKernel per row: log-sum-exp and ElementwiseKernel (p Σq − q)·scale
                         the row's loss (labels or soft)    (+ the soft target's gradient)
     AdamW update        one ElementwiseKernel over the flat parameter buffer (param, m, v in place)
+    self-attention      batched cuBLAS GEMMs on the packed qkv (no split/merge copies) + softmax
 
 Every kernel works in float32 and float64 (T = float/double; row reductions accumulate in T).
 The math of each op is written once, as a comment above the op in minivit/functional/*.py
@@ -578,6 +579,120 @@ def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_
     scalars = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
                lr / (1.0 - beta1 ** t), 1.0 / (1.0 - beta2 ** t) ** 0.5, eps)
     _elementwise("adamw")(grads, decay_mask, *(dtype_scalar(s) for s in scalars), params, m, v)
+
+
+# -- self-attention: batched GEMMs straight on the packed qkv -------------------------------
+# cuBLAS batched GEMMs take one address per matrix, so q, k, v are read where they lie in qkv
+# (B, N, 3D) and O is written straight into (B, n, H, d) = (B, n, D): no split, merge or
+# transpose copies (each was a full pass over memory), and the scale rides on alpha.
+_OP_N, _OP_T = 0, 1
+_DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cublasMath_t
+_pointer_cache = {}  # (address, itemsize, offset, strides, grid) -> device array of addresses
+
+
+def _batch_pointers(array, offset, strides, grid):
+    """Device uint64 array of the addresses array + itemsize · (offset + Σ index_i · stride_i)
+    over the batch grid in row-major order. Cached: the same arguments give the same addresses,
+    and a training loop's memory pool hands out the same blocks step after step."""
+    key = (array.data.ptr, array.itemsize, offset, strides, grid)
+    pointers = _pointer_cache.get(key)
+    if pointers is None:
+        elements = np.zeros((), np.int64)
+        for size, stride in zip(grid, strides):
+            elements = np.add.outer(elements, np.arange(size, dtype=np.int64) * stride)
+        addresses = (elements.ravel() + offset) * array.itemsize + array.data.ptr
+        if len(_pointer_cache) >= 4096:
+            _pointer_cache.clear()
+        pointers = _pointer_cache[key] = _cupy().asarray(addresses.astype(np.uint64))
+    return pointers
+
+
+def _gemm_batched(dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc, alpha=1.0):
+    """Row-major C_j = alpha · op(A_j) op(B_j) for j < count, from device arrays of addresses:
+    A_j is m×k (stored k×m when trans_a), B_j k×n (stored n×k when trans_b), C_j m×n; ld* are
+    the row strides in elements. cuBLAS is column-major, so it is asked for C_jᵀ = op(B_j)ᵀ
+    op(A_j)ᵀ. float32 runs on TF32 tensor cores when tf32_enabled()."""
+    from cupy_backends.cuda.libs import cublas
+    handle = _cupy().cuda.device.get_cublas_handle()
+    single = np.dtype(dtype) == np.float32
+    gemm = cublas.sgemmBatched if single else cublas.dgemmBatched
+    mode = cublas.getMathMode(handle)
+    wanted = _TF32_TENSOR_OP_MATH if single and tf32_enabled() else _DEFAULT_MATH
+    if mode != wanted:
+        cublas.setMathMode(handle, wanted)
+    try:
+        gemm(handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k, alpha,
+             b.data.ptr, ldb, a.data.ptr, lda, 0.0, c.data.ptr, ldc, count)
+    finally:
+        if mode != wanted:
+            cublas.setMathMode(handle, mode)
+
+
+class _Heads:
+    """Addresses of the per-(batch, head) matrices of one self-attention call."""
+
+    def __init__(self, qkv, heads, queries):
+        self.batch, self.tokens, self.width = qkv.shape
+        self.dim = self.width // 3
+        self.head_dim, self.heads, self.queries = self.dim // heads, heads, queries
+        self.count, self.grid = self.batch * heads, (self.batch, heads)
+
+    def packed(self, array, part):
+        """q (part 0), k (1) or v (2) of head h in (B, N, 3D): row stride 3D."""
+        return _batch_pointers(array, part * self.dim, (self.tokens * self.width, self.head_dim),
+                               self.grid)
+
+    def merged(self, array):
+        """Head h of (B, n, D): row stride D."""
+        return _batch_pointers(array, 0, (self.queries * self.dim, self.head_dim), self.grid)
+
+    def scores(self, array):
+        """(B, H, n, N) C-contiguous: row stride N."""
+        size = self.queries * self.tokens
+        return _batch_pointers(array, 0, (self.heads * size, size), self.grid)
+
+
+def attention_forward(qkv, heads, queries, scale):
+    """Self-attention of the first `queries` tokens from a C-contiguous packed qkv (B, N, 3D):
+    S = q kᵀ·s, P = softmax(S), O = P v. Returns (O as (B, queries, D), P (B, H, queries, N))."""
+    cp = _cupy()
+    h = _Heads(qkv, heads, queries)
+    scores = cp.empty((h.batch, heads, queries, h.tokens), qkv.dtype)
+    _gemm_batched(qkv.dtype, h.count, queries, h.tokens, h.head_dim, h.packed(qkv, 0), h.width,
+                  False, h.packed(qkv, 1), h.width, True, h.scores(scores), h.tokens, scale)
+    probs = softmax(scores)
+    del scores
+    out = cp.empty((h.batch, queries, h.dim), qkv.dtype)
+    _gemm_batched(qkv.dtype, h.count, queries, h.head_dim, h.tokens, h.scores(probs), h.tokens,
+                  False, h.packed(qkv, 2), h.width, False, h.merged(out), h.dim)
+    return out, probs
+
+
+def attention_backward(grad, qkv, probs, heads, scale):
+    """d qkv (B, N, 3D) from dO (B, queries, D): dv = Pᵀ dO; dP = dO vᵀ;
+    dS = P ⊙ (dP − Σ dP ⊙ P); dq = dS k·s (0 for tokens that did not ask); dk = dSᵀ q·s."""
+    cp = _cupy()
+    queries = probs.shape[2]
+    h = _Heads(qkv, heads, queries)
+    grad = cp.ascontiguousarray(grad)
+    grad_qkv = cp.empty_like(qkv)
+    if queries < h.tokens:
+        grad_qkv.reshape(h.batch, h.tokens, 3, h.dim)[:, queries:, 0] = 0
+    dtype, count, d, n, width = qkv.dtype, h.count, h.head_dim, h.tokens, h.width
+    p, g = h.scores(probs), h.merged(grad)
+    _gemm_batched(dtype, count, n, d, queries, p, n, True, g, h.dim, False,
+                  h.packed(grad_qkv, 2), width)                                 # dv = Pᵀ dO
+    grad_probs = cp.empty_like(probs)
+    _gemm_batched(dtype, count, queries, n, d, g, h.dim, False, h.packed(qkv, 2), width, True,
+                  h.scores(grad_probs), n)                                      # dP = dO vᵀ
+    grad_scores = softmax_backward(probs, grad_probs)
+    del grad_probs
+    ds = h.scores(grad_scores)
+    _gemm_batched(dtype, count, queries, d, n, ds, n, False, h.packed(qkv, 1), width, False,
+                  h.packed(grad_qkv, 0), width, scale)                          # dq = dS k·s
+    _gemm_batched(dtype, count, n, d, queries, ds, n, True, h.packed(qkv, 0), width, False,
+                  h.packed(grad_qkv, 1), width, scale)                          # dk = dSᵀ q·s
+    return grad_qkv
 
 
 # -- TF32 -------------------------------------------------------------------------------------

@@ -290,6 +290,45 @@ def test_softmax_kernels_match_numpy(dtype, cols, op):
 
 @GPU
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch, tokens, heads, head_dim", [(1, 1, 1, 1), (2, 5, 3, 4),
+                                                            (3, 65, 3, 64), (2, 197, 6, 64)])
+@pytest.mark.parametrize("queries", [None, 1, 3])
+def test_self_attention_gemms_match_numpy(dtype, batch, tokens, heads, head_dim, queries):
+    """The batched-GEMM path on the packed qkv (addresses per (batch, head), scale on alpha,
+    O written straight into (B, n, D)) equals the NumPy path, outputs and d qkv."""
+    queries = min(queries, tokens) if queries else None
+    qkv = np.random.default_rng(tokens).standard_normal((batch, tokens, 3 * heads * head_dim))
+    cuda._pointer_cache.clear()
+    _assert_fused_matches_numpy(lambda x: F.self_attention(x, heads, queries=queries),
+                                [qkv.astype(dtype)], ("softmax_forward", np.dtype(dtype).name),
+                                dtype)
+    assert cuda._pointer_cache, "the batched-GEMM attention path did not run"
+
+
+@GPU
+def test_batched_gemms_use_tf32_only_when_it_is_on(cp):
+    """float32 attention GEMMs follow set_tf32: TF32 (10-bit mantissa) errors of ~1e-3 with
+    it on, float32 round-off (~1e-6) with it off."""
+    rng = np.random.default_rng(9)
+    qkv = cp.asarray(rng.standard_normal((2, 16, 3 * 256)), cp.float32)
+    exact = qkv.astype(cp.float64)
+    before = cuda.tf32_enabled()
+    try:
+        errors = {}
+        for enabled in (False, True):
+            cuda.set_tf32(enabled)
+            got, _ = cuda.attention_forward(qkv, 1, 16, 1.0 / 16)
+            want, _ = cuda.attention_forward(exact, 1, 16, 1.0 / 16)
+            errors[enabled] = float(cp.abs(got - want).max())
+        assert errors[False] < 1e-5
+        if int(cp.cuda.Device().compute_capability[0]) >= 8:
+            assert errors[True] > 10 * errors[False]
+    finally:
+        cuda.set_tf32(before)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("classes", [1, 3, 10, 1000])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -310,7 +349,8 @@ def test_cross_entropy_still_checks_labels_on_the_gpu(cp):
 
 @GPU
 @pytest.mark.parametrize("op", ["layer_norm", "gelu", "gelu_tanh", "softmax", "log_softmax",
-                                "attention", "cross_entropy_labels", "cross_entropy_soft"])
+                                "attention", "self_attention", "class_token_attention",
+                                "cross_entropy_labels", "cross_entropy_soft"])
 def test_gradcheck_on_the_cupy_backend(cp, op):
     rng = np.random.default_rng(2)
     x = cp.asarray(rng.standard_normal((3, 7)))
@@ -325,6 +365,10 @@ def test_gradcheck_on_the_cupy_backend(cp, op):
     elif op == "attention":
         inputs = [cp.asarray(rng.standard_normal((1, 2, 5, 3))) for _ in range(3)]
         fn = F.scaled_dot_product_attention
+    elif op in ("self_attention", "class_token_attention"):
+        inputs = [cp.asarray(rng.standard_normal((2, 5, 18)))]  # 2 heads of 3
+        queries = 1 if op == "class_token_attention" else None
+        fn = (lambda qkv: F.self_attention(qkv, 2, queries=queries))
     else:
         target = (cp.asarray(rng.integers(0, 7, 3)) if op == "cross_entropy_labels"
                   else cp.asarray(rng.uniform(0, 1, (3, 7))))

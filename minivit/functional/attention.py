@@ -3,7 +3,7 @@ self-attention straight from the packed qkv projection (no split/merge copies)."
 
 import math
 
-from minivit import backend, cpu
+from minivit import backend, cpu, cuda
 from minivit.errors import ShapeError
 from minivit.functional.activation import softmax_array, softmax_backward_array
 from minivit.tensor import Function
@@ -85,7 +85,12 @@ class SelfAttention(Function):
             q = q[:, :, :queries]
         batch, heads, tokens, head_dim = q.shape
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        self.qkv_shape = qkv.shape
+        self.qkv_shape, self.heads = qkv.shape, heads
+        self.gpu_qkv = None
+        if cuda.handles(qkv):  # batched cuBLAS GEMMs reading q, k, v where they lie in qkv
+            self.gpu_qkv = xp.ascontiguousarray(qkv)
+            out, self.probs = cuda.attention_forward(self.gpu_qkv, heads, tokens, self.scale)
+            return out
         out = xp.empty((batch, tokens, heads, head_dim), qkv.dtype)
         self.fast = cpu.handles(qkv)
         if self.fast:  # q, k, v stay views of qkv
@@ -99,6 +104,9 @@ class SelfAttention(Function):
         return out.reshape(batch, tokens, heads * head_dim)
 
     def backward(self, grad):
+        if self.gpu_qkv is not None:
+            return (cuda.attention_backward(grad, self.gpu_qkv, self.probs, self.heads,
+                                            self.scale),)
         q, k, v, probs = self.q, self.k, self.v, self.probs
         batch, heads, tokens, head_dim = q.shape
         xp = backend.array_module(grad)
