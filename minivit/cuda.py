@@ -620,9 +620,11 @@ def _gemm_batched(dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ld
     wanted = _TF32_TENSOR_OP_MATH if single and tf32_enabled() else _DEFAULT_MATH
     if mode != wanted:
         cublas.setMathMode(handle, wanted)
+    alpha_beta = np.array([alpha, 0.0], dtype)  # cuBLAS reads them through host pointers
     try:
-        gemm(handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k, alpha,
-             b.data.ptr, ldb, a.data.ptr, lda, 0.0, c.data.ptr, ldc, count)
+        gemm(handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
+             alpha_beta.ctypes.data, b.data.ptr, ldb, a.data.ptr, lda,
+             alpha_beta.ctypes.data + alpha_beta.itemsize, c.data.ptr, ldc, count)
     finally:
         if mode != wanted:
             cublas.setMathMode(handle, mode)
