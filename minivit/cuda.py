@@ -187,9 +187,11 @@ extern "C" __global__ void layer_norm_backward(
 """
 
 _SOFTMAX = _ROW_COMMON + r"""
-// softmax: e^(x − max) / Σ e^(x − max);  log_softmax: (x − max) − log Σ e^(x − max)
+// softmax: e^(x − max) / Σ e^(x − max);  log_softmax: (x − max) − log Σ e^(x − max);
+// with_lse: also lse_row = max + log Σ e^(x − max), from which e^(x − lse) gives softmax again
 extern "C" __global__ void softmax_forward(
-        const T* __restrict__ x, T* __restrict__ y, const int cols, const int log_mode) {
+        const T* __restrict__ x, T* __restrict__ y, T* __restrict__ lse, const int cols,
+        const int log_mode, const int with_lse) {
     __shared__ T shared[32];
     const long long base = (long long)blockIdx.x * cols;
     T m = x[base];  // an element of the row: a valid start for the max
@@ -198,6 +200,7 @@ extern "C" __global__ void softmax_forward(
     T s = 0;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) s += mv_exp(x[base + j] - m);
     s = block_sum(s, shared);
+    if (with_lse && threadIdx.x == 0) lse[blockIdx.x] = m + mv_log(s);
     if (log_mode) {
         const T log_s = mv_log(s);
         for (int j = threadIdx.x; j < cols; j += blockDim.x) y[base + j] = (x[base + j] - m) - log_s;
@@ -356,6 +359,10 @@ _ELEMENTWISE = {
         "raw T x, raw T row_max, raw T row_logsum, T scale, T smoothing, int32 cols", "T dq",
         "const long long row = i / cols;\n"
         "dq = -((x[i] - row_max[row]) - row_logsum[row]) * (scale * ((T)1 - smoothing));"),
+    # attention probabilities again from the scores and each row's lse: p = e^(s − lse)
+    "attention_probs": (
+        "T s, raw T lse, int32 cols", "T p",
+        "p = mv_exp(s - lse[i / cols]);"),
     # AdamW (see optim.AdamW): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
     #   θ ← θ − lr·λ·mask·θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
     "adamw": (
@@ -496,15 +503,17 @@ def gelu_backward(grad, x, approximate="none"):
 
 
 # -- softmax ----------------------------------------------------------------------------------
-def softmax(x, log=False):
-    """softmax (or log_softmax with log=True) over the last axis, one block per row."""
+def softmax(x, log=False, lse=None):
+    """softmax (or log_softmax with log=True) over the last axis, one block per row. With
+    `lse` (an array of one element per row) each row's log Σ eˣ is written there too."""
     cp = _cupy()
     x = cp.ascontiguousarray(x)
     out = cp.empty_like(x)
     cols = x.shape[-1] if x.ndim else 1
     if x.size:
         _launch_rows("softmax_forward", x.dtype, x.size // cols, cols,
-                     (x, out, np.int32(cols), np.int32(1 if log else 0)))
+                     (x, out, out if lse is None else lse, np.int32(cols),
+                      np.int32(1 if log else 0), np.int32(lse is not None)))
     return out
 
 
@@ -654,28 +663,39 @@ class _Heads:
         return _batch_pointers(array, 0, (self.heads * size, size), self.grid)
 
 
+def _scores(qkv, h, scale, out):
+    """S = q kᵀ·s for every (batch, head), written into `out` (B, H, queries, N)."""
+    _gemm_batched(qkv.dtype, h.count, h.queries, h.tokens, h.head_dim, h.packed(qkv, 0), h.width,
+                  False, h.packed(qkv, 1), h.width, True, h.scores(out), h.tokens, scale)
+    return out
+
+
 def attention_forward(qkv, heads, queries, scale):
     """Self-attention of the first `queries` tokens from a C-contiguous packed qkv (B, N, 3D):
-    S = q kᵀ·s, P = softmax(S), O = P v. Returns (O as (B, queries, D), P (B, H, queries, N))."""
+    S = q kᵀ·s, P = softmax(S), O = P v. Returns (O as (B, queries, D), P (B, H, queries, N),
+    lse (B, H, queries) = log Σ e^S per row: backward can rebuild P from it, e^(S − lse), so a
+    caller need not keep the N×N probabilities)."""
     cp = _cupy()
     h = _Heads(qkv, heads, queries)
-    scores = cp.empty((h.batch, heads, queries, h.tokens), qkv.dtype)
-    _gemm_batched(qkv.dtype, h.count, queries, h.tokens, h.head_dim, h.packed(qkv, 0), h.width,
-                  False, h.packed(qkv, 1), h.width, True, h.scores(scores), h.tokens, scale)
-    probs = softmax(scores)
-    del scores
+    lse = cp.empty((h.batch, heads, queries), qkv.dtype)
+    probs = softmax(_scores(qkv, h, scale, cp.empty((h.batch, heads, queries, h.tokens),
+                                                    qkv.dtype)), lse=lse)
     out = cp.empty((h.batch, queries, h.dim), qkv.dtype)
     _gemm_batched(qkv.dtype, h.count, queries, h.head_dim, h.tokens, h.scores(probs), h.tokens,
                   False, h.packed(qkv, 2), h.width, False, h.merged(out), h.dim)
-    return out, probs
+    return out, probs, lse
 
 
-def attention_backward(grad, qkv, probs, heads, scale):
+def attention_backward(grad, qkv, probs, lse, heads, scale):
     """d qkv (B, N, 3D) from dO (B, queries, D): dv = Pᵀ dO; dP = dO vᵀ;
-    dS = P ⊙ (dP − Σ dP ⊙ P); dq = dS k·s (0 for tokens that did not ask); dk = dSᵀ q·s."""
+    dS = P ⊙ (dP − Σ dP ⊙ P); dq = dS k·s (0 for tokens that did not ask); dk = dSᵀ q·s.
+    probs None: P is rebuilt as e^(q kᵀ·s − lse) (one GEMM and one elementwise pass)."""
     cp = _cupy()
-    queries = probs.shape[2]
+    queries = lse.shape[2]
     h = _Heads(qkv, heads, queries)
+    if probs is None:
+        probs = _scores(qkv, h, scale, cp.empty(lse.shape + (h.tokens,), qkv.dtype))
+        _elementwise("attention_probs")(probs, lse, h.tokens, probs)
     grad = cp.ascontiguousarray(grad)
     grad_qkv = cp.empty_like(qkv)
     if queries < h.tokens:
@@ -688,7 +708,7 @@ def attention_backward(grad, qkv, probs, heads, scale):
     _gemm_batched(dtype, count, queries, n, d, g, h.dim, False, h.packed(qkv, 2), width, True,
                   h.scores(grad_probs), n)                                      # dP = dO vᵀ
     grad_scores = softmax_backward(probs, grad_probs)
-    del grad_probs
+    del grad_probs, probs
     ds = h.scores(grad_scores)
     _gemm_batched(dtype, count, queries, d, n, ds, n, False, h.packed(qkv, 1), width, False,
                   h.packed(grad_qkv, 0), width, scale)                          # dq = dS k·s

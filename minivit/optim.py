@@ -44,7 +44,12 @@ class FlatOptimizer:
             self.decay_mask[start:stop] = 1.0 if decays(name, p) else 0.0
 
     def gather_grads(self):
-        """Copy each parameter's gradient into the flat gradient buffer (None counts as 0)."""
+        """Copy each parameter's gradient into the flat gradient buffer (None counts as 0):
+        one concatenate call when every gradient is there (one kernel on the GPU)."""
+        grads = [p.grad for p in self.parameters]
+        if all(grad is not None for grad in grads):
+            self.xp.concatenate([grad.reshape(-1) for grad in grads], out=self.flat_grad)
+            return self.flat_grad
         for p, start, stop in zip(self.parameters, self.offsets, self.offsets[1:]):
             if p.grad is None:
                 self.flat_grad[start:stop] = 0.0
@@ -92,11 +97,11 @@ class AdamW(FlatOptimizer):
         self.betas, self.eps = betas, eps
         self.m = self.xp.zeros_like(self.flat)
         self.v = self.xp.zeros_like(self.flat)
-        self.scratch = self.xp.empty_like(self.flat)
+        self.scratch = None  # the plain NumPy/CuPy update's temporary, made on first use
 
     def update(self, params, grads):
         xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
-        m, v, scratch = self.m, self.v, self.scratch
+        m, v = self.m, self.v
         if cuda.handles(params, grads, m, v, self.decay_mask):  # the whole update: one kernel
             cuda.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
                               self.eps, self.weight_decay, t)
@@ -105,6 +110,9 @@ class AdamW(FlatOptimizer):
             cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
                              self.eps, self.weight_decay, t)
             return
+        if self.scratch is None:
+            self.scratch = xp.empty_like(self.flat)
+        scratch = self.scratch
         m *= beta1
         m += (1.0 - beta1) * grads
         v *= beta2

@@ -293,16 +293,24 @@ def test_softmax_kernels_match_numpy(dtype, cols, op):
 @pytest.mark.parametrize("batch, tokens, heads, head_dim", [(1, 1, 1, 1), (2, 5, 3, 4),
                                                             (3, 65, 3, 64), (2, 197, 6, 64)])
 @pytest.mark.parametrize("queries", [None, 1, 3])
-def test_self_attention_gemms_match_numpy(dtype, batch, tokens, heads, head_dim, queries):
+@pytest.mark.parametrize("keep_probs", [False, True])
+def test_self_attention_gemms_match_numpy(dtype, batch, tokens, heads, head_dim, queries,
+                                          keep_probs):
     """The batched-GEMM path on the packed qkv (addresses per (batch, head), scale on alpha,
-    O written straight into (B, n, D)) equals the NumPy path, outputs and d qkv."""
+    O written straight into (B, n, D)) equals the NumPy path, outputs and d qkv, whether
+    backward gets the probabilities kept (return_attention) or rebuilds them from lse."""
     queries = min(queries, tokens) if queries else None
     qkv = np.random.default_rng(tokens).standard_normal((batch, tokens, 3 * heads * head_dim))
     cuda._pointer_cache.clear()
-    _assert_fused_matches_numpy(lambda x: F.self_attention(x, heads, queries=queries),
-                                [qkv.astype(dtype)], ("softmax_forward", np.dtype(dtype).name),
-                                dtype)
+    cuda._kernels.pop(("attention_probs", None), None)
+
+    def attention(x):
+        out = F.self_attention(x, heads, queries=queries, return_attention=keep_probs)
+        return out[0] if keep_probs else out
+    _assert_fused_matches_numpy(attention, [qkv.astype(dtype)],
+                                ("softmax_forward", np.dtype(dtype).name), dtype)
     assert cuda._pointer_cache, "the batched-GEMM attention path did not run"
+    assert (("attention_probs", None) in cuda._kernels) or keep_probs
 
 
 @GPU
@@ -317,8 +325,8 @@ def test_batched_gemms_use_tf32_only_when_it_is_on(cp):
         errors = {}
         for enabled in (False, True):
             cuda.set_tf32(enabled)
-            got, _ = cuda.attention_forward(qkv, 1, 16, 1.0 / 16)
-            want, _ = cuda.attention_forward(exact, 1, 16, 1.0 / 16)
+            got = cuda.attention_forward(qkv, 1, 16, 1.0 / 16)[0]
+            want = cuda.attention_forward(exact, 1, 16, 1.0 / 16)[0]
             errors[enabled] = float(cp.abs(got - want).max())
         assert errors[False] < 1e-5
         if int(cp.cuda.Device().compute_capability[0]) >= 8:

@@ -72,7 +72,7 @@ def _split_heads(qkv, num_heads):
 
 
 class SelfAttention(Function):
-    def forward(self, qkv, num_heads, scale=None, queries=None):
+    def forward(self, qkv, num_heads, scale=None, queries=None, keep_probs=True):
         if qkv.ndim != 3:
             raise ShapeError(f"self_attention: expected qkv of shape (B, N, 3·D); got {qkv.shape}")
         if queries is not None and not 1 <= queries <= qkv.shape[1]:
@@ -87,9 +87,12 @@ class SelfAttention(Function):
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.qkv_shape, self.heads = qkv.shape, heads
         self.gpu_qkv = None
-        if cuda.handles(qkv):  # batched cuBLAS GEMMs reading q, k, v where they lie in qkv
+        if cuda.handles(qkv):
+            # batched cuBLAS GEMMs read q, k, v where they lie in qkv; P (B, H, n, N) is kept
+            # only when asked for, as backward can rebuild it from lse (one value per row)
             self.gpu_qkv = xp.ascontiguousarray(qkv)
-            out, self.probs = cuda.attention_forward(self.gpu_qkv, heads, tokens, self.scale)
+            out, probs, self.lse = cuda.attention_forward(self.gpu_qkv, heads, tokens, self.scale)
+            self.probs = probs if keep_probs else None
             return out
         out = xp.empty((batch, tokens, heads, head_dim), qkv.dtype)
         self.fast = cpu.handles(qkv)
@@ -105,8 +108,8 @@ class SelfAttention(Function):
 
     def backward(self, grad):
         if self.gpu_qkv is not None:
-            return (cuda.attention_backward(grad, self.gpu_qkv, self.probs, self.heads,
-                                            self.scale),)
+            return (cuda.attention_backward(grad, self.gpu_qkv, self.probs, self.lse,
+                                            self.heads, self.scale),)
         q, k, v, probs = self.q, self.k, self.v, self.probs
         batch, heads, tokens, head_dim = q.shape
         xp = backend.array_module(grad)
@@ -136,9 +139,12 @@ def self_attention(qkv, num_heads, scale=None, return_attention=False, queries=N
     projection. Equal to splitting q, k, v and calling scaled_dot_product_attention, without
     the split and merge copies. return_attention=True also returns the probabilities
     (B, heads, N, N) as a raw array. queries=n computes the outputs of the first n tokens only
-    (B, n, D), attending to all N: the rows [:, :n] of the full result, for less work."""
+    (B, n, D), attending to all N: the rows [:, :n] of the full result, for less work.
+    On the GPU the N×N probabilities are kept for backward only with return_attention=True;
+    otherwise backward rebuilds them from one log-sum-exp per row (less memory)."""
     function = SelfAttention()
-    out = function(qkv, num_heads=num_heads, scale=scale, queries=queries)
+    out = function(qkv, num_heads=num_heads, scale=scale, queries=queries,
+                   keep_probs=return_attention)
     if return_attention:
         return out, function.probs
     return out

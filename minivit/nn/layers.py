@@ -83,7 +83,8 @@ class Attention(Module):
     """Multi-head self-attention: qkv projection, softmax(q kᵀ/√d) v per head, output projection.
 
     Set ``keep_attention = True`` to keep the last forward's probabilities (B, heads, N, N) in
-    ``self.attention`` (they are computed anyway; nothing is added to the normal path). With
+    ``self.attention`` (they are computed anyway; on the GPU keeping them also spares backward
+    from rebuilding them). With
     ``forward(x, queries=n)`` they are (B, heads, n, N): the model's forward does that in its
     last block, so use ``VisionTransformer.forward_with_attention`` for full maps."""
 
@@ -101,10 +102,10 @@ class Attention(Module):
         """(B, N, D) → (B, N, D); with queries=n only the first n tokens' outputs (B, n, D)."""
         # qkv (B, N, 3D) is timm's (B, N, 3, heads, head_dim) layout; self_attention reads q, k,
         # v from it in place and returns the heads merged back to (B, N, D)
-        out, probs = F.self_attention(self.qkv(x), self.num_heads, return_attention=True,
-                                      queries=queries)
+        out = F.self_attention(self.qkv(x), self.num_heads, return_attention=self.keep_attention,
+                               queries=queries)
         if self.keep_attention:
-            self.attention = probs
+            out, self.attention = out
         return F.dropout(self.proj(out), self.proj_drop, self.training)
 
 
