@@ -11,12 +11,15 @@ same number of threads. The two are timed ALTERNATELY in the same process, in se
 rounds, and each side's median step time is compared, so that a machine that gets busier or
 quieter during the run affects both alike. Before PyTorch is even imported, minivit is timed
 alone, so the report shows whether PyTorch's threads (OpenMP workers that spin after each op)
-slow NumPy down when both live in one process.
+slow NumPy down when both live in one process. Python's cyclic garbage collector is paused
+while steps are timed (as timeit does), for both: a collection that lands in one framework's
+turn would otherwise be charged to it, and it scans PyTorch's objects too.
 
 PyTorch is imported only here and only when asked for; minivit never needs it to run.
 """
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -320,13 +323,21 @@ class TorchRunner:
 
 # -- timing ------------------------------------------------------------------------------------------
 def _time_steps(step, count):
-    """Wall-clock seconds of each of `count` calls of step()."""
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+    """Wall-clock seconds of each of `count` calls of step(), with the cyclic garbage collector
+    paused (a collection first, so none is pending)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _summary(times, batch, flops_per_image):
@@ -424,6 +435,7 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
             timings["minivit"][mode] = alone[mode]
             continue
         torch_step = runner.train_step if mode == "train" else runner.infer_step
+        _time_steps(mini_step, warmup_steps)  # again: measuring memory emptied the GPU pool
         _time_steps(torch_step, warmup_steps)
         mini_times, torch_times = [], []
         for index in range(rounds):  # take turns; alternate who goes first

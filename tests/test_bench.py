@@ -157,3 +157,18 @@ def test_with_the_fast_paths_off_the_report_says_so_and_leaves_blas_alone(capsys
     assert "compiled CPU kernels: not used" in out
     assert blas_threads() == before
 
+
+
+def test_timed_steps_run_with_the_garbage_collector_paused_and_restore_it():
+    import gc
+    seen = []
+    assert gc.isenabled()
+    times = bench._time_steps(lambda: seen.append(gc.isenabled()), 3)
+    assert seen == [False, False, False] and len(times) == 3
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        bench._time_steps(lambda: None, 1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
