@@ -810,6 +810,9 @@ class CapturedStep:
     - no host synchronisation inside: no .item(), float()/int()/bool() of a device value, no
       printing device arrays, no NumPy transfer. In minivit that rules out integer-label
       cross_entropy (it checks the label range on the host; soft targets are fine);
+    - no matrix products: CuPy refuses cuBLAS calls during stream capture ("calling cuBLAS API
+      during stream capture is currently unsupported", CuPy 14), so Linear, attention and
+      every `@` stay outside; a whole training step cannot be captured;
     - Python scalars are frozen at capture: a learning rate or step count passed as a number
       to a kernel keeps its captured value on every replay;
     - random numbers (dropout, drop_path) are not guaranteed to differ between replays: use
