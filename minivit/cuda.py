@@ -29,7 +29,8 @@ Kernels are built on first use and cached per (kernel, dtype); CuPy also caches 
 binaries on disk (~/.cupy/kernel_cache), so only the first run on a machine pays for NVRTC.
 
 Other helpers: ``set_tf32(enabled)`` (TF32 tensor-core GEMMs for float32 matmuls),
-``synchronize()``, ``memory_info()``, ``PeakMemory()``, and the experimental ``capture_step`` (CUDA graphs).
+``synchronize()``, ``memory_info()``, ``PeakMemory()`` and the experimental ``capture_step``
+(CUDA graphs).
 """
 
 import contextlib
@@ -299,7 +300,10 @@ extern "C" __global__ void column_sums(
     shared_dots[threadIdx.y][threadIdx.x] = d;
     __syncthreads();
     if (threadIdx.y == 0 && col < cols) {
-        for (int i = 1; i < 8; ++i) { s += shared_sums[i][threadIdx.x]; d += shared_dots[i][threadIdx.x]; }
+        for (int i = 1; i < 8; ++i) {
+            s += shared_sums[i][threadIdx.x];
+            d += shared_dots[i][threadIdx.x];
+        }
         const long long out = (long long)blockIdx.y * cols + col;
         sums[out] = s;
         if (with_dot) dots[out] = d;
