@@ -398,11 +398,13 @@ def test_attention_command_image_files(tmp_path, monkeypatch, capsys, tiny_check
     assert "a.npy: predicted digit" in out and "b.png: predicted digit" in out
     assert_png(tmp_path / "maps" / "x_a.png")
     assert_png(tmp_path / "maps" / "x_b.png")
-    # several indices, default names
-    assert main(["attention", "--checkpoint", str(run_dir), "--index", "2", "5",
+    # several indices, default names; an index named twice makes one figure
+    capsys.readouterr()
+    assert main(["attention", "--checkpoint", str(run_dir), "--index", "2", "5", "2",
                  "--split", "train"]) == 0
     assert_png(tmp_path / "attention_train_2.png")
     assert_png(tmp_path / "attention_train_5.png")
+    assert capsys.readouterr().out.count("attention_train_2.png") == 1
 
 
 @pytest.mark.parametrize("argv, message", [

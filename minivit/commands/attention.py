@@ -107,6 +107,7 @@ def _dataset_samples(info, args):
     if not info.get("dataset"):
         raise MinivitError("the checkpoint names no dataset: give image files instead of --index")
     dataset = load_dataset(info["dataset"], args.split, args.data_dir)
+    args.index = list(dict.fromkeys(args.index))  # one figure per image, however often named
     for index in args.index:
         if not 0 <= index < len(dataset):
             raise MinivitError(f"--index {index} is out of range: {dataset.name} has "
