@@ -5,14 +5,16 @@
 #
 #   bash scripts/gpu_check.sh          # from anywhere; the log goes to $OUT/gpu_check.log
 #
-# Steps (each under its own `timeout`, about 6 minutes in all; a failed step does not stop the
-# ones after it, and the summary at the end gives every step's exit status):
+# Steps (each under its own `timeout`; the limits add up to 8 minutes, an H100 took under 2; a
+# failed step does not stop the ones after it, and the summary at the end gives every step's
+# exit status):
 #   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
-#   cuda-tests    pytest -k "cuda or cupy" (-n 12 with pytest-xdist): tests/test_cuda.py (fused kernels against NumPy,
-#                 gradcheck on cupy, AdamW kernel, training run, TF32, CUDA graph) and every
-#                 backend-parametrised test's cupy case (tests/test_ops.py, ...)
+#   cuda-tests    pytest -k "cuda or cupy" (-n 12 with pytest-xdist): tests/test_cuda.py (fused
+#                 kernels against NumPy, gradcheck on cupy, AdamW kernel, training run, TF32,
+#                 CUDA graph) and every backend-parametrised test's cupy case (tests/test_ops.py...)
 #   bench-cifar   minivit bench --backend cupy --against torch --config cifar --profile
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
+#   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps
 # minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is
 # installed; PYTHON=... picks another interpreter.
 set -u
@@ -58,6 +60,8 @@ step bench-cifar 75 "$PY" -m minivit.cli bench --backend cupy --against torch --
 
 step bench-vit-s16 90 "$PY" -m minivit.cli bench --backend cupy --against torch --config vit_s16 \
   --steps 5 --rounds 2 --tf32
+
+step kernel-profile 90 "$PY" scripts/gpu_kernel_profile.py --config vit_s16 --tf32
 
 {
   echo "=== summary (log: $LOG)"
