@@ -723,17 +723,19 @@ def attention_backward(grad, qkv, probs, lse, heads, scale):
 
 # -- TF32 -------------------------------------------------------------------------------------
 def set_tf32(enabled=True):
-    """Let float32 matmuls (cuBLAS GEMMs behind @, matmul, dot, tensordot) use TF32 tensor
-    cores (GPUs of compute capability >= 8.0: A100, H100, ...). float64 is never affected.
+    """Let float32 matmuls (cuBLAS GEMMs behind @, matmul, dot, tensordot, and the batched
+    self-attention GEMMs) use TF32 tensor cores (GPUs of compute capability >= 8.0: A100,
+    H100, ...). float64 is never affected.
 
-    How: CuPy picks the cuBLAS compute type of every GEMM from
+    How: CuPy picks the cuBLAS compute type of every GEMM it runs from
     cupy._core._routines_linalg.get_compute_type(dtype); we set it with its set_compute_type
     (COMPUTE_TYPE_TF32 -> CUBLAS_COMPUTE_32F_FAST_TF32, COMPUTE_TYPE_DEFAULT -> CUBLAS_COMPUTE_32F),
     the same switch CuPy's environment variable CUPY_TF32=1 sets at the first float32 GEMM.
-    (A cuBLAS handle math mode, cublas.setMathMode(handle, CUBLAS_TF32_TENSOR_OP_MATH), would
-    not do: CuPy passes an explicit compute type to cublasGemmEx and resets the math mode on
-    some paths.) CUPY_TF32 is set too, so the choice also holds where CuPy is not imported yet
-    or has no set_compute_type. Returns whether TF32 is now on (tf32_enabled())."""
+    CuPy passes that compute type explicitly to cublasGemmEx, so the handle's math mode does not
+    reach its GEMMs; minivit's own batched attention GEMMs (legacy sgemmBatched, which has no
+    compute type) read tf32_enabled() and set the math mode around each call (_gemm_batched).
+    CUPY_TF32 is set too, so the choice also holds where CuPy is not imported yet or has no
+    set_compute_type. Returns whether TF32 is now on (tf32_enabled())."""
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
     try:
         from cupy._core import _routines_linalg as linalg
@@ -814,9 +816,11 @@ class CapturedStep:
     - no host synchronisation inside: no .item(), float()/int()/bool() of a device value, no
       printing device arrays, no NumPy transfer. In minivit that rules out integer-label
       cross_entropy (it checks the label range on the host; soft targets are fine);
-    - no matrix products: CuPy refuses cuBLAS calls during stream capture ("calling cuBLAS API
-      during stream capture is currently unsupported", CuPy 14), so Linear, attention and
-      every `@` stay outside; a whole training step cannot be captured;
+    - no cuBLAS: CuPy refuses cuBLAS calls during stream capture ("calling cuBLAS API during
+      stream capture is currently unsupported", CuPy 14), so Linear, attention, every `@` and
+      optimizer.step() (its gradient norm is a cuBLAS dot; its learning rate and step count
+      would be frozen anyway, see below) stay outside: a whole training step cannot be
+      captured;
     - Python scalars are frozen at capture: a learning rate or step count passed as a number
       to a kernel keeps its captured value on every replay;
     - random numbers (dropout, drop_path) are not guaranteed to differ between replays: use

@@ -47,7 +47,7 @@ class FlatOptimizer:
         """Copy each parameter's gradient into the flat gradient buffer (None counts as 0):
         one concatenate call when every gradient is there (one kernel on the GPU)."""
         grads = [p.grad for p in self.parameters]
-        if all(grad is not None for grad in grads):
+        if all(g is not None and g.shape == p.shape for g, p in zip(grads, self.parameters)):
             self.xp.concatenate([grad.reshape(-1) for grad in grads], out=self.flat_grad)
             return self.flat_grad
         for p, start, stop in zip(self.parameters, self.offsets, self.offsets[1:]):
@@ -63,7 +63,8 @@ class FlatOptimizer:
 
     def step(self, max_grad_norm=None):
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
-        is clipped to it first. Returns the gradient norm before clipping (a 0-d array)."""
+        is clipped to it first. Returns the gradient norm before clipping, on the device
+        (see clip_grad_norm)."""
         grads = self.gather_grads()
         norm = clip_grad_norm(grads, max_grad_norm)
         self.step_count += 1
@@ -155,9 +156,11 @@ class SGD(FlatOptimizer):
 
 
 def clip_grad_norm(grads, max_norm=None):
-    """Global L2 norm of a flat gradient, as a 0-d array on the gradient's device; with
-    max_norm, scale the gradient in place by min(1, max_norm / (norm + 1e-6)). Nothing here
-    reads a value on the host, so a GPU step never waits for the GPU (float(norm) would)."""
+    """Global L2 norm of a flat gradient, on the gradient's device (a 0-d CuPy array; a NumPy
+    scalar on the CPU: float() it to print or log); with max_norm, scale the gradient in place
+    by min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does (a NaN norm
+    makes every entry NaN). Nothing here reads a value on the host, so a GPU step never waits
+    for the GPU (float(norm) would)."""
     xp = backend.array_module(grads)
     norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 else \
         xp.sqrt((grads * grads).sum())  # dot: no temporary the size of the model

@@ -24,7 +24,7 @@ import pytest
 
 import minivit
 import minivit.functional as F
-from minivit import Tensor, cuda
+from minivit import Tensor, cpu, cuda
 from minivit import backend as mb
 from minivit.optim import AdamW
 
@@ -33,7 +33,8 @@ GPU = pytest.mark.skipif(not mb.cupy_available(),
 TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
 KERNEL_ENTRY_POINTS = ("layer_norm_forward", "layer_norm_backward", "gelu_forward",
                        "gelu_backward", "softmax", "softmax_backward", "cross_entropy_forward",
-                       "cross_entropy_backward", "adamw_update", "column_sums")
+                       "cross_entropy_backward", "adamw_update", "column_sums",
+                       "attention_forward", "attention_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +97,9 @@ def _ops_forward_and_backward(dtype):
     h = F.softmax(h) + F.log_softmax(h)
     q = Tensor(rng.standard_normal((2, 1, 3, 8)).astype(dtype), requires_grad=True)
     h = h + F.scaled_dot_product_attention(q, q, q).reshape(2, 3, 8)
+    h = h + F.self_attention(F.linear(h, Tensor(rng.standard_normal((24, 8)).astype(dtype)),
+                                      Tensor(rng.standard_normal(24).astype(dtype),
+                                             requires_grad=True)), 2)
     logits = h.reshape(6, 8)
     soft = Tensor(rng.uniform(0, 1, (6, 8)).astype(dtype), requires_grad=True)
     loss = (F.cross_entropy(logits, np.arange(6) % 8, label_smoothing=0.1)
@@ -107,13 +111,15 @@ def _ops_forward_and_backward(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_arrays_never_reach_the_cuda_kernels(monkeypatch, dtype):
+@pytest.mark.parametrize("cpu_fast_paths", [True, False])
+def test_numpy_arrays_never_reach_the_cuda_kernels(monkeypatch, dtype, cpu_fast_paths):
     def refuse(*args, **kwargs):
         raise AssertionError("a NumPy computation reached minivit.cuda")
 
     for name in KERNEL_ENTRY_POINTS:
         monkeypatch.setattr(cuda, name, refuse)
-    loss = _ops_forward_and_backward(dtype)
+    with cpu.fast_paths(cpu_fast_paths):  # off: the plain code, where the cuda branches sit
+        loss = _ops_forward_and_backward(dtype)
     assert loss.dtype == dtype
     assert not cuda.handles(np.ones(3, dtype))
     assert not cuda.handles(None)
@@ -310,7 +316,14 @@ def test_self_attention_gemms_match_numpy(dtype, batch, tokens, heads, head_dim,
     _assert_fused_matches_numpy(attention, [qkv.astype(dtype)],
                                 ("softmax_forward", np.dtype(dtype).name), dtype)
     assert cuda._pointer_cache, "the batched-GEMM attention path did not run"
-    assert (("attention_probs", None) in cuda._kernels) or keep_probs
+    rebuilt = ("attention_probs", None) in cuda._kernels
+    assert rebuilt != keep_probs, "backward rebuilt P though it was kept, or kept it unasked"
+    if keep_probs:  # the probabilities handed out equal NumPy's
+        host = qkv.astype(dtype)
+        got = F.self_attention(Tensor(mb.to_backend(host, "cupy")), heads, queries=queries,
+                               return_attention=True)[1]
+        want = F.self_attention(Tensor(host), heads, queries=queries, return_attention=True)[1]
+        np.testing.assert_allclose(mb.to_numpy(got), want, **TOLERANCE[dtype])
 
 
 @GPU

@@ -301,6 +301,28 @@ def test_self_attention_for_the_first_tokens_only(fast, queries):
     assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("forward_fast", [True, False])
+@pytest.mark.parametrize("queries", [None, 2])
+def test_self_attention_backward_on_the_other_path_than_its_forward(dtype, forward_fast,
+                                                                    queries):
+    """Fast paths switched between forward and backward: the backward finds what the forward
+    saved in the other path's form (q unscaled views, or q·s contiguous) and still agrees."""
+    rng = np.random.default_rng(12)
+    qkv_data = rng.standard_normal((3, 6, 3 * 2 * 4)).astype(dtype)
+    upstream = rng.standard_normal((3, queries or 6, 8)).astype(dtype)
+    grads = []
+    for backward_fast in (forward_fast, not forward_fast):
+        qkv = Tensor(qkv_data, requires_grad=True)
+        with cpu.fast_paths(forward_fast):
+            out = F.self_attention(qkv, 2, queries=queries)
+        with cpu.fast_paths(backward_fast):
+            out.backward(upstream)
+        grads.append(qkv.grad)
+    assert grads[1].dtype == dtype
+    np.testing.assert_allclose(grads[1], grads[0], **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("queries", [0, 7])
 def test_self_attention_rejects_queries_outside_the_tokens(queries):
     with pytest.raises(minivit.errors.ShapeError, match="between 1 and the 6 tokens"):
@@ -389,6 +411,24 @@ def test_adamw_chunked_update_matches_plain(dtype):
         assert fast.dtype == dtype
         np.testing.assert_allclose(fast, plain, rtol=1e-6 if dtype == np.float32 else 1e-13,
                                    atol=1e-7 if dtype == np.float32 else 1e-15)
+
+
+def test_gather_grads_counts_a_missing_gradient_as_zero_and_refuses_a_wrong_size():
+    rng = np.random.default_rng(15)
+    named = [(name, Tensor(rng.standard_normal(shape).astype(np.float32), requires_grad=True))
+             for name, shape in (("a.weight", (3, 4)), ("a.bias", (3,)), ("b.weight", (2, 2)))]
+    optimizer = AdamW(named)
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for _, p in named]
+    for (_, p), grad in zip(named, grads):
+        p.grad = grad
+    np.testing.assert_array_equal(optimizer.gather_grads(),
+                                  np.concatenate([g.ravel() for g in grads]))
+    named[1][1].grad = None  # a parameter the loss did not reach
+    np.testing.assert_array_equal(optimizer.gather_grads(),
+                                  np.concatenate([grads[0].ravel(), np.zeros(3), grads[2].ravel()]))
+    named[1][1].grad = np.ones(2, np.float32)  # wrong size: an error, not a shifted copy
+    with pytest.raises(ValueError):
+        optimizer.gather_grads()
 
 
 # -- the thread pool -------------------------------------------------------------------------------
