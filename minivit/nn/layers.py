@@ -84,9 +84,9 @@ class Attention(Module):
 
     Set ``keep_attention = True`` to keep the last forward's probabilities (B, heads, N, N) in
     ``self.attention`` (they are computed anyway; on the GPU keeping them also spares backward
-    from rebuilding them). With
-    ``forward(x, queries=n)`` they are (B, heads, n, N): the model's forward does that in its
-    last block, so use ``VisionTransformer.forward_with_attention`` for full maps."""
+    from rebuilding them). With ``forward(x, queries=n)`` they are (B, heads, n, N): the
+    model's forward does that in its last block, so use
+    ``VisionTransformer.forward_with_attention`` for full maps."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, proj_drop=0.0):
         if dim % num_heads:
