@@ -15,7 +15,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import minivit.functional as F  # noqa: E402
-from minivit import Tensor  # noqa: E402
+from minivit import Tensor, optim  # noqa: E402
 
 RTOL = 1e-10
 
@@ -161,21 +161,31 @@ def test_cross_entropy(backend, data, soft, smoothing):
 
 
 
+# the same hyper-parameters on both sides; torch gets the decay as two parameter groups
+OPTIMIZERS = {
+    "AdamW": (lambda params: optim.AdamW(params, lr=0.1, betas=(0.8, 0.95), eps=1e-6,
+                                         weight_decay=0.3),
+              lambda groups: torch.optim.AdamW(groups, lr=0.1, betas=(0.8, 0.95), eps=1e-6)),
+    "SGD": (lambda params: optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.3),
+            lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9)),
+}
+
+
 @FIXTURE_OK
-@given(seed=seeds, max_norm=st.sampled_from([None, 0.5, 2.0, 100.0]))
-def test_adamw_steps_with_gradient_clipping(backend, seed, max_norm):
-    """Five AdamW steps (decay on the matrix, none on the bias) with the global gradient norm
-    clipped as torch.nn.utils.clip_grad_norm_ does: parameters and norms equal torch's."""
-    from minivit.optim import AdamW
+@given(seed=seeds, max_norm=st.sampled_from([None, 0.5, 2.0, 100.0]),
+       optimizer_name=st.sampled_from(sorted(OPTIMIZERS)))
+def test_optimizer_steps_with_gradient_clipping(backend, seed, max_norm, optimizer_name):
+    """Five AdamW or SGD-with-momentum steps (decay on the matrix, none on the bias) with the
+    global gradient norm clipped as torch.nn.utils.clip_grad_norm_ does: parameters and norms
+    equal torch's."""
+    make_ours, make_theirs = OPTIMIZERS[optimizer_name]
     rng = np.random.default_rng(seed)
     host = {"layer.weight": rng.standard_normal((3, 4)), "layer.bias": rng.standard_normal(4)}
     ours = {name: Tensor(on_backend(value), requires_grad=True) for name, value in host.items()}
     theirs = {name: torch.tensor(value, requires_grad=True) for name, value in host.items()}
-    optimizer = AdamW(ours.items(), lr=0.1, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3)
-    reference = torch.optim.AdamW(
-        [{"params": [theirs["layer.weight"]], "weight_decay": 0.3},
-         {"params": [theirs["layer.bias"]], "weight_decay": 0.0}],
-        lr=0.1, betas=(0.8, 0.95), eps=1e-6)
+    optimizer = make_ours(ours.items())
+    reference = make_theirs([{"params": [theirs["layer.weight"]], "weight_decay": 0.3},
+                             {"params": [theirs["layer.bias"]], "weight_decay": 0.0}])
     for step in range(5):
         grads = {name: rng.standard_normal(value.shape) * 2.0 ** step
                  for name, value in host.items()}
@@ -189,4 +199,4 @@ def test_adamw_steps_with_gradient_clipping(backend, seed, max_norm):
         assert_relative(as_host(norm), expected_norm.numpy(), f"gradient norm, step {step}")
         for name in host:
             assert_relative(as_host(ours[name].data), theirs[name].detach().numpy(),
-                            f"{name} after step {step}")
+                            f"{optimizer_name}: {name} after step {step}")
