@@ -37,6 +37,41 @@ def test_short_training_learns(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 4
 
 
+def test_sgd_has_its_own_defaults_and_learns(tmp_path):
+    """AdamW's lr and decoupled decay left SGD at chance accuracy (its decay is an L2 term):
+    --optimizer sgd without --lr/--weight-decay takes SGD's own, and learns."""
+    sgd = TrainConfig(optimizer="sgd")
+    assert (sgd.lr, sgd.weight_decay) == (0.1, 5e-4)
+    assert (TrainConfig().lr, TrainConfig().weight_decay) == (2e-3, 0.05)
+    assert TrainConfig(optimizer="sgd", lr=0.3).lr == 0.3
+    train(quick_config(tmp_path, optimizer="sgd", lr=None, epochs=6))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["lr"], saved["weight_decay"]) == (0.1, 5e-4)  # the values it trained with
+    train_losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert train_losses[-1] < 0.85 * train_losses[0]
+
+
+def test_unknown_optimizer_or_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(MinivitError, match="unknown optimizer 'rmsprop'; known: adamw, sgd"):
+        train(quick_config(tmp_path, optimizer="rmsprop", lr=None))
+    with pytest.raises(MinivitError, match="unknown dataset 'imagenet'"):
+        train(quick_config(tmp_path, dataset="imagenet"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_log_grads_records_each_epochs_last_step(tmp_path):
+    train(quick_config(tmp_path, log_grads=True, clip_grad=1.0))
+    grads = [r for r in read_metrics(tmp_path / "run") if r["split"] == "grads"]
+    assert [r["epoch"] for r in grads] == [1, 2, 3]
+    names = {name for name, _ in minivit.models.create_model("vit_digits").named_parameters()}
+    for record in grads:
+        norms, ratios = record["grad_norms"], record["update_ratios"]
+        assert set(norms) == set(ratios) == names
+        assert all(np.isfinite(list(norms.values()))) and all(v > 0 for v in ratios.values())
+        # the per-parameter norms make up the step's gradient, clipped to --clip-grad
+        assert 0 < np.sqrt(sum(v * v for v in norms.values())) <= 1.0 + 1e-5
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     options = dict(epochs=2, drop_path=0.1, label_smoothing=0.1)  # random numbers matter too
     train(quick_config(tmp_path, "straight", **options))

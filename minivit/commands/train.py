@@ -26,6 +26,13 @@ RESUME_MAY_CHANGE = {"epochs", "data_dir"}
 FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest: --name-like-this
 
 
+def _per_optimizer(option):
+    """'0.002 with adamw, 0.1 with sgd': an option's default for each optimizer."""
+    from minivit.train import OPTIMIZER_DEFAULTS
+
+    return ", ".join(f"{values[option]:g} with {name}" for name, values in OPTIMIZER_DEFAULTS.items())
+
+
 def add_parser(subparsers, name, help_text):
     from minivit.train import TrainConfig
 
@@ -54,10 +61,11 @@ def add_parser(subparsers, name, help_text):
     model.add_argument("--batch-size", type=int, default=None,
                        help=f"default: {defaults.batch_size}")
     model.add_argument("--lr", type=float, default=None,
-                       help=f"peak AdamW learning rate (default: {defaults.lr})")
+                       help=f"peak learning rate (default: {_per_optimizer('lr')})")
     model.add_argument("--weight-decay", type=float, default=None,
-                       help="decoupled weight decay, not on biases/norms/embeddings "
-                            f"(default: {defaults.weight_decay})")
+                       help="weight decay, not on biases/norms/embeddings: decoupled with "
+                            "adamw, an L2 term added to the gradient with sgd (default: "
+                            f"{_per_optimizer('weight_decay')})")
     model.add_argument("--warmup", type=int, default=None, metavar="EPOCHS",
                        help="linear warmup epochs before the cosine decay (default: "
                             f"{defaults.warmup})")
