@@ -22,12 +22,9 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    import argparse
+    from minivit.commands.common import add_backend_flags, command_parser
 
-    from minivit.commands.common import add_backend_flags
-
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
                    help="a checkpoint file, or a run folder (its best checkpoint)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (.npy, PNG, JPEG)")

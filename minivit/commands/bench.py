@@ -1,9 +1,8 @@
 """minivit bench: training/inference images/s, FLOP/s and peak memory, optionally side by side
 with PyTorch."""
 
-import argparse
 
-from minivit.commands.common import add_backend_flags, apply_backend
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser
 
 EPILOG = """configurations (--config):
   digits   8x8x1 images, patch 2, D 64, depth 4, 4 heads, batch 128, 10 classes
@@ -43,8 +42,7 @@ examples:
 def add_parser(subparsers, name, help_text):
     from minivit.bench import CONFIGS
 
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--config", choices=tuple(CONFIGS), default="digits",
                    help="named configuration (default: %(default)s)")
     p.add_argument("--batch", type=int, default=None,

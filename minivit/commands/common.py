@@ -1,6 +1,15 @@
-"""Flags shared by several sub-commands."""
+"""What several sub-commands share: their parser's set-up and the backend flags."""
+
+import argparse
 
 from minivit import backend
+
+
+def command_parser(subparsers, name, help_text, epilog=None):
+    """The sub-command's parser: its help line doubles as its description, and the epilog
+    (examples, notes) keeps its own line breaks."""
+    return subparsers.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_backend_flags(parser):

@@ -1,6 +1,7 @@
 """minivit convert: weights between .safetensors, .npz and PyTorch .pth/.pt/.bin."""
 
-import argparse
+from minivit.commands.common import command_parser
+
 
 EPILOG = """examples:
   minivit convert vit_base_patch16_224.pth vit_base_patch16_224.safetensors
@@ -14,8 +15,7 @@ a .pth file holds a plain state dict, without metadata. Reading or writing .pth 
 
 
 def add_parser(subparsers, name, help_text):
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("src", metavar="SRC", help="weights file to read (.safetensors, .npz, .pth, "
                                               ".pt, .bin)")
     p.add_argument("dst", metavar="DST", help="file to write (.safetensors, .npz, .pth, .pt, "

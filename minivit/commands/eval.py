@@ -1,10 +1,10 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
-from minivit.commands.common import add_backend_flags, apply_backend
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser
 
 
 def add_parser(subparsers, name, help_text):
-    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p = command_parser(subparsers, name, help_text)
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run folder (its best checkpoint)")
     p.add_argument("--dataset", default=None,

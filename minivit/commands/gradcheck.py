@@ -1,6 +1,7 @@
 """minivit gradcheck: every hand-written backward against central finite differences."""
 
 from minivit import backend
+from minivit.commands.common import command_parser
 
 EPILOG = """Each op gets random inputs and a random upstream gradient (float64, drawn from --seed);
 its analytic vector-Jacobian product is compared with central differences of <v, f(x)>,
@@ -17,10 +18,7 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    import argparse
-
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--op", action="append", metavar="NAME",
                    help="check only this op (repeat for several; --list shows the names)")
     p.add_argument("--seed", type=int, default=0,

@@ -1,6 +1,8 @@
 """minivit info: parameters, tokens, attention size, MACs/FLOPs and activation memory of a
 named model or a checkpoint, computed from the configuration (nothing is run)."""
 
+from minivit.commands.common import command_parser
+
 EPILOG = """MACs count the matrix products only (fvcore/timm convention; see minivit.inspect.cost);
 FLOPs = 2 x MACs; a training step ~ 3 x the forward FLOPs. Activation memory is what a float32
 training step keeps for backward, per image.
@@ -14,10 +16,7 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    import argparse
-
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("model", nargs="?", metavar="MODEL_OR_CHECKPOINT",
                    help="a model name (see --list), a checkpoint file or a run folder")
     p.add_argument("--img-size", type=int, default=None, metavar="N",

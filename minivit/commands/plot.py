@@ -1,5 +1,7 @@
 """minivit plot: loss/accuracy/learning-rate curves of run folders, or their gradient norms."""
 
+from minivit.commands.common import command_parser
+
 EPILOG = """Reads RUN_DIR/metrics.jsonl (written by minivit train). Several runs go on one figure,
 one colour per run, one line style per split (train, test). --grads draws instead the
 per-parameter gradient norms and update ratios that `minivit train --log-grads` records,
@@ -13,10 +15,7 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    import argparse
-
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders (or their metrics.jsonl files)")
     p.add_argument("--out", default=None, metavar="FILE.png",

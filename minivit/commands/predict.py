@@ -1,8 +1,7 @@
 """minivit predict: classify image files with a minivit checkpoint or timm/ImageNet weights."""
 
-import argparse
 
-from minivit.commands.common import add_backend_flags, apply_backend
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser
 
 EPILOG = """examples:
   minivit predict --checkpoint runs/latest digit.npy batch.npy photo.png
@@ -26,8 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def add_parser(subparsers, name, help_text):
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("files", nargs="+", metavar="FILE", help=".npy, .png, .jpg or .jpeg files")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="RUN_OR_FILE",

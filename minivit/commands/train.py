@@ -1,11 +1,10 @@
 """minivit train: train a ViT and keep a run folder (config, metrics, checkpoints)."""
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
-from minivit.commands.common import add_backend_flags, apply_backend
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser
 
 EPILOG = """examples:
   minivit train                                   tiny ViT on the embedded 8x8 digits (CPU)
@@ -37,8 +36,7 @@ def add_parser(subparsers, name, help_text):
     from minivit.train import TrainConfig
 
     defaults = TrainConfig()
-    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, name, help_text, EPILOG)
     data = p.add_argument_group("data")
     # Training options default to None so that run() knows which ones were given (--resume
     # refuses those that differ from the run's); the help texts name TrainConfig's defaults.
