@@ -274,6 +274,17 @@ def test_dropout_rejects_p_of_one(op):
 
 
 # -- concat / stack -----------------------------------------------------------------------------
+def check_join(data, pieces, join, numpy_join, axis):
+    """join(tensors, axis) equals numpy_join(pieces, axis), and its gradients check out."""
+    inputs = draw_inputs(data, *pieces)
+
+    def fn(*tensors):
+        return join(tensors, axis=axis)
+
+    np.testing.assert_array_equal(forward(fn, *inputs), numpy_join(pieces, axis=axis))
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
 @FIXTURE_OK
 @given(data=st.data(), count=st.integers(1, 3))
 def test_concat(backend, data, count):
@@ -284,13 +295,7 @@ def test_concat(backend, data, count):
         shape = list(base)
         shape[axis] = data.draw(st.integers(0, 3), label="length along axis")
         pieces.append(data.draw(arrays(tuple(shape))))
-    inputs = draw_inputs(data, *pieces)
-
-    def fn(*tensors):
-        return F.concat(tensors, axis=axis)
-
-    np.testing.assert_array_equal(forward(fn, *inputs), np.concatenate(pieces, axis=axis))
-    check_gradients(fn, *inputs, seed=data.draw(seeds))
+    check_join(data, pieces, F.concat, np.concatenate, axis)
 
 
 @FIXTURE_OK
@@ -298,14 +303,7 @@ def test_concat(backend, data, count):
 def test_stack(backend, data, count):
     shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=3))
     axis = data.draw(st.integers(-len(shape) - 1, len(shape)), label="axis")
-    pieces = [data.draw(arrays(shape)) for _ in range(count)]
-    inputs = draw_inputs(data, *pieces)
-
-    def fn(*tensors):
-        return F.stack(tensors, axis=axis)
-
-    np.testing.assert_array_equal(forward(fn, *inputs), np.stack(pieces, axis=axis))
-    check_gradients(fn, *inputs, seed=data.draw(seeds))
+    check_join(data, [data.draw(arrays(shape)) for _ in range(count)], F.stack, np.stack, axis)
 
 
 # -- indexing -----------------------------------------------------------------------------------
@@ -588,6 +586,21 @@ def test_non_contiguous_inputs_match_contiguous_copies(backend, name, data):
 
 
 # -- the plain NumPy code behind the fast CPU paths -----------------------------------------------
+def case_arrays(specs, rng, floats, dtype=None):
+    """One array per input spec of an OP_CASES entry: integer labels, distinct values (of
+    `dtype`) where the spec asks for them, else floats(spec)."""
+    arrays = []
+    for spec in specs:
+        if spec.kind == "labels":
+            arrays.append(on_backend(rng.integers(0, spec.classes, spec.shape)))
+        elif spec.kind == "distinct":
+            values = rng.permutation(np.prod(spec.shape)).reshape(spec.shape) / 7.0
+            arrays.append(on_backend(values, dtype))
+        else:
+            arrays.append(floats(spec))
+    return arrays
+
+
 @pytest.mark.parametrize("name", sorted(OP_CASES))
 def test_gradients_with_the_fast_cpu_paths_off(name):
     """The Hypothesis tests above run the default dispatch (minivit.cpu's chunked kernels for
@@ -595,16 +608,9 @@ def test_gradients_with_the_fast_cpu_paths_off(name):
     the cupy backend shares) gets the same gradient check here, one drawn-once example per op."""
     fn, specs = OP_CASES[name]
     rng = np.random.default_rng(sorted(OP_CASES).index(name))
-    inputs = []
-    for spec in specs:
-        if spec.kind == "labels":
-            inputs.append(on_backend(rng.integers(0, spec.classes, spec.shape)))
-        elif spec.kind == "distinct":
-            values = rng.permutation(np.prod(spec.shape)).reshape(spec.shape) / 7.0
-            inputs.append(on_backend(values))
-        else:
-            low = 0.1 if spec.kind == "positive" else 0.5 if spec.kind == "away" else -3.0
-            inputs.append(layout(rng.uniform(low, 3.0, spec.shape), "transposed"))
+    lowest = {"positive": 0.1, "away": 0.5}
+    inputs = case_arrays(specs, rng, lambda spec: layout(
+        rng.uniform(lowest.get(spec.kind, -3.0), 3.0, spec.shape), "transposed"))
     with cpu.fast_paths(False):
         check_gradients(fn, *inputs, seed=7)
 
@@ -614,16 +620,8 @@ def test_gradients_with_the_fast_cpu_paths_off(name):
 def test_float32_inputs_give_float32_outputs_and_gradients(backend, name):
     fn, specs = OP_CASES[name]
     rng = np.random.default_rng(0)
-    arrays32 = []
-    for spec in specs:
-        if spec.kind == "labels":
-            arrays32.append(on_backend(rng.integers(0, spec.classes, spec.shape)))
-        elif spec.kind == "distinct":
-            values = rng.permutation(np.prod(spec.shape)).reshape(spec.shape) / 7.0
-            arrays32.append(on_backend(values, np.float32))
-        else:
-            values = rng.uniform(0.5, 2.0, spec.shape)
-            arrays32.append(on_backend(values, np.float32))
+    arrays32 = case_arrays(specs, rng, lambda spec: on_backend(rng.uniform(0.5, 2.0, spec.shape),
+                                                               np.float32), np.float32)
     tensors = [Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a for a in arrays32]
     out = fn(*tensors)
     assert out.dtype == np.float32, f"{name}: output is {out.dtype}"
