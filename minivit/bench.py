@@ -376,13 +376,16 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     log = log or (lambda message: None)
     if config not in CONFIGS:
         raise MinivitError(f"unknown bench configuration {config!r}; known: {', '.join(CONFIGS)}")
-    if steps < 1 or warmup_steps < 0 or rounds < 1:
-        raise MinivitError("--steps and --rounds must be >= 1 and --warmup-steps >= 0")
+    for name, value, lowest in (("--steps", steps, 1), ("--rounds", rounds, 1),
+                                ("--warmup-steps", warmup_steps, 0), ("--batch", batch, 1),
+                                ("--threads", threads, 1)):
+        if value is not None and value < lowest:
+            raise MinivitError(f"{name} must be at least {lowest}, got {value}")
     model_args = dict(CONFIGS[config]["model"])
     batch = batch or CONFIGS[config]["batch"]
     backend.set_backend(backend_name)
     on_gpu = backend_name == "cupy"
-    if threads:
+    if threads is not None:
         cpu.set_num_threads(threads)
     threads = cpu.num_threads()
     if tf32:

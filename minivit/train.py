@@ -20,6 +20,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 
 import minivit.functional as F
 from minivit import backend
@@ -83,6 +84,33 @@ class TrainConfig:
         return self.model or DEFAULT_MODELS[self.dataset]
 
 
+def saved_config(path):
+    """The TrainConfig in a run's config.json, each value checked against its field's type;
+    MinivitError naming the file and the field when it is damaged."""
+    advice = ("restore it (minivit train writes it at the start of a run), or start a new run "
+              "with --out OTHER")
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise MinivitError(f"{path} is damaged ({error}): {advice}") from None
+    if not isinstance(saved, dict):
+        raise MinivitError(f"{path} is damaged: it holds a JSON {type(saved).__name__}, not the "
+                           f"object of training options minivit train writes; {advice}")
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in saved:
+            continue
+        value, kind = saved[field.name], field.type
+        fits = (value is None and field.default is None) or (
+            isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            raise MinivitError(f"{path} is damaged: {field.name} is {json.dumps(value)}, "
+                               f"expected {kind.__name__}; {advice}")
+        values[field.name] = value
+    return TrainConfig(**values)
+
+
 def epochs_text(count):
     """'1 epoch', '2 epochs'."""
     return f"{count} epoch{'' if count == 1 else 's'}"
@@ -122,9 +150,16 @@ def _check_run_folder(config, run_dir):
                            f"another run, or --overwrite to replace it")
     if config.resume and "config.json" in files and not any(
             name.startswith("last.") for name in files):
-        raise MinivitError(f"--resume: {run_dir} has no checkpoint to continue from (its run "
-                           f"stopped before its first epoch ended): start it again with "
-                           f"--overwrite")
+        kept = [name for name in files if name != "config.json"]
+        if not kept:
+            raise MinivitError(f"--resume: {run_dir} has no checkpoint to continue from (its run "
+                               f"stopped before its first epoch ended): start it again with "
+                               f"--overwrite")
+        raise MinivitError(f"--resume: {run_dir} has no last checkpoint (last.safetensors or "
+                           f"last.npz: the weights and optimizer state a resume continues from), "
+                           f"though it holds {', '.join(kept)}. Put the last checkpoint back to "
+                           f"resume, or start a new run with --out OTHER (--overwrite would "
+                           f"delete {', '.join(kept)})")
 
 
 def build_model(config, num_classes, image_size, channels):
@@ -162,8 +197,20 @@ class _MetricsLog:
         self.path = Path(path)
         if keep_until_epoch is not None and self.path.exists():
             # drop records of epochs after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= keep_until_epoch]
+            lines = [line for line in self.path.read_text(errors="replace").splitlines()
+                     if line.strip()]
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    epoch = json.loads(line)["epoch"]
+                except (ValueError, TypeError, KeyError):
+                    if number == len(lines):  # cut short by an interruption: its epoch is redone
+                        break
+                    raise MinivitError(f"{self.path} line {number} is damaged (not a JSON record "
+                                       f"with an epoch: {line[:60]!r}): fix or delete that line, "
+                                       f"then resume") from None
+                if epoch <= keep_until_epoch:
+                    kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record):
@@ -186,6 +233,13 @@ def _gradient_statistics(model, optimizer, params_before):
 def train(config, on_epoch_end=None):
     """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
+    # step and learning rate, rather than as NumPy warnings
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _train(config, on_epoch_end)
+
+
+def _train(config, on_epoch_end):
     from tqdm import tqdm
 
     backend.set_backend(config.backend)
@@ -203,7 +257,8 @@ def train(config, on_epoch_end=None):
             ("warmup", config.warmup >= 0, "at least 0"),
             ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
             ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
-            ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)")):
+            ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"),
+            ("seed", config.seed >= 0, "at least 0")):
         if not ok:
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")
@@ -265,10 +320,13 @@ def train(config, on_epoch_end=None):
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
+                kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
+                        else "No checkpoint was written (none had been: the first epoch had "
+                             "not ended)")
                 raise TrainingError(
                     f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
-                    f"(lr {optimizer.lr:.3g}); training stopped. The last good checkpoint is "
-                    f"kept in {run_dir}: lower --lr, or keep --clip-grad on")
+                    f"(lr {optimizer.lr:.3g}); training stopped. {kept}: lower --lr, or keep "
+                    f"--clip-grad on")
             optimizer.zero_grad()
             loss.backward()
             log_grads_now = config.log_grads and epoch_count + len(labels) >= len(train_set)

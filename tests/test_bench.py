@@ -123,6 +123,16 @@ def test_tf32_is_refused_on_the_cpu(capsys):
     assert "--tf32" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("batch", 0), ("threads", 0), ("steps", 0),
+                                           ("rounds", 0), ("warmup_steps", -1)])
+def test_run_benchmark_refuses_out_of_range_counts(option, value):
+    from minivit.errors import MinivitError
+
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(MinivitError, match=f"{flag} must be at least"):
+        bench.run_benchmark(config="tiny", **{option: value})
+
+
 def test_torch_vit_has_minivits_parameter_names():
     torch = pytest.importorskip("torch")
     from minivit.models import VisionTransformer

@@ -167,6 +167,23 @@ def parse_info(output):
     return int(total[1].replace(",", "")), int(total[2].replace(",", ""))
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "--config", "tiny", "--batch", "-4"], "argument --batch: must be at least 1, got -4"),
+    (["bench", "--config", "tiny", "--threads", "0"], "argument --threads: must be at least 1"),
+    (["bench", "--steps", "abc"], "argument --steps: expected a whole number, got 'abc'"),
+    (["info", "vit_digits", "--img-size", "-16"], "argument --img-size: must be at least 1"),
+    (["info", "vit_digits", "--num-classes", "-2"], "argument --num-classes: must be at least 0"),
+    (["gradcheck", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["gradcheck", "--rtol", "nan"], "argument --rtol: must be greater than 0.0, got nan"),
+    (["predict", "--checkpoint", "x", "--top-k", "0", "a.npy"], "argument --top-k: must be at "
+                                                                  "least 1, got 0")])
+def test_out_of_range_numbers_are_usage_errors_naming_the_flag(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_info_vit_base(capsys):
     assert main(["info", "vit_base_patch16_224"]) == 0
     out = capsys.readouterr().out

@@ -180,6 +180,17 @@ def test_malformed_metrics_line_names_file_and_line(tmp_path):
         read_metrics(run)
 
 
+def test_binary_or_empty_metrics_file_is_a_clear_error(tmp_path):
+    binary = tmp_path / "weights.safetensors"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(MinivitError, match="weights.safetensors is not a metrics file"):
+        read_metrics(binary)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("\n")
+    with pytest.raises(MinivitError, match="has no records"):
+        read_metrics(tmp_path / "empty")
+
+
 def test_missing_metrics_file(tmp_path):
     with pytest.raises(MinivitError, match="cannot read metrics file .*metrics.jsonl"):
         read_metrics(tmp_path)

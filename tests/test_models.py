@@ -193,6 +193,22 @@ def test_forward_computes_only_the_class_token_in_the_last_block_with_the_same_r
     assert seen == [(6, 1, 64)]
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("img_size", -16, "img_size must be at least 1, got -16"),
+    ("img_size", (32, 0), "img_size must be at least 1, got 0"),
+    ("patch_size", 0, "patch_size must be at least 1, got 0"),
+    ("num_classes", -2, "num_classes must be at least 0, got -2"),
+    ("depth", 0, "depth must be at least 1, got 0"),
+    ("embed_dim", 0, "embed_dim must be at least 1, got 0"),
+    ("in_chans", 0, "in_chans must be at least 1, got 0"),
+    ("mlp_ratio", float("nan"), "mlp_ratio must be greater than 0, got nan")])
+def test_sizes_no_vit_has_are_refused(option, value, expected):
+    options = dict(img_size=32, patch_size=16, embed_dim=24, depth=1, num_heads=3)
+    with pytest.raises(MinivitError, match=expected):
+        VisionTransformer(**dict(options, **{option: value}))
+    assert VisionTransformer(**dict(options, num_classes=0)).head is None  # 0: no head
+
+
 def test_images_of_another_dtype_than_the_model_are_a_clear_error():
     model = create_model("vit_digits", depth=1)  # float32
     with pytest.raises(DTypeError, match=r"expected float32 images .* got float64: cast them"):

@@ -404,6 +404,10 @@ def test_predict_weights_errors(tmp_path, imagenet_weights, capsys):
     assert main(["predict", "--weights", str(path), "--model", "vit_tiny_patch16_224",
                  "--img-size", "64", "--labels", str(labels), str(tmp_path / "x.npy")]) == 1
     assert "has 2 names, the model has 1000 classes" in capsys.readouterr().err
+    labels.write_bytes(bytes(range(256)))  # e.g. an image given as --labels
+    assert main(["predict", "--weights", str(path), "--model", "vit_tiny_patch16_224",
+                 "--img-size", "64", "--labels", str(labels), str(tmp_path / "x.npy")]) == 1
+    assert "is not a text file: expected one class name per line" in capsys.readouterr().err
 
 
 def test_checkpoint_metadata_is_json(checkpoint):

@@ -142,15 +142,67 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert info["epoch"] == 1
 
 
-@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
-                            "ignore:invalid value:RuntimeWarning")  # the blow-up is the point
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the message says it all: no NumPy noise
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     train(quick_config(tmp_path, epochs=1))
     last = tmp_path / "run" / "last.safetensors"
     before = last.read_bytes()
-    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*last good checkpoint"):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*The last good checkpoint "
+                                            r"is kept in .*last.safetensors"):
         train(quick_config(tmp_path, epochs=2, resume=True, lr=1e30, clip_grad=0.0))
     assert last.read_bytes() == before
+    # blown up within the first epoch: there is no checkpoint, and the message says so
+    with pytest.raises(TrainingError, match="No checkpoint was written") as error:
+        train(quick_config(tmp_path, "first", epochs=1, lr=1e30, clip_grad=0.0))
+    assert "kept" not in str(error.value)
+
+
+def test_resume_of_a_damaged_run_folder_says_what_is_damaged(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert main(["train", "--epochs", "2", "--batch-size", "256", "--out", str(run_dir),
+                 "--quiet"]) == 0
+    config_text = (run_dir / "config.json").read_text()
+    resume = ["train", "--out", str(run_dir), "--resume", "--epochs", "3", "--quiet"]
+    saved = json.loads(config_text)
+    for damage, expected in (("{bad", "config.json is damaged (Expecting"),
+                             ("[]", "holds a JSON list"),
+                             (json.dumps(dict(saved, lr="abc")), 'lr is "abc", expected float'),
+                             (json.dumps(dict(saved, epochs=2.5)), "epochs is 2.5, expected int")):
+        (run_dir / "config.json").write_text(damage)
+        assert main(resume) == 1
+        assert expected in capsys.readouterr().err
+    (run_dir / "config.json").write_text(config_text)
+    # a metrics line damaged in the middle stops the resume; the files stay as they were
+    metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+    damaged = "\n".join([metrics[0], metrics[1][:10]] + metrics[2:]) + "\n"
+    (run_dir / "metrics.jsonl").write_text(damaged)
+    before = (run_dir / "last.safetensors").read_bytes()
+    assert main(resume) == 1
+    assert "metrics.jsonl line 2 is damaged" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == damaged
+    assert (run_dir / "last.safetensors").read_bytes() == before
+    # a last line cut short by an interruption is dropped: its epoch is trained again
+    (run_dir / "metrics.jsonl").write_text("\n".join(metrics[:-1] + [metrics[-1][:15]]) + "\n")
+    assert main(resume) == 0
+    epochs = [r["epoch"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_without_last_checkpoint_does_not_advise_deleting_the_rest(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    train(quick_config(tmp_path, "r", epochs=1))
+    (run_dir / "last.safetensors").unlink()
+    assert main(["train", "--out", str(run_dir), "--resume", "--epochs", "2", "--quiet"]) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "has no last checkpoint" in error and "best.safetensors, metrics.jsonl" in error
+    assert "--overwrite would delete best.safetensors, metrics.jsonl" in error
+    assert (run_dir / "best.safetensors").exists()
+
+
+def test_negative_seed_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--seed", "-1", "--out", str(tmp_path / "s"), "--quiet"]) == 1
+    assert "seed must be at least 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_float64_training_step(tmp_path):

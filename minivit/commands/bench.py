@@ -2,7 +2,7 @@
 with PyTorch."""
 
 
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
 
 EPILOG = """configurations (--config):
   digits   8x8x1 images, patch 2, D 64, depth 4, 4 heads, batch 128, 10 classes
@@ -45,13 +45,13 @@ def add_parser(subparsers, name, help_text):
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--config", choices=tuple(CONFIGS), default="digits",
                    help="named configuration (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=number(int, 1), default=None,
                    help="batch size (default: the configuration's)")
-    p.add_argument("--steps", type=int, default=10,
+    p.add_argument("--steps", type=number(int, 1), default=10,
                    help="timed steps per round and mode (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=2,
+    p.add_argument("--warmup-steps", type=number(int, 0), default=2,
                    help="untimed steps first (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=number(int, 1), default=3,
                    help="alternating minivit/PyTorch rounds with --against (default: "
                         "%(default)s)")
     p.add_argument("--mode", choices=("both", "train", "infer"), default="both",
@@ -64,7 +64,7 @@ def add_parser(subparsers, name, help_text):
                    help="GPU: TF32 tensor-core GEMMs for float32 (CuPy and PyTorch)")
     p.add_argument("--against", choices=("torch",), default=None,
                    help="also run the same model in PyTorch and print minivit/PyTorch ratios")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=number(int, 1), default=None,
                    help="CPU threads for minivit and PyTorch (default: all usable CPUs)")
     p.add_argument("--profile", action="store_true",
                    help="also time each minivit op (forward/backward), the optimizer and the "

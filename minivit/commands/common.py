@@ -12,6 +12,23 @@ def command_parser(subparsers, name, help_text, epilog=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def number(kind, lowest, inclusive=True):
+    """An argparse type: a number of `kind` (int or float) at least (or, not inclusive, greater
+    than) `lowest`; anything else is a usage error naming the flag, the bound and the value."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not (value >= lowest if inclusive else value > lowest):  # NaN fails both
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'greater than'} {lowest}, got {text}")
+        return value
+
+    return parse
+
+
 def add_backend_flags(parser):
     parser.add_argument("--backend", choices=backend.BACKENDS, default=None,
                         help="array backend: numpy (CPU) or cupy (NVIDIA GPU); default: "

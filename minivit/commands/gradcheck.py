@@ -1,7 +1,7 @@
 """minivit gradcheck: every hand-written backward against central finite differences."""
 
 from minivit import backend
-from minivit.commands.common import command_parser
+from minivit.commands.common import command_parser, number
 
 EPILOG = """Each op gets random inputs and a random upstream gradient (float64, drawn from --seed);
 its analytic vector-Jacobian product is compared with central differences of <v, f(x)>,
@@ -21,9 +21,9 @@ def add_parser(subparsers, name, help_text):
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--op", action="append", metavar="NAME",
                    help="check only this op (repeat for several; --list shows the names)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=number(int, 0), default=0,
                    help="seed of the random inputs and upstream gradients (default 0)")
-    p.add_argument("--rtol", type=float, default=1e-6,
+    p.add_argument("--rtol", type=number(float, 0.0, inclusive=False), default=1e-6,
                    help="largest relative error that passes (default 1e-6)")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.add_argument("--backend", choices=backend.BACKENDS, default=None,

@@ -1,7 +1,7 @@
 """minivit info: parameters, tokens, attention size, MACs/FLOPs and activation memory of a
 named model or a checkpoint, computed from the configuration (nothing is run)."""
 
-from minivit.commands.common import command_parser
+from minivit.commands.common import command_parser, number
 
 EPILOG = """MACs count the matrix products only (fvcore/timm convention; see minivit.inspect.cost);
 FLOPs = 2 x MACs; a training step ~ 3 x the forward FLOPs. Activation memory is what a float32
@@ -19,9 +19,9 @@ def add_parser(subparsers, name, help_text):
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("model", nargs="?", metavar="MODEL_OR_CHECKPOINT",
                    help="a model name (see --list), a checkpoint file or a run folder")
-    p.add_argument("--img-size", type=int, default=None, metavar="N",
+    p.add_argument("--img-size", type=number(int, 1), default=None, metavar="N",
                    help="image size to describe the model at (default: the model's own)")
-    p.add_argument("--num-classes", type=int, default=None, metavar="K",
+    p.add_argument("--num-classes", type=number(int, 0), default=None, metavar="K",
                    help="classes of the head (default: the model's own)")
     p.add_argument("--list", action="store_true", help="list the named models and exit")
 

@@ -1,7 +1,7 @@
 """minivit predict: classify image files with a minivit checkpoint or timm/ImageNet weights."""
 
 
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
 
 EPILOG = """examples:
   minivit predict --checkpoint runs/latest digit.npy batch.npy photo.png
@@ -35,14 +35,14 @@ def add_parser(subparsers, name, help_text):
                              "--model")
     p.add_argument("--model", metavar="NAME",
                    help="named configuration for --weights, e.g. vit_base_patch16_224")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=number(int, 1), default=None,
                    help="classes of --weights' head (default: read from the weights, else 1000)")
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=number(int, 1), default=None,
                    help="input image size (default: the model's); pos_embed is resampled to it")
     p.add_argument("--labels", metavar="FILE",
                    help="class names, one per line (default: the checkpoint's, else indices)")
-    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=number(int, 1), default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64)
     add_backend_flags(p)
 
 
@@ -58,8 +58,6 @@ def run(args):
     if args.checkpoint is not None and (args.model is not None or args.num_classes is not None):
         raise MinivitError("--model and --num-classes go with --weights; a --checkpoint "
                            "carries its own configuration")
-    if args.top_k < 1 or args.batch_size < 1:
-        raise MinivitError("--top-k and --batch-size must be at least 1")
     apply_backend(args)
 
     def note(message):
@@ -136,6 +134,9 @@ def _read_labels(path, num_classes):
             names = [line.strip() for line in file.read().splitlines()]
     except OSError as err:
         raise MinivitError(f"cannot read --labels {path}: {err}") from None
+    except UnicodeDecodeError:
+        raise MinivitError(f"--labels {path} is not a text file: expected one class name per "
+                           f"line (UTF-8)") from None
     while names and not names[-1]:
         names.pop()
     if len(names) != num_classes:

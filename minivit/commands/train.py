@@ -122,7 +122,7 @@ def _check_resumed_options(run_dir, saved, given):
 
 def run(args):
     from minivit.errors import MinivitError
-    from minivit.train import TrainConfig, epochs_text, train
+    from minivit.train import TrainConfig, epochs_text, saved_config, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items()
@@ -134,8 +134,7 @@ def run(args):
         if not saved_path.exists():
             raise MinivitError(f"--resume: {saved_path} does not exist; is {args.out} a run "
                                f"folder made by minivit train?")
-        saved = TrainConfig(**{k: v for k, v in json.loads(saved_path.read_text()).items()
-                               if k in fields})
+        saved = saved_config(saved_path)
         _check_resumed_options(args.out, saved, given)
         changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
         config = dataclasses.replace(saved, resume=True, **run_control, **changes)

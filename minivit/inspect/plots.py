@@ -39,14 +39,17 @@ def _metrics_path(run_dir):
 def read_metrics(run_dir):
     """The records of `run_dir/metrics.jsonl` (or of a .jsonl file given directly), in order.
 
-    Blank lines are skipped; a missing file or a line that is not a JSON object raises
-    MinivitError naming the file and the line number.
+    Blank lines are skipped; a missing, binary or empty file, or a line that is not a JSON
+    object, raises MinivitError naming the file (and the line number).
     """
     path = _metrics_path(run_dir)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise MinivitError(f"cannot read metrics file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise MinivitError(f"{path} is not a metrics file: it is not text (minivit train writes "
+                           f"{METRICS_FILE} in the run folder, one JSON record per line)") from None
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -58,6 +61,8 @@ def read_metrics(run_dir):
         if not isinstance(record, dict):
             raise MinivitError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
+    if not records:
+        raise MinivitError(f"{path} has no records: a run writes them as each epoch ends")
     return records
 
 

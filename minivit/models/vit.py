@@ -11,10 +11,27 @@ from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, 
 from minivit.nn import init
 
 
+def _check_config(**values):
+    """Refuse sizes no ViT has (a negative class count, a zero patch, ...), naming the value."""
+    sizes = values.pop("img_size")
+    values["img_size"] = min(sizes) if isinstance(sizes, (tuple, list)) else sizes
+    ratio = values.pop("mlp_ratio")
+    if not ratio > 0:  # also refuses NaN
+        raise MinivitError(f"VisionTransformer: mlp_ratio must be greater than 0, got {ratio}")
+    lowest = {"num_classes": 0}  # 0: no head (forward returns the pooled features)
+    for name, value in values.items():
+        if not value >= lowest.get(name, 1):
+            raise MinivitError(f"VisionTransformer: {name} must be at least "
+                               f"{lowest.get(name, 1)}, got {value}")
+
+
 class VisionTransformer(Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0,
                  drop_path_rate=0.0):
+        _check_config(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                      num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                      num_heads=num_heads, mlp_ratio=mlp_ratio)
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                            num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
