@@ -75,9 +75,16 @@ def xp():
     return _current["xp"]
 
 
+_backend_of_type = {}  # type -> "numpy" or "cupy" (the engine asks several times per op)
+
+
 def backend_of(array):
     """"numpy" or "cupy" for an array (anything that is not a CuPy array counts as NumPy)."""
-    return "cupy" if type(array).__module__.startswith("cupy") else "numpy"
+    kind = type(array)
+    name = _backend_of_type.get(kind)
+    if name is None:
+        name = _backend_of_type[kind] = "cupy" if kind.__module__.startswith("cupy") else "numpy"
+    return name
 
 
 def array_module(*arrays):
