@@ -3,7 +3,8 @@
 On construction an optimizer copies every parameter into one contiguous buffer and points each
 ``parameter.data`` at its slice, so an update is a handful of vectorised calls over the whole
 model instead of a Python loop over ~100 tensors. (Move the model to its backend/dtype before
-creating the optimizer; ``load_state_dict`` copies in place and keeps the views.)
+creating the optimizer; ``load_state_dict`` copies in place and keeps the views, and ``step``
+refuses to run once a parameter's ``.data`` has been replaced.)
 """
 
 import math
@@ -24,7 +25,14 @@ class FlatOptimizer:
     """Base class: the flat buffers (parameters, gradients, decay mask) and the step protocol."""
 
     def __init__(self, named_parameters, lr, weight_decay):
-        named = [(name, p) for name, p in named_parameters if p.requires_grad]
+        pairs = list(named_parameters)
+        for item in pairs:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"{type(self).__name__} takes model.named_parameters(): (name, "
+                                f"parameter) pairs, whose names decide which parameters get "
+                                f"weight decay (not biases, norms, cls_token or pos_embed); got "
+                                f"a {type(item).__name__} (model.parameters()?)")
+        named = [(name, p) for name, p in pairs if p.requires_grad]
         if not named:
             raise MinivitError("the optimizer got no parameters that require grad")
         self.names = [name for name, _ in named]
@@ -42,6 +50,17 @@ class FlatOptimizer:
             self.flat[start:stop] = p.data.ravel()
             p.data = self.flat[start:stop].reshape(p.shape)
             self.decay_mask[start:stop] = 1.0 if decays(name, p) else 0.0
+        self.views = [p.data for p in self.parameters]  # what step() updates, checked there
+
+    def _check_views(self):
+        """Each parameter's .data must still be its slice of the flat buffer: an update would
+        otherwise change the buffer and leave the model as it was, silently."""
+        for name, p, view in zip(self.names, self.parameters, self.views):
+            if p.data is not view:
+                raise MinivitError(f"parameter {name} no longer lives in the optimizer's buffer: "
+                                   f"its .data was replaced after the optimizer was made "
+                                   f"(model.to(...), resample_pos_embed, p.data = ...). Make the "
+                                   f"optimizer after such changes")
 
     def gather_grads(self):
         """Copy each parameter's gradient into the flat gradient buffer (None counts as 0):
@@ -65,6 +84,7 @@ class FlatOptimizer:
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
         is clipped to it first. Returns the gradient norm before clipping, on the device
         (see clip_grad_norm)."""
+        self._check_views()
         grads = self.gather_grads()
         norm = clip_grad_norm(grads, max_grad_norm)
         self.step_count += 1
@@ -84,9 +104,22 @@ class FlatOptimizer:
                 "arrays": {k: backend.to_numpy(v).copy() for k, v in self.state_arrays().items()}}
 
     def load_state_dict(self, state):
+        buffers = self.state_arrays()
+        arrays = state.get("arrays", {})
+        kind = type(self).__name__
+        if set(arrays) != set(buffers):
+            raise MinivitError(f"{kind}.load_state_dict: this optimizer keeps "
+                               f"{', '.join(sorted(buffers)) or 'no buffers'}, the state holds "
+                               f"{', '.join(sorted(arrays)) or 'none'}: it was saved by another "
+                               f"optimizer")
+        for name, buffer in buffers.items():
+            if tuple(arrays[name].shape) != tuple(buffer.shape):
+                raise MinivitError(f"{kind}.load_state_dict: {name} holds "
+                                   f"{arrays[name].size} values, this optimizer's parameters "
+                                   f"{buffer.size}: it was saved for another model")
         self.step_count, self.lr = int(state["step_count"]), float(state["lr"])
-        for name, buffer in self.state_arrays().items():
-            buffer[...] = backend.to_backend(state["arrays"][name], backend.backend_of(buffer))
+        for name, buffer in buffers.items():
+            buffer[...] = backend.to_backend(arrays[name], backend.backend_of(buffer))
 
 
 # -- AdamW (Loshchilov & Hutter): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;

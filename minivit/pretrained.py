@@ -49,8 +49,8 @@ def _warn(message: str) -> None:
 def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
     """(state, metadata, source) from a weights file or an in-memory state dict.
 
-    Values may be NumPy/CuPy arrays or torch tensors. Wrapper prefixes are stripped, and the
-    optimizer buffers of a minivit training checkpoint are dropped.
+    Values may be NumPy/CuPy arrays, minivit or torch tensors. Wrapper prefixes are stripped,
+    and the optimizer buffers of a minivit training checkpoint are dropped.
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         state, metadata = io.load_weights(path_or_state)
@@ -67,6 +67,10 @@ def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str
 
 
 def _to_numpy(name, value) -> np.ndarray:
+    from minivit.tensor import Tensor
+
+    if isinstance(value, Tensor):  # minivit's own (it has .detach too, but no .cpu)
+        return value.numpy()
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
@@ -151,6 +155,7 @@ def load_pretrained(model, path_or_state, strict: bool = True,
         skipped = [k for k in state
                    if k not in expected or tuple(np.shape(state[k])) != expected[k]]
         absent = [k for k in expected if k not in state]
+        state = {k: v for k, v in state.items() if k not in skipped}
         for what, keys in (("skipped {} key(s) that do not fit the model", skipped),
                            ("{} parameter(s) missing from the weights keep their initial "
                             "values", absent)):

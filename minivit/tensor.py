@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from minivit import backend
-from minivit.errors import BackendError, GraphError
+from minivit.errors import BackendError, DTypeError, GraphError
 
 _grad_mode = threading.local()
 
@@ -65,6 +65,9 @@ class Tensor:
 
     def __init__(self, data, requires_grad=False, name=None):
         self.data = _as_array(data)
+        if requires_grad and self.data.dtype.kind != "f":
+            raise DTypeError(f"only floating-point tensors can require gradients; got dtype "
+                             f"{self.data.dtype} (convert the data, e.g. .astype(np.float32))")
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self.name = name
@@ -169,6 +172,28 @@ class Tensor:
     def __pow__(self, exponent):
         return _basic.power(self, exponent)
 
+    def __rpow__(self, base):
+        """base ** tensor for a number base > 0: e^(tensor · ln base)."""
+        if not isinstance(base, (int, float)) or base <= 0:
+            return NotImplemented
+        return _basic.exp(self * float(np.log(base)))
+
+    # a one-element tensor as a Python value, as in PyTorch
+    def _python_value(self, kind):
+        if self.size != 1:
+            raise TypeError(f"only a one-element tensor converts to a Python {kind.__name__}; "
+                            f"this one has shape {self.shape}")
+        return kind(self.data.item())
+
+    def __bool__(self):
+        return self._python_value(bool)
+
+    def __float__(self):
+        return self._python_value(float)
+
+    def __int__(self):
+        return self._python_value(int)
+
     def __matmul__(self, other):
         return _basic.matmul(self, other)
 
@@ -219,6 +244,7 @@ class Function:
         arrays = [t.data if t is not None else None if x is None else _as_array(x, like=like)
                   for t, x in zip(tensors, inputs)]
         backend.array_module(*arrays)  # raises on mixed numpy/cupy inputs
+        arrays = self._same_float_dtype(tensors, arrays)
         self.needs_input_grad = tuple(t is not None and t.requires_grad for t in tensors)
         output = Tensor(self.forward(*arrays, **options))
         if is_grad_enabled() and any(self.needs_input_grad):
@@ -226,6 +252,26 @@ class Function:
             output._creator = self
             self.inputs = tensors
         return output
+
+    # raw (non-Tensor) integer arrays are labels or indices unless the op says they are numbers
+    casts_integer_constants = False
+
+    def _same_float_dtype(self, tensors, arrays):
+        """The floating Tensor inputs share one dtype (DTypeError naming both otherwise); raw
+        floating arrays, and raw integer arrays of arithmetic ops, are cast to it: a constant
+        never promotes float32 work to float64 (a float64 result would meet a float32
+        gradient in backward)."""
+        floats = {t.dtype for t in tensors if t is not None and t.dtype.kind == "f"}
+        if len(floats) > 1:
+            raise DTypeError(f"{type(self).__name__.lower()}: inputs of different dtypes "
+                             f"({', '.join(sorted(map(str, floats)))}); convert one with "
+                             f"Tensor.to(dtype=...) or model.to(dtype=...)")
+        if not floats:
+            return arrays
+        dtype = floats.pop()
+        kinds = "fiub" if self.casts_integer_constants else "f"
+        return [a.astype(dtype) if t is None and a is not None and a.dtype.kind in kinds
+                and a.dtype != dtype else a for t, a in zip(tensors, arrays)]
 
     def forward(self, *arrays, **options):
         raise NotImplementedError

@@ -17,7 +17,7 @@ import minivit
 import minivit.functional as F
 from minivit import Function, Tensor, no_grad
 from minivit import backend as mb
-from minivit.errors import BackendError, GraphError, MinivitError, ShapeError
+from minivit.errors import BackendError, DTypeError, GraphError, MinivitError, ShapeError
 
 
 def leaf(values, dtype=np.float64):
@@ -413,6 +413,61 @@ def test_layer_norm_and_matmul_shape_errors(backend):
         F.layer_norm(leaf(np.ones((2, 4))), leaf(np.ones(3)))
     with pytest.raises(ShapeError, match=r"got \(2, 3\) @ \(4, 2\)"):
         leaf(np.ones((2, 3))) @ leaf(np.ones((4, 2)))
+
+
+# -- dtypes: constants never promote, tensors never mix --------------------------------------------
+@pytest.mark.parametrize("constant", [np.arange(3), np.ones(3), [1.0, 2.0, 3.0]])
+def test_a_constant_keeps_the_tensors_dtype_forward_and_backward(backend, constant):
+    x = Tensor(on_backend(np.ones((2, 3)), np.float32), requires_grad=True)
+    raw = constant if isinstance(constant, list) else on_backend(constant)
+    for y in (x * raw, raw * x, x + raw, x - raw, raw / (x + 1), x @ on_backend(np.ones((3, 2)))):
+        assert y.dtype == np.float32
+    (x * raw).sum().backward()
+    assert x.grad.dtype == np.float32
+    np.testing.assert_array_equal(as_host(x.grad), np.broadcast_to(np.asarray(constant), (2, 3)))
+
+
+def test_tensors_of_two_float_dtypes_in_one_op_are_a_clear_error(backend):
+    x32 = Tensor(on_backend(np.ones(3), np.float32), requires_grad=True)
+    x64 = Tensor(on_backend(np.ones(3)))
+    with pytest.raises(DTypeError, match=r"add: inputs of different dtypes \(float32, float64\)"):
+        x32 + x64
+    weight = Tensor(on_backend(np.ones((2, 3)), np.float32), requires_grad=True)
+    with pytest.raises(DTypeError, match="linear: inputs of different dtypes"):
+        F.linear(x64, weight)
+
+
+def test_integer_tensors_cannot_require_grad():
+    with pytest.raises(DTypeError, match="only floating-point tensors can require gradients"):
+        Tensor(np.array([1, 2, 3]), requires_grad=True)
+    Tensor(np.array([1, 2, 3]))  # without gradients they are fine
+
+
+def test_small_numeric_edge_cases(backend):
+    assert float(Tensor(on_backend(np.array([1, 2]))).mean()) == 1.5  # not truncated to 1
+    x = Tensor(on_backend(np.array([0.0, 4.0])), requires_grad=True)
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(as_host(x.grad), [0.0, 0.0])  # not NaN at 0
+    t = Tensor(on_backend(np.array([1.0, 3.0])), requires_grad=True)
+    y = 2 ** t
+    y.sum().backward()
+    np.testing.assert_allclose(as_host(y.data), [2.0, 8.0])
+    np.testing.assert_allclose(as_host(t.grad), [2.0 * np.log(2), 8.0 * np.log(2)])
+
+
+def test_one_element_tensors_convert_to_python_values():
+    assert bool(Tensor(np.zeros(1))) is False and bool(Tensor(2.0)) is True
+    assert float(Tensor([2.5])) == 2.5 and int(Tensor(3.0)) == 3
+    with pytest.raises(TypeError, match="only a one-element tensor converts"):
+        bool(Tensor([1.0, 2.0]))
+
+
+def test_cross_entropy_takes_a_list_of_labels(backend):
+    logits = Tensor(on_backend(np.random.default_rng(0).standard_normal((4, 5)), np.float32),
+                    requires_grad=True)
+    from_list = F.cross_entropy(logits, [0, 4, 2, 1])
+    from_array = F.cross_entropy(logits, on_backend(np.array([0, 4, 2, 1])))
+    assert float(from_list) == float(from_array)
 
 
 def test_errors_are_minivit_errors():

@@ -21,6 +21,7 @@ from minivit.inspect import (
     save_attention_figure,
     upsample_nearest,
 )
+from minivit.models import create_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -169,6 +170,12 @@ def test_curves_needs_the_x_field():
         curves([{"step": 1, "loss": 1.0}, {"epoch": 1, "loss": 0.5}])
     with pytest.raises(MinivitError, match="x must be"):
         curves([], x="batch")
+
+
+def test_model_cost_takes_the_model_itself():
+    model = create_model("vit_digits")
+    assert model_cost(model).total_params == sum(p.size for _, p in model.named_parameters())
+    assert model_cost(model).total_params == model_cost(model.config).total_params
 
 
 def test_malformed_metrics_line_names_file_and_line(tmp_path):

@@ -122,6 +122,21 @@ def test_load_state_dict_strict_reports_every_problem():
     assert "norm.weight" in text and "extra.weight" in text and "head.weight" in text
 
 
+def test_non_strict_load_still_refuses_a_mis_shaped_key():
+    model = create_model("vit_digits", depth=1)
+    before = model.pos_embed.numpy()
+    state = model.state_dict()
+    state["head.weight"] = np.zeros((5, 64), np.float32)
+    state["pos_embed"] = np.ones_like(before)
+    with pytest.raises(WeightsError, match=r"head.weight: expected \(10, 64\), got \(5, 64\)"):
+        model.load_state_dict(state, strict=False)
+    np.testing.assert_array_equal(model.pos_embed.numpy(), before)  # nothing loaded
+    del state["head.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["head.weight"] and unexpected == []
+    np.testing.assert_array_equal(model.pos_embed.numpy(), np.ones_like(before))
+
+
 def test_load_state_dict_copies_in_place():
     source = create_model("vit_digits", depth=1)
     target = create_model("vit_digits", depth=1)
@@ -213,3 +228,37 @@ def test_images_of_another_dtype_than_the_model_are_a_clear_error():
     model = create_model("vit_digits", depth=1)  # float32
     with pytest.raises(DTypeError, match=r"expected float32 images .* got float64: cast them"):
         model(np.zeros((2, 1, 8, 8)))  # used to run in float64 and fail in Linear.backward
+
+
+# -- optimizers: misuse that used to fail silently -----------------------------------------------
+def test_optimizers_want_named_parameters():
+    from minivit.optim import SGD, AdamW
+
+    model = create_model("vit_digits", depth=1)
+    for optimizer in (AdamW, SGD):
+        with pytest.raises(TypeError, match=r"takes model.named_parameters\(\).*model.parameters"):
+            optimizer(model.parameters(), lr=0.1)
+
+
+def test_a_parameter_replaced_after_the_optimizer_was_made_is_a_clear_error():
+    import minivit.functional as F
+    from minivit.optim import AdamW
+
+    model = create_model("vit_digits", depth=1)
+    optimizer = AdamW(model.named_parameters())
+    model.to(dtype="float64")  # gives every parameter a new array
+    F.cross_entropy(model(np.zeros((2, 1, 8, 8))), np.array([0, 1])).backward()
+    with pytest.raises(MinivitError, match="no longer lives in the optimizer's buffer"):
+        optimizer.step()
+
+
+def test_optimizer_state_of_another_optimizer_or_model_is_a_clear_error():
+    from minivit.optim import SGD, AdamW
+
+    model = create_model("vit_digits", depth=1)
+    adamw_state = AdamW(model.named_parameters()).state_dict()
+    with pytest.raises(MinivitError, match="keeps momentum, the state holds m, v"):
+        SGD(model.named_parameters()).load_state_dict(adamw_state)
+    bigger = AdamW(create_model("vit_digits", depth=2).named_parameters()).state_dict()
+    with pytest.raises(MinivitError, match="saved for another model"):
+        AdamW(model.named_parameters()).load_state_dict(bigger)

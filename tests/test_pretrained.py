@@ -153,6 +153,15 @@ def test_non_strict_loads_what_fits(weights):
     assert np.array_equal(after["head.weight"], state["head.weight"])
 
 
+def test_a_state_dict_of_minivit_tensors_loads(weights):
+    from minivit import Tensor
+
+    _, state = weights
+    model = small_model(seed=3)
+    load_pretrained(model, {k: Tensor(v) for k, v in state.items()}, notify=lambda note: None)
+    assert np.array_equal(model.state_dict()["head.weight"], state["head.weight"])
+
+
 def test_non_vit_state_dict(tmp_path):
     path = tmp_path / "resnet.safetensors"
     save_weights({"conv1.weight": np.zeros((8, 3, 7, 7), np.float32),

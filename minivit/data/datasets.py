@@ -54,7 +54,13 @@ class ArrayDataset:
 
     def __init__(self, images, labels, num_classes, class_names, mean, std, name):
         images = np.ascontiguousarray(images, dtype=np.float32)
-        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        given = np.asarray(labels)
+        if given.dtype.kind not in "iub" and not (
+                given.dtype.kind == "f" and np.array_equal(given, np.round(given))):
+            raise DatasetError(f"{name}: labels must be whole numbers (class indices); got dtype "
+                             f"{given.dtype}" + (f", e.g. {given[given != np.round(given)][0]}"
+                                                 if given.dtype.kind == "f" else ""))
+        labels = np.ascontiguousarray(given, dtype=np.int64)
         if images.ndim != 4 or labels.shape != (len(images),):
             raise DatasetError(
                 f"{name}: images (N, C, H, W) and labels (N,) expected, "

@@ -21,8 +21,15 @@ def _unbroadcast(grad, shape):
     return grad.sum(axis=axes, keepdims=True).reshape(shape)
 
 
+class _Arithmetic(Function):
+    """Add, Sub, Mul, Div, MatMul: a raw integer array among their inputs is a number (cast
+    to the tensors' dtype, so x * np.arange(3) stays float32), not labels or indices."""
+
+    casts_integer_constants = True
+
+
 # -- add / sub: d(a ± b) = da ± db ------------------------------------------------------------
-class Add(Function):
+class Add(_Arithmetic):
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
         if a.shape == b.shape and cpu.handles(a, b):  # residual adds: threaded chunks
@@ -33,7 +40,7 @@ class Add(Function):
         return _unbroadcast(grad, self.shapes[0]), _unbroadcast(grad, self.shapes[1])
 
 
-class Sub(Function):
+class Sub(_Arithmetic):
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
         return a - b
@@ -44,7 +51,7 @@ class Sub(Function):
 
 
 # -- mul: d(ab) = b da + a db -------------------------------------------------------------------
-class Mul(Function):
+class Mul(_Arithmetic):
     def forward(self, a, b):
         self.a, self.b = a, b
         return a * b
@@ -56,7 +63,7 @@ class Mul(Function):
 
 
 # -- div: d(a/b) = da/b - a db/b² --------------------------------------------------------------
-class Div(Function):
+class Div(_Arithmetic):
     def forward(self, a, b):
         self.a, self.b = a, b
         return a / b
@@ -86,6 +93,8 @@ class Power(Function):
 
     def backward(self, grad):
         p = self.exponent
+        if p == 0:  # a⁰ = 1 everywhere: 0 · a⁻¹ would be NaN at a = 0
+            return (backend.array_module(grad).zeros_like(grad),)
         return (grad * (p * self.a ** (p - 1)).astype(grad.dtype, copy=False),)
 
 
@@ -110,7 +119,7 @@ class Log(Function):
 
 
 # -- matmul: C = A B, dA = dC Bᵀ, dB = Aᵀ dC (batched over leading dims) ------------------------
-class MatMul(Function):
+class MatMul(_Arithmetic):
     def forward(self, a, b):
         if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
             raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m); got {a.shape} @ {b.shape}")
@@ -152,7 +161,7 @@ class Mean(Function):
         self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
         out = a.mean(axis=axis, keepdims=keepdims)
         self.count = a.size // max(out.size, 1)
-        return out.astype(a.dtype, copy=False)
+        return out.astype(a.dtype, copy=False) if a.dtype.kind == "f" else out  # ints: NumPy's
 
     def backward(self, grad):
         xp = backend.array_module(grad)

@@ -1,5 +1,7 @@
 """cross_entropy: log-softmax and negative log-likelihood fused into one Function."""
 
+import numpy as np
+
 from minivit import backend, cuda
 from minivit.errors import DTypeError, ShapeError
 from minivit.functional.activation import log_softmax_array
@@ -77,5 +79,10 @@ class CrossEntropy(Function):
 
 def cross_entropy(logits, target, label_smoothing=0.0):
     """Mean cross-entropy over the batch. target: integer labels (B,) or soft targets (B, K);
-    label_smoothing ε mixes the target with the uniform distribution, as in PyTorch."""
+    label_smoothing ε mixes the target with the uniform distribution, as in PyTorch. A list
+    of whole numbers is labels, as an integer array is."""
+    if isinstance(target, (list, tuple)):
+        target = np.asarray(target)  # [0, 4, 2] stays integer (a bare list would become floats)
+        if backend.backend_of(getattr(logits, "data", logits)) == "cupy":
+            target = backend.to_backend(target, "cupy")
     return CrossEntropy()(logits, target, label_smoothing=label_smoothing)

@@ -92,7 +92,10 @@ def _pair(value, name):
 
 
 def _normalise(config):
-    """Read the VisionTransformer arguments from a dict or an object; check they fit together."""
+    """Read the VisionTransformer arguments from a dict, a model (its .config) or an object
+    with them as attributes; check they fit together."""
+    if isinstance(getattr(config, "config", None), dict):  # a VisionTransformer
+        config = config.config
     defaults = {"in_chans": 3, "num_classes": 1000, "mlp_ratio": 4.0, "qkv_bias": True}
     required = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
@@ -178,10 +181,10 @@ def _block_activations(T, D, H, M):
 
 
 def model_cost(config):
-    """Cost of a VisionTransformer given its arguments (a dict, or an object with them as
-    attributes): img_size, patch_size, embed_dim, depth, num_heads, and optionally in_chans (3),
-    num_classes (1000), mlp_ratio (4.0), qkv_bias (True). See the module docstring for what
-    is counted."""
+    """Cost of a VisionTransformer given the model itself or its arguments (a dict, or an
+    object with them as attributes): img_size, patch_size, embed_dim, depth, num_heads, and
+    optionally in_chans (3), num_classes (1000), mlp_ratio (4.0), qkv_bias (True). See the
+    module docstring for what is counted."""
     cfg = _normalise(config)
     shapes = parameter_shapes(cfg)
     params = {}

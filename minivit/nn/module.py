@@ -5,6 +5,7 @@ from collections import OrderedDict
 import numpy as np
 
 from minivit import backend
+from minivit.errors import WeightsError
 from minivit.tensor import Tensor
 
 
@@ -93,17 +94,25 @@ class Module:
         """Copy arrays into the parameters, in place (optimizer views stay valid).
 
         strict=True: every missing, unexpected or mis-shaped key is reported in one
-        WeightsError. strict=False: matching keys load; returns (missing, unexpected)."""
+        WeightsError. strict=False: missing and unexpected keys are allowed and returned as
+        (missing, unexpected); a mis-shaped key is still a WeightsError (as in PyTorch), and
+        nothing is loaded then."""
         from minivit.io import check_state_dict
 
         parameters = dict(self.named_parameters())
         expected = {name: tuple(p.shape) for name, p in parameters.items()}
         if strict:
             check_state_dict(expected, state)
+        misshaped = [f"{name}: expected {expected[name]}, got {tuple(np.shape(state[name]))}"
+                     for name in parameters
+                     if name in state and tuple(np.shape(state[name])) != expected[name]]
+        if misshaped:
+            raise WeightsError(f"load_state_dict: {len(misshaped)} mis-shaped key(s), nothing "
+                               f"loaded: {'; '.join(misshaped)}")
         missing = [name for name in parameters if name not in state]
         unexpected = [name for name in state if name not in parameters]
         for name, parameter in parameters.items():
-            if name in state and tuple(np.shape(state[name])) == expected[name]:
+            if name in state:
                 value = backend.to_backend(np.asarray(backend.to_numpy(state[name])),
                                            parameter.backend)
                 parameter.data[...] = value.astype(parameter.dtype, copy=False)
