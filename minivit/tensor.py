@@ -261,14 +261,20 @@ class Function:
         floating arrays, and raw integer arrays of arithmetic ops, are cast to it: a constant
         never promotes float32 work to float64 (a float64 result would meet a float32
         gradient in backward)."""
-        floats = {t.dtype for t in tensors if t is not None and t.dtype.kind == "f"}
-        if len(floats) > 1:
-            raise DTypeError(f"{type(self).__name__.lower()}: inputs of different dtypes "
-                             f"({', '.join(sorted(map(str, floats)))}); convert one with "
-                             f"Tensor.to(dtype=...) or model.to(dtype=...)")
-        if not floats:
+        dtype, raw = None, False
+        for tensor, array in zip(tensors, arrays):
+            if tensor is None:
+                raw = raw or array is not None
+            elif array.dtype.kind == "f":
+                if dtype is None:
+                    dtype = array.dtype
+                elif array.dtype != dtype:
+                    raise DTypeError(f"{type(self).__name__.lower()}: inputs of different dtypes "
+                                     f"({', '.join(sorted((str(dtype), str(array.dtype))))}); "
+                                     f"convert one with Tensor.to(dtype=...) or "
+                                     f"model.to(dtype=...)")
+        if dtype is None or not raw:
             return arrays
-        dtype = floats.pop()
         kinds = "fiub" if self.casts_integer_constants else "f"
         return [a.astype(dtype) if t is None and a is not None and a.dtype.kind in kinds
                 and a.dtype != dtype else a for t, a in zip(tensors, arrays)]
