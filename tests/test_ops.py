@@ -402,14 +402,24 @@ def test_matmul_operator(backend, data):
 
 
 @FIXTURE_OK
-@given(data=st.data(), exponent=st.sampled_from([2, 3, -1, 0.5, 1.5, -2.5, np.float64(2.0)]))
+@given(data=st.data(), exponent=st.sampled_from([2, 3, 0, -1, 0.5, 1.5, -2.5, np.float64(2.0)]))
 def test_power_operator(backend, data, exponent):
     shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))
-    integral = float(exponent).is_integer() and exponent > 0
+    integral = float(exponent).is_integer() and exponent >= 0  # x⁰: any x, 0 included
     x = data.draw(arrays(shape, elements=floats() if integral else floats(0.5, 3.0)))
     (inp,) = draw_inputs(data, x)
     np.testing.assert_allclose(forward(lambda t: t ** exponent, inp), x ** exponent, **EXACT)
     check_gradients(lambda t: t ** exponent, inp, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data(), base=st.sampled_from([2, 0.5, 10.0]))
+def test_number_to_the_power_of_a_tensor(backend, data, base):
+    shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))
+    x = data.draw(arrays(shape, elements=floats(-3.0, 3.0)))
+    (inp,) = draw_inputs(data, x)
+    np.testing.assert_allclose(forward(lambda t: base ** t, inp), float(base) ** x, rtol=1e-12)
+    check_gradients(lambda t: base ** t, inp, seed=data.draw(seeds))
 
 
 @FIXTURE_OK
