@@ -11,6 +11,7 @@ Rule for every backward: never write into the incoming gradient array (it may be
 """
 
 import contextlib
+import numbers
 import threading
 
 import numpy as np
@@ -102,11 +103,11 @@ class Tensor:
         return Tensor(self.data)
 
     def to(self, backend_name=None, dtype=None):
-        """A copy on another backend and/or dtype (a new leaf)."""
+        """A copy on another backend and/or dtype (a new leaf; an integer dtype needs no grad)."""
         data = backend.to_backend(self.data, backend_name)
         if dtype is not None:
             data = data.astype(dtype, copy=False)
-        return Tensor(data, requires_grad=self.requires_grad)
+        return Tensor(data, requires_grad=self.requires_grad and data.dtype.kind == "f")
 
     def retain_grad(self):
         """Keep this intermediate tensor's gradient in ``.grad`` after backward."""
@@ -173,9 +174,12 @@ class Tensor:
         return _basic.power(self, exponent)
 
     def __rpow__(self, base):
-        """base ** tensor for a number base > 0: e^(tensor · ln base)."""
-        if not isinstance(base, (int, float)) or base <= 0:
+        """base ** tensor for a real number base > 0: e^(tensor · ln base)."""
+        if not isinstance(base, numbers.Real):
             return NotImplemented
+        if not base > 0:
+            raise ValueError(f"number ** tensor needs a base > 0 (it is e^(tensor · ln base)); "
+                             f"got {base}")
         return _basic.exp(self * float(np.log(base)))
 
     # a one-element tensor as a Python value, as in PyTorch

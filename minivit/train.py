@@ -75,11 +75,6 @@ class TrainConfig:
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
 
-    def __post_init__(self):
-        for name, value in OPTIMIZER_DEFAULTS.get(self.optimizer, {}).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-
     def model_name(self):
         return self.model or DEFAULT_MODELS[self.dataset]
 
@@ -157,9 +152,9 @@ def _check_run_folder(config, run_dir):
                                f"--overwrite")
         raise MinivitError(f"--resume: {run_dir} has no last checkpoint (last.safetensors or "
                            f"last.npz: the weights and optimizer state a resume continues from), "
-                           f"though it holds {', '.join(kept)}. Put the last checkpoint back to "
-                           f"resume, or start a new run with --out OTHER (--overwrite would "
-                           f"delete {', '.join(kept)})")
+                           f"though it holds {', '.join(kept)}. If last.* was moved away, put it "
+                           f"back to resume; to keep these files, start a new run with --out "
+                           f"OTHER; --overwrite starts this run again and deletes them")
 
 
 def build_model(config, num_classes, image_size, channels):
@@ -202,14 +197,14 @@ class _MetricsLog:
             kept = []
             for number, line in enumerate(lines, 1):
                 try:
-                    epoch = json.loads(line)["epoch"]
+                    keep = json.loads(line)["epoch"] <= keep_until_epoch
                 except (ValueError, TypeError, KeyError):
                     if number == len(lines):  # cut short by an interruption: its epoch is redone
                         break
                     raise MinivitError(f"{self.path} line {number} is damaged (not a JSON record "
                                        f"with an epoch: {line[:60]!r}): fix or delete that line, "
                                        f"then resume") from None
-                if epoch <= keep_until_epoch:
+                if keep:
                     kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept))
 
@@ -250,6 +245,9 @@ def _train(config, on_epoch_end):
     if config.optimizer not in OPTIMIZER_DEFAULTS:
         raise MinivitError(f"unknown optimizer {config.optimizer!r}; known: "
                            f"{', '.join(OPTIMIZER_DEFAULTS)}")
+    config = dataclasses.replace(config, **{  # what the run trains with, as config.json says
+        name: value for name, value in OPTIMIZER_DEFAULTS[config.optimizer].items()
+        if getattr(config, name) is None})
     for field, ok, expected in (
             ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
             ("min_lr", config.min_lr >= 0, "at least 0"),
@@ -298,8 +296,8 @@ def _train(config, on_epoch_end):
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
     metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
+    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "best_accuracy": best_accuracy}
     step = start_epoch * steps_per_epoch

@@ -453,6 +453,14 @@ def test_small_numeric_edge_cases(backend):
     y.sum().backward()
     np.testing.assert_allclose(as_host(y.data), [2.0, 8.0])
     np.testing.assert_allclose(as_host(t.grad), [2.0 * np.log(2), 8.0 * np.log(2)])
+    np.testing.assert_allclose(as_host((np.float32(2) ** t).data), [2.0, 8.0])
+    with pytest.raises(ValueError, match="needs a base > 0"):
+        0 ** t
+    # an array of exponents, one of them 0 at a = 0: slopes 0, 1, 3a²
+    a = Tensor(on_backend(np.array([0.0, 2.0, 3.0])), requires_grad=True)
+    (a ** on_backend(np.array([0.0, 1.0, 3.0]))).sum().backward()
+    np.testing.assert_array_equal(as_host(a.grad), [0.0, 1.0, 27.0])
+    assert t.to(dtype="int32").requires_grad is False  # integers carry no gradient
 
 
 def test_one_element_tensors_convert_to_python_values():

@@ -1,5 +1,6 @@
 """The training loop: it learns, resumes exactly, survives failures with its checkpoints intact."""
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ from minivit.checkpoint import find_checkpoint, model_from_checkpoint, read_chec
 from minivit.cli import main
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import load_weights
-from minivit.train import TrainConfig, train
+from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, train
 
 # A small, quick configuration: 2-block digits model, a few epochs.
 QUICK = dict(dataset="digits", model="vit_digits", epochs=3, warmup=1, lr=2e-3, batch_size=32,
@@ -40,15 +41,18 @@ def test_short_training_learns(tmp_path):
 def test_sgd_has_its_own_defaults_and_learns(tmp_path):
     """AdamW's lr and decoupled decay left SGD at chance accuracy (its decay is an L2 term):
     --optimizer sgd without --lr/--weight-decay takes SGD's own, and learns."""
-    sgd = TrainConfig(optimizer="sgd")
-    assert (sgd.lr, sgd.weight_decay) == (0.1, 5e-4)
-    assert (TrainConfig().lr, TrainConfig().weight_decay) == (2e-3, 0.05)
-    assert TrainConfig(optimizer="sgd", lr=0.3).lr == 0.3
-    train(quick_config(tmp_path, optimizer="sgd", lr=None, epochs=6))
+    assert OPTIMIZER_DEFAULTS == {"adamw": {"lr": 2e-3, "weight_decay": 0.05},
+                                  "sgd": {"lr": 0.1, "weight_decay": 5e-4}}
+    # unset until train() resolves them, so that switching the optimizer switches them too
+    config = dataclasses.replace(quick_config(tmp_path, lr=None), optimizer="sgd", epochs=6)
+    train(config)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["lr"], saved["weight_decay"]) == (0.1, 5e-4)  # the values it trained with
     train_losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert train_losses[-1] < 0.85 * train_losses[0]
+    train(quick_config(tmp_path, "given", optimizer="sgd", lr=0.3, epochs=1))
+    saved = json.loads((tmp_path / "given" / "config.json").read_text())
+    assert (saved["lr"], saved["weight_decay"]) == (0.3, 5e-4)
 
 
 def test_unknown_optimizer_or_dataset_is_a_clear_error(tmp_path):
@@ -172,20 +176,23 @@ def test_resume_of_a_damaged_run_folder_says_what_is_damaged(tmp_path, capsys):
         assert main(resume) == 1
         assert expected in capsys.readouterr().err
     (run_dir / "config.json").write_text(config_text)
-    # a metrics line damaged in the middle stops the resume; the files stay as they were
+    # a metrics line damaged in the middle stops the resume; the run's files stay as they were
     metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
-    damaged = "\n".join([metrics[0], metrics[1][:10]] + metrics[2:]) + "\n"
-    (run_dir / "metrics.jsonl").write_text(damaged)
-    before = (run_dir / "last.safetensors").read_bytes()
-    assert main(resume) == 1
-    assert "metrics.jsonl line 2 is damaged" in capsys.readouterr().err
-    assert (run_dir / "metrics.jsonl").read_text() == damaged
-    assert (run_dir / "last.safetensors").read_bytes() == before
-    # a last line cut short by an interruption is dropped: its epoch is trained again
-    (run_dir / "metrics.jsonl").write_text("\n".join(metrics[:-1] + [metrics[-1][:15]]) + "\n")
+    kept = {name: (run_dir / name).read_bytes() for name in ("last.safetensors", "config.json")}
+    for bad_line in (metrics[1][:10], '{"epoch": null, "split": "test"}'):
+        damaged = "\n".join([metrics[0], bad_line] + metrics[2:]) + "\n"
+        (run_dir / "metrics.jsonl").write_text(damaged)
+        assert main(resume) == 1
+        assert "metrics.jsonl line 2 is damaged" in capsys.readouterr().err
+        assert (run_dir / "metrics.jsonl").read_text() == damaged
+        assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # not --epochs 3
+    # an interruption while epoch 3's records were written leaves a line cut short after the
+    # checkpoint of epoch 2: it is dropped, epoch 3 is trained again, nothing else is lost
+    cut = json.dumps({"epoch": 3, "step": 99, "split": "train", "loss": 1.0})[:20]
+    (run_dir / "metrics.jsonl").write_text("\n".join(metrics + [cut]))
     assert main(resume) == 0
-    epochs = [r["epoch"] for r in read_metrics(run_dir) if r["split"] == "train"]
-    assert epochs == [1, 2, 3]
+    records = [(r["epoch"], r["split"]) for r in read_metrics(run_dir)]
+    assert records == [(e, split) for e in (1, 2, 3) for split in ("train", "test")]
 
 
 def test_resume_without_last_checkpoint_does_not_advise_deleting_the_rest(tmp_path, capsys):
@@ -195,7 +202,8 @@ def test_resume_without_last_checkpoint_does_not_advise_deleting_the_rest(tmp_pa
     assert main(["train", "--out", str(run_dir), "--resume", "--epochs", "2", "--quiet"]) == 1
     error = " ".join(capsys.readouterr().err.split())
     assert "has no last checkpoint" in error and "best.safetensors, metrics.jsonl" in error
-    assert "--overwrite would delete best.safetensors, metrics.jsonl" in error
+    assert "put it back to resume" in error and "--out OTHER" in error
+    assert "--overwrite starts this run again and deletes them" in error
     assert (run_dir / "best.safetensors").exists()
 
 
@@ -470,7 +478,9 @@ def test_train_help_names_the_real_defaults(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     defaults = TrainConfig()
-    for expected in (f"default: {defaults.lr}", f"default: {defaults.batch_size}",
+    for expected in ("default: 0.002 with adamw, 0.1 with sgd",
+                     "default: 0.05 with adamw, 0.0005 with sgd",
+                     f"default: {defaults.batch_size}",
                      f"default: {defaults.dataset}", f"default: {defaults.optimizer}",
                      f"default: {defaults.seed}", "default float32", "--overwrite",
                      f"default: {defaults.checkpoint_format}", f"default: {defaults.out}"):

@@ -92,10 +92,13 @@ class Power(Function):
         return a ** exponent
 
     def backward(self, grad):
-        p = self.exponent
-        if p == 0:  # a⁰ = 1 everywhere: 0 · a⁻¹ would be NaN at a = 0
-            return (backend.array_module(grad).zeros_like(grad),)
-        return (grad * (p * self.a ** (p - 1)).astype(grad.dtype, copy=False),)
+        p, xp = self.exponent, backend.array_module(grad)
+        if np.ndim(p) == 0:  # a number; a⁰ = 1 has slope 0 (not 0 · 0⁻¹ = NaN at a = 0)
+            slope = p * self.a ** (p - 1) if p != 0 else xp.zeros_like(self.a)
+        else:  # an array of exponents, elementwise
+            p = xp.asarray(p)
+            slope = p * self.a ** xp.where(p == 0, 1, p - 1)
+        return (grad * slope.astype(grad.dtype, copy=False),)
 
 
 # -- exp: d(eᵃ) = eᵃ da ---------------------------------------------------------------------------
