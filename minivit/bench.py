@@ -133,7 +133,8 @@ class MinivitRunner:
 
     name = "minivit"
 
-    def __init__(self, model_args, batch, dtype="float32", seed=0, full_last_block=False):
+    def __init__(self, model_args, batch, dtype="float32", seed=0, full_last_block=False,
+                 cuda_graph=False):
         import minivit
         from minivit import backend
         from minivit.models import VisionTransformer
@@ -150,13 +151,14 @@ class MinivitRunner:
         self.labels = rng.integers(0, model_args["num_classes"], batch)
         self.x = backend.to_backend(self.images)
         self.y = backend.to_backend(self.labels)
+        self.cuda_graph, self.graphs = cuda_graph, {}  # mode -> cuda.CapturedStep
 
     def sync(self):
         if self.backend == "cupy":
             from minivit import cuda
             cuda.synchronize()
 
-    def train_step(self):
+    def _train(self):
         import minivit.functional as F
 
         self.model.train()
@@ -164,15 +166,30 @@ class MinivitRunner:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self.sync()
 
-    def infer_step(self):
+    def _infer(self):
         from minivit.tensor import no_grad
 
         self.model.eval()
         with no_grad():
             self.model(self.x)
+
+    def _step(self, mode, body):
+        """body() eagerly, or with cuda_graph its CUDA graph (recorded on the first call)."""
+        if self.cuda_graph:
+            if mode not in self.graphs:
+                from minivit import cuda
+                self.graphs[mode] = cuda.capture_step(body)
+            self.graphs[mode]()
+        else:
+            body()
         self.sync()
+
+    def train_step(self):
+        self._step("train", self._train)
+
+    def infer_step(self):
+        self._step("infer", self._infer)
 
     def logits(self):
         from minivit import backend
@@ -185,8 +202,12 @@ class MinivitRunner:
     def gpu_memory(self, step):
         """GPU memory over one call of step(): the peak of bytes in use (arrays alive, as
         torch.cuda.max_memory_allocated counts) and what CuPy's pool then holds (freed blocks
-        it keeps for reuse included, as torch.cuda.max_memory_reserved counts)."""
+        it keeps for reuse included, as torch.cuda.max_memory_reserved counts). With CUDA
+        graphs, of the same step run eagerly (a graph's memory is a pool of its own)."""
         from minivit import cuda
+        if self.cuda_graph:
+            body = self._train if step == self.train_step else self._infer
+            step = lambda: (body(), self.sync())  # noqa: E731
         cuda.free_memory()
         with cuda.PeakMemory() as peak:
             step()
@@ -361,14 +382,17 @@ def _measure_memory(runner, mode, on_gpu):
 
 def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=3,
                   backend_name="numpy", dtype="float32", against=None, threads=None, tf32=False,
-                  modes=("train", "infer"), profile=False, log=None, full_last_block=False):
+                  modes=("train", "infer"), profile=False, log=None, full_last_block=False,
+                  cuda_graph=False):
     """Benchmark one named configuration; returns a JSON-ready dict (see `format_report`).
 
     steps: timed steps per round, mode and framework; rounds: how many times minivit and
     PyTorch take turns (only with against="torch"); threads: minivit's threads, NumPy BLAS
     and PyTorch intra-op threads (default: the CPUs this process may use); profile: also
     time every op of minivit's steps (profile_ops), after the timed runs; full_last_block:
-    minivit computes every token in the last block, as PyTorch/timm do (like-for-like work)."""
+    minivit computes every token in the last block, as PyTorch/timm do (like-for-like work);
+    cuda_graph: minivit's steps are recorded once as CUDA graphs and replayed (GPU only,
+    experimental; PyTorch stays eager)."""
     from minivit import backend, cpu
     from minivit.errors import MinivitError
     from minivit.inspect.cost import model_cost
@@ -388,6 +412,9 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     if threads is not None:
         cpu.set_num_threads(threads)
     threads = cpu.num_threads()
+    if cuda_graph and (not on_gpu or profile):
+        raise MinivitError("--cuda-graph applies to the GPU (--backend cupy) only, and not "
+                           "with --profile (a replayed graph has no ops to time)")
     if tf32:
         if not on_gpu:
             raise MinivitError("--tf32 applies to the GPU (--backend cupy) only")
@@ -398,13 +425,14 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
               "backend": backend_name, "threads": threads, "tf32": bool(tf32),
-              "full_last_block": bool(full_last_block),
+              "full_last_block": bool(full_last_block), "cuda_graph": bool(cuda_graph),
               "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds,
               "flops_per_image": {"forward": cost.flops, "train": cost.train_flops},
               "params": cost.total_params, "against": against}
 
     log(f"building minivit {config} (batch {batch}, {dtype}, {backend_name})")
-    mini = MinivitRunner(model_args, batch, dtype, full_last_block=full_last_block)
+    mini = MinivitRunner(model_args, batch, dtype, full_last_block=full_last_block,
+                         cuda_graph=cuda_graph)
     # minivit alone first: PyTorch is not even imported yet
     alone = {}
     for mode in modes:
@@ -598,6 +626,7 @@ def format_report(result):
     lines = [f"minivit bench: {result['config']} (batch {result['batch']}, {result['dtype']}, "
              f"backend {result['backend']}, {_count(result['threads'], 'thread')}"
              + (", TF32" if result["tf32"] else "")
+             + (", CUDA graphs" if result.get("cuda_graph") else "")
              + (", full last block" if result.get("full_last_block") else "") + ")",
              f"machine: {machine.get('gpu') or machine['cpu']}, {machine['usable_cores']} usable "
              f"cores of {machine['cores']}, load {', '.join(f'{x:.1f}' for x in machine['load_average'] or [])}",

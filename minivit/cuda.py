@@ -319,6 +319,17 @@ _ROW_SOURCES = {
 }
 _C_TYPES = {"float32": "float", "float64": "double"}
 
+# AdamW (see optim.AdamW): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
+#   θ ← θ − lr·λ·mask·θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+_ADAMW_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size",
+                  "inv_sqrt_bias2", "eps")
+_ADAMW_MATH = ("const T mi = beta1 * m + one_minus_beta1 * grad;\n"
+               "const T vi = beta2 * v + (grad * grad) * one_minus_beta2;\n"
+               "m = mi;\n"
+               "v = vi;\n"
+               "const T p = param - (param * mask) * decay;\n"
+               "param = p - (mi / (mv_sqrt(vi) * inv_sqrt_bias2 + eps)) * step_size;")
+
 # name -> (in_params, out_params, operation) of the cupy.ElementwiseKernel objects.
 _ELEMENTWISE = {
     # gelu exact: y = x Φ(x), Φ(x) = ½(1 + erf(x/√2));  dx = g (Φ(x) + x φ(x)), φ = e^(−x²/2)/√(2π)
@@ -364,20 +375,20 @@ _ELEMENTWISE = {
         "const long long row = i / cols;\n"
         "dq = -((x[i] - row_max[row]) - row_logsum[row]) * (scale * ((T)1 - smoothing));"),
     # attention probabilities again from the scores and each row's lse: p = e^(s − lse)
+    # the address of matrix (b, h) = i of a batch grid (B, H): base + size·(offset + b·sb + h·sh)
+    "batch_addresses": (
+        "uint64 base, int64 size, int64 offset, int64 sb, int64 sh, int64 heads", "uint64 a",
+        "a = base + (unsigned long long)(size * (offset + (i / heads) * sb + (i % heads) * sh));"),
     "attention_probs": (
         "T s, raw T lse, int32 cols", "T p",
         "p = mv_exp(s - lse[i / cols]);"),
-    # AdamW (see optim.AdamW): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
-    #   θ ← θ − lr·λ·mask·θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
-    "adamw": (
-        "T grad, T mask, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay, "
-        "T step_size, T inv_sqrt_bias2, T eps", "T param, T m, T v",
-        "const T mi = beta1 * m + one_minus_beta1 * grad;\n"
-        "const T vi = beta2 * v + (grad * grad) * one_minus_beta2;\n"
-        "m = mi;\n"
-        "v = vi;\n"
-        "const T p = param - (param * mask) * decay;\n"
-        "param = p - (mi / (mv_sqrt(vi) * inv_sqrt_bias2 + eps)) * step_size;"),
+    # AdamW: the scalars as kernel arguments, or read from a device array (graph replays)
+    "adamw": ("T grad, T mask, " + ", ".join(f"T {name}" for name in _ADAMW_SCALARS),
+              "T param, T m, T v", _ADAMW_MATH),
+    "adamw_device_scalars": (
+        "T grad, T mask, raw T scalars", "T param, T m, T v",
+        "".join(f"const T {name} = scalars[{index}];\n"
+                for index, name in enumerate(_ADAMW_SCALARS)) + _ADAMW_MATH),
 }
 
 
@@ -585,13 +596,23 @@ def cross_entropy_backward(grad, saved, need_target_grad=False):
 
 
 # -- AdamW ------------------------------------------------------------------------------------
-def adamw_update(params, grads, m, v, decay_mask, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step):
+    """The AdamW kernel's scalars (_ADAMW_SCALARS) for the 1-based step count t."""
+    t = int(step)
+    return (beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
+            lr / (1.0 - beta1 ** t), 1.0 / (1.0 - beta2 ** t) ** 0.5, eps)
+
+
+def adamw_update(params, grads, m, v, decay_mask, scalars):
     """One AdamW step over flat buffers in one kernel; params, m and v are updated in place.
-    `step` is the 1-based step count t used for the bias corrections."""
-    dtype_scalar, t = params.dtype.type, int(step)
-    scalars = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
-               lr / (1.0 - beta1 ** t), 1.0 / (1.0 - beta2 ** t) ** 0.5, eps)
-    _elementwise("adamw")(grads, decay_mask, *(dtype_scalar(s) for s in scalars), params, m, v)
+    `scalars`: adamw_scalars(...) as numbers, or a device array of them (read by the kernel
+    when it runs: what a replayed CUDA graph needs, see CapturedStep)."""
+    if isinstance(scalars, tuple):
+        dtype_scalar = params.dtype.type
+        _elementwise("adamw")(grads, decay_mask, *(dtype_scalar(s) for s in scalars), params,
+                              m, v)
+    else:
+        _elementwise("adamw_device_scalars")(grads, decay_mask, scalars, params, m, v)
 
 
 # -- self-attention: batched GEMMs straight on the packed qkv -------------------------------
@@ -610,13 +631,21 @@ def _batch_pointers(array, offset, strides, grid):
     key = (array.data.ptr, array.itemsize, offset, strides, grid)
     pointers = _pointer_cache.get(key)
     if pointers is None:
-        elements = np.zeros((), np.int64)
-        for size, stride in zip(grid, strides):
-            elements = np.add.outer(elements, np.arange(size, dtype=np.int64) * stride)
-        addresses = (elements.ravel() + offset) * array.itemsize + array.data.ptr
         if len(_pointer_cache) >= 4096:
             _pointer_cache.clear()
-        pointers = _pointer_cache[key] = _cupy().asarray(addresses.astype(np.uint64))
+        if capturing():  # no host-to-device copy may be recorded: a kernel computes them
+            (batch, heads), (batch_stride, head_stride) = grid, strides
+            pointers = _cupy().empty(batch * heads, np.uint64)
+            _elementwise("batch_addresses")(np.uint64(array.data.ptr), np.int64(array.itemsize),
+                                            np.int64(offset), np.int64(batch_stride),
+                                            np.int64(head_stride), np.int64(heads), pointers)
+        else:
+            elements = np.zeros((), np.int64)
+            for size, stride in zip(grid, strides):
+                elements = np.add.outer(elements, np.arange(size, dtype=np.int64) * stride)
+            addresses = (elements.ravel() + offset) * array.itemsize + array.data.ptr
+            pointers = _cupy().asarray(addresses.astype(np.uint64))
+        _pointer_cache[key] = pointers
     return pointers
 
 
@@ -625,6 +654,10 @@ def _gemm_batched(dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ld
     A_j is m×k (stored k×m when trans_a), B_j k×n (stored n×k when trans_b), C_j m×n; ld* are
     the row strides in elements. cuBLAS is column-major, so it is asked for C_jᵀ = op(B_j)ᵀ
     op(A_j)ᵀ. float32 runs on TF32 tensor cores when tf32_enabled()."""
+    if capturing():
+        _direct_cublas().gemm_batched(dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b,
+                                      c, ldc, alpha)
+        return
     from cupy_backends.cuda.libs import cublas
     handle = _cupy().cuda.device.get_cublas_handle()
     single = np.dtype(dtype) == np.float32
@@ -807,28 +840,165 @@ def free_memory():
 
 
 # -- CUDA graphs (experimental) ---------------------------------------------------------------
+# CuPy refuses cuBLAS while a stream is captured: its wrappers' setStream raises "calling cuBLAS
+# API during stream capture is currently unsupported". cuBLAS itself allows it once the handle
+# has a workspace of its own (cuBLAS documentation, "CUDA Graphs Support"), so while a capture
+# is on, minivit's GEMMs call the same libcublas through ctypes on a handle made before the
+# capture (_DirectCublas). Anything else a step does that a graph cannot hold has its own
+# capture branch: batch addresses computed by a kernel (_batch_pointers), AdamW's scalars read
+# from the device and refreshed before each replay (before_replay), the gradient norm without
+# cuBLAS, the label-range check of cross-entropy skipped (it reads the labels on the host).
+_capture = {"callbacks": None, "cublas": None}  # callbacks: a list while CapturedStep records
+_CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70  # cublasComputeType_t
+_GEMM_DEFAULT = -1  # cublasGemmAlgo_t
+_WORKSPACE_BYTES = 32 << 20
+
+
+def capturing():
+    """True while the current CuPy stream is being captured into a CUDA graph."""
+    return _cupy().cuda.get_current_stream().is_capturing()
+
+
+def before_replay(callback):
+    """While a CapturedStep records: call `callback()` before each replay of the graph (to
+    refresh device values a replay must not keep at their captured value)."""
+    if _capture["callbacks"] is None:
+        raise RuntimeError("before_replay: no CapturedStep is recording")
+    _capture["callbacks"].append(callback)
+
+
+def _loaded_library(prefix):
+    """The path of the shared library named prefix* that this process has loaded (Linux)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith(prefix):
+                return path
+    return None
+
+
+class _DirectCublas:
+    """libcublas's GEMMs through ctypes, on a handle and workspace of minivit's own."""
+
+    def __init__(self):
+        import ctypes
+
+        from cupy_backends.cuda.libs import cublas  # noqa: F401 - loads libcublas
+        path = _loaded_library("libcublas.so")
+        if path is None:
+            raise RuntimeError("CUDA graph capture needs libcublas, which CuPy has not loaded")
+        self.ctypes, self.lib = ctypes, ctypes.CDLL(path)
+        handle = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+        self.handle = handle
+        self.workspace = _cupy().empty(_WORKSPACE_BYTES, np.uint8)  # kept alive with the handle
+        self._check(self.lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                   ctypes.c_size_t(_WORKSPACE_BYTES)),
+                    "cublasSetWorkspace")
+        i, p = ctypes.c_int, ctypes.c_void_p
+        self.lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+        self.lib.cublasGemmBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i,
+                                                 i, i, i, i]
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def _types(self, dtype):
+        """(data type, compute type, alpha/beta dtype) for float32 (TF32 when on) or float64."""
+        if np.dtype(dtype) == np.float64:
+            return _CUDA_R_64F, _COMPUTE_64F, np.float64
+        return _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F, np.float32
+
+    def _on_current_stream(self):
+        self._check(self.lib.cublasSetStream_v2(
+            self.handle, self.ctypes.c_void_p(_cupy().cuda.get_current_stream().ptr)),
+            "cublasSetStream")
+
+    def gemm(self, dtype, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc):
+        """Row-major C = op(A) op(B) for device addresses a, b, c (the conventions of
+        _gemm_batched: cuBLAS is asked for Cᵀ = op(B)ᵀ op(A)ᵀ)."""
+        data, compute, scalar = self._types(dtype)
+        alpha_beta = np.array([1.0, 0.0], scalar)  # read through host pointers, at capture
+        self._on_current_stream()
+        self._check(self.lib.cublasGemmEx(
+            self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
+            alpha_beta.ctypes.data, b, data, ldb, a, data, lda,
+            alpha_beta.ctypes.data + alpha_beta.itemsize, c, data, ldc, compute, _GEMM_DEFAULT),
+            "cublasGemmEx")
+
+    def gemm_batched(self, dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
+                     alpha=1.0):
+        """_gemm_batched's product (device arrays of addresses a, b, c) through ctypes."""
+        data, compute, scalar = self._types(dtype)
+        alpha_beta = np.array([alpha, 0.0], scalar)
+        self._on_current_stream()
+        self._check(self.lib.cublasGemmBatchedEx(
+            self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
+            alpha_beta.ctypes.data, b.data.ptr, data, ldb, a.data.ptr, data, lda,
+            alpha_beta.ctypes.data + alpha_beta.itemsize, c.data.ptr, data, ldc, count,
+            compute, _GEMM_DEFAULT), "cublasGemmBatchedEx")
+
+
+def _direct_cublas():
+    """The one _DirectCublas of this process (made outside any capture: see CapturedStep)."""
+    if _capture["cublas"] is None:
+        _capture["cublas"] = _DirectCublas()
+    return _capture["cublas"]
+
+
+def _matrix(array):
+    """(address, leading dimension, transposed) of a 2-D array for _DirectCublas.gemm: row-major
+    with unit column stride, or the transpose of one (a Fortran-ordered block, a .T view)."""
+    rows, cols = array.shape
+    step_rows, step_cols = (stride // array.itemsize for stride in array.strides)
+    if step_cols == 1 and step_rows >= max(cols, 1):
+        return array.data.ptr, step_rows, False
+    if step_rows == 1 and step_cols >= max(rows, 1):
+        return array.data.ptr, step_cols, True
+    return None
+
+
+def matmul(a, b):
+    """a @ b for 2-D CuPy arrays: CuPy's matmul, or while a CUDA graph records, one cuBLAS GEMM
+    through ctypes (CuPy's would refuse)."""
+    if not capturing():
+        return a @ b
+    if _matrix(a) is None:
+        a = _cupy().ascontiguousarray(a)
+    if _matrix(b) is None:
+        b = _cupy().ascontiguousarray(b)
+    left, right = _matrix(a), _matrix(b)
+    out = _cupy().empty((a.shape[0], b.shape[1]), a.dtype)
+    _direct_cublas().gemm(a.dtype, a.shape[0], b.shape[1], a.shape[1], left[0], left[1],
+                          left[2], right[0], right[1], right[2], out.data.ptr, b.shape[1])
+    return out
+
+
 class CapturedStep:
     """EXPERIMENTAL: `fn(*static_inputs)` recorded once as a CUDA graph and replayed.
 
-    Replaying costs ~2 µs per kernel instead of ~18 µs of Python per launch. Rules for `fn`:
+    Replaying costs ~2 µs per kernel instead of ~18 µs of Python per launch. A whole training
+    step may be captured: forward, cross-entropy, backward and optimizer.step() (see the
+    section comment above for how GEMMs, attention and AdamW take part). Rules for `fn`:
     - fixed shapes: it always reads `static_inputs` (CuPy arrays); call the CapturedStep with
       new arrays of the same shapes and it copies them in before the replay;
     - no host synchronisation inside: no .item(), float()/int()/bool() of a device value, no
-      printing device arrays, no NumPy transfer. In minivit that rules out integer-label
-      cross_entropy (it checks the label range on the host; soft targets are fine);
-    - no cuBLAS: CuPy refuses cuBLAS calls during stream capture ("calling cuBLAS API during
-      stream capture is currently unsupported", CuPy 14), so Linear, attention, every `@` and
-      optimizer.step() (its gradient norm is a cuBLAS dot; its learning rate and step count
-      would be frozen anyway, see below) stay outside: a whole training step cannot be
-      captured;
-    - Python scalars are frozen at capture: a learning rate or step count passed as a number
-      to a kernel keeps its captured value on every replay;
+      printing device arrays, no NumPy transfer; integer labels are not range-checked in
+      replays (the eager warm-up checked the captured ones);
+    - Python numbers given to a kernel are frozen at capture, except AdamW's learning rate and
+      step count, which each replay takes from the optimizer as an eager step() would (the
+      optimizer's step_count advances once per replay); SGD's learning rate stays frozen;
     - random numbers (dropout, drop_path) are not guaranteed to differ between replays: use
       rates of 0 or eval mode;
     - the returned objects are the captured outputs: every replay overwrites them in place.
     Before capture `fn` runs `warmup` times eagerly (compiling kernels; this work is real: a
     training step trains). Memory allocated during capture comes from a private pool kept
-    alive with the graph, so replays never write into memory handed to anyone else."""
+    alive with the graph, so replays never write into memory handed to anyone else.
+    NOT YET RUN ON A GPU with GEMMs inside (written in a session without one): the tests in
+    tests/test_cuda.py compare a captured training step with eager steps."""
 
     def __init__(self, fn, *static_inputs, warmup=1):
         cp = _cupy()
@@ -840,24 +1010,32 @@ class CapturedStep:
         with self.stream:
             for _ in range(warmup):
                 fn(*static_inputs)
-        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
-            self.stream.begin_capture()
-            try:
-                self.outputs = fn(*static_inputs)
-            except BaseException:
-                with contextlib.suppress(Exception):  # the capture is invalid anyway
-                    self.stream.end_capture()
-                raise
-            self.graph = self.stream.end_capture()
+        _direct_cublas()  # its handle and workspace cannot be made during a capture
+        self.callbacks = _capture["callbacks"] = []
+        try:
+            with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+                self.stream.begin_capture()
+                try:
+                    self.outputs = fn(*static_inputs)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the capture is invalid anyway
+                        self.stream.end_capture()
+                    raise
+                self.graph = self.stream.end_capture()
+        finally:
+            _capture["callbacks"] = None
         self.stream.synchronize()
 
     def __call__(self, *inputs):
-        """Copy `inputs` into the static inputs (None or the same array: keep), replay the
-        graph after the caller's queued work, and return the outputs."""
+        """Copy `inputs` into the static inputs (None or the same array: keep), refresh what
+        the step registered with before_replay, replay the graph after the caller's queued
+        work, and return the outputs."""
         cp = _cupy()
         for static, new in zip(self.inputs, inputs):
             if new is not None and new is not static:
                 static[...] = cp.asarray(new)
+        for callback in self.callbacks:
+            callback()
         caller = cp.cuda.get_current_stream()
         self.stream.wait_event(caller.record())
         self.graph.launch(stream=self.stream)

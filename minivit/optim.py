@@ -9,6 +9,8 @@ refuses to run once a parameter's ``.data`` has been replaced.)
 
 import math
 
+import numpy as np
+
 from minivit import backend, cpu, cuda
 from minivit.errors import MinivitError
 
@@ -66,7 +68,11 @@ class FlatOptimizer:
         """Copy each parameter's gradient into the flat gradient buffer (None counts as 0):
         one concatenate call when every gradient is there (one kernel on the GPU)."""
         grads = [p.grad for p in self.parameters]
-        if all(g is not None and g.shape == p.shape for g, p in zip(grads, self.parameters)):
+        # not while a CUDA graph records: CuPy's concatenate of many arrays copies their
+        # addresses from the host, which a capture forbids (the copies below are kernels)
+        recording = cuda.handles(self.flat_grad) and cuda.capturing()
+        if not recording and all(g is not None and g.shape == p.shape
+                                 for g, p in zip(grads, self.parameters)):
             self.xp.concatenate([grad.reshape(-1) for grad in grads], out=self.flat_grad)
             return self.flat_grad
         for p, start, stop in zip(self.parameters, self.offsets, self.offsets[1:]):
@@ -133,12 +139,35 @@ class AdamW(FlatOptimizer):
         self.v = self.xp.zeros_like(self.flat)
         self.scratch = None  # the plain NumPy/CuPy update's temporary, made on first use
 
+    def _replayed_scalars(self):
+        """While a CUDA graph records this step: the device array the captured update reads
+        its scalars from, refreshed before each replay for that replay's step count and
+        learning rate (a number given to the kernel would be frozen at its captured value).
+        Recording runs nothing, so the step count goes back; each replay advances it, as an
+        eager step() does."""
+        self.step_count -= 1
+
+        def values():
+            return np.asarray(cuda.adamw_scalars(self.lr, *self.betas, self.eps,
+                                                 self.weight_decay, max(self.step_count, 1)),
+                              dtype=self.flat.dtype)
+
+        scalars = self.xp.empty(values().shape, self.flat.dtype)
+
+        def refresh():
+            self.step_count += 1
+            scalars.set(values())
+
+        cuda.before_replay(refresh)
+        return scalars
+
     def update(self, params, grads):
         xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
         m, v = self.m, self.v
         if cuda.handles(params, grads, m, v, self.decay_mask):  # the whole update: one kernel
-            cuda.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
-                              self.eps, self.weight_decay, t)
+            scalars = self._replayed_scalars() if cuda.capturing() else \
+                cuda.adamw_scalars(self.lr, beta1, beta2, self.eps, self.weight_decay, t)
+            cuda.adamw_update(params, grads, m, v, self.decay_mask, scalars)
             return
         if cpu.handles(params, grads, m, v):  # the same steps in cache-sized chunks, threaded
             cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
@@ -195,8 +224,11 @@ def clip_grad_norm(grads, max_norm=None):
     makes every entry NaN). Nothing here reads a value on the host, so a GPU step never waits
     for the GPU (float(norm) would)."""
     xp = backend.array_module(grads)
-    norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 else \
-        xp.sqrt((grads * grads).sum())  # dot: no temporary the size of the model
+    # dot: no temporary the size of the model; not while a CUDA graph records (dot is cuBLAS
+    # through CuPy, which refuses to run then)
+    capturing = cuda.handles(grads) and cuda.capturing()
+    norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 and not capturing else \
+        xp.sqrt((grads * grads).sum())
     if max_norm:
         grads *= xp.minimum(1.0, max_norm / (norm + 1e-6))
     return norm

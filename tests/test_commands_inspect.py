@@ -168,7 +168,8 @@ def parse_info(output):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["bench", "--config", "tiny", "--batch", "-4"], "argument --batch: must be at least 1, got -4"),
+    (["bench", "--config", "tiny", "--batch", "-4"],
+     "argument --batch: must be at least 1, got -4"),
     (["bench", "--config", "tiny", "--threads", "0"], "argument --threads: must be at least 1"),
     (["bench", "--steps", "abc"], "argument --steps: expected a whole number, got 'abc'"),
     (["info", "vit_digits", "--img-size", "-16"], "argument --img-size: must be at least 1"),

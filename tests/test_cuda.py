@@ -11,7 +11,9 @@ On a GPU (skipped where CuPy or a GPU is missing):
 - gradcheck of each op on the cupy backend in float64;
 - the AdamW kernel against the NumPy AdamW over 5 steps;
 - float32 stays float32 through a whole ViT step; a 2-epoch training run whose loss falls;
-- set_tf32, memory_info and the experimental CUDA-graph capture.
+- set_tf32, memory_info and the experimental CUDA-graph capture: a whole training step
+  recorded and replayed against eager steps, and the capture path of each piece (GEMMs through
+  ctypes, batch addresses from a kernel) run eagerly against the usual path.
 """
 
 import os
@@ -153,7 +155,7 @@ def _nvcc_check_source(c_type):
     parts = [f"typedef {c_type} T;", common]
     for source in dict.fromkeys(cuda._ROW_SOURCES.values()):  # each file once, in order
         parts.append(source[len(common):] if source.startswith(common) else source)
-    c_types = {"T": "T", "int32": "int", "int64": "long long"}
+    c_types = {"T": "T", "int32": "int", "int64": "long long", "uint64": "unsigned long long"}
     for name, (in_params, out_params, operation) in cuda._ELEMENTWISE.items():
         signature, locals_ = ["long long n"], []
         for raw, kind, arg in _params(in_params):
@@ -530,3 +532,108 @@ def test_captured_forward_backward_replays_like_eager(cp):
         eager = step(x, target)
         for got, want in zip(replayed, eager):
             np.testing.assert_allclose(mb.to_numpy(got), mb.to_numpy(want), rtol=1e-5, atol=1e-6)
+
+
+# -- whole-step CUDA graphs: the capture path of GEMMs, attention, AdamW --------------------------
+# (written in a session without a GPU: these tests have not run yet)
+@pytest.fixture
+def capture_path(cp, monkeypatch):
+    """Run the code a CUDA graph records, eagerly: minivit.cuda believes a capture is on."""
+    monkeypatch.setattr(cuda, "capturing", lambda: True)
+    cuda._pointer_cache.clear()
+    yield
+    cuda._pointer_cache.clear()
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("left, right", [("C", "C"), ("C", "T"), ("T", "C"), ("T", "T"),
+                                         ("strided", "C")])
+def test_direct_cublas_gemm_matches_cupy(cp, capture_path, dtype, left, right):
+    rng = np.random.default_rng(11)
+
+    def operand(rows, cols, layout):
+        if layout == "T":
+            return cp.asarray(rng.standard_normal((cols, rows)), dtype).T
+        if layout == "strided":  # every other column: no unit stride, copied first
+            return cp.asarray(rng.standard_normal((rows, 2 * cols)), dtype)[:, ::2]
+        return cp.asarray(rng.standard_normal((rows, cols)), dtype)
+
+    a, b = operand(37, 19, left), operand(19, 23, right)
+    got = cuda.matmul(a, b)
+    np.testing.assert_allclose(mb.to_numpy(got), mb.to_numpy(a) @ mb.to_numpy(b),
+                               **TOLERANCE[dtype])
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("queries", [None, 1])
+def test_attention_on_the_capture_path_matches_the_eager_path(cp, monkeypatch, dtype, queries):
+    """Batch addresses computed by a kernel and GEMMs through ctypes give what the host
+    addresses and CuPy's cuBLAS give."""
+    rng = np.random.default_rng(12)
+    qkv = cp.asarray(rng.standard_normal((3, 7, 3 * 8)), dtype)
+    grad = cp.asarray(rng.standard_normal((3, queries or 7, 8)), dtype)
+
+    def run():
+        cuda._pointer_cache.clear()
+        out, probs, lse = cuda.attention_forward(qkv, 2, queries or 7, 0.5)
+        return out, probs, cuda.attention_backward(grad, qkv, None, lse, 2, 0.5)
+
+    eager = run()
+    monkeypatch.setattr(cuda, "capturing", lambda: True)
+    captured_path = run()
+    for got, want in zip(captured_path, eager):
+        np.testing.assert_allclose(mb.to_numpy(got), mb.to_numpy(want), **TOLERANCE[dtype])
+
+
+@GPU
+def test_a_captured_training_step_replays_like_eager_steps(cp):
+    """A whole ViT training step (forward, integer-label cross-entropy, backward, AdamW)
+    recorded as a CUDA graph: its warm-up and 3 replays equal 4 eager steps, in float64, and
+    the optimizer counts every replay as a step."""
+    from minivit.models import create_model
+
+    def setup():
+        minivit.set_backend("cupy")
+        minivit.manual_seed(0)
+        model = create_model("vit_digits", depth=2).to(backend="cupy", dtype="float64")
+        return model, AdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05)
+
+    rng = np.random.default_rng(13)
+    images = cp.asarray(rng.standard_normal((16, 1, 8, 8)))
+    labels = cp.asarray(rng.integers(0, 10, 16))
+
+    def step_of(model, optimizer):
+        def step():
+            loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step(max_grad_norm=1.0)
+            return loss.data
+        return step
+
+    eager_model, eager_optimizer = setup()
+    eager_step = step_of(eager_model, eager_optimizer)
+    eager_losses = [float(eager_step()) for _ in range(4)]
+    graph_model, graph_optimizer = setup()
+    captured = cuda.capture_step(step_of(graph_model, graph_optimizer))  # warm-up: step 1
+    graph_losses = []
+    for _ in range(3):
+        graph_losses.append(float(captured()))
+    assert graph_optimizer.step_count == eager_optimizer.step_count == 4
+    np.testing.assert_allclose(graph_losses, eager_losses[1:], rtol=1e-10)
+    for (name, got), (_, want) in zip(graph_model.named_parameters(),
+                                      eager_model.named_parameters()):
+        np.testing.assert_allclose(mb.to_numpy(got.data), mb.to_numpy(want.data), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+
+
+@GPU
+def test_bench_with_cuda_graphs_on_a_tiny_config(capsys):
+    from minivit.cli import main
+
+    assert main(["bench", "--config", "tiny", "--backend", "cupy", "--cuda-graph", "--steps",
+                 "2", "--warmup-steps", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA graphs" in out and "train" in out and "infer" in out

@@ -287,7 +287,8 @@ def test_labels_that_are_not_whole_numbers_are_refused():
     images = np.zeros((2, 1, 4, 4))
     with pytest.raises(DatasetError, match="labels must be whole numbers .* e.g. 0.7"):
         ArrayDataset(images, [0.7, 1.2], 2, ["a", "b"], (0.5,), (0.25,), "toy")
-    labels = ArrayDataset(images, np.array([0.0, 1.0]), 2, ["a", "b"], (0.5,), (0.25,), "toy").labels
+    labels = ArrayDataset(images, np.array([0.0, 1.0]), 2, ["a", "b"], (0.5,), (0.25,),
+                          "toy").labels
     assert labels.dtype == np.int64 and labels.tolist() == [0, 1]  # whole floats are fine
 
 

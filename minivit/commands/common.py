@@ -19,8 +19,8 @@ def number(kind, lowest, inclusive=True):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+            expected = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if not (value >= lowest if inclusive else value > lowest):  # NaN fails both
             raise argparse.ArgumentTypeError(
                 f"must be {'at least' if inclusive else 'greater than'} {lowest}, got {text}")

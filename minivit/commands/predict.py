@@ -41,7 +41,8 @@ def add_parser(subparsers, name, help_text):
                    help="input image size (default: the model's); pos_embed is resampled to it")
     p.add_argument("--labels", metavar="FILE",
                    help="class names, one per line (default: the checkpoint's, else indices)")
-    p.add_argument("--top-k", type=number(int, 1), default=5, help="classes shown per image (default 5)")
+    p.add_argument("--top-k", type=number(int, 1), default=5,
+                   help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=number(int, 1), default=64)
     add_backend_flags(p)
 

@@ -29,7 +29,8 @@ def _per_optimizer(option):
     """'0.002 with adamw, 0.1 with sgd': an option's default for each optimizer."""
     from minivit.train import OPTIMIZER_DEFAULTS
 
-    return ", ".join(f"{values[option]:g} with {name}" for name, values in OPTIMIZER_DEFAULTS.items())
+    return ", ".join(f"{values[option]:g} with {name}"
+                     for name, values in OPTIMIZER_DEFAULTS.items())
 
 
 def add_parser(subparsers, name, help_text):

@@ -5,6 +5,11 @@ from minivit.errors import ShapeError
 from minivit.tensor import Function
 
 
+def _product(a, b):
+    """a @ b of 2-D arrays; on CuPy through cuda.matmul (which a CUDA graph can record)."""
+    return cuda.matmul(a, b) if cuda.handles(a, b) else a @ b
+
+
 def _bias_grad(grad2d):
     """db = Σ dy over the rows. On CuPy one coalesced kernel (CuPy's own sum(axis=0) reads
     each column with a row-sized stride)."""
@@ -24,7 +29,7 @@ class Linear(Function):
         if cpu.handles(x, weight, bias):  # row blocks of one GEMM on minivit's threads
             y = cpu.linear_forward(self.x2d, weight, bias)
         else:
-            y = self.x2d @ weight.T
+            y = _product(self.x2d, weight.T)
             if bias is not None:
                 y += bias
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
@@ -37,9 +42,9 @@ class Linear(Function):
             if grad_x is not None:
                 grad_x = grad_x.reshape(grad.shape[:-1] + (self.weight.shape[1],))
             return grad_x, grad_w, grad_b
-        grad_x = (grad2d @ self.weight).reshape(grad.shape[:-1] + (self.weight.shape[1],)) \
+        grad_x = _product(grad2d, self.weight).reshape(grad.shape[:-1] + (self.weight.shape[1],)) \
             if self.needs_input_grad[0] else None
-        grad_w = grad2d.T @ self.x2d if self.needs_input_grad[1] else None
+        grad_w = _product(grad2d.T, self.x2d) if self.needs_input_grad[1] else None
         grad_b = _bias_grad(grad2d) if self.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
@@ -83,7 +88,7 @@ class Patchify(Function):
         if cpu.handles(x, weight, bias):
             y = cpu.linear_forward(self.patches, weight2d, bias)
         else:
-            y = self.patches @ weight2d.T
+            y = _product(self.patches, weight2d.T)
             if bias is not None:
                 y += bias
         grid = (x.shape[2] // p) * (x.shape[3] // p)
@@ -99,9 +104,9 @@ class Patchify(Function):
                       if grad_p is not None else None)
             grad_w = grad_w.reshape(self.weight.shape) if grad_w is not None else None
             return grad_x, grad_w, grad_b
-        grad_x = (_from_patches(grad2d @ weight2d, self.image_shape, self.patch_size)
+        grad_x = (_from_patches(_product(grad2d, weight2d), self.image_shape, self.patch_size)
                   if self.needs_input_grad[0] else None)
-        grad_w = ((grad2d.T @ self.patches).reshape(self.weight.shape)
+        grad_w = (_product(grad2d.T, self.patches).reshape(self.weight.shape)
                   if self.needs_input_grad[1] else None)
         grad_b = _bias_grad(grad2d) if self.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b

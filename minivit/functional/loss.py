@@ -8,13 +8,15 @@ from minivit.functional.activation import log_softmax_array
 from minivit.tensor import Function
 
 
-def _check_target(target, logits):
+def _check_target(target, logits, check_range=True):
     """Raise unless `target` is integer labels (B,) in [0, K) or float soft targets (B, K)."""
     batch, classes = logits.shape
     if target.dtype.kind in "iu":
         if target.shape != (batch,):
             raise ShapeError(f"cross_entropy: integer labels must have shape ({batch},) for "
                              f"logits {logits.shape}; got {target.shape}")
+        if not check_range:
+            return
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= classes:
             raise ValueError(f"cross_entropy: labels must lie in [0, {classes - 1}] for "
@@ -54,7 +56,8 @@ class CrossEntropy(Function):
                              f"got {label_smoothing}")
         self.cuda_saved = None
         if cuda.handles(logits):  # one CUDA block per row: log-sum-exp and the row's loss
-            _check_target(target, logits)
+            # the label range is read on the host, which a CUDA graph being recorded forbids
+            _check_target(target, logits, check_range=not cuda.capturing())
             loss, self.cuda_saved = cuda.cross_entropy_forward(logits, target, label_smoothing)
             return loss
         self.log_probs = log_softmax_array(logits)
