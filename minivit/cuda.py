@@ -629,11 +629,14 @@ def _batch_pointers(array, offset, strides, grid):
     over the batch grid in row-major order. Cached: the same arguments give the same addresses,
     and a training loop's memory pool hands out the same blocks step after step."""
     key = (array.data.ptr, array.itemsize, offset, strides, grid)
-    pointers = _pointer_cache.get(key)
+    recording = capturing()
+    # a graph's addresses live in its own pool and are written by its replays: its own cache
+    cache = _capture["pointers"] if recording else _pointer_cache
+    pointers = cache.get(key)
     if pointers is None:
-        if len(_pointer_cache) >= 4096:
-            _pointer_cache.clear()
-        if capturing():  # no host-to-device copy may be recorded: a kernel computes them
+        if len(cache) >= 4096 and not recording:
+            cache.clear()
+        if recording:  # no host-to-device copy may be recorded: a kernel computes them
             (batch, heads), (batch_stride, head_stride) = grid, strides
             pointers = _cupy().empty(batch * heads, np.uint64)
             _elementwise("batch_addresses")(np.uint64(array.data.ptr), np.int64(array.itemsize),
@@ -645,7 +648,7 @@ def _batch_pointers(array, offset, strides, grid):
                 elements = np.add.outer(elements, np.arange(size, dtype=np.int64) * stride)
             addresses = (elements.ravel() + offset) * array.itemsize + array.data.ptr
             pointers = _cupy().asarray(addresses.astype(np.uint64))
-        _pointer_cache[key] = pointers
+        cache[key] = pointers
     return pointers
 
 
@@ -848,7 +851,8 @@ def free_memory():
 # capture branch: batch addresses computed by a kernel (_batch_pointers), AdamW's scalars read
 # from the device and refreshed before each replay (before_replay), the gradient norm without
 # cuBLAS, the label-range check of cross-entropy skipped (it reads the labels on the host).
-_capture = {"callbacks": None, "cublas": None}  # callbacks: a list while CapturedStep records
+# while a CapturedStep records: its before_replay callbacks and its batch-address cache
+_capture = {"callbacks": None, "pointers": None, "cublas": None}
 _CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70  # cublasComputeType_t
 _GEMM_DEFAULT = -1  # cublasGemmAlgo_t
@@ -856,15 +860,19 @@ _WORKSPACE_BYTES = 32 << 20
 
 
 def capturing():
-    """True while the current CuPy stream is being captured into a CUDA graph."""
-    return _cupy().cuda.get_current_stream().is_capturing()
+    """True while the current CuPy stream is being captured into a CUDA graph (never on ROCm,
+    where CuPy's is_capturing raises)."""
+    cp = _cupy()
+    return not cp.cuda.runtime.is_hip and cp.cuda.get_current_stream().is_capturing()
 
 
 def before_replay(callback):
     """While a CapturedStep records: call `callback()` before each replay of the graph (to
     refresh device values a replay must not keep at their captured value)."""
     if _capture["callbacks"] is None:
-        raise RuntimeError("before_replay: no CapturedStep is recording")
+        raise RuntimeError("a CUDA graph is being recorded, but not by minivit's "
+                           "cuda.capture_step: record steps that use minivit's optimizers "
+                           "with it (it refreshes their scalars before each replay)")
     _capture["callbacks"].append(callback)
 
 
@@ -893,9 +901,6 @@ class _DirectCublas:
         self._check(self.lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         self.handle = handle
         self.workspace = _cupy().empty(_WORKSPACE_BYTES, np.uint8)  # kept alive with the handle
-        self._check(self.lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(self.workspace.data.ptr),
-                                                   ctypes.c_size_t(_WORKSPACE_BYTES)),
-                    "cublasSetWorkspace")
         i, p = ctypes.c_int, ctypes.c_void_p
         self.lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
         self.lib.cublasGemmBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i,
@@ -913,9 +918,15 @@ class _DirectCublas:
         return _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F, np.float32
 
     def _on_current_stream(self):
+        """Bind the handle to the current stream, and the workspace again: cublasSetStream
+        resets it to cuBLAS's own pool (whose allocations a graph must not record)."""
+        ctypes = self.ctypes
         self._check(self.lib.cublasSetStream_v2(
-            self.handle, self.ctypes.c_void_p(_cupy().cuda.get_current_stream().ptr)),
+            self.handle, ctypes.c_void_p(_cupy().cuda.get_current_stream().ptr)),
             "cublasSetStream")
+        self._check(self.lib.cublasSetWorkspace_v2(
+            self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+            ctypes.c_size_t(_WORKSPACE_BYTES)), "cublasSetWorkspace")
 
     def gemm(self, dtype, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc):
         """Row-major C = op(A) op(B) for device addresses a, b, c (the conventions of
@@ -947,6 +958,19 @@ def _direct_cublas():
     if _capture["cublas"] is None:
         _capture["cublas"] = _DirectCublas()
     return _capture["cublas"]
+
+
+def _prepare_capture():
+    """What a capture cannot make: the cuBLAS handle and workspace, and the capture-only
+    kernels compiled and loaded (a warm-up step never runs them)."""
+    cp = _cupy()
+    _direct_cublas()
+    _elementwise("batch_addresses")(np.uint64(0), np.int64(1), np.int64(0), np.int64(0),
+                                    np.int64(0), np.int64(1), cp.empty(1, np.uint64))
+    for dtype in (np.float32, np.float64):  # on throwaway one-element buffers
+        params, grads, m, v, mask = (cp.zeros(1, dtype) for _ in range(5))
+        adamw_update(params, grads, m, v, mask, cp.ones(len(_ADAMW_SCALARS), dtype))
+    cp.cuda.get_current_stream().synchronize()
 
 
 def _matrix(array):
@@ -993,6 +1017,8 @@ class CapturedStep:
       optimizer's step_count advances once per replay); SGD's learning rate stays frozen;
     - random numbers (dropout, drop_path) are not guaranteed to differ between replays: use
       rates of 0 or eval mode;
+    - fused kernels on (MINIVIT_FUSED_KERNELS=0 sends the GEMMs to CuPy's cuBLAS wrappers,
+      which refuse to run in a capture);
     - the returned objects are the captured outputs: every replay overwrites them in place.
     Before capture `fn` runs `warmup` times eagerly (compiling kernels; this work is real: a
     training step trains). Memory allocated during capture comes from a private pool kept
@@ -1010,8 +1036,8 @@ class CapturedStep:
         with self.stream:
             for _ in range(warmup):
                 fn(*static_inputs)
-        _direct_cublas()  # its handle and workspace cannot be made during a capture
-        self.callbacks = _capture["callbacks"] = []
+        _prepare_capture()
+        self.callbacks, self.pointers = _capture["callbacks"], _capture["pointers"] = [], {}
         try:
             with cp.cuda.using_allocator(self.pool.malloc), self.stream:
                 self.stream.begin_capture()
@@ -1023,7 +1049,7 @@ class CapturedStep:
                     raise
                 self.graph = self.stream.end_capture()
         finally:
-            _capture["callbacks"] = None
+            _capture["callbacks"] = _capture["pointers"] = None
         self.stream.synchronize()
 
     def __call__(self, *inputs):

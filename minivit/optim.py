@@ -145,8 +145,6 @@ class AdamW(FlatOptimizer):
         learning rate (a number given to the kernel would be frozen at its captured value).
         Recording runs nothing, so the step count goes back; each replay advances it, as an
         eager step() does."""
-        self.step_count -= 1
-
         def values():
             return np.asarray(cuda.adamw_scalars(self.lr, *self.betas, self.eps,
                                                  self.weight_decay, max(self.step_count, 1)),
@@ -159,6 +157,7 @@ class AdamW(FlatOptimizer):
             scalars.set(values())
 
         cuda.before_replay(refresh)
+        self.step_count -= 1
         return scalars
 
     def update(self, params, grads):

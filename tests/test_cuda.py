@@ -625,8 +625,10 @@ def test_a_captured_training_step_replays_like_eager_steps(cp):
     np.testing.assert_allclose(graph_losses, eager_losses[1:], rtol=1e-10)
     for (name, got), (_, want) in zip(graph_model.named_parameters(),
                                       eager_model.named_parameters()):
+        # atol: a parameter whose true gradient is 0 (the key bias: softmax ignores a shift)
+        # moves by AdamW's lr·g/ε on rounding noise g, which two GEMM paths round differently
         np.testing.assert_allclose(mb.to_numpy(got.data), mb.to_numpy(want.data), rtol=1e-9,
-                                   atol=1e-12, err_msg=name)
+                                   atol=1e-8, err_msg=name)
 
 
 @GPU
