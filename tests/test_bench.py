@@ -133,6 +133,12 @@ def test_run_benchmark_refuses_out_of_range_counts(option, value):
         bench.run_benchmark(config="tiny", **{option: value})
 
 
+def test_cuda_graph_is_refused_on_the_cpu(capsys):
+    code = cli.main(["bench", "--config", "tiny", "--steps", "1", "--cuda-graph"])
+    assert code == 1
+    assert "--cuda-graph applies to the GPU (--backend cupy) only" in capsys.readouterr().err
+
+
 def test_torch_vit_has_minivits_parameter_names():
     torch = pytest.importorskip("torch")
     from minivit.models import VisionTransformer
