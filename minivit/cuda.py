@@ -374,11 +374,11 @@ _ELEMENTWISE = {
         "raw T x, raw T row_max, raw T row_logsum, T scale, T smoothing, int32 cols", "T dq",
         "const long long row = i / cols;\n"
         "dq = -((x[i] - row_max[row]) - row_logsum[row]) * (scale * ((T)1 - smoothing));"),
-    # attention probabilities again from the scores and each row's lse: p = e^(s − lse)
     # the address of matrix (b, h) = i of a batch grid (B, H): base + size·(offset + b·sb + h·sh)
     "batch_addresses": (
         "uint64 base, int64 size, int64 offset, int64 sb, int64 sh, int64 heads", "uint64 a",
         "a = base + (unsigned long long)(size * (offset + (i / heads) * sb + (i % heads) * sh));"),
+    # attention probabilities again from the scores and each row's lse: p = e^(s − lse)
     "attention_probs": (
         "T s, raw T lse, int32 cols", "T p",
         "p = mv_exp(s - lse[i / cols]);"),
@@ -851,6 +851,7 @@ def free_memory():
 # capture branch: batch addresses computed by a kernel (_batch_pointers), AdamW's scalars read
 # from the device and refreshed before each replay (before_replay), the gradient norm without
 # cuBLAS, the label-range check of cross-entropy skipped (it reads the labels on the host).
+
 # while a CapturedStep records: its before_replay callbacks and its batch-address cache
 _capture = {"callbacks": None, "pointers": None, "cublas": None}
 _CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
@@ -911,46 +912,40 @@ class _DirectCublas:
         if status != 0:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
-    def _types(self, dtype):
-        """(data type, compute type, alpha/beta dtype) for float32 (TF32 when on) or float64."""
-        if np.dtype(dtype) == np.float64:
-            return _CUDA_R_64F, _COMPUTE_64F, np.float64
-        return _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F, np.float32
-
-    def _on_current_stream(self):
-        """Bind the handle to the current stream, and the workspace again: cublasSetStream
-        resets it to cuBLAS's own pool (whose allocations a graph must not record)."""
+    def _call(self, name, dtype, alpha, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
+              *count):
+        """cublas`name` (GemmEx, or GemmBatchedEx with `count`) for row-major C = alpha · op(A)
+        op(B), the conventions of _gemm_batched: cuBLAS is asked for Cᵀ = op(B)ᵀ op(A)ᵀ. The
+        handle is bound to the current stream, and the workspace set again (cublasSetStream
+        resets it to cuBLAS's own pool, whose allocations a graph must not record)."""
         ctypes = self.ctypes
+        if np.dtype(dtype) == np.float64:
+            data, compute, scalar = _CUDA_R_64F, _COMPUTE_64F, np.float64
+        else:
+            data, scalar = _CUDA_R_32F, np.float32
+            compute = _COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F
+        alpha_beta = np.array([alpha, 0.0], scalar)  # read through host pointers, at capture
         self._check(self.lib.cublasSetStream_v2(
             self.handle, ctypes.c_void_p(_cupy().cuda.get_current_stream().ptr)),
             "cublasSetStream")
         self._check(self.lib.cublasSetWorkspace_v2(
             self.handle, ctypes.c_void_p(self.workspace.data.ptr),
             ctypes.c_size_t(_WORKSPACE_BYTES)), "cublasSetWorkspace")
-
-    def gemm(self, dtype, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc):
-        """Row-major C = op(A) op(B) for device addresses a, b, c (the conventions of
-        _gemm_batched: cuBLAS is asked for Cᵀ = op(B)ᵀ op(A)ᵀ)."""
-        data, compute, scalar = self._types(dtype)
-        alpha_beta = np.array([1.0, 0.0], scalar)  # read through host pointers, at capture
-        self._on_current_stream()
-        self._check(self.lib.cublasGemmEx(
+        self._check(getattr(self.lib, f"cublas{name}")(
             self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
             alpha_beta.ctypes.data, b, data, ldb, a, data, lda,
-            alpha_beta.ctypes.data + alpha_beta.itemsize, c, data, ldc, compute, _GEMM_DEFAULT),
-            "cublasGemmEx")
+            alpha_beta.ctypes.data + alpha_beta.itemsize, c, data, ldc, *count, compute,
+            _GEMM_DEFAULT), f"cublas{name}")
+
+    def gemm(self, dtype, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc):
+        """Row-major C = op(A) op(B) for device addresses a, b, c."""
+        self._call("GemmEx", dtype, 1.0, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc)
 
     def gemm_batched(self, dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
                      alpha=1.0):
         """_gemm_batched's product (device arrays of addresses a, b, c) through ctypes."""
-        data, compute, scalar = self._types(dtype)
-        alpha_beta = np.array([alpha, 0.0], scalar)
-        self._on_current_stream()
-        self._check(self.lib.cublasGemmBatchedEx(
-            self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
-            alpha_beta.ctypes.data, b.data.ptr, data, ldb, a.data.ptr, data, lda,
-            alpha_beta.ctypes.data + alpha_beta.itemsize, c.data.ptr, data, ldc, count,
-            compute, _GEMM_DEFAULT), "cublasGemmBatchedEx")
+        self._call("GemmBatchedEx", dtype, alpha, m, n, k, a.data.ptr, lda, trans_a, b.data.ptr,
+                   ldb, trans_b, c.data.ptr, ldc, count)
 
 
 def _direct_cublas():
