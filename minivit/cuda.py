@@ -321,8 +321,8 @@ _C_TYPES = {"float32": "float", "float64": "double"}
 
 # AdamW (see optim.AdamW): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
 #   θ ← θ − lr·λ·mask·θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
-_ADAMW_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size",
-                  "inv_sqrt_bias2", "eps")
+ADAMW_SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size",
+                 "inv_sqrt_bias2", "eps")
 _ADAMW_MATH = ("const T mi = beta1 * m + one_minus_beta1 * grad;\n"
                "const T vi = beta2 * v + (grad * grad) * one_minus_beta2;\n"
                "m = mi;\n"
@@ -383,12 +383,12 @@ _ELEMENTWISE = {
         "T s, raw T lse, int32 cols", "T p",
         "p = mv_exp(s - lse[i / cols]);"),
     # AdamW: the scalars as kernel arguments, or read from a device array (graph replays)
-    "adamw": ("T grad, T mask, " + ", ".join(f"T {name}" for name in _ADAMW_SCALARS),
+    "adamw": ("T grad, T mask, " + ", ".join(f"T {name}" for name in ADAMW_SCALARS),
               "T param, T m, T v", _ADAMW_MATH),
     "adamw_device_scalars": (
         "T grad, T mask, raw T scalars", "T param, T m, T v",
         "".join(f"const T {name} = scalars[{index}];\n"
-                for index, name in enumerate(_ADAMW_SCALARS)) + _ADAMW_MATH),
+                for index, name in enumerate(ADAMW_SCALARS)) + _ADAMW_MATH),
 }
 
 
@@ -597,7 +597,7 @@ def cross_entropy_backward(grad, saved, need_target_grad=False):
 
 # -- AdamW ------------------------------------------------------------------------------------
 def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step):
-    """The AdamW kernel's scalars (_ADAMW_SCALARS) for the 1-based step count t."""
+    """The AdamW kernel's scalars (ADAMW_SCALARS) for the 1-based step count t."""
     t = int(step)
     return (beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
             lr / (1.0 - beta1 ** t), 1.0 / (1.0 - beta2 ** t) ** 0.5, eps)
@@ -849,11 +849,12 @@ def free_memory():
 # is on, minivit's GEMMs call the same libcublas through ctypes on a handle made before the
 # capture (_DirectCublas). Anything else a step does that a graph cannot hold has its own
 # capture branch: batch addresses computed by a kernel (_batch_pointers), AdamW's scalars read
-# from the device and refreshed before each replay (before_replay), the gradient norm without
-# cuBLAS, the label-range check of cross-entropy skipped (it reads the labels on the host).
+# from a device array the host refills before each replay (replay_input), the gradient norm
+# without cuBLAS, the label-range check of cross-entropy skipped (it reads the labels on the host).
 
-# while a CapturedStep records: its before_replay callbacks and its batch-address cache
-_capture = {"callbacks": None, "pointers": None, "cublas": None}
+# while a CapturedStep records: its replay inputs, its batch-address cache, and the allocator in
+# use before the capture; and the _DirectCublas of this process
+_capture = {"inputs": None, "pointers": None, "allocator": None, "cublas": None}
 _CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70  # cublasComputeType_t
 _GEMM_DEFAULT = -1  # cublasGemmAlgo_t
@@ -867,14 +868,21 @@ def capturing():
     return not cp.cuda.runtime.is_hip and cp.cuda.get_current_stream().is_capturing()
 
 
-def before_replay(callback):
-    """While a CapturedStep records: call `callback()` before each replay of the graph (to
-    refresh device values a replay must not keep at their captured value)."""
-    if _capture["callbacks"] is None:
+def replay_input(values, shape, dtype):
+    """While a CapturedStep records: a device array of `shape` and `dtype` for the graph to
+    read, which the CapturedStep fills with `values()` (NumPy) before each replay: for values a
+    replay must not keep at their captured value. Its memory is not from the graph's pool,
+    whose blocks the graph reuses: a temporary that a replay writes and frees before this array
+    is read could share its block and overwrite what the host put there."""
+    if _capture["inputs"] is None:
         raise RuntimeError("a CUDA graph is being recorded, but not by minivit's "
                            "cuda.capture_step: record steps that use minivit's optimizers "
                            "with it (it refreshes their scalars before each replay)")
-    _capture["callbacks"].append(callback)
+    cp = _cupy()
+    with cp.cuda.using_allocator(_capture["allocator"]):
+        array = cp.empty(shape, dtype)
+    _capture["inputs"].append((array, values))
+    return array
 
 
 def _loaded_library(prefix):
@@ -964,7 +972,7 @@ def _prepare_capture():
                                     np.int64(0), np.int64(1), cp.empty(1, np.uint64))
     for dtype in (np.float32, np.float64):  # on throwaway one-element buffers
         params, grads, m, v, mask = (cp.zeros(1, dtype) for _ in range(5))
-        adamw_update(params, grads, m, v, mask, cp.ones(len(_ADAMW_SCALARS), dtype))
+        adamw_update(params, grads, m, v, mask, cp.ones(len(ADAMW_SCALARS), dtype))
     cp.cuda.get_current_stream().synchronize()
 
 
@@ -1032,7 +1040,8 @@ class CapturedStep:
             for _ in range(warmup):
                 fn(*static_inputs)
         _prepare_capture()
-        self.callbacks, self.pointers = _capture["callbacks"], _capture["pointers"] = [], {}
+        self.replay_inputs, self.pointers = _capture["inputs"], _capture["pointers"] = [], {}
+        _capture["allocator"] = cp.cuda.get_allocator()
         try:
             with cp.cuda.using_allocator(self.pool.malloc), self.stream:
                 self.stream.begin_capture()
@@ -1044,20 +1053,20 @@ class CapturedStep:
                     raise
                 self.graph = self.stream.end_capture()
         finally:
-            _capture["callbacks"] = _capture["pointers"] = None
+            _capture["inputs"] = _capture["pointers"] = _capture["allocator"] = None
         self.stream.synchronize()
 
     def __call__(self, *inputs):
-        """Copy `inputs` into the static inputs (None or the same array: keep), refresh what
-        the step registered with before_replay, replay the graph after the caller's queued
-        work, and return the outputs."""
+        """Copy `inputs` into the static inputs (None or the same array: keep), refill the
+        step's replay_input arrays, replay the graph after the caller's queued work (the
+        previous replay included), and return the outputs."""
         cp = _cupy()
+        caller = cp.cuda.get_current_stream()
         for static, new in zip(self.inputs, inputs):
             if new is not None and new is not static:
                 static[...] = cp.asarray(new)
-        for callback in self.callbacks:
-            callback()
-        caller = cp.cuda.get_current_stream()
+        for array, values in self.replay_inputs:
+            array.set(np.asarray(values(), array.dtype).reshape(array.shape), stream=caller)
         self.stream.wait_event(caller.record())
         self.graph.launch(stream=self.stream)
         caller.wait_event(self.stream.record())

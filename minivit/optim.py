@@ -141,24 +141,17 @@ class AdamW(FlatOptimizer):
 
     def _replayed_scalars(self):
         """While a CUDA graph records this step: the device array the captured update reads
-        its scalars from, refreshed before each replay for that replay's step count and
-        learning rate (a number given to the kernel would be frozen at its captured value).
-        Recording runs nothing, so the step count goes back; each replay advances it, as an
-        eager step() does."""
-        def values():
-            return np.asarray(cuda.adamw_scalars(self.lr, *self.betas, self.eps,
-                                                 self.weight_decay, max(self.step_count, 1)),
-                              dtype=self.flat.dtype)
-
-        scalars = self.xp.empty(values().shape, self.flat.dtype)
-
-        def refresh():
+        its scalars from, filled before each replay for that replay's step count and learning
+        rate (a number given to the kernel would be frozen at its captured value). Recording
+        runs nothing, so the step count goes back; each replay advances it, as an eager step()
+        does."""
+        def values():  # before each replay: one step more
             self.step_count += 1
-            scalars.set(values())
+            return cuda.adamw_scalars(self.lr, *self.betas, self.eps, self.weight_decay,
+                                      self.step_count)
 
-        cuda.before_replay(refresh)
         self.step_count -= 1
-        return scalars
+        return cuda.replay_input(values, (len(cuda.ADAMW_SCALARS),), self.flat.dtype)
 
     def update(self, params, grads):
         xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
