@@ -103,47 +103,38 @@ __device__ __forceinline__ double mv_tanh(double x) { return tanh(x); }
 # Row kernels: one thread block per row of a C-contiguous (rows, cols) array; blockDim.x is a
 # power of two >= 32 (whole warps). T is the element type; each file is compiled once per T.
 _ROW_COMMON = _MATH + r"""
-__device__ __forceinline__ T warp_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+// Sum / max over a warp, then over the block, returned to every thread. Max keeps v unless the
+// other value is larger (a NaN arriving from another lane is passed over). `fill`: what the
+// lanes past the block's last warp contribute (0 to a sum; to a max, any of the block's values).
+// `shared` holds 32 values; the leading __syncthreads lets the block call these back to back.
+struct Sum {
+    __device__ static T apply(T v, T other) { return v + other; }
+    __device__ static T fill(const T* shared) { return (T)0; }
+};
+struct Max {
+    __device__ static T apply(T v, T other) { return other > v ? other : v; }
+    __device__ static T fill(const T* shared) { return shared[0]; }
+};
+template <class Op> __device__ __forceinline__ T warp_reduce(T v) {
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = Op::apply(v, __shfl_down_sync(0xffffffffu, v, offset));
     return v;
 }
-__device__ __forceinline__ T warp_max(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        T other = __shfl_down_sync(0xffffffffu, v, offset);
-        v = other > v ? other : v;
-    }
-    return v;
-}
-// Sum / max over the block, returned to every thread. `shared` holds 32 values; the leading
-// __syncthreads lets the block call these back to back.
-__device__ T block_sum(T v, T* shared) {
+template <class Op> __device__ T block_reduce(T v, T* shared) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce<Op>(v);
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < warps ? shared[lane] : (T)0;
-        v = warp_sum(v);
+        v = warp_reduce<Op>(lane < warps ? shared[lane] : Op::fill(shared));
         if (lane == 0) shared[0] = v;
     }
     __syncthreads();
     return shared[0];
 }
-__device__ T block_max(T v, T* shared) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) shared[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < warps ? shared[lane] : shared[0];
-        v = warp_max(v);
-        if (lane == 0) shared[0] = v;
-    }
-    __syncthreads();
-    return shared[0];
-}
+__device__ T block_sum(T v, T* shared) { return block_reduce<Sum>(v, shared); }
+__device__ T block_max(T v, T* shared) { return block_reduce<Max>(v, shared); }
 """
 
 _LAYER_NORM = _ROW_COMMON + r"""
