@@ -13,8 +13,7 @@
 #                 kernels against NumPy, gradcheck on cupy, AdamW kernel, training run, TF32,
 #                 CUDA graph) and every backend-parametrised test's cupy case (tests/test_ops.py...)
 #   bench-cifar   minivit bench --backend cupy --against torch --config cifar --profile
-#   bench-cifar-graph  the same with --cuda-graph (EXPERIMENTAL whole-step CUDA graphs; first
-#                 run on a GPU pending when this line was written)
+#   bench-cifar-graph  cifar again with --cuda-graph: whole-step CUDA graphs, replayed
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
 #   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps
 # minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is

@@ -664,6 +664,21 @@ def test_a_captured_training_step_replays_like_eager_steps(cp):
 
 
 @GPU
+def test_recording_drop_path_is_a_clear_error_and_leaves_the_stream_usable(cp):
+    from minivit.errors import MinivitError
+    from minivit.models import create_model
+
+    minivit.set_backend("cupy")
+    model = create_model("vit_digits", depth=2, drop_path_rate=0.5).to(backend="cupy")
+    images = cp.asarray(np.random.default_rng(15).standard_normal((4, 1, 8, 8)), np.float32)
+    model.train()
+    with pytest.raises(MinivitError, match="drop_path_rate=0"):
+        cuda.capture_step(lambda: model(images))
+    assert not cuda.capturing() and cuda._capture["inputs"] is None
+    assert model(images).shape == (4, 10)  # eager work goes on
+
+
+@GPU
 def test_bench_with_cuda_graphs_on_a_tiny_config(capsys):
     from minivit.cli import main
 

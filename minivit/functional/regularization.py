@@ -1,7 +1,8 @@
 """dropout and drop_path (stochastic depth). Identity in eval mode; random numbers come from
 minivit's seeded generator (minivit.manual_seed)."""
 
-from minivit import backend
+from minivit import backend, cuda
+from minivit.errors import MinivitError
 from minivit.tensor import Function, Tensor
 
 
@@ -18,7 +19,13 @@ class MaskMultiply(Function):
 def _keep_mask(shape, p, dtype, like):
     keep = 1.0 - p
     array = like.data if isinstance(like, Tensor) else like
-    rng = backend.random_generator(backend.backend_of(array))  # x's backend, not the current
+    name = backend.backend_of(array)  # x's backend, not the current
+    if name == "cupy" and cuda.capturing():
+        raise MinivitError("dropout and drop_path cannot be recorded in a CUDA graph (its "
+                           "replays would use the random generator's state at a fixed address, "
+                           "which minivit.manual_seed frees): record the step with their rates "
+                           "at 0 (drop_rate=0, drop_path_rate=0) or in eval mode")
+    rng = backend.random_generator(name)
     return (rng.random(shape, dtype=dtype) < keep) / dtype.type(keep)
 
 
