@@ -1009,19 +1009,23 @@ class CapturedStep:
     - Python numbers given to a kernel are frozen at capture, except AdamW's learning rate and
       step count, which each replay takes from the optimizer as an eager step() would (the
       optimizer's step_count advances once per replay); SGD's learning rate stays frozen;
-    - no random numbers: dropout and drop_path in training (rates > 0) are a MinivitError
-      while recording; use rates of 0 or eval mode;
+    - random numbers: dropout and drop_path draw their uniforms on the host (minivit's NumPy
+      generator, see minivit.manual_seed) into a replay_input: new masks in every replay, from
+      another generator than eager steps use (one host copy of the mask's size per replay);
     - fused kernels on (MINIVIT_FUSED_KERNELS=0 sends the GEMMs to CuPy's cuBLAS wrappers,
       which refuse to run in a capture);
     - the returned objects are the captured outputs: every replay overwrites them in place.
-    Before capture `fn` runs `warmup` times eagerly (compiling kernels; this work is real: a
-    training step trains). Memory allocated during capture comes from a private pool kept
+    Before capture `fn` runs `warmup` (≥ 1) times eagerly (compiling kernels; this work is real:
+    a training step trains, and the last one's outputs are kept as `warmup_outputs`). Memory allocated during capture comes from a private pool kept
     alive with the graph, so replays never write into memory handed to anyone else; what the
     host writes before each replay (replay_input) lives outside that pool.
     tests/test_cuda.py checks on a GPU that a captured ViT training step and a captured AdamW
     step give exactly what the same eager steps give (float64)."""
 
     def __init__(self, fn, *static_inputs, warmup=1):
+        if warmup < 1:
+            raise ValueError(f"capture_step: warmup must be at least 1 (an eager run compiles "
+                             f"the kernels a capture cannot), got {warmup}")
         cp = _cupy()
         self.fn, self.inputs = fn, static_inputs
         self.stream = cp.cuda.Stream(non_blocking=True)
@@ -1030,7 +1034,7 @@ class CapturedStep:
         self.stream.wait_event(caller.record())
         with self.stream:
             for _ in range(warmup):
-                fn(*static_inputs)
+                self.warmup_outputs = fn(*static_inputs)
         _prepare_capture()
         self.replay_inputs, self.pointers = _capture["inputs"], _capture["pointers"] = [], {}
         _capture["allocator"] = cp.cuda.get_allocator()

@@ -86,6 +86,22 @@ class FlatOptimizer:
         for p in self.parameters:
             p.grad = None
 
+    def _recording(self):
+        """True while a CUDA graph records this optimizer's step (cuda.capture_step)."""
+        return cuda.handles(self.flat) and cuda.capturing()
+
+    def _per_replay(self, values, shape):
+        """While a CUDA graph records step(): a device array that holds `values()` (of the
+        step count and learning rate then current) in each replay; a number given to a kernel
+        would stay at its captured value. Recording runs nothing, so the step count goes back;
+        each replay advances it before `values()` is read, as an eager step() does."""
+        def refill():
+            self.step_count += 1
+            return values()
+
+        self.step_count -= 1
+        return cuda.replay_input(refill, shape, self.flat.dtype)
+
     def step(self, max_grad_norm=None):
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
         is clipped to it first. Returns the gradient norm before clipping, on the device
@@ -139,27 +155,17 @@ class AdamW(FlatOptimizer):
         self.v = self.xp.zeros_like(self.flat)
         self.scratch = None  # the plain NumPy/CuPy update's temporary, made on first use
 
-    def _replayed_scalars(self):
-        """While a CUDA graph records this step: the device array the captured update reads
-        its scalars from, filled before each replay for that replay's step count and learning
-        rate (a number given to the kernel would be frozen at its captured value). Recording
-        runs nothing, so the step count goes back; each replay advances it, as an eager step()
-        does."""
-        def values():  # before each replay: one step more
-            self.step_count += 1
-            return cuda.adamw_scalars(self.lr, *self.betas, self.eps, self.weight_decay,
-                                      self.step_count)
-
-        self.step_count -= 1
-        return cuda.replay_input(values, (len(cuda.ADAMW_SCALARS),), self.flat.dtype)
-
     def update(self, params, grads):
         xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
         m, v = self.m, self.v
         if cuda.handles(params, grads, m, v, self.decay_mask):  # the whole update: one kernel
-            scalars = self._replayed_scalars() if cuda.capturing() else \
-                cuda.adamw_scalars(self.lr, beta1, beta2, self.eps, self.weight_decay, t)
-            cuda.adamw_update(params, grads, m, v, self.decay_mask, scalars)
+            def scalars():
+                return cuda.adamw_scalars(self.lr, beta1, beta2, self.eps, self.weight_decay,
+                                          self.step_count)
+
+            cuda.adamw_update(params, grads, m, v, self.decay_mask,
+                              self._per_replay(scalars, (len(cuda.ADAMW_SCALARS),))
+                              if self._recording() else scalars())
             return
         if cpu.handles(params, grads, m, v):  # the same steps in cache-sized chunks, threaded
             cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
@@ -203,7 +209,9 @@ class SGD(FlatOptimizer):
         buffer += grads
         if self.weight_decay:
             buffer += self.weight_decay * self.decay_mask * params
-        params -= self.lr * buffer
+        # in a CUDA graph the learning rate is a device value, refilled before each replay
+        lr = self._per_replay(lambda: self.lr, ()) if self._recording() else self.lr
+        params -= lr * buffer
 
     def state_arrays(self):
         return {"momentum": self.buffer}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import minivit.functional as F
-from minivit import backend
+from minivit import backend, cuda
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 save_checkpoint)
 from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
@@ -66,6 +66,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     augment: bool = True
     backend: str = "numpy"
+    cuda_graph: bool = False  # GPU: replay the training step of full batches as a CUDA graph
     dtype: str = "float32"
     seed: int = 0
     out: str = "runs/latest"
@@ -169,6 +170,33 @@ def build_optimizer(config, model):
     return optimizer(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
+def training_step(model, optimizer, config):
+    """A function (x, y) -> (loss, logits) arrays of one training step: forward, cross-entropy,
+    backward, optimizer step. With config.cuda_graph, full batches replay one CUDA graph,
+    recorded on the first of them (which trains eagerly, as the capture's warm-up); a smaller
+    last batch runs eagerly. The graph's outputs are overwritten by its next replay."""
+    def step(x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(max_grad_norm=config.clip_grad)
+        return loss.data, logits.data
+
+    if not config.cuda_graph:
+        return step
+    graphs = []
+
+    def replay(x, y):
+        if len(y) != config.batch_size:
+            return step(x, y)
+        if not graphs:
+            graphs.append(cuda.capture_step(step, x, y))
+            return graphs[0].warmup_outputs
+        return graphs[0](x, y)
+    return replay
+
+
 def evaluate(model, loader, dtype="float32"):
     """(mean loss, accuracy) of `model` over `loader`, in eval mode, without a graph."""
     was_training = model.training
@@ -242,6 +270,9 @@ def _train(config, on_epoch_end):
     _check_run_folder(config, run_dir)
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    if config.cuda_graph and config.backend != "cupy":
+        raise MinivitError(f"--cuda-graph records the training step on the GPU: it needs "
+                           f"--backend cupy, got {config.backend}")
     if config.optimizer not in OPTIMIZER_DEFAULTS:
         raise MinivitError(f"unknown optimizer {config.optimizer!r}; known: "
                            f"{', '.join(OPTIMIZER_DEFAULTS)}")
@@ -270,6 +301,7 @@ def _train(config, on_epoch_end):
     train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
                               augment=augment)
     test_loader = DataLoader(test_set, 256, shuffle=False)
+    train_step = training_step(model, optimizer, config)
     steps_per_epoch = len(train_loader)
     total_steps = config.epochs * steps_per_epoch
     info = {"dataset": config.dataset, "mean": train_set.mean, "std": train_set.std,
@@ -314,9 +346,10 @@ def _train(config, on_epoch_end):
                                          config.warmup * steps_per_epoch, config.min_lr)
             x = backend.to_backend(images.astype(config.dtype, copy=False))
             y = backend.to_backend(labels)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            loss_value = loss.item()
+            log_grads_now = config.log_grads and epoch_count + len(labels) >= len(train_set)
+            params_before = optimizer.flat.copy() if log_grads_now else None
+            loss, logits = train_step(x, y)
+            loss_value = float(loss)
             if not math.isfinite(loss_value):
                 kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
                         else "No checkpoint was written (none had been: the first epoch had "
@@ -325,14 +358,9 @@ def _train(config, on_epoch_end):
                     f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
                     f"(lr {optimizer.lr:.3g}); training stopped. {kept}: lower --lr, or keep "
                     f"--clip-grad on")
-            optimizer.zero_grad()
-            loss.backward()
-            log_grads_now = config.log_grads and epoch_count + len(labels) >= len(train_set)
-            params_before = optimizer.flat.copy() if log_grads_now else None
-            optimizer.step(max_grad_norm=config.clip_grad)
             step += 1
             epoch_loss += loss_value * len(labels)
-            epoch_correct += int((logits.data.argmax(axis=1) == y).sum())
+            epoch_correct += int((logits.argmax(axis=1) == y).sum())
             epoch_count += len(labels)
             elapsed = time.perf_counter() - epoch_start
             bar.set_postfix(loss=f"{epoch_loss / epoch_count:.3f}",

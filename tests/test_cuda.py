@@ -664,18 +664,71 @@ def test_a_captured_training_step_replays_like_eager_steps(cp):
 
 
 @GPU
-def test_recording_drop_path_is_a_clear_error_and_leaves_the_stream_usable(cp):
-    from minivit.errors import MinivitError
-    from minivit.models import create_model
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_drop_path_in_a_captured_step_draws_new_masks_in_every_replay(cp, dtype):
+    """Recorded drop_path: each replay keeps a different set of samples, about 1 − p of them,
+    scaled by 1/(1 − p); the numbers come from the host before each replay."""
+    minivit.manual_seed(16)
+    ones = Tensor(cp.ones((4000, 3), dtype))
+    captured = cuda.capture_step(lambda: F.drop_path(ones, 0.25, training=True).data)
+    masks = []
+    for _ in range(3):
+        out = mb.to_numpy(captured())
+        assert set(np.unique(out)) <= {0.0, dtype(1 / 0.75)}
+        assert (out == out[:, :1]).all()  # a whole sample kept or dropped
+        assert abs((out[:, 0] > 0).mean() - 0.75) < 0.05
+        masks.append(out[:, 0] > 0)
+    assert (masks[0] != masks[1]).any() and (masks[1] != masks[2]).any()
 
-    minivit.set_backend("cupy")
-    model = create_model("vit_digits", depth=2, drop_path_rate=0.5).to(backend="cupy")
-    images = cp.asarray(np.random.default_rng(15).standard_normal((4, 1, 8, 8)), np.float32)
-    model.train()
-    with pytest.raises(MinivitError, match="drop_path_rate=0"):
-        cuda.capture_step(lambda: model(images))
-    assert not cuda.capturing() and cuda._capture["inputs"] is None
-    assert model(images).shape == (4, 10)  # eager work goes on
+
+def _train_run(tmp_path, name, **overrides):
+    """A short digits run on the GPU; returns its metrics records and last weights."""
+    import json
+
+    from minivit.io import load_weights
+    from minivit.train import TrainConfig, train
+
+    config = dict(dataset="digits", model="vit_digits", epochs=2, warmup=1, batch_size=64,
+                  augment=False, progress=False, backend="cupy", out=str(tmp_path / name))
+    train(TrainConfig(**dict(config, **overrides)))
+    records = [json.loads(line)
+               for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return records, load_weights(tmp_path / name / "last.safetensors")[0]
+
+
+@GPU
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_with_cuda_graphs_equals_eager_training(tmp_path, optimizer):
+    """minivit train --cuda-graph: the 22 full batches of 64 of an epoch replay a graph
+    recorded on the first, the last 30 images run eagerly, the learning rate follows its
+    warm-up schedule in the replays (AdamW's scalars, SGD's rate); in float64 without
+    drop-path the metrics and the weights equal an eager run's."""
+    common = dict(dtype="float64", drop_path=0.0, optimizer=optimizer, log_grads=True)
+    eager_records, eager_weights = _train_run(tmp_path, "eager", **common)
+    graph_records, graph_weights = _train_run(tmp_path, "graph", cuda_graph=True, **common)
+    assert [r["split"] for r in graph_records] == [r["split"] for r in eager_records]
+    for got, want in zip(graph_records, eager_records):
+        for key in ("loss", "accuracy", "lr", "step"):
+            if key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-9, err_msg=key)
+        for key in ("grad_norms", "update_ratios"):
+            for layer in want.get(key, {}):
+                np.testing.assert_allclose(got[key][layer], want[key][layer], rtol=1e-8,
+                                           err_msg=f"{key} {layer}")
+    for name, want in eager_weights.items():
+        np.testing.assert_allclose(graph_weights[name], want, rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+
+
+@GPU
+def test_training_with_cuda_graphs_and_drop_path_learns(tmp_path):
+    """Drop-path in the recorded step (float32, the default rate 0.2): new masks each replay,
+    and the run learns as an eager one does."""
+    records, _ = _train_run(tmp_path, "graph", cuda_graph=True, epochs=3)
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    test_accuracy = [r["accuracy"] for r in records if r["split"] == "test"]
+    assert all(np.isfinite(train_losses)) and train_losses[-1] < 0.8 * train_losses[0]
+    assert test_accuracy[-1] > 0.3  # chance is 0.1
 
 
 @GPU

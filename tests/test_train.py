@@ -247,6 +247,13 @@ def test_cupy_backend_without_cupy_is_a_clear_cli_error(tmp_path, capsys, monkey
     minivit.set_backend("numpy")
 
 
+def test_cuda_graph_on_the_cpu_is_a_clear_cli_error(tmp_path, capsys):
+    assert main(["train", "--cuda-graph", "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    assert "--cuda-graph records the training step on the GPU: it needs --backend cupy, got " \
+           "numpy" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_nothing_left_to_train_is_a_clear_cli_error(tmp_path, capsys):
     run_dir = tmp_path / "done"
     assert main(["train", "--epochs", "0", "--out", str(run_dir), "--quiet"]) == 1

@@ -9,6 +9,7 @@ from minivit.commands.common import add_backend_flags, apply_backend, command_pa
 EPILOG = """examples:
   minivit train                                   tiny ViT on the embedded 8x8 digits (CPU)
   minivit train --dataset cifar10 --data-dir ~/data --epochs 50 --backend cupy
+  minivit train --backend cupy --cuda-graph       digits on the GPU, the steps replayed as a CUDA graph
   minivit train --out runs/a --resume             continue runs/a from its last checkpoint
   minivit train --out runs/a --overwrite          replace the run in runs/a with a new one
 
@@ -19,7 +20,7 @@ refuses a folder that holds another run: --resume it, pick another --out, or --o
 """
 
 # Options that are not part of what a run trains: never compared with a resumed run's config.
-RUN_CONTROL = {"out", "resume", "overwrite", "progress"}
+RUN_CONTROL = {"out", "resume", "overwrite", "progress", "cuda_graph"}
 # Training options --resume takes from the command line instead of the run's config.json.
 RESUME_MAY_CHANGE = {"epochs", "data_dir"}
 FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest: --name-like-this
@@ -81,6 +82,10 @@ def add_parser(subparsers, name, help_text):
     run = p.add_argument_group("run")
     add_backend_flags(run)
     p.set_defaults(dtype=None)  # its help names the default
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="GPU (--backend cupy): record the training step once as a CUDA graph "
+                          "and replay it for every full batch (several times faster for small "
+                          "models, whose steps are bound by Python's kernel launches)")
     run.add_argument("--seed", type=int, default=None, help=f"default: {defaults.seed}")
     run.add_argument("--out", default=defaults.out, metavar="RUN_DIR",
                      help="run folder (default: %(default)s)")
@@ -128,7 +133,8 @@ def run(args):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items()
              if k in fields - RUN_CONTROL and v is not None}  # before apply_backend fills it
-    run_control = {"out": args.out, "progress": args.progress, "overwrite": args.overwrite}
+    run_control = {"out": args.out, "progress": args.progress, "overwrite": args.overwrite,
+                   "cuda_graph": args.cuda_graph}
     config = TrainConfig(**dict(given, backend=apply_backend(args), **run_control))
     if args.resume:
         saved_path = Path(args.out) / "config.json"

@@ -2,7 +2,6 @@
 minivit's seeded generator (minivit.manual_seed)."""
 
 from minivit import backend, cuda
-from minivit.errors import MinivitError
 from minivit.tensor import Function, Tensor
 
 
@@ -21,12 +20,12 @@ def _keep_mask(shape, p, dtype, like):
     array = like.data if isinstance(like, Tensor) else like
     name = backend.backend_of(array)  # x's backend, not the current
     if name == "cupy" and cuda.capturing():
-        raise MinivitError("dropout and drop_path cannot be recorded in a CUDA graph (its "
-                           "replays would use the random generator's state at a fixed address, "
-                           "which minivit.manual_seed frees): record the step with their rates "
-                           "at 0 (drop_rate=0, drop_path_rate=0) or in eval mode")
-    rng = backend.random_generator(name)
-    return (rng.random(shape, dtype=dtype) < keep) / dtype.type(keep)
+        # each replay of a CUDA graph needs new numbers: drawn on the host before each replay
+        uniforms = cuda.replay_input(lambda: backend.random_generator("numpy").random(shape),
+                                     shape, dtype)
+    else:
+        uniforms = backend.random_generator(name).random(shape, dtype=dtype)
+    return (uniforms < keep) / dtype.type(keep)
 
 
 def dropout(x, p=0.5, training=True):
