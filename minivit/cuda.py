@@ -1006,9 +1006,9 @@ class CapturedStep:
     - no host synchronisation inside: no .item(), float()/int()/bool() of a device value, no
       printing device arrays, no NumPy transfer; integer labels are not range-checked in
       replays (the eager warm-up checked the captured ones);
-    - Python numbers given to a kernel are frozen at capture, except AdamW's learning rate and
-      step count, which each replay takes from the optimizer as an eager step() would (the
-      optimizer's step_count advances once per replay); SGD's learning rate stays frozen;
+    - Python numbers given to a kernel are frozen at capture, except the optimizers' learning
+      rate and AdamW's step count, which each replay takes from the optimizer as an eager
+      step() would (the optimizer's step_count advances once per replay);
     - random numbers: dropout and drop_path draw their uniforms on the host (minivit's NumPy
       generator, see minivit.manual_seed) into a replay_input: new masks in every replay, from
       another generator than eager steps use (one host copy of the mask's size per replay);

@@ -666,18 +666,19 @@ def test_a_captured_training_step_replays_like_eager_steps(cp):
 @GPU
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_drop_path_in_a_captured_step_draws_new_masks_in_every_replay(cp, dtype):
-    """Recorded drop_path: each replay keeps a different set of samples, about 1 − p of them,
-    scaled by 1/(1 − p); the numbers come from the host before each replay."""
+    """Recorded drop_path: each replay keeps the samples that the host's draws for it say
+    (minivit's NumPy generator, seeded by manual_seed; the eager warm-up used CuPy's), scaled
+    by 1/(1 − p): new masks every replay, read after the host wrote them."""
     minivit.manual_seed(16)
     ones = Tensor(cp.ones((4000, 3), dtype))
     captured = cuda.capture_step(lambda: F.drop_path(ones, 0.25, training=True).data)
+    host = np.random.default_rng(16)
     masks = []
     for _ in range(3):
         out = mb.to_numpy(captured())
-        assert set(np.unique(out)) <= {0.0, dtype(1 / 0.75)}
-        assert (out == out[:, :1]).all()  # a whole sample kept or dropped
-        assert abs((out[:, 0] > 0).mean() - 0.75) < 0.05
-        masks.append(out[:, 0] > 0)
+        kept = host.random((4000, 1)).astype(dtype) < 0.75
+        np.testing.assert_array_equal(out, np.where(kept, dtype(1 / 0.75), 0) * np.ones(3))
+        masks.append(kept)
     assert (masks[0] != masks[1]).any() and (masks[1] != masks[2]).any()
 
 
@@ -716,7 +717,8 @@ def test_training_with_cuda_graphs_equals_eager_training(tmp_path, optimizer):
                 np.testing.assert_allclose(got[key][layer], want[key][layer], rtol=1e-8,
                                            err_msg=f"{key} {layer}")
     for name, want in eager_weights.items():
-        np.testing.assert_allclose(graph_weights[name], want, rtol=1e-9, atol=1e-12,
+        # atol: see test_a_captured_training_step_replays_like_eager_steps (the key bias)
+        np.testing.assert_allclose(graph_weights[name], want, rtol=1e-9, atol=1e-8,
                                    err_msg=name)
 
 
@@ -724,7 +726,7 @@ def test_training_with_cuda_graphs_equals_eager_training(tmp_path, optimizer):
 def test_training_with_cuda_graphs_and_drop_path_learns(tmp_path):
     """Drop-path in the recorded step (float32, the default rate 0.2): new masks each replay,
     and the run learns as an eager one does."""
-    records, _ = _train_run(tmp_path, "graph", cuda_graph=True, epochs=3)
+    records, _ = _train_run(tmp_path, "graph", cuda_graph=True, epochs=8)
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     test_accuracy = [r["accuracy"] for r in records if r["split"] == "test"]
     assert all(np.isfinite(train_losses)) and train_losses[-1] < 0.8 * train_losses[0]
