@@ -867,8 +867,9 @@ def replay_input(values, shape, dtype):
     is read could share its block and overwrite what the host put there."""
     if _capture["inputs"] is None:
         raise RuntimeError("a CUDA graph is being recorded, but not by minivit's "
-                           "cuda.capture_step: record steps that use minivit's optimizers "
-                           "with it (it refreshes their scalars before each replay)")
+                           "cuda.capture_step: record steps that use minivit's optimizers, "
+                           "dropout or drop_path with it (it refills their device values before "
+                           "each replay)")
     cp = _cupy()
     with cp.cuda.using_allocator(_capture["allocator"]):
         array = cp.empty(shape, dtype)
@@ -1016,9 +1017,10 @@ class CapturedStep:
       which refuse to run in a capture);
     - the returned objects are the captured outputs: every replay overwrites them in place.
     Before capture `fn` runs `warmup` (≥ 1) times eagerly (compiling kernels; this work is real:
-    a training step trains, and the last one's outputs are kept as `warmup_outputs`). Memory allocated during capture comes from a private pool kept
-    alive with the graph, so replays never write into memory handed to anyone else; what the
-    host writes before each replay (replay_input) lives outside that pool.
+    a training step trains, and the last run's outputs are kept as `warmup_outputs`). Memory
+    allocated during capture comes from a private pool kept alive with the graph, so replays
+    never write into memory handed to anyone else; what the host writes before each replay
+    (replay_input) lives outside that pool.
     tests/test_cuda.py checks on a GPU that a captured ViT training step and a captured AdamW
     step give exactly what the same eager steps give (float64)."""
 

@@ -185,15 +185,16 @@ def training_step(model, optimizer, config):
 
     if not config.cuda_graph:
         return step
-    graphs = []
+    graph = None
 
     def replay(x, y):
+        nonlocal graph
         if len(y) != config.batch_size:
             return step(x, y)
-        if not graphs:
-            graphs.append(cuda.capture_step(step, x, y))
-            return graphs[0].warmup_outputs
-        return graphs[0](x, y)
+        if graph is None:
+            graph = cuda.capture_step(step, x, y)
+            return graph.warmup_outputs
+        return graph(x, y)
     return replay
 
 

@@ -181,6 +181,15 @@ def test_kernel_sources_compile_with_nvcc(tmp_path, c_type):
     assert result.returncode == 0, f"nvcc failed on {source}:\n{result.stderr}"
 
 
+def test_graph_capture_misuse_is_a_clear_error_before_any_cuda_call():
+    """Checked before CuPy is touched (so this runs anywhere): a replay_input outside
+    capture_step's recording, a capture without the eager warm-up that compiles the kernels."""
+    with pytest.raises(RuntimeError, match="not by minivit's cuda.capture_step"):
+        cuda.replay_input(lambda: 0.0, (), np.float32)
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        cuda.capture_step(lambda: None, warmup=0)
+
+
 def test_set_tf32_without_a_gpu_only_sets_the_environment(monkeypatch):
     if mb.cupy_available():
         pytest.skip("a GPU is present: test_tf32_switch covers it")
