@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_check.sh          # from anywhere; the log goes to $OUT/gpu_check.log
 #
-# Steps (each under its own `timeout`; the limits add up to 8.5 minutes, an H100 took under 2; a
+# Steps (each under its own `timeout`; the limits add up to 9.5 minutes, an H100 took under 2.5; a
 # failed step does not stop the ones after it, and the summary at the end gives every step's
 # exit status):
 #   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
@@ -15,6 +15,8 @@
 #   bench-cifar   minivit bench --backend cupy --against torch --config cifar --profile
 #   bench-cifar-graph  cifar again with --cuda-graph: whole-step CUDA graphs, replayed
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
+#   train-graph   minivit train on the digits, 3 epochs, eager then --cuda-graph: images/s
+#                 per epoch from each run's metrics.jsonl
 #   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps
 # minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is
 # installed; PYTHON=... picks another interpreter.
@@ -64,6 +66,23 @@ step bench-cifar-graph 60 "$PY" -m minivit.cli bench --backend cupy --against to
 
 step bench-vit-s16 90 "$PY" -m minivit.cli bench --backend cupy --against torch --config vit_s16 \
   --steps 5 --rounds 2 --tf32
+
+train_both() {  # eager, then with CUDA graphs; a run folder each under a temporary folder
+  local runs
+  runs=$(mktemp -d)
+  for flag in "" --cuda-graph; do
+    echo "--- minivit train --backend cupy --epochs 3 $flag"
+    "$PY" -m minivit.cli train --backend cupy --epochs 3 $flag --out "$runs/run$flag" --quiet &&
+      "$PY" -c 'import json, sys
+for record in map(json.loads, open(sys.argv[1])):
+    if record["split"] == "train":
+        print("epoch", record["epoch"], "train", round(record["images_per_s"]), "images/s")' \
+        "$runs/run$flag/metrics.jsonl" || return 1
+  done
+}
+export -f train_both
+export PY
+step train-graph 60 bash -c train_both
 
 step kernel-profile 60 "$PY" scripts/gpu_kernel_profile.py --config vit_s16 --tf32
 
