@@ -121,6 +121,15 @@ def erf(x):
     return scipy_erf(x)
 
 
+def matmul_operand(array):
+    """`array`, or on CuPy a C-contiguous copy of one with a negative stride: CuPy's batched
+    matmul computes each matrix's address with an unsigned step and raises OverflowError on a
+    reversed view."""
+    if backend_of(array) == "cupy" and any(step < 0 for step in array.strides):
+        return array_module(array).ascontiguousarray(array)
+    return array
+
+
 def scatter_add(target, index, values):
     """target[index] += values, accumulating repeated indices (np.add.at / cupyx.scatter_add)."""
     if backend_of(target) == "cupy":

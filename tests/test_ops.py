@@ -389,15 +389,21 @@ def test_arithmetic_operators_with_broadcasting(backend, data, op, operands):
     check_gradients(fn, *inputs, seed=data.draw(seeds))
 
 
-def test_matmul_of_reversed_batched_views(backend):
-    """Negative strides in a batched matmul (CuPy's own raised OverflowError on them; the
-    case Hypothesis found on a GPU, and a larger one), forward and backward."""
+def test_batched_matmuls_of_reversed_views(backend):
+    """Negative strides in batched matmuls (CuPy's own raised OverflowError on them: the case
+    Hypothesis found on a GPU, a larger one, and attention's q, k, v), forward and backward."""
     rng = np.random.default_rng(17)
     for a_shape, b_shape in (((1, 1), (1, 2, 1, 1)), ((2, 3, 4), (2, 4, 5))):
         a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
         inputs = [layout(a, "reversed"), layout(b, "reversed")]
         np.testing.assert_allclose(forward(lambda x, y: x @ y, *inputs), a @ b, **EXACT)
         check_gradients(lambda x, y: x @ y, *inputs, seed=17)
+    q, k, v = (rng.standard_normal((2, 2, 3, 4)) for _ in range(3))
+    inputs = [layout(a, "reversed") for a in (q, k, v)]
+    expected = np_softmax(q @ k.swapaxes(-1, -2) / 2.0) @ v
+    np.testing.assert_allclose(forward(F.scaled_dot_product_attention, *inputs), expected,
+                               **EXACT)
+    check_gradients(F.scaled_dot_product_attention, *inputs, seed=17)
 
 
 @FIXTURE_OK

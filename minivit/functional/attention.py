@@ -18,7 +18,7 @@ class ScaledDotProductAttention(Function):
                              f"equal to q and v matching (B, heads, N); got q {q.shape}, "
                              f"k {k.shape}, v {v.shape}")
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        self.q, self.k, self.v = q, k, v
+        q, k, v = self.q, self.k, self.v = tuple(backend.matmul_operand(a) for a in (q, k, v))
         if cpu.handles(q, k, v):  # per batch block: q kᵀ, softmax, P v while in cache
             out = backend.array_module(q).empty(q.shape[:3] + v.shape[3:], q.dtype)
             self.probs = cpu.attention_forward(q, k, v, self.scale, out)
@@ -29,7 +29,7 @@ class ScaledDotProductAttention(Function):
         return self.probs @ v
 
     def backward(self, grad):
-        q, k, v, probs = self.q, self.k, self.v, self.probs
+        q, k, v, probs, grad = self.q, self.k, self.v, self.probs, backend.matmul_operand(grad)
         if cpu.handles(grad, q, k, v):
             xp = backend.array_module(grad)
             grads = [xp.empty(a.shape, a.dtype) if need else None

@@ -122,24 +122,15 @@ class Log(Function):
 
 
 # -- matmul: C = A B, dA = dC Bᵀ, dB = Aᵀ dC (batched over leading dims) ------------------------
-def _matmul_operand(array):
-    """`array`, or on CuPy a C-contiguous copy of one with a negative stride: CuPy's batched
-    matmul computes each matrix's address with an unsigned step and raises OverflowError on a
-    reversed view."""
-    if backend.backend_of(array) == "cupy" and any(step < 0 for step in array.strides):
-        return backend.array_module(array).ascontiguousarray(array)
-    return array
-
-
 class MatMul(_Arithmetic):
     def forward(self, a, b):
         if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
             raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m); got {a.shape} @ {b.shape}")
-        self.a, self.b = _matmul_operand(a), _matmul_operand(b)
+        self.a, self.b = backend.matmul_operand(a), backend.matmul_operand(b)
         return self.a @ self.b
 
     def backward(self, grad):
-        a, b, grad = self.a, self.b, _matmul_operand(grad)
+        a, b, grad = self.a, self.b, backend.matmul_operand(grad)
         grad_a = _unbroadcast(grad @ b.swapaxes(-1, -2), a.shape) if self.needs_input_grad[0] else None
         grad_b = _unbroadcast(a.swapaxes(-1, -2) @ grad, b.shape) if self.needs_input_grad[1] else None
         return grad_a, grad_b
