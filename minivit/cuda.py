@@ -859,6 +859,12 @@ def capturing():
     return not cp.cuda.runtime.is_hip and cp.cuda.get_current_stream().is_capturing()
 
 
+def recording(array):
+    """True when `array` is a CuPy array and a CUDA graph is being recorded: the test of every
+    capture branch outside this module (False for NumPy arrays, without touching CuPy)."""
+    return backend.backend_of(array) == "cupy" and capturing()
+
+
 def replay_input(values, shape, dtype):
     """While a CapturedStep records: a device array of `shape` and `dtype` for the graph to
     read, which the CapturedStep fills with `values()` (NumPy) before each replay: for values a

@@ -70,9 +70,8 @@ class FlatOptimizer:
         grads = [p.grad for p in self.parameters]
         # not while a CUDA graph records: CuPy's concatenate of many arrays copies their
         # addresses from the host, which a capture forbids (the copies below are kernels)
-        recording = cuda.handles(self.flat_grad) and cuda.capturing()
-        if not recording and all(g is not None and g.shape == p.shape
-                                 for g, p in zip(grads, self.parameters)):
+        every = all(g is not None and g.shape == p.shape for g, p in zip(grads, self.parameters))
+        if every and not cuda.recording(self.flat_grad):
             self.xp.concatenate([grad.reshape(-1) for grad in grads], out=self.flat_grad)
             return self.flat_grad
         for p, start, stop in zip(self.parameters, self.offsets, self.offsets[1:]):
@@ -85,10 +84,6 @@ class FlatOptimizer:
     def zero_grad(self):
         for p in self.parameters:
             p.grad = None
-
-    def _recording(self):
-        """True while a CUDA graph records this optimizer's step (cuda.capture_step)."""
-        return cuda.handles(self.flat) and cuda.capturing()
 
     def _per_replay(self, values, shape):
         """While a CUDA graph records step(): a device array that holds `values()` (of the
@@ -165,7 +160,7 @@ class AdamW(FlatOptimizer):
 
             cuda.adamw_update(params, grads, m, v, self.decay_mask,
                               self._per_replay(scalars, (len(cuda.ADAMW_SCALARS),))
-                              if self._recording() else scalars())
+                              if cuda.recording(params) else scalars())
             return
         if cpu.handles(params, grads, m, v):  # the same steps in cache-sized chunks, threaded
             cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
@@ -210,7 +205,7 @@ class SGD(FlatOptimizer):
         if self.weight_decay:
             buffer += self.weight_decay * self.decay_mask * params
         # in a CUDA graph the learning rate is a device value, refilled before each replay
-        lr = self._per_replay(lambda: self.lr, ()) if self._recording() else self.lr
+        lr = self._per_replay(lambda: self.lr, ()) if cuda.recording(params) else self.lr
         params -= lr * buffer
 
     def state_arrays(self):
@@ -226,8 +221,7 @@ def clip_grad_norm(grads, max_norm=None):
     xp = backend.array_module(grads)
     # dot: no temporary the size of the model; not while a CUDA graph records (dot is cuBLAS
     # through CuPy, which refuses to run then)
-    capturing = cuda.handles(grads) and cuda.capturing()
-    norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 and not capturing else \
+    norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 and not cuda.recording(grads) else \
         xp.sqrt((grads * grads).sum())
     if max_norm:
         grads *= xp.minimum(1.0, max_norm / (norm + 1e-6))

@@ -57,7 +57,7 @@ class CrossEntropy(Function):
         self.cuda_saved = None
         if cuda.handles(logits):  # one CUDA block per row: log-sum-exp and the row's loss
             # the label range is read on the host, which a CUDA graph being recorded forbids
-            _check_target(target, logits, check_range=not cuda.capturing())
+            _check_target(target, logits, check_range=not cuda.recording(logits))
             loss, self.cuda_saved = cuda.cross_entropy_forward(logits, target, label_smoothing)
             return loss
         self.log_probs = log_softmax_array(logits)

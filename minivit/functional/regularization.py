@@ -19,7 +19,7 @@ def _keep_mask(shape, p, dtype, like):
     keep = 1.0 - p
     array = like.data if isinstance(like, Tensor) else like
     name = backend.backend_of(array)  # x's backend, not the current
-    if name == "cupy" and cuda.capturing():
+    if cuda.recording(array):
         # each replay of a CUDA graph needs new numbers: drawn on the host before each replay
         uniforms = cuda.replay_input(lambda: backend.random_generator("numpy").random(shape),
                                      shape, dtype)
