@@ -49,8 +49,10 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    from minivit import cpu
     from minivit.errors import MinivitError
 
+    cpu.configure()  # BLAS threads and malloc for the CPU kernels (see minivit.cpu.runtime)
     try:
         return _command_module(args.command).run(args) or 0
     except MinivitError as error:
