@@ -5,8 +5,9 @@ strided views (of the packed qkv projection, say).
 
 import numpy as np
 
+from minivit.cpu import pool
 from minivit.cpu.activation import row_sums, softmax_rows
-from minivit.cpu.pool import MIN_PARALLEL_ROWS, blocks, run_tasks, scratch
+from minivit.cpu.pool import blocks, run_tasks, scratch
 from minivit.cpu.runtime import compiled, state
 
 
@@ -34,7 +35,7 @@ def attention_forward(q, k, v, scale, out):
 
     run_tasks([lambda s=s, e=e: task(s, e)
                for s, e in _batch_blocks(batch, heads * tokens * k.shape[2])],
-              parallel=probs.size >= MIN_PARALLEL_ROWS)
+              parallel=probs.size >= pool.MIN_PARALLEL_ROWS)
     return probs
 
 
@@ -69,4 +70,4 @@ def attention_backward(grad, q, k, v, probs, scale, grad_q, grad_k, grad_v):
             np.matmul(ds.swapaxes(-1, -2), q[s:e], out=grad_k[s:e])
 
     run_tasks([lambda s=s, e=e: task(s, e) for s, e in _batch_blocks(batch, heads * tokens * keys)],
-              parallel=probs.size >= MIN_PARALLEL_ROWS)
+              parallel=probs.size >= pool.MIN_PARALLEL_ROWS)

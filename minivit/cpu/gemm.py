@@ -8,7 +8,8 @@ the cifar GEMMs.
 
 import numpy as np
 
-from minivit.cpu.pool import MIN_BLOCK_ROWS, MIN_SPLIT_MACS, blocks, run_tasks
+from minivit.cpu import pool
+from minivit.cpu.pool import blocks, run_tasks
 from minivit.cpu.runtime import split_gemms, state
 
 
@@ -19,12 +20,12 @@ def matmul(a, b, out=None, bias=None):
     n = b.shape[1]
     if out is None:
         out = np.empty((m, n), dtype=np.result_type(a, b))
-    if not split_gemms() or m * k * n < MIN_SPLIT_MACS or m < 2 * MIN_BLOCK_ROWS:
+    if not split_gemms() or m * k * n < pool.MIN_SPLIT_MACS or m < 2 * pool.MIN_BLOCK_ROWS:
         np.matmul(a, b, out=out)
         if bias is not None:
             out += bias
         return out
-    rows = max(MIN_BLOCK_ROWS, -(-m // (4 * state["threads"])))  # ~4 per thread: balance
+    rows = max(pool.MIN_BLOCK_ROWS, -(-m // (4 * state["threads"])))  # ~4 per thread: balance
 
     def task(start, stop):
         np.matmul(a[start:stop], b, out=out[start:stop])
@@ -53,7 +54,7 @@ def linear_backward(grad2d, x2d, weight, needs):
     grad_x = np.empty((rows, in_features), dtype) if needs[0] else None
     ones = np.ones(rows, dtype) if needs[2] else None
     macs = rows * out_features * in_features
-    if not split_gemms() or macs < MIN_SPLIT_MACS or rows < 2 * MIN_BLOCK_ROWS:
+    if not split_gemms() or macs < pool.MIN_SPLIT_MACS or rows < 2 * pool.MIN_BLOCK_ROWS:
         if grad_x is not None:
             np.matmul(grad2d, weight, out=grad_x)
         grad_w = np.matmul(grad2d.T, x2d) if needs[1] else None
@@ -62,12 +63,12 @@ def linear_backward(grad2d, x2d, weight, needs):
     threads = state["threads"]
     tasks = []
     if grad_x is not None:
-        step = max(MIN_BLOCK_ROWS, -(-rows // (3 * threads)))
+        step = max(pool.MIN_BLOCK_ROWS, -(-rows // (3 * threads)))
         for s, e in blocks(rows, step):
             tasks.append(lambda s=s, e=e: np.matmul(grad2d[s:e], weight, out=grad_x[s:e]))
     parts = []
     if needs[1] or needs[2]:
-        parts = blocks(rows, max(MIN_BLOCK_ROWS, -(-rows // (2 * threads))))
+        parts = blocks(rows, max(pool.MIN_BLOCK_ROWS, -(-rows // (2 * threads))))
         partial_w = np.empty((len(parts), out_features, in_features), dtype) if needs[1] else None
         partial_b = np.empty((len(parts), out_features), dtype) if needs[2] else None
 

@@ -5,7 +5,8 @@ added at the end in a fixed order (deterministic whatever thread ran which block
 
 import numpy as np
 
-from minivit.cpu.pool import MIN_PARALLEL_ROWS, contiguous, row_blocks, run_rows, run_tasks, scratch
+from minivit.cpu import pool
+from minivit.cpu.pool import contiguous, row_blocks, run_rows, run_tasks, scratch
 from minivit.cpu.runtime import compiled
 
 
@@ -100,7 +101,7 @@ def layer_norm_backward(grad, normalized, rstd, weight, needs):
         dx *= r2[s:e]
 
     run_tasks([lambda i=i, s=s, e=e: task(i, s, e) for i, (s, e) in enumerate(blocks)],
-              parallel=g2.size >= MIN_PARALLEL_ROWS)
+              parallel=g2.size >= pool.MIN_PARALLEL_ROWS)
     grad_w = partial_w.sum(axis=0).astype(g2.dtype, copy=False) if needs[1] else None
     grad_b = partial_b.sum(axis=0).astype(g2.dtype, copy=False) if needs[2] else None
     return (None if grad_x is None else grad_x.reshape(grad.shape)), grad_w, grad_b

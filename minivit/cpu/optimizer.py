@@ -3,7 +3,8 @@ beside minivit.functional.optimizer_update's plain code), or minivit.cpu.compile
 
 import numpy as np
 
-from minivit.cpu.pool import CHUNK, MIN_PARALLEL, blocks, run_tasks, scratch
+from minivit.cpu import pool
+from minivit.cpu.pool import CHUNK, blocks, run_tasks, scratch
 from minivit.cpu.runtime import compiled
 
 
@@ -40,4 +41,4 @@ def adamw_update(params, grads, m, v, decay_mask, scalars):
         ps -= tmp
 
     run_tasks([lambda s=s, e=e: task(s, e) for s, e in blocks(params.size, CHUNK)],
-              parallel=params.size >= MIN_PARALLEL)
+              parallel=params.size >= pool.MIN_PARALLEL)

@@ -24,14 +24,12 @@ def softmax(x, axis=-1):
     return Softmax()(x, axis=axis)
 
 
-def softmax_array(x, axis=-1):
-    """softmax of a raw array by the implementation that runs on it (attention's scores)."""
-    return choose("softmax", x, axis=axis).forward(x, axis=axis)[0]
-
-
-def softmax_backward_array(probs, grad, axis=-1):
-    """dx of softmax for a raw array, by the implementation that runs on it."""
-    return choose("softmax", probs, grad, axis=axis).backward((probs, axis), grad, (True,))[0]
+def row_softmax(x):
+    """softmax over the last axis of a raw array, by the implementation that runs on it:
+    (p, that implementation), whose backward((p, -1), dp, (True,)) gives dx (for attention,
+    which keeps both so that its backward runs the softmax its forward ran)."""
+    impl = choose("softmax", x, axis=-1)
+    return impl.forward(x, axis=-1)[0], impl
 
 
 @implementation("softmax", "cuda", accepts=_over_last_axis)

@@ -8,13 +8,14 @@ from minivit import backend
 from minivit.cpu import attention as cpu_attention
 from minivit.cuda import attention as cuda_attention
 from minivit.errors import ShapeError
-from minivit.functional.activation import softmax_array, softmax_backward_array
+from minivit.functional.activation import row_softmax
 from minivit.functional.registry import DispatchedFunction, implementation
 
 
 # -- attention: S = q kᵀ·s (s = d^-½), P = softmax(S), O = P v
 #    dv = Pᵀ dO;  dP = dO vᵀ;  dS = P ⊙ (dP − Σ dP ⊙ P);  dq = dS k·s;  dk = dSᵀ q·s
-#    Every implementation saves (P, q, k, v, s); P first, as return_attention hands it out.
+#    Every implementation saves (P, q, k, v, s), P first as return_attention hands it out; the
+#    plain one also the softmax implementation it ran (its backward runs the same one).
 class ScaledDotProductAttention(DispatchedFunction):
     def forward(self, q, k, v, scale=None):
         if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -59,14 +60,14 @@ class _PlainAttention:  # (on CuPy the softmax runs in the fused row kernels)
     def forward(q, k, v, scale):
         scores = q @ k.swapaxes(-1, -2)
         scores *= scale
-        probs = softmax_array(scores)
-        return probs @ v, (probs, q, k, v, scale)
+        probs, softmax = row_softmax(scores)
+        return probs @ v, (probs, q, k, v, scale, softmax)
 
     def backward(saved, grad, needs):
-        probs, q, k, v, scale = saved
+        probs, q, k, v, scale, softmax = saved
         grad = backend.matmul_operand(grad)
         grad_v = probs.swapaxes(-1, -2) @ grad if needs[2] else None
-        grad_scores = softmax_backward_array(probs, grad @ v.swapaxes(-1, -2))
+        grad_scores = softmax.backward((probs, -1), grad @ v.swapaxes(-1, -2), (True,))[0]
         grad_scores *= scale
         grad_q = grad_scores @ k if needs[0] else None
         grad_k = grad_scores.swapaxes(-1, -2) @ q if needs[1] else None
@@ -79,8 +80,8 @@ class _PlainAttention:  # (on CuPy the softmax runs in the fused row kernels)
 #    layout directly (no zero-filled scatter per slice, no split or merge copies).
 #    queries=n: only the first n tokens ask (q is (B, H, n, d), O is (B, n, D)); every token
 #    is still a key and a value, and dq is zero for the tokens that did not ask.
-#    saved, P first (or None where the GPU does not keep it): CPU and plain (P, q, k, v, s) with
-#    q unscaled, plus qkv's shape; GPU (P, qkv, lse, heads, s).
+#    saved, P first (or None where the GPU does not keep it): CPU and plain (P, q, k, v, s,
+#    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv, lse, heads, s).
 def _split_heads(qkv, num_heads):
     batch, tokens, width = qkv.shape
     if width % (3 * num_heads):
@@ -122,11 +123,10 @@ def self_attention(qkv, num_heads, scale=None, return_attention=False, queries=N
     return out
 
 
-def _grad_qkv(grad, saved):
+def _grad_qkv(grad, q_shape, qkv_shape):
     """dqkv (B, N, 3D) and its dq, dk, dv views (dq zero past the queries), and dO as
     (B, H, n, d)."""
-    probs, q, _, _, _, qkv_shape = saved
-    batch, heads, queries, head_dim = q.shape
+    batch, heads, queries, head_dim = q_shape
     grad_qkv = backend.array_module(grad).empty(qkv_shape, grad.dtype)
     grad_q, grad_k, grad_v = _split_heads(grad_qkv, heads)
     grad_q[:, :, queries:] = 0
@@ -160,8 +160,8 @@ class _BlockedSelfAttention:  # q, k, v stay views of qkv; O written through a s
         return out.reshape(batch, queries, heads * head_dim), (probs, q, k, v, scale, qkv.shape)
 
     def backward(saved, grad, needs):
-        probs, q, k, v, scale, _ = saved
-        grad_qkv, grads, grad4 = _grad_qkv(grad, saved)
+        probs, q, k, v, scale, qkv_shape = saved
+        grad_qkv, grads, grad4 = _grad_qkv(grad, q.shape, qkv_shape)
         cpu_attention.attention_backward(grad4, q, k, v, probs, scale, *grads)
         return (grad_qkv,)
 
@@ -173,19 +173,20 @@ class _PlainSelfAttention:  # contiguous copies for the batched GEMMs; s folded 
         q, k, v = _split_heads(qkv, heads)
         q = xp.ascontiguousarray(q[:, :, :queries])
         k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
-        probs = softmax_array((q * scale) @ k.swapaxes(-1, -2))
+        probs, softmax = row_softmax((q * scale) @ k.swapaxes(-1, -2))
         batch, _, _, head_dim = q.shape
         out = xp.empty((batch, queries, heads, head_dim), qkv.dtype)
         out[...] = (probs @ v).transpose(0, 2, 1, 3)
-        return out.reshape(batch, queries, heads * head_dim), (probs, q, k, v, scale, qkv.shape)
+        return out.reshape(batch, queries, heads * head_dim), \
+            (probs, q, k, v, scale, qkv.shape, softmax)
 
     def backward(saved, grad, needs):
-        probs, q, k, v, scale, _ = saved
+        probs, q, k, v, scale, qkv_shape, softmax = saved
         xp = backend.array_module(grad)
-        grad_qkv, (grad_q, grad_k, grad_v), grad4 = _grad_qkv(grad, saved)
+        grad_qkv, (grad_q, grad_k, grad_v), grad4 = _grad_qkv(grad, q.shape, qkv_shape)
         grad4 = xp.ascontiguousarray(grad4)
         grad_v[...] = probs.swapaxes(-1, -2) @ grad4
-        grad_scores = softmax_backward_array(probs, grad4 @ v.swapaxes(-1, -2))
+        grad_scores = softmax.backward((probs, -1), grad4 @ v.swapaxes(-1, -2), (True,))[0]
         xp.multiply(grad_scores @ k, scale, out=grad_q)
         grad_k[...] = grad_scores.swapaxes(-1, -2) @ (q * scale)
         return (grad_qkv,)
