@@ -34,8 +34,7 @@ import warnings
 
 import numpy as np
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
+from minivit import backend
 
 def _env_flag(name, default):
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
@@ -75,19 +74,11 @@ state = {"fast": _env_flag("MINIVIT_FAST_CPU", "1"), "threads": _default_threads
 def handles(*arrays):
     """True when the fast CPU kernels should run on `arrays`: the fast paths are on and every
     non-None one (at least one) is a NumPy array of one float32/float64 dtype. A pure question."""
-    if not state["fast"]:
-        return False
-    dtype = None
-    for array in arrays:
-        if array is None:
-            continue
-        if type(array) is not np.ndarray or array.dtype not in _FLOAT_DTYPES:
-            return False
-        if dtype is None:
-            dtype = array.dtype
-        elif array.dtype != dtype:
-            return False
-    return dtype is not None
+    return state["fast"] and backend.one_float_dtype(arrays, _is_numpy_array)
+
+
+def _is_numpy_array(array):
+    return type(array) is np.ndarray
 
 
 def fast_paths_enabled():

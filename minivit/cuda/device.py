@@ -22,7 +22,6 @@ import os
 
 from minivit import backend
 
-_FLOAT_DTYPES = ("float32", "float64")
 _state = {"fused": os.environ.get("MINIVIT_FUSED_KERNELS", "1").strip() not in ("0", "false", "no")}
 kernels = {}  # (name, dtype name or None) -> compiled-on-first-call CuPy kernel object
 ROW_SOURCES = {}  # RawKernel name -> its source (T left to a typedef)
@@ -40,19 +39,11 @@ def cupy():
 def handles(*arrays):
     """True when the fused kernels should run on `arrays`: all (non-None) are CuPy arrays of
     one float32/float64 dtype and fused kernels are on. False for any NumPy array."""
-    if not _state["fused"]:
-        return False
-    dtype = None
-    for array in arrays:
-        if array is None:
-            continue
-        if backend.backend_of(array) != "cupy" or array.dtype.name not in _FLOAT_DTYPES:
-            return False
-        if dtype is None:
-            dtype = array.dtype
-        elif array.dtype != dtype:
-            return False
-    return dtype is not None
+    return _state["fused"] and backend.one_float_dtype(arrays, _is_cupy_array)
+
+
+def _is_cupy_array(array):
+    return backend.backend_of(array) == "cupy"
 
 
 def fused_kernels_enabled():

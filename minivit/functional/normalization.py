@@ -26,24 +26,22 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6):
     return LayerNorm()(x, weight, bias, eps=eps)
 
 
-@implementation("layer_norm", "cuda")
-class _FusedLayerNorm:  # one CUDA block per row: μ, σ², x̂, y, r in one pass; dw, db column sums
-    def forward(x, weight, bias, eps):
-        out, normalized, rstd = cuda_normalization.layer_norm_forward(x, weight, bias, eps)
-        return out, (normalized, rstd, weight)
+def _kernels_of(module):
+    """The implementation running `module`'s layer_norm_forward/_backward: minivit.cuda's one
+    CUDA block per row (μ, σ², x̂, y, r in one pass; dw, db as column sums) or minivit.cpu's
+    row blocks on minivit's threads (out= buffers; numba inside when installed)."""
+    class Kernels:
+        def forward(x, weight, bias, eps):
+            out, normalized, rstd = module.layer_norm_forward(x, weight, bias, eps)
+            return out, (normalized, rstd, weight)
 
-    def backward(saved, grad, needs):
-        return cuda_normalization.layer_norm_backward(grad, *saved, needs)
+        def backward(saved, grad, needs):
+            return module.layer_norm_backward(grad, *saved, needs)
+    return Kernels
 
 
-@implementation("layer_norm", "cpu")
-class _ChunkedLayerNorm:  # row blocks on minivit's threads, out= buffers
-    def forward(x, weight, bias, eps):
-        out, normalized, rstd = cpu_normalization.layer_norm_forward(x, weight, bias, eps)
-        return out, (normalized, rstd, weight)
-
-    def backward(saved, grad, needs):
-        return cpu_normalization.layer_norm_backward(grad, *saved, needs)
+implementation("layer_norm", "cuda")(_kernels_of(cuda_normalization))
+implementation("layer_norm", "cpu")(_kernels_of(cpu_normalization))
 
 
 @implementation("layer_norm", "plain")

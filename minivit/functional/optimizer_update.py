@@ -38,34 +38,42 @@ def adamw_update(params, grads, m, v, decay_mask, scalars, scratch):
 @implementation("adamw", "cuda")
 class _FusedAdamW:  # the whole update in one kernel
     def forward(params, grads, m, v, decay_mask, scalars, scratch):
-        return cuda_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars), None
+        cuda_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars)
+        return None, None
+
+
+def _adamw_steps(xp, params, grads, m, v, decay_mask, scalars, scratch):
+    """The update as whole-array operations of module `xp`, with one scratch array."""
+    beta1, rest1, beta2, rest2, decay, step_size, inv_sqrt_bias2, eps = scalars
+    m *= beta1
+    xp.multiply(grads, rest1, out=scratch)
+    m += scratch
+    v *= beta2
+    xp.multiply(grads, grads, out=scratch)
+    scratch *= rest2
+    v += scratch
+    if decay:  # (not p − 0·p: an inf parameter would become NaN)
+        xp.multiply(params, decay_mask, out=scratch)
+        scratch *= decay
+        params -= scratch
+    xp.sqrt(v, out=scratch)
+    scratch *= inv_sqrt_bias2
+    scratch += eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= step_size
+    params -= scratch
 
 
 @implementation("adamw", "cpu")
-class _ChunkedAdamW:  # the same steps in cache-sized chunks, threaded
+class _ChunkedAdamW:  # the same steps in cache-sized chunks, threaded (or numba's kernel)
     def forward(params, grads, m, v, decay_mask, scalars, scratch):
-        return cpu_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars), None
+        cpu_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars, _adamw_steps)
+        return None, None
 
 
 @implementation("adamw", "plain")
 class _PlainAdamW:
     def forward(params, grads, m, v, decay_mask, scalars, scratch):
-        beta1, rest1, beta2, rest2, decay, step_size, inv_sqrt_bias2, eps = scalars
-        xp, scratch = backend.array_module(params), scratch()
-        m *= beta1
-        m += rest1 * grads
-        v *= beta2
-        xp.multiply(grads, grads, out=scratch)
-        scratch *= rest2
-        v += scratch
-        if decay:
-            xp.multiply(params, decay_mask, out=scratch)
-            scratch *= decay
-            params -= scratch
-        xp.sqrt(v, out=scratch)
-        scratch *= inv_sqrt_bias2
-        scratch += eps
-        xp.divide(m, scratch, out=scratch)
-        scratch *= step_size
-        params -= scratch
+        _adamw_steps(backend.array_module(params), params, grads, m, v, decay_mask, scalars,
+                     scratch())
         return None, None
