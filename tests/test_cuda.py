@@ -240,6 +240,33 @@ def _assert_fused_matches_numpy(fn, host_inputs, kernel, dtype, seed=0):
         np.testing.assert_allclose(g_gpu, g_cpu, **TOLERANCE[dtype])
 
 
+@GPU
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_op_with_a_cuda_implementation_picks_it_for_cupy_arrays(cp, monkeypatch, dtype):
+    """The registry on the GPU: every catalogue op, forward and backward on CuPy arrays,
+    runs its "cuda" implementation where it has one (and a NumPy twin the same op never)."""
+    minivit.set_backend("cupy")
+    chosen, original = {}, registry.choose
+
+    def recording_choose(op, *arrays, **options):
+        impl = original(op, *arrays, **options)
+        chosen.setdefault(op, set()).add(impl.device)
+        return impl
+
+    monkeypatch.setattr(registry, "choose", recording_choose)
+    rng = np.random.default_rng(0)
+    for check in OP_CHECKS.values():
+        if check.whole_model is None:
+            inputs = [Tensor(cp.asarray(a, dtype), requires_grad=True) if a.dtype.kind == "f"
+                      else cp.asarray(a) for a in check.build(rng).values()]
+            out = check.fn(*inputs)
+            out.backward(cp.asarray(rng.standard_normal(out.shape), dtype))
+    fused = {impl.op for impls in registry.implementations().values() for impl in impls
+             if impl.device == "cuda"}
+    assert "cpu" not in set().union(*chosen.values())
+    assert {op for op in fused if op in chosen and "cuda" not in chosen[op]} == set()
+
+
 COLUMNS = [1, 5, 32, 33, 65, 200, 257, 1000]  # 1 to 8 warps per row block, strided loops
 
 

@@ -43,8 +43,9 @@ def capturing():
 
 
 def recording(array):
-    """True when `array` is a CuPy array and a CUDA graph is being recorded: the test of every
-    capture branch outside this module (False for NumPy arrays, without touching CuPy)."""
+    """True when `array` is a CuPy array and a CUDA graph is being recorded: the test behind
+    every capture branch, all in this module and minivit.cuda.gemm (False for NumPy arrays,
+    without touching CuPy)."""
     return backend.backend_of(array) == "cupy" and capturing()
 
 
@@ -64,7 +65,6 @@ def replay_input(values, shape, dtype):
         array = cp.empty(shape, dtype)
     state["inputs"].append((array, values))
     return array
-
 
 
 # -- the one interface for per-step values and host work ------------------------------------------

@@ -19,6 +19,7 @@ on first use and cached per (kernel, dtype); CuPy also caches the compiled binar
 
 import contextlib
 import os
+import sys
 
 from minivit import backend
 
@@ -26,6 +27,7 @@ _state = {"fused": os.environ.get("MINIVIT_FUSED_KERNELS", "1").strip() not in (
 kernels = {}  # (name, dtype name or None) -> compiled-on-first-call CuPy kernel object
 ROW_SOURCES = {}  # RawKernel name -> its source (T left to a typedef)
 ELEMENTWISE = {}  # ElementwiseKernel name -> (in_params, out_params, operation)
+KERNEL_MODULES = {}  # kernel name -> the minivit.cuda module that declared it
 C_TYPES = {"float32": "float", "float64": "double"}
 
 
@@ -121,6 +123,7 @@ def row_kernels(source, *names):
     stands alone); returns `source`."""
     for name in names:
         ROW_SOURCES[name] = source
+        KERNEL_MODULES[name] = sys._getframe(1).f_globals["__name__"]
     return source
 
 
@@ -128,6 +131,7 @@ def elementwise_kernel(name, in_params, out_params, operation):
     """Declare the cupy.ElementwiseKernel `name` (T is its type placeholder; MATH is its
     preamble)."""
     ELEMENTWISE[name] = (in_params, out_params, operation)
+    KERNEL_MODULES[f"minivit_{name}"] = sys._getframe(1).f_globals["__name__"]
 
 
 def row_kernel(name, dtype):

@@ -39,9 +39,16 @@ Adding an op with fast paths (say in minivit/functional/window.py):
     class _Fused:                                       # minivit/cuda/window.py
         ...
 
-Every op needs a "plain" implementation. The tests read minivit.inspect.opchecks (the op
-catalogue): give the op an entry there, and every implementation is checked against the
-plain one, by gradcheck, and in float32.
+Every op needs a "plain" implementation. An option that only some implementations support
+(say an additive `bias=` for attention) goes to every forward as a keyword; the others decline
+it through `accepts`, so the plain code runs instead of a kernel that would ignore it:
+
+    @implementation("attention", "cpu", accepts=lambda *arrays, bias=None: bias is None)
+
+`implementations(op)` lists what is registered; `choose` is the only place that decides.
+The tests read minivit.inspect.opchecks (the op catalogue): give the op an entry there, and
+every implementation is checked against the plain one, by gradcheck, and in float32, with the
+CPU kernels on and off (numba on and off), and on the GPU where there is one.
 """
 
 from minivit import cpu, cuda
