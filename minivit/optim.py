@@ -9,7 +9,6 @@ refuses to run once a parameter's ``.data`` has been replaced.)
 
 import math
 
-import numpy as np
 
 from minivit import backend, cuda
 from minivit.errors import MinivitError
