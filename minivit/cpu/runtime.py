@@ -157,8 +157,11 @@ def set_num_threads(n):
 # -- process set-up: BLAS threads and malloc -------------------------------------------------------
 def configure():
     """Set the process up for minivit's CPU kernels (see the module docstring): BLAS threads
-    and glibc's malloc thresholds. Done once; later calls only report. Returns
+    and glibc's malloc thresholds. Done once; later calls only report; nothing with the fast
+    paths off (MINIVIT_FAST_CPU=0 runs NumPy as it comes). Returns
     {"blas": blas_info(), "memory": memory_info()}."""
+    if not state["fast"]:
+        return {"blas": blas_info(), "memory": memory_info()}
     if state["blas"] is None:
         _configure_blas()
     if state["malloc"] is None:
