@@ -568,7 +568,8 @@ def test_freed_large_arrays_are_kept_for_reuse_on_glibc():
     import subprocess
     import sys
 
-    code = ("from minivit import cpu; from minivit.cpu import runtime; "
+    code = ("import numpy as np; from minivit import cpu; from minivit.cpu import runtime; "
+            "assert cpu.handles(np.zeros(2, np.float32)); "
             "assert runtime.state['malloc'] is None and runtime.state['blas'] is None; "
             "cpu.configure(); print(runtime.state['malloc'], cpu.memory_info())")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
