@@ -21,7 +21,9 @@ from scipy.special import erf
 import minivit
 import minivit.functional as F
 from minivit import Tensor, cpu
+from minivit.functional import registry
 from minivit.inspect.opchecks import OP_CHECKS
+from minivit.optim import AdamW
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 
@@ -530,6 +532,42 @@ def strategy(spec):
     elements = {"normal": floats(), "positive": floats(0.1, 3.0), "away": away_from_zero(),
                 "probabilities": floats(0.1, 1.0)}
     return arrays(spec.shape, elements=elements[spec.kind])
+
+
+def test_the_catalogue_runs_every_cpu_and_plain_implementation(monkeypatch):
+    """Every "cpu" and "plain" implementation in the registry runs, forward and backward,
+    when the catalogue's ops (and an AdamW step) run with the fast CPU paths on and off: the
+    tests that go through OP_CASES cover every implementation of every op (the "cuda" ones:
+    tests/test_cuda.py)."""
+    ran = set()
+
+    def recorded(impl, method):
+        original = getattr(impl, method)
+
+        def run(*args, **kwargs):
+            ran.add((impl.op, impl.device, method))
+            return original(*args, **kwargs)
+        return run
+
+    expected = set()
+    for impls in registry.implementations().values():
+        for impl in impls:
+            for method in ("forward", "backward"):
+                if impl.device != "cuda" and hasattr(impl, method):
+                    monkeypatch.setattr(impl, method, recorded(impl, method))
+                    expected.add((impl.op, impl.device, method))
+    rng = np.random.default_rng(0)
+    for fast in (True, False):
+        with cpu.fast_paths(fast):
+            for check in OP_CASES.values():
+                inputs = [Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a
+                          for a in check.build(rng).values()]
+                out = check.fn(*inputs)
+                out.backward(rng.standard_normal(out.shape))
+            weights = Tensor(rng.standard_normal(4), requires_grad=True)
+            weights.grad = rng.standard_normal(4)
+            AdamW([("w", weights)]).step()
+    assert ran == expected, f"never ran: {sorted(expected - ran)}"
 
 
 def _run(fn, arrays, upstream):
