@@ -65,7 +65,8 @@ class CrossEntropy(DispatchedFunction):
 @implementation("cross_entropy", "cuda")
 class _FusedCrossEntropy:
     """One CUDA block per row (log-sum-exp and the row's loss); backward one elementwise
-    kernel per gradient. saved: minivit.cuda.loss's row statistics (see its forward)."""
+    kernel per gradient. saved (minivit.cuda.loss.cross_entropy_forward's): (x, labels or
+    None, soft targets or None, row max, row log Σ e^(x − max), row Σq or None, ε)."""
 
     def forward(logits, target, label_smoothing):
         return cuda_loss.cross_entropy_forward(logits, target, label_smoothing)
