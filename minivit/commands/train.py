@@ -127,6 +127,7 @@ def _check_resumed_options(run_dir, saved, given):
 
 
 def run(args):
+    from minivit import distributed as dist
     from minivit.errors import MinivitError
     from minivit.train import TrainConfig, epochs_text, saved_config, train
 
@@ -159,6 +160,8 @@ def run(args):
             print("minivit train: interrupted during the first epoch; no checkpoint was written",
                   file=sys.stderr)
         return 130
+    if not dist.is_main():  # under mpiexec: rank 0 reports
+        return 0
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")
