@@ -269,12 +269,17 @@ def shard_dataset(dataset):
                          f"{dataset.name} (part {_group.rank + 1} of {_group.size})")
 
 
+def allreduce_sum(array):
+    """Sum a contiguous NumPy or CuPy array over the ranks, in place (one all-reduce)."""
+    _group.allreduce_sum(array)
+
+
 def sum_over_ranks(*numbers):
     """The sums over the ranks of `numbers` (losses, counts), as a tuple of the same types."""
     if _group.comm is None:
         return numbers
     totals = np.array(numbers, dtype=np.float64)
-    _group.allreduce_sum(totals)
+    allreduce_sum(totals)
     return tuple(type(number)(total) for number, total in zip(numbers, totals))
 
 
