@@ -184,8 +184,10 @@ def is_main():
 
 
 def describe():
-    """'2 processes, gradients all-reduced over nccl', for the log."""
-    return f"{_group.size} processes, gradients all-reduced over {_group.transport}"
+    """'2 processes, gradients all-reduced over nccl', for the log (transport: mpi, nccl,
+    'mpi (host copies)', or None without mpiexec)."""
+    processes = "1 process" if _group.size == 1 else f"{_group.size} processes"
+    return f"{processes}, gradients all-reduced over {_group.transport}"
 
 
 def broadcast_parameters(model):

@@ -3,7 +3,7 @@
 On every rank but 0 an audit hook refuses (and reports) any write under --out: only rank 0
 may write the run folder. MINIVIT_TEST_FAIL="RANK:STEP:KIND" makes rank RANK fail at its
 STEP-th training step (counted from 1 over the whole run): KIND "raise" raises an exception,
-"nan" returns a NaN loss as a diverged step would.
+"nan" returns a NaN loss as a diverged step would. Rank 0 ends by printing the transport.
 """
 
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import minivit.train
+from minivit import distributed as dist
 from minivit.cli import main
 
 RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
@@ -66,4 +67,7 @@ if __name__ == "__main__":
         rank, step_number, kind = failing.split(":")
         if int(rank) == RANK:
             fail_at(int(step_number), kind)
-    sys.exit(main(["train", *argv]))
+    status = main(["train", *argv])
+    if dist.is_main():
+        print(f"data parallel: {dist.describe()}")  # which transport ran, for the GPU test
+    sys.exit(status)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivit import distributed as dist
+from minivit import backend, distributed as dist
 from minivit.checkpoint import read_checkpoint
 from minivit.errors import MinivitError
 from minivit.io import load_weights
@@ -118,6 +118,27 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, kind
     _, _, info = read_checkpoint(out / "last.safetensors")
     assert info["epoch"] == 1
     assert not [path.name for path in out.iterdir() if ".tmp" in path.name]
+
+
+@needs_mpiexec
+@pytest.mark.skipif(not backend.cupy_available(), reason="CuPy or a CUDA GPU is not available")
+def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path):
+    """The cupy backend: 1 rank (NCCL, when CuPy has it), and 2 ranks (NCCL with a GPU each;
+    host copies over MPI when they share one) train the weights of a plain 1-process run."""
+    import cupy
+
+    options = dict(OPTIONS, backend="cupy", epochs=2)
+    train(TrainConfig(**options, out=str(tmp_path / "one"), progress=False))
+    nccl = dist._nccl_module() is not None
+    for processes in (1, 2):
+        out = tmp_path / f"ranks{processes}"
+        done = mpiexec_train(processes, out, **options)
+        assert done.returncode == 0, done.stderr
+        own_gpus = processes <= cupy.cuda.runtime.getDeviceCount()
+        transport = "nccl" if nccl and own_gpus else "mpi (host copies)"
+        assert f"all-reduced over {transport}" in done.stdout, done.stdout
+        print(f"{processes} rank(s): {transport}")  # shown by gpu_check.sh (pytest -s)
+        assert_same_run(tmp_path / "one", out)
 
 
 def test_one_process_is_rank_0_of_1_and_shards_nothing():
