@@ -122,6 +122,7 @@ class _Group:
         print(f"minivit: error on rank {self.rank} of {self.size}: {message}\nminivit: stopping "
               f"all {self.size} processes", file=sys.stderr, flush=True)
         self.comm.Abort(1)
+        os._exit(1)  # MPICH's Abort has been seen to return when two ranks abort at once
 
 
 def _nccl_module():

@@ -141,6 +141,15 @@ def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path):
         assert_same_run(tmp_path / "one", out)
 
 
+@needs_mpiexec
+def test_a_global_batch_that_does_not_split_is_a_clear_error(tmp_path):
+    done = mpiexec_train(2, tmp_path / "run", epochs=1, **dict(OPTIONS, batch_size=33))
+    assert done.returncode != 0
+    assert "--batch-size is the global batch" in done.stderr, done.stderr
+    assert "must be a multiple of 2, got 33" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_one_process_is_rank_0_of_1_and_shards_nothing():
     dist.init()  # no mpiexec here: nothing to join
     assert (dist.rank(), dist.world_size(), dist.local_rank(), dist.is_main()) == (0, 1, 0, True)

@@ -152,6 +152,8 @@ def run(args):
     except KeyboardInterrupt:
         import sys
 
+        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
+            return 130
         if finished or config.resume:
             kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
