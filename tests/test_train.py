@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import minivit
-from minivit.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
+from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.cli import main
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import load_weights
+from minivit.models import model_from_checkpoint
 from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, train
 
 # A small, quick configuration: 2-block digits model, a few epochs.
