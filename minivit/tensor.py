@@ -21,18 +21,16 @@ from minivit.errors import BackendError, DTypeError, GraphError
 
 _grad_mode = threading.local()
 
-# The engine's hook point: None, or hook(function, phase, method, arrays, options) called in
-# place of every Function's forward (phase "forward") and backward ("backward", arrays =
-# (grad,)) that returns what method(*arrays, **options) returns. Set it with op_hook(); the
-# per-op profiler (minivit.bench.profile) times the ops through it. Unset, it costs one check.
+# The engine's hook point (set by op_hook); while None it costs one check per forward/backward.
 _op_hook = None
 
 
 @contextlib.contextmanager
 def op_hook(hook):
-    """Inside this block every Function's forward and backward runs through ``hook`` (process
-    wide, for every thread): ``hook(function, phase, method, arrays, options)`` must call
-    ``method(*arrays, **options)`` and return its result."""
+    """Inside this block (process-wide) every Function's forward and backward runs as
+    ``hook(function, phase, method, arrays, options)``, phase "forward" or "backward" (arrays
+    = (grad,)), which must return ``method(*arrays, **options)``. The per-op profiler
+    (minivit.bench.profile) times the ops so."""
     global _op_hook
     previous, _op_hook = _op_hook, hook
     try:
