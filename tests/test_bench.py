@@ -8,6 +8,7 @@ import sys
 import pytest
 from threadpoolctl import threadpool_info
 
+import minivit
 from minivit import bench, cli, cpu
 from minivit.errors import MinivitError
 from minivit.models import VisionTransformer, model_config
@@ -88,6 +89,7 @@ def test_profile_shows_where_the_time_goes(capsys):
     assert "SelfAttention.backward" in profile["ops"]
     assert "engine + Python (the rest)" in profile["groups"]
     assert "optimizer (AdamW)" in profile["groups"]
+    assert minivit.tensor._op_hook is None  # the profiler's hook is gone afterwards
 
 
 def test_float64(capsys):
