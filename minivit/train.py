@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import minivit.functional as F
-from minivit import backend, cpu, cuda
+from minivit import backend, cpu, cuda, loss_scale
 from minivit import distributed as dist
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 save_checkpoint)
@@ -32,6 +32,7 @@ from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
 from minivit.models import create_model
 from minivit.optim import AdamW, SGD, warmup_cosine
+from minivit.precision import prepare_training
 from minivit.tensor import no_grad
 
 DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist": "vit_mnist",
@@ -69,6 +70,7 @@ class TrainConfig:
     backend: str = "numpy"
     cuda_graph: bool = False  # GPU: replay the training step of full batches as a CUDA graph
     dtype: str = "float32"
+    precision: str = "fp32"  # fp32, tf32 (GPU), bf16 or fp16 (GPU; fp16 with loss scaling)
     seed: int = 0
     out: str = "runs/latest"
     checkpoint_format: str = "safetensors"
@@ -180,11 +182,12 @@ def training_step(model, optimizer, config):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
         optimizer.zero_grad()
-        loss.backward()
+        loss_scale.scaled_backward(loss, optimizer)
         optimizer.step(max_grad_norm=config.clip_grad)
         return loss.data, logits.data
 
-    return cuda.replayed(step, config.batch_size) if config.cuda_graph else step
+    run = cuda.replayed(step, config.batch_size) if config.cuda_graph else step
+    return loss_scale.updating_scale(run, optimizer)
 
 
 def evaluate(model, loader, dtype="float32"):
@@ -290,6 +293,7 @@ def _train(config, on_epoch_end):
     channels, image_size = train_set.images.shape[1], train_set.images.shape[2]
     model = build_model(config, train_set.num_classes, image_size, channels)
     optimizer = build_optimizer(config, model)
+    prepare_training(config.precision, config.backend, config.dtype, optimizer)
     dist.average_gradients(optimizer)
     augment = default_augmentation(config.dataset) if config.augment else None
     config = dataclasses.replace(config, augment=augment is not None)  # record what is applied

@@ -4,7 +4,8 @@ with PyTorch."""
 import sys
 
 from minivit.bench import CONFIGS, format_report, main_json, run_benchmark
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
+from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
+                                     command_parser, number)
 
 EPILOG = """configurations (--config), each a model of `minivit info --list`:
   digits   vit_digits: 8x8x1 images, patch 2, D 64, depth 4, 4 heads, 10 classes; batch 128
@@ -62,6 +63,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--mode", choices=("both", "train", "infer"), default="both",
                    help="what to time (default: %(default)s)")
     add_backend_flags(p)
+    add_precision_flag(p)
     p.add_argument("--full-last-block", action="store_true",
                    help="minivit computes every token in the last block, as PyTorch/timm do "
                         "(default: only the class token, whose output the head reads)")
@@ -90,6 +92,7 @@ def run(args):
                            warmup_steps=args.warmup_steps, rounds=args.rounds,
                            backend_name=backend_name, dtype=args.dtype, against=args.against,
                            threads=args.threads, tf32=args.tf32, modes=modes,
+                           precision=args.precision or "fp32",
                            profile=args.profile, log=log,
                            full_last_block=args.full_last_block, cuda_graph=args.cuda_graph)
     print(main_json(result) if args.json else format_report(result))

@@ -1,6 +1,7 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
+                                     command_parser)
 from minivit.data import DataLoader, load_dataset
 from minivit.errors import MinivitError
 from minivit.models import model_from_checkpoint
@@ -17,6 +18,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=256)
     add_backend_flags(p)
+    add_precision_flag(p)
 
 
 def run(args):

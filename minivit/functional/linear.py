@@ -30,8 +30,15 @@ class Linear(DispatchedFunction):
 
 
 @implementation("linear", "cuda")
-class _FusedLinear:  # cuda.matmul: CuPy's GEMM, or cuBLAS through ctypes while a graph records
+class _FusedLinear:
+    """cuda.matmul: CuPy's GEMM, or cuBLAS through ctypes while a graph records. With half
+    GEMMs on (minivit.precision bf16/fp16), x and W are rounded to the half format once and
+    saved so (half the memory), the products come out in float32 (fp32 accumulation), and
+    backward rounds dy to the format its forward used."""
+
     def forward(x2d, weight, bias):
+        half_format = cuda.half_gemms()
+        x2d, weight = (cuda.gemm_operand(a, half_format) for a in (x2d, weight))
         y = cuda.matmul(x2d, weight.T)
         if bias is not None:
             y += bias
@@ -39,8 +46,9 @@ class _FusedLinear:  # cuda.matmul: CuPy's GEMM, or cuBLAS through ctypes while 
 
     def backward(saved, grad2d, needs):
         x2d, weight = saved
-        grad_x = cuda.matmul(grad2d, weight) if needs[0] else None
-        grad_w = cuda.matmul(grad2d.T, x2d) if needs[1] else None
+        grad_op = cuda.gemm_operand(grad2d, cuda.operand_format(weight.dtype))
+        grad_x = cuda.matmul(grad_op, weight) if needs[0] else None
+        grad_w = cuda.matmul(grad_op.T, x2d) if needs[1] else None
         grad_b = cuda.column_sums(grad2d)[0] if needs[2] else None  # one coalesced kernel
         return grad_x, grad_w, grad_b
 
