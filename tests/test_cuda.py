@@ -156,7 +156,8 @@ def _nvcc_check_source(c_type):
     parts = [f"typedef {c_type} T;", common]
     for source in dict.fromkeys(device.ROW_SOURCES.values()):  # each file once, in order
         parts.append(source[len(common):] if source.startswith(common) else source)
-    c_types = {"T": "T", "int32": "int", "int64": "long long", "uint64": "unsigned long long"}
+    c_types = {"T": "T", "int32": "int", "int64": "long long", "uint64": "unsigned long long",
+               "float32": "float", "uint16": "unsigned short", "bool": "bool"}
     for name, (in_params, out_params, operation) in device.ELEMENTWISE.items():
         signature, locals_ = ["long long n"], []
         for raw, kind, arg in _params(in_params):

@@ -52,8 +52,8 @@ HALF_DTYPES = {"bf16": np.dtype(np.uint16), "fp16": np.dtype(np.float16)}  # ope
 def gemm_operand(array, half_format):
     """`array` as a GEMM operand: a float32 CuPy array rounded to `half_format` ("bf16":
     its bits in uint16, "fp16": float16); anything else (None, float64, already half) as it
-    is. Rounding is to nearest even, so each operand is off by at most a relative 2⁻⁹ (bf16)
-    or 2⁻¹² (fp16) of itself, plus fp16's underflow below 2⁻²⁴ and overflow above 65504."""
+    is. Rounding is to nearest even, so each operand is off by at most a relative 2⁻⁸ (bf16)
+    or 2⁻¹¹ (fp16) of itself, plus fp16's underflow below 2⁻²⁴ and overflow above 65504."""
     if half_format is None or array.dtype != np.float32:
         return array
     if half_format == "fp16":
