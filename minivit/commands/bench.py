@@ -30,7 +30,11 @@ the same process slow NumPy down.
 
 --tf32 (GPU only) lets float32 GEMMs use TF32 tensor cores: for CuPy through cuBLAS's compute
 type (the same switch as CUPY_TF32=1; see minivit.cuda.set_tf32), for PyTorch through
-torch.backends.cuda.matmul.allow_tf32.
+torch.backends.cuda.matmul.allow_tf32 (the same as --precision tf32).
+
+--precision bf16|fp16 (GPU only): minivit's GEMMs on half-precision operands with fp32
+accumulation (minivit.precision); PyTorch runs under torch.autocast in the same format, with a
+GradScaler for fp16, as minivit's fp16 training step has its LossScaler.
 
 --cuda-graph (GPU only, experimental) records minivit's whole training step (forward,
 backward, AdamW) and inference step as CUDA graphs after a warm-up, and times their replays:
@@ -44,6 +48,7 @@ this process may use. MINIVIT_NUM_THREADS does the same for any minivit command.
 examples:
   minivit bench --config cifar --against torch
   minivit bench --config vit_b16 --backend cupy --tf32 --against torch --json
+  minivit bench --config vit_s16 --backend cupy --precision bf16 --against torch
 """
 
 
