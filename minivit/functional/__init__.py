@@ -15,14 +15,14 @@ from minivit.functional.basic import (add, broadcast_to, concat, div, exp, getit
 from minivit.functional.basic import reduce_max as max  # noqa: A004 - numpy's names
 from minivit.functional.basic import reduce_mean as mean
 from minivit.functional.basic import reduce_sum as sum  # noqa: A004
-from minivit.functional.linear import linear, patchify
+from minivit.functional.linear import linear, linear_gelu, patchify
 from minivit.functional.loss import cross_entropy
 from minivit.functional.normalization import layer_norm
 from minivit.functional.regularization import drop_path, dropout
 
 __all__ = [
     "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp", "gelu", "getitem",
-    "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg",
+    "layer_norm", "linear", "linear_gelu", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg",
     "patchify", "power", "reshape", "scaled_dot_product_attention", "self_attention", "softmax",
     "stack", "sub",
     "sum", "transpose",
