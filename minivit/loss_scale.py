@@ -60,17 +60,20 @@ class LossScaler:
         """grads ← grads / scale in place (the optimizer's flat gradient, after any
         all-reduce); returns whether it holds an inf or NaN: a bool, or while a CUDA graph
         records, the device flag (nothing may be read on the host then)."""
+        recording = cuda.recording(grads)
         inverse = cuda.per_step(grads, self._replay_inverse, 1)
-        self.replayed = cuda.recording(grads)  # (per_step ran _replay_inverse if eager)
+        if not recording:  # an eager step (per_step has just called _replay_inverse)
+            self.replayed = False
         grads *= inverse[0] if isinstance(inverse, tuple) else inverse
         xp = backend.array_module(grads)
         if self.found is None:  # made by the first (eager) step: a graph's replays write it
             self.found = xp.zeros((), bool)
         xp.logical_not(xp.isfinite(cuda.dot(grads, grads)), out=self.found)
-        return self.found if self.replayed else bool(self.found)
+        return self.found if recording else bool(self.found)
 
     def _replay_inverse(self):
-        """1/scale for this step; called eagerly by per_step, or before each graph replay."""
+        """1/scale for this step: called by per_step in an eager step, and before each replay
+        of a recorded one (which is how update() knows a replay ran; recording sets nothing)."""
         self.replayed = True
         return (1.0 / self.scale,)
 

@@ -207,6 +207,21 @@ def test_fp16_overflow_on_the_gpu_skips_the_step_and_lowers_the_scale(cp, graph)
 
 
 @GPU
+def test_an_overflow_in_the_capture_warm_up_counts_no_step(cp):
+    """The eager warm-up of a capture may overflow (a first fp16 step often does): it is
+    skipped like any eager step, and update() gives back no step count it never took."""
+    with using_precision("fp16", "cupy"):
+        model, optimizer, images, labels = _setup(cp)
+        scaler = LossScaler(optimizer)
+        bad = images.copy()
+        bad[0, 0, 0, 0] = cp.inf
+        captured = cuda.capture_step(_step_of(model, optimizer), bad, labels)
+        assert scaler.update() is True and optimizer.step_count == 0
+        captured(images, labels)
+        assert scaler.update() is False and optimizer.step_count == 1
+
+
+@GPU
 @pytest.mark.parametrize("half", ["bf16", "fp16"])
 def test_a_captured_half_precision_step_replays_like_eager_steps(cp, half):
     """Warm-up + 3 replays equal 4 eager steps in the same precision (fp16 with its loss
