@@ -465,7 +465,7 @@ def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
     return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
-def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float64 matrix of 1-D bicubic resizing, as torch's interpolate with
     align_corners=False, antialias=False: source x = (i + 0.5) * n_in / n_out - 0.5, taps at
     floor(x) - 1 .. floor(x) + 2 clamped to the border."""
@@ -515,7 +515,7 @@ def resample_abs_pos_embed(
         )
     dim = pos_embed.shape[2]
     grid = pos_embed[0, num_prefix_tokens:].astype(np.float64).reshape(old_h, old_w, dim)
-    grid = np.einsum("ia,abd->ibd", _bicubic_matrix(old_h, new_h), grid)
-    grid = np.einsum("jb,ibd->ijd", _bicubic_matrix(old_w, new_w), grid)
+    grid = np.einsum("ia,abd->ibd", bicubic_matrix(old_h, new_h), grid)
+    grid = np.einsum("jb,ibd->ijd", bicubic_matrix(old_w, new_w), grid)
     patches = grid.reshape(1, new_h * new_w, dim).astype(pos_embed.dtype)
     return np.concatenate([pos_embed[:, :num_prefix_tokens], patches], axis=1)

@@ -576,6 +576,14 @@ OP_CASES = {
     "sum": (lambda a: a.sum(axis=(0, 2)), [Spec((3, 4, 2))]),
     "mean": (lambda a: a.mean(axis=1, keepdims=True), [Spec((3, 4, 2))]),
     "max": (lambda a: a.max(axis=-1), [Spec((3, 4, 2), "distinct")]),
+    "gather_tokens": (lambda x: F.gather_tokens(x, on_backend(np.array([[3, 0, 3], [1, 2, 0]]))),
+                      [Spec((2, 4, 3))]),
+    "unshuffle_tokens": (lambda v, m: F.unshuffle_tokens(
+        v, m, on_backend(np.array([[3, 0, 2, 1], [1, 2, 0, 3]]))), [Spec((2, 2, 3)), Spec((1, 1, 3))]),
+    "l2_normalize": (F.l2_normalize, [Spec((3, 4), "away")]),
+    "weight_norm_linear": (F.weight_norm_linear, [Spec((2, 3, 4)), Spec((5, 4), "away"),
+                                                  Spec((5, 1))]),
+    "resize_grid": (lambda x: F.resize_grid(x, (3, 3), (2, 4)), [Spec((2, 9, 3))]),
     "exp": (lambda a: a.exp(), [Spec((3, 4))]),
     "log": (lambda a: a.log(), [Spec((3, 4), "positive")]),
 }

@@ -224,6 +224,40 @@ def _broadcast_to(a):
     return F.broadcast_to(a, (2, 3, 4))
 
 
+# -- self-supervised pretraining's ops (MAE masking, DINO head, resized position embedding) -------
+@_register("gather_tokens", "MAE: keep tokens ids[b] of row b, (B, L, D) -> (B, K, D), a repeat",
+           lambda rng: {"x": _normal(rng, 2, 5, 3), "ids": np.array([[4, 0, 4], [1, 3, 2]])})
+def _gather_tokens(x, ids):
+    return F.gather_tokens(x, ids)
+
+
+@_register("unshuffle_tokens", "MAE: visible tokens + mask tokens back in image order",
+           lambda rng: {"visible": _transposed(_normal(rng, 2, 2, 3)),
+                        "mask_token": _normal(rng, 1, 1, 3),
+                        "ids_restore": np.stack([rng.permutation(5), rng.permutation(5)])})
+def _unshuffle_tokens(visible, mask_token, ids_restore):
+    return F.unshuffle_tokens(visible, mask_token, ids_restore)
+
+
+@_register("l2_normalize", "DINO head: x / ‖x‖ over the last axis",
+           lambda rng: {"x": _strided(_away_from_zero(rng, 3, 4))})
+def _l2_normalize(x):
+    return F.l2_normalize(x)
+
+
+@_register("weight_norm_linear", "DINO head: x (g v/‖v‖)ᵀ, weight-normalised rows",
+           lambda rng: {"x": _normal(rng, 2, 3, 4), "v": _normal(rng, 5, 4),
+                        "g": _positive(rng, 5, 1)})
+def _weight_norm_linear(x, v, g):
+    return F.weight_norm_linear(x, v, g)
+
+
+@_register("resize_grid", "bicubic resize of a position embedding's patch grid, 3x3 -> 2x4",
+           lambda rng: {"x": _normal(rng, 1, 9, 3)})
+def _resize_grid(x):
+    return F.resize_grid(x, (3, 3), (2, 4))
+
+
 # -- arithmetic (with broadcasting) -------------------------------------------------------------
 @_register("add", "a + b, b broadcast",
            lambda rng: {"a": _normal(rng, 2, 3, 4), "b": _normal(rng, 3, 1)})
