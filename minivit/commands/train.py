@@ -50,12 +50,19 @@ def add_parser(subparsers, name, help_text):
                            f"(default: {defaults.dataset})")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding the dataset files (default: ./data)")
+    data.add_argument("--train-fraction", type=float, default=None, metavar="F",
+                      help="train on this stratified fraction of the training labels, in (0, 1] "
+                           "(the test split is unchanged; default: 1)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                       help="turn off the dataset's default augmentation")
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", default=None, metavar="NAME",
                        help="named configuration (see minivit info --list); default: the small "
                             "model that suits the dataset (vit_digits, vit_mnist, vit_cifar)")
+    model.add_argument("--init", default=None, metavar="RUN_OR_WEIGHTS",
+                       help="start from a pretrained encoder: a minivit pretrain (MAE, DINO) or "
+                            "train run folder, or a weights file (reference MAE/DINO, timm); "
+                            "its decoder or head is dropped and a new head trained")
     model.add_argument("--epochs", type=int, default=None,
                        help=f"default: {defaults.epochs}; with --resume, the run's own")
     model.add_argument("--batch-size", type=int, default=None,
