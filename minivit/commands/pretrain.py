@@ -99,8 +99,7 @@ def _saved_config(path):
 
 def run(args):
     from minivit.commands.common import apply_backend
-    from minivit.commands.train import RESUME_MAY_CHANGE, _check_resumed_options
-    from minivit.errors import MinivitError
+    from minivit.commands.train import resumed_config
     from minivit.pretrain import PretrainConfig, pretrain
 
     names = {field.name for field in dataclasses.fields(PretrainConfig)}
@@ -110,14 +109,7 @@ def run(args):
                    "backend": apply_backend(args)}
     config = PretrainConfig(**given, **run_control)
     if args.resume:
-        saved_path = Path(args.out) / "config.json"
-        if not saved_path.exists():
-            raise MinivitError(f"--resume: {saved_path} does not exist; is {args.out} a run "
-                               f"folder made by minivit pretrain?")
-        saved = _saved_config(saved_path)
-        _check_resumed_options(args.out, saved, given)
-        changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
-        config = dataclasses.replace(saved, resume=True, **run_control, **changes)
+        config = resumed_config(args.out, _saved_config, "minivit pretrain", given, run_control)
     try:
         summary = pretrain(config)
     except KeyboardInterrupt:

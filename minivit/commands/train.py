@@ -133,8 +133,23 @@ def _check_resumed_options(run_dir, saved, given):
                            f"replace this one)")
 
 
-def run(args):
+def resumed_config(out, read_saved, command, given, run_control):
+    """The configuration saved in the run folder `out` (read by `read_saved(path)`), to
+    continue it with `run_control` and the options --resume may change; other `given` options
+    must equal the saved ones."""
     from minivit.errors import MinivitError
+
+    saved_path = Path(out) / "config.json"
+    if not saved_path.exists():
+        raise MinivitError(f"--resume: {saved_path} does not exist; is {out} a run folder made "
+                           f"by {command}?")
+    saved = read_saved(saved_path)
+    _check_resumed_options(out, saved, given)
+    changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
+    return dataclasses.replace(saved, resume=True, **run_control, **changes)
+
+
+def run(args):
     from minivit.train import TrainConfig, epochs_text, saved_config, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -144,14 +159,7 @@ def run(args):
                    "cuda_graph": args.cuda_graph}
     config = TrainConfig(**dict(given, backend=apply_backend(args), **run_control))
     if args.resume:
-        saved_path = Path(args.out) / "config.json"
-        if not saved_path.exists():
-            raise MinivitError(f"--resume: {saved_path} does not exist; is {args.out} a run "
-                               f"folder made by minivit train?")
-        saved = saved_config(saved_path)
-        _check_resumed_options(args.out, saved, given)
-        changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
-        config = dataclasses.replace(saved, resume=True, **run_control, **changes)
+        config = resumed_config(args.out, saved_config, "minivit train", given, run_control)
     finished = []  # epochs whose checkpoint has been written in this run
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
