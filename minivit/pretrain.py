@@ -30,7 +30,7 @@ from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
 from minivit.models import model_config
 from minivit.models.dino import DINO, DINOLoss, teacher_momentum, update_teacher
-from minivit.models.mae import MaskedAutoencoderViT, check_mask_ratio, mae_for_encoder
+from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
 from minivit.nn import Module, Parameter
 from minivit.optim import AdamW, warmup_cosine
 from minivit.tensor import no_grad
@@ -131,7 +131,6 @@ class _MAE:
     """One MAE step: mask, encode, decode, loss on the masked patches, update."""
 
     def __init__(self, config, encoder, data):
-        check_mask_ratio(config.mask_ratio, (encoder["img_size"] // encoder["patch_size"]) ** 2)
         self.model = mae_for_encoder(encoder, config.decoder_dim, config.decoder_depth,
                                      norm_pix_loss=config.norm_pix_loss,
                                      mask_ratio=config.mask_ratio)

@@ -103,3 +103,12 @@ def test_init_with_another_architecture_is_refused(mae_run, tmp_path, capsys):
     assert "its encoder does not fit the model being trained" in err
     assert "patch_embed.proj.weight" in err
     assert not out.exists()
+
+
+def test_a_nan_loss_stops_with_a_clear_message(tmp_path):
+    from minivit.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="the loss became nan at epoch 1.*No checkpoint"):
+        pretrain(PretrainConfig(**dict(QUICK, method="mae", epochs=2, lr=1e9, warmup=0,
+                                       out=str(tmp_path / "r"))))
+    assert not list((tmp_path / "r").glob("last.*"))

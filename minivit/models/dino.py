@@ -117,7 +117,7 @@ def teacher_momentum(step, total_steps, base=0.996):
 def update_teacher(teacher, student, momentum):
     """teacher ← m · teacher + (1 − m) · student, parameter by parameter, in place."""
     with no_grad():
-        for (name, t), (_, s) in zip(teacher.named_parameters(), student.named_parameters()):
+        for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
             t.data *= momentum
             t.data += (1.0 - momentum) * s.data
 
