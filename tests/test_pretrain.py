@@ -112,3 +112,53 @@ def test_a_nan_loss_stops_with_a_clear_message(tmp_path):
         pretrain(PretrainConfig(**dict(QUICK, method="mae", epochs=2, lr=1e9, warmup=0,
                                        out=str(tmp_path / "r"))))
     assert not list((tmp_path / "r").glob("last.*"))
+
+
+DINO_SMALL = dict(QUICK, method="dino", out_dim=32, head_hidden_dim=64, head_bottleneck_dim=16,
+                  local_crops=2)
+
+
+@pytest.fixture(scope="module")
+def dino_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dino") / "run"
+    pretrain(PretrainConfig(**dict(DINO_SMALL, epochs=1, out=str(run))))
+    return run
+
+
+def test_dino_run_logs_collapse_metrics_freezes_the_last_layer_and_moves_the_teacher(
+        dino_run, tmp_path):
+    import shutil
+
+    from minivit.checkpoint import read_checkpoint
+
+    run = tmp_path / "dino"
+    shutil.copytree(dino_run, run)
+    state, _, info = read_checkpoint(run / "last.safetensors")
+    assert info["method"] == "dino" and info["epoch"] == 1
+    # epoch 0: the student's last layer is frozen (the decoupled weight decay only rescales
+    # its rows, which the weight normalisation divides out)
+    student_v = state["student.head.last_layer.weight_v"]
+    teacher_v = state["teacher.head.last_layer.weight_v"]
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(unit(student_v), unit(teacher_v), atol=1e-6)
+    # the teacher is an EMA of the student: it moved, but less than the student
+    s, t = state["student.backbone.blocks.0.attn.qkv.weight"], \
+        state["teacher.backbone.blocks.0.attn.qkv.weight"]
+    assert 0 < np.abs(t - s).max()
+    assert np.linalg.norm(state["center"]) > 0
+    record = records(run)[0]
+    log_k = np.log(32)
+    assert 0 < record["teacher_entropy"] <= record["teacher_marginal_entropy"] <= log_k + 1e-6
+    assert np.isfinite(record["loss"]) and record["center_norm"] > 0
+
+    pretrain(PretrainConfig(**dict(DINO_SMALL, epochs=2, out=str(run), resume=True)))
+    state2, _, _ = read_checkpoint(run / "last.safetensors")
+    assert not np.allclose(unit(state2["student.head.last_layer.weight_v"]), unit(student_v))
+    assert [r["epoch"] for r in records(run)] == [1, 2]
+
+
+def test_dino_encoder_loads_for_probe_and_fine_tuning(dino_run, tmp_path, capsys):
+    assert main(["probe", str(dino_run), "--linear-epochs", "0"]) == 0
+    assert "k-NN (k=20, T=0.07) test accuracy" in capsys.readouterr().out
+    assert main(["train", "--init", str(dino_run), "--epochs", "1", "--out", str(tmp_path / "ft"),
+                 "--quiet"]) == 0
