@@ -162,3 +162,9 @@ def test_dino_encoder_loads_for_probe_and_fine_tuning(dino_run, tmp_path, capsys
     assert "k-NN (k=20, T=0.07) test accuracy" in capsys.readouterr().out
     assert main(["train", "--init", str(dino_run), "--epochs", "1", "--out", str(tmp_path / "ft"),
                  "--quiet"]) == 0
+
+
+def test_commands_for_classifiers_refuse_a_pretraining_checkpoint(mae_run, capsys):
+    assert main(["eval", "--checkpoint", str(mae_run / "last.safetensors")]) == 1
+    assert "is a mae pretraining checkpoint, not a classifier: `minivit probe" in \
+        capsys.readouterr().err

@@ -141,3 +141,24 @@ def test_dino_loss_center_and_teacher_update_match_the_reference(crops):
     expected = teacher_twin.state_dict()
     for name, value in teacher_head.state_dict().items():
         assert relative_error(value, expected[name].numpy()) < 1e-12, name
+
+
+def test_a_reference_mae_checkpoint_loads_as_an_encoder_for_fine_tuning(tmp_path):
+    """The reference saves {'model': state_dict} (main_pretrain.py); its encoder keys load into
+    a VisionTransformer by name, the decoder is dropped, the new head stays fresh."""
+    from minivit.encoders import load_encoder
+    from minivit.models import VisionTransformer
+
+    twin = ref.MaskedAutoencoderViT(**MAE_CONFIG).double()
+    path = tmp_path / "checkpoint-399.pth"
+    torch.save({"model": twin.state_dict()}, path)
+    keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    model = VisionTransformer(**{k: MAE_CONFIG[k] for k in keys}, num_classes=10)
+    head_before = model.head.weight.numpy().copy()
+    load_encoder(model, path)
+    expected = twin.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith("head."):
+            continue
+        np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(model.head.weight.numpy(), head_before)
