@@ -14,7 +14,7 @@ from pathlib import Path
 
 from minivit.checkpoint import METADATA_KEY, find_checkpoint
 from minivit.errors import MinivitError, WeightsError
-from minivit.pretrained import load_pretrained, read_state_dict
+from minivit.models.pretrained import load_pretrained, read_state_dict
 
 DECODER_KEYS = ("decoder_", "mask_token")
 # where an encoder sits inside the state of a pretraining method, most specific first

@@ -4,14 +4,21 @@ teacher update, vision_transformer.py's DINOHead), for minivit's parity tests.
 
 Departures from the references, each only to make a comparison deterministic: the masking noise
 is an argument (the reference draws torch.rand inside), distributed all-reduces are gone (one
-process), and the blocks are tests/reference_vit.py's timm-layout ones. Import after
+process), and the blocks are minivit.torch_reference's timm-layout ones. Import after
 ``pytest.importorskip("torch")``.
 """
 
 import numpy as np
 import torch
 from torch import nn
-from reference_vit import Block, PatchEmbed
+
+from minivit.torch_reference import reference_layers
+
+PatchEmbed = reference_layers().PatchEmbed
+
+
+def Block(dim, num_heads, mlp_ratio):  # noqa: N802 - a class in the reference
+    return reference_layers().Block(dim, num_heads, mlp_ratio, qkv_bias=True)
 
 
 # -- util/pos_embed.py --------------------------------------------------------------------------

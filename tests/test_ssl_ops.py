@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import minivit.functional as F
 from minivit import Tensor
 from minivit.errors import ShapeError
-from minivit.io import resample_abs_pos_embed
+from minivit.models.pos_embed import resample_abs_pos_embed
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 

@@ -3,12 +3,38 @@ grid, bicubic as torch's interpolate(align_corners=False): what lets a ViT read 
 size other than the one it was built for (DINO's small local crops).
 
 Bicubic resizing is linear and separable: Y = A_h X A_wᵀ per channel, with the (new, old)
-matrices of minivit.io.bicubic_matrix, so its backward is the transposed resize."""
+matrices of bicubic_matrix, so its backward is the transposed resize."""
+
+import numpy as np
 
 from minivit import backend
 from minivit.errors import ShapeError
-from minivit.io import bicubic_matrix
 from minivit.tensor import Function
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Cubic-convolution weights (Keys, A = -0.75 as PyTorch) of taps -1, 0, 1, 2 at offset t."""
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64 matrix of 1-D bicubic resizing, as torch's interpolate with
+    align_corners=False, antialias=False: source x = (i + 0.5) * n_in / n_out - 0.5, taps at
+    floor(x) - 1 .. floor(x) + 2 clamped to the border."""
+    x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    x0 = np.floor(x)
+    weights = _cubic_weights(x - x0)
+    taps = np.clip(x0[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
+    return matrix
 
 
 # -- resize_grid: Y[i, j, d] = Σ_ab A_h[i, a] X[a, b, d] A_w[j, b];
