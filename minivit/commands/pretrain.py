@@ -55,6 +55,7 @@ CHOICES = {"method": ("mae", "dino"), "checkpoint_format": ("safetensors", "npz"
 
 def add_parser(subparsers, name, help_text):
     from minivit.commands.common import add_backend_flags, command_parser
+    from minivit.commands.train import add_run_folder_flags
     from minivit.pretrain import PretrainConfig
 
     defaults = PretrainConfig()
@@ -73,15 +74,7 @@ def add_parser(subparsers, name, help_text):
                            choices=CHOICES.get(field.name), help=text)
     add_backend_flags(p)
     p.set_defaults(dtype=None)
-    p.add_argument("--out", default=defaults.out, metavar="RUN_DIR",
-                   help="run folder (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint, with its saved "
-                        "configuration (only --epochs and --data-dir may change)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds a run, removing that run's files")
-    p.add_argument("--quiet", dest="progress", action="store_false",
-                   help="no progress bar or per-epoch lines")
+    add_run_folder_flags(p, defaults.out)
 
 
 def _saved_config(path):

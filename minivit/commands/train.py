@@ -94,21 +94,12 @@ def add_parser(subparsers, name, help_text):
                           "and replay it for every full batch (several times faster for small "
                           "models, whose steps are bound by Python's kernel launches)")
     run.add_argument("--seed", type=int, default=None, help=f"default: {defaults.seed}")
-    run.add_argument("--out", default=defaults.out, metavar="RUN_DIR",
-                     help="run folder (default: %(default)s)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last checkpoint, with its saved "
-                          "configuration (only --epochs and --data-dir may change)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start afresh in an --out that holds a run, removing that run's "
-                          "checkpoints and metrics")
+    add_run_folder_flags(run, defaults.out)
     run.add_argument("--format", dest="checkpoint_format", choices=("safetensors", "npz"),
                      default=None, help=f"checkpoint file format (default: "
                                         f"{defaults.checkpoint_format})")
     run.add_argument("--log-grads", action="store_true", default=None,
                      help="log per-layer gradient norms and update/weight ratios each epoch")
-    run.add_argument("--quiet", dest="progress", action="store_false",
-                     help="no progress bar or per-epoch lines")
 
 
 def _check_resumed_options(run_dir, saved, given):
@@ -129,6 +120,21 @@ def _check_resumed_options(run_dir, saved, given):
                            f"{', '.join(differing)}. Leave them out to continue the run as it "
                            f"was, or start a new run with --out OTHER (or --overwrite to "
                            f"replace this one)")
+
+
+def add_run_folder_flags(parser, default_out):
+    """--out, --resume, --overwrite and --quiet: the flags of a command that keeps a run folder
+    (train, pretrain)."""
+    parser.add_argument("--out", default=default_out, metavar="RUN_DIR",
+                        help="run folder (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint, with its saved "
+                             "configuration (only --epochs and --data-dir may change)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds a run, removing that run's "
+                             "checkpoints and metrics")
+    parser.add_argument("--quiet", dest="progress", action="store_false",
+                        help="no progress bar or per-epoch lines")
 
 
 def resumed_config(out, read_saved, command, given, run_control):
