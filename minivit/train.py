@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import minivit.functional as F
-from minivit import backend, cuda
+from minivit import backend, cpu, cuda
 from minivit import distributed as dist
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 save_checkpoint)
@@ -190,19 +190,7 @@ def training_step(model, optimizer, config):
         optimizer.step(max_grad_norm=config.clip_grad)
         return loss.data, logits.data
 
-    if not config.cuda_graph:
-        return step
-    graph = None
-
-    def replay(x, y):
-        nonlocal graph
-        if len(y) != config.batch_size:
-            return step(x, y)
-        if graph is None:
-            graph = cuda.capture_step(step, x, y)
-            return graph.warmup_outputs
-        return graph(x, y)
-    return replay
+    return cuda.replayed(step, config.batch_size) if config.cuda_graph else step
 
 
 def evaluate(model, loader, dtype="float32"):
@@ -265,6 +253,7 @@ def _gradient_statistics(model, optimizer, params_before):
 def train(config, on_epoch_end=None):
     """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    cpu.configure()  # BLAS threads and malloc, as the command line sets them up
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():
