@@ -10,7 +10,7 @@ from pathlib import Path
 import minivit.functional as F
 from minivit import backend
 from minivit.checkpoint import find_checkpoint, read_checkpoint
-from minivit.errors import MinivitError, ShapeError
+from minivit.errors import MinivitError, ShapeError, WeightsError
 from minivit.models.pos_embed import resample_abs_pos_embed
 from minivit.models.pretrained import load_pretrained
 from minivit.models.timm_keys import check_state_dict
@@ -190,6 +190,10 @@ def model_from_checkpoint(path):
     if path.is_dir():
         path = find_checkpoint(path)
     model_state, _, info = read_checkpoint(path)
+    if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
+        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
+                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
+                           f"`minivit train --init {path.parent}` fine-tunes it")
     model = VisionTransformer(**info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info
