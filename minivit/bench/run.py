@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from minivit import backend, cpu, cuda
+from minivit import backend, cpu
 from minivit.bench.machine import machine_info, peak_rss_bytes, traced_peak_bytes
 from minivit.bench.profile import profile_ops
 from minivit.bench.runners import MinivitRunner, TorchRunner

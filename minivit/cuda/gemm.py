@@ -22,7 +22,7 @@ import numpy as np
 
 from minivit.cuda import capture
 from minivit.cuda.device import cupy, elementwise, elementwise_kernel
-from minivit.cuda.settings import half_gemms, tf32_enabled
+from minivit.cuda.settings import tf32_enabled
 
 _OP_N, _OP_T = 0, 1
 _DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cublasMath_t
@@ -67,11 +67,6 @@ def operand_format(dtype):
         if np.dtype(dtype) == stored:
             return half_format
     return None
-
-
-def half_operand(array):
-    """gemm_operand(array) in the half format set now (cuda.set_half_gemms; None: as it is)."""
-    return gemm_operand(array, half_gemms())
 
 
 def _gemm_types(dtype):
