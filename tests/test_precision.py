@@ -13,7 +13,7 @@ import pytest
 
 import minivit
 import minivit.functional as F
-from minivit import cli, precision
+from minivit import cli, cpu, precision
 from minivit.errors import MinivitError
 from minivit.loss_scale import LossScaler, scaled_backward
 from minivit.models import create_model
@@ -125,6 +125,41 @@ def test_unscaled_gradients_equal_the_unscaled_run():
     assert np.abs(grad).max() > 0
     np.testing.assert_allclose(scaled_grad, grad, rtol=1e-6, atol=0)
     np.testing.assert_allclose(scaled_weights, weights, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])  # AdamW's cpu and plain updates
+def test_a_replayed_overflow_is_skipped_by_the_update_and_gives_its_step_back(monkeypatch,
+                                                                              fast_paths):
+    """The CUDA-graph protocol, played on NumPy: per_step as a replay's refill (advance, then
+    a device-like array of the values), so unscale hands the flag to AdamW's update, which
+    skips on it, and update() gives back the step count the refill advanced."""
+    from minivit import cuda
+
+    def refill(like, values, count, advance=None):
+        if advance is not None:
+            advance()
+        return np.asarray(values(), like.dtype)
+
+    model, opt, images, labels = _setup()
+    scaler = LossScaler(opt)
+    _backward(model, opt, images, labels)
+    opt.step()  # eager: allocates the flag, as a capture's warm-up does
+    scaler.update()
+    monkeypatch.setattr(cuda, "recording", lambda like: True)
+    monkeypatch.setattr(cuda, "per_step", refill)
+    before = [opt.flat.copy(), opt.m.copy(), opt.v.copy()]
+    _backward(model, opt, images, labels, overflow=True)
+    with cpu.fast_paths(fast_paths):
+        opt.step()
+    assert opt.step_count == 2  # advanced by the refill, before the overflow was known
+    assert scaler.update() is True and opt.step_count == 1 and scaler.scale == 2.0 ** 15
+    for got, want in zip((opt.flat, opt.m, opt.v), before):
+        np.testing.assert_array_equal(got, want)
+    _backward(model, opt, images, labels)
+    with cpu.fast_paths(fast_paths):
+        opt.step()
+    assert scaler.update() is False and opt.step_count == 2
+    assert not np.array_equal(opt.flat, before[0])
 
 
 def test_loss_scaler_refuses_bad_settings_and_update_before_a_step():
