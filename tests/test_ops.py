@@ -578,6 +578,10 @@ OP_CASES = {
     "max": (lambda a: a.max(axis=-1), [Spec((3, 4, 2), "distinct")]),
     "exp": (lambda a: a.exp(), [Spec((3, 4))]),
     "log": (lambda a: a.log(), [Spec((3, 4), "positive")]),
+    "window_partition": (lambda x: F.window_partition(x, (2, 3)), [Spec((2, 4, 6, 3))]),
+    "window_reverse": (lambda w: F.window_reverse(w, (2, 3), 4, 6), [Spec((8, 6, 3))]),
+    "roll": (lambda x: F.roll(x, (-1, 2), (1, 2)), [Spec((2, 3, 4, 2))]),
+    "patch_merge": (F.patch_merge, [Spec((2, 4, 6, 3))]),
 }
 
 

@@ -11,11 +11,12 @@ from minivit.functional.linear import linear, patchify
 from minivit.functional.loss import cross_entropy
 from minivit.functional.normalization import layer_norm
 from minivit.functional.regularization import drop_path, dropout
+from minivit.functional.window import patch_merge, roll, window_partition, window_reverse
 
 __all__ = [
     "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp", "gelu", "getitem",
     "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg",
-    "patchify", "power", "reshape", "scaled_dot_product_attention", "self_attention", "softmax",
-    "stack", "sub",
-    "sum", "transpose",
+    "patch_merge", "patchify", "power", "reshape", "roll", "scaled_dot_product_attention",
+    "self_attention", "softmax", "stack", "sub", "sum", "transpose", "window_partition",
+    "window_reverse",
 ]

@@ -224,6 +224,31 @@ def _broadcast_to(a):
     return F.broadcast_to(a, (2, 3, 4))
 
 
+# -- Swin's token moves ---------------------------------------------------------------------------
+@_register("window_partition", "(B, H, W, C) map into 2x3 windows (B·nW, 6, C), a transposed view",
+           lambda rng: {"x": _transposed(_normal(rng, 2, 4, 6, 3))})
+def _window_partition(x):
+    return F.window_partition(x, (2, 3))
+
+
+@_register("window_reverse", "2x3 windows (B·nW, 6, C) back into a 4x6 map",
+           lambda rng: {"windows": _normal(rng, 8, 6, 3)})
+def _window_reverse(windows):
+    return F.window_reverse(windows, (2, 3), 4, 6)
+
+
+@_register("roll", "cyclic shift by (-1, 2) along H and W (Swin's shifted windows)",
+           lambda rng: {"x": _strided(_normal(rng, 2, 3, 4, 2))})
+def _roll(x):
+    return F.roll(x, (-1, 2), (1, 2))
+
+
+@_register("patch_merge", "Swin's 2x2 gather, (B, H, W, C) -> (B, H/2, W/2, 4C)",
+           lambda rng: {"x": _normal(rng, 2, 4, 6, 3)})
+def _patch_merge(x):
+    return F.patch_merge(x)
+
+
 # -- arithmetic (with broadcasting) -------------------------------------------------------------
 @_register("add", "a + b, b broadcast",
            lambda rng: {"a": _normal(rng, 2, 3, 4), "b": _normal(rng, 3, 1)})
