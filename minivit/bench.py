@@ -137,12 +137,12 @@ class MinivitRunner:
                  cuda_graph=False):
         import minivit
         from minivit import backend
-        from minivit.models import VisionTransformer
+        from minivit.models import model_from_config
         from minivit.optim import AdamW
 
         self.backend = backend.get_backend()
         minivit.manual_seed(seed)
-        self.model = VisionTransformer(**model_args).to(dtype=dtype)
+        self.model = model_from_config(model_args).to(dtype=dtype)
         self.model.full_last_block = full_last_block
         self.optimizer = AdamW(self.model.named_parameters(), lr=1e-4, weight_decay=0.05)
         rng = np.random.default_rng(seed)
@@ -227,6 +227,18 @@ def import_torch():
     return torch
 
 
+def build_torch_swin(model_args):
+    """timm's own SwinTransformer (needs timm): minivit's Swin has its names and computation."""
+    from minivit.errors import MinivitError
+
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+    except ImportError as error:
+        raise MinivitError(f"--against torch for a Swin model runs timm's SwinTransformer, and "
+                           f"timm is not installed ({error}): pip install 'minivit[parity]'")
+    return SwinTransformer(**model_args)
+
+
 def build_torch_vit(torch, model_args):
     """timm's VisionTransformer layout in plain PyTorch: Conv2d patch embedding, class token,
     learned position embedding, pre-norm blocks (LayerNorm eps 1e-6, fused qkv, exact GELU,
@@ -302,7 +314,9 @@ class TorchRunner:
                  dtype="float32"):
         self.torch, self.device = torch, device
         torch_dtype = getattr(torch, dtype)
-        self.model = build_torch_vit(torch, model_args).to(device=device, dtype=torch_dtype)
+        model = build_torch_swin(model_args) if "depths" in model_args \
+            else build_torch_vit(torch, model_args)
+        self.model = model.to(device=device, dtype=torch_dtype)
         self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                     for k, v in state_dict.items()})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -383,7 +397,7 @@ def _measure_memory(runner, mode, on_gpu):
 def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=3,
                   backend_name="numpy", dtype="float32", against=None, threads=None, tf32=False,
                   modes=("train", "infer"), profile=False, log=None, full_last_block=False,
-                  cuda_graph=False):
+                  cuda_graph=False, model=None):
     """Benchmark one named configuration; returns a JSON-ready dict (see `format_report`).
 
     steps: timed steps per round, mode and framework; rounds: how many times minivit and
@@ -392,21 +406,28 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     time every op of minivit's steps (profile_ops), after the timed runs; full_last_block:
     minivit computes every token in the last block, as PyTorch/timm do (like-for-like work);
     cuda_graph: minivit's steps are recorded once as CUDA graphs and replayed (GPU only,
-    experimental; PyTorch stays eager)."""
+    experimental; PyTorch stays eager); model: a named model (create_model's names, a Swin
+    included; batch 32 by default, no stochastic depth) instead of a configuration."""
     from minivit import backend, cpu
     from minivit.errors import MinivitError
     from minivit.inspect.cost import model_cost
+    from minivit.inspect.swin_cost import swin_cost
 
     log = log or (lambda message: None)
-    if config not in CONFIGS:
+    if model is not None:
+        from minivit.models import model_config
+
+        config, model_args, default_batch = model, model_config(model, drop_path_rate=0.0), 32
+    elif config in CONFIGS:
+        model_args, default_batch = dict(CONFIGS[config]["model"]), CONFIGS[config]["batch"]
+    else:
         raise MinivitError(f"unknown bench configuration {config!r}; known: {', '.join(CONFIGS)}")
     for name, value, lowest in (("--steps", steps, 1), ("--rounds", rounds, 1),
                                 ("--warmup-steps", warmup_steps, 0), ("--batch", batch, 1),
                                 ("--threads", threads, 1)):
         if value is not None and value < lowest:
             raise MinivitError(f"{name} must be at least {lowest}, got {value}")
-    model_args = dict(CONFIGS[config]["model"])
-    batch = batch or CONFIGS[config]["batch"]
+    batch = batch or default_batch
     backend.set_backend(backend_name)
     on_gpu = backend_name == "cupy"
     if threads is not None:
@@ -421,7 +442,7 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
         from minivit import cuda
         cuda.set_tf32(True)
 
-    cost = model_cost(model_args)
+    cost = swin_cost(model_args) if "depths" in model_args else model_cost(model_args)
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
               "backend": backend_name, "threads": threads, "tf32": bool(tf32),

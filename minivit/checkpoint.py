@@ -12,7 +12,7 @@ from pathlib import Path
 
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
-from minivit.models import VisionTransformer
+from minivit.models import model_from_config
 
 OPTIMIZER_PREFIX = "optimizer."
 METADATA_KEY = "minivit"
@@ -48,13 +48,13 @@ def read_checkpoint(path):
 
 
 def model_from_checkpoint(path):
-    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
+    """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration, weights
     loaded, in eval mode, on the current backend."""
     path = Path(path)
     if path.is_dir():
         path = find_checkpoint(path)
     model_state, _, info = read_checkpoint(path)
-    model = VisionTransformer(**info["model_config"])
+    model = model_from_config(info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info
 

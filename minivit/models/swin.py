@@ -130,13 +130,19 @@ class SwinTransformerBlock(Module):
     """x + attention of windows (shifted by `shift`, with its mask), then x + MLP; NHWC."""
 
     def __init__(self, dim, num_heads, size, window, shift, mlp_ratio, qkv_bias, drop_path):
-        self.size, self.window, self.shift = size, window, shift
+        self.window = window
         self.norm1 = LayerNorm(dim, eps=SWIN_NORM_EPS)
         self.attn = WindowAttention(dim, num_heads, window, qkv_bias)
         self.norm2 = LayerNorm(dim, eps=SWIN_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
-        self.constants = _Constants(mask=shift_mask(size, window, shift)) if any(shift) else None
+        self.set_size(size, shift)
+
+    def set_size(self, size, shift):
+        """The (H, W) map this block takes, and its shift (its mask is rebuilt)."""
+        self.size, self.shift = size, shift
+        self.constants = _Constants(mask=shift_mask(size, self.window, shift)) \
+            if any(shift) else None
 
     def forward(self, x):
         height, width = self.size
@@ -287,6 +293,31 @@ class SwinTransformer(Module):
         """Logits (B, num_classes) for images x (B, C, H, W)."""
         return self.forward_head(self.forward_features(x))
 
+    def set_img_size(self, img_size):
+        """Take images of another size, in place. Swin's positions are relative to windows,
+        so only the shift masks change; a size at which a stage's window would change (its
+        map no larger than the window) is refused, as the bias tables would need resizing."""
+        c = self.config
+        stages = stage_layout(img_size, c["patch_size"], c["depths"], c["num_heads"],
+                              c["window_size"], c["embed_dim"])
+        for index, (stage, (_, window, *_)) in enumerate(zip(self.layers, stages)):
+            if window != stage.blocks[0].window:
+                old = stage.blocks[0].window
+                raise MinivitError(f"image size {img_size} changes stage {index}'s window from "
+                                   f"{old[0]}x{old[1]} to {window[0]}x{window[1]}: its relative "
+                                   f"position tables would need resizing, which minivit does "
+                                   f"not do")
+        for stage, (size, _, shift, *_) in zip(self.layers, stages):
+            for j, block in enumerate(stage.blocks):
+                block.set_size(size, (0, 0) if j % 2 == 0 else shift)
+        embed = self.patch_embed
+        embed.img_size = _pair(img_size)
+        embed.grid_size = (embed.img_size[0] // c["patch_size"],
+                           embed.img_size[1] // c["patch_size"])
+        embed.num_patches = embed.grid_size[0] * embed.grid_size[1]
+        c["img_size"] = img_size if isinstance(img_size, int) else list(img_size)
+        return self
+
     def attention_modules(self):
         """[(name, WindowAttention)] of every block, in order."""
         return [(f"layers.{i}.blocks.{j}.attn", block.attn)
@@ -336,7 +367,7 @@ MODEL_CONFIGS = {
                                           depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     "swin_base_patch4_window7_224": dict(patch_size=4, window_size=7, embed_dim=128,
                                          depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "swin_digits": dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=32,
+    "swin_digits": dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=40,
                         depths=(2, 2), num_heads=(2, 4), window_size=4, drop_path_rate=0.0),
     "swin_mnist": dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=48,
                        depths=(2, 2), num_heads=(3, 6), window_size=7, drop_path_rate=0.0),
