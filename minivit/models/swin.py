@@ -229,7 +229,7 @@ def stage_layout(img_size, patch_size, depths, num_heads, window_size, embed_dim
         if grid[0] % scale or grid[1] % scale:
             raise MinivitError(f"SwinTransformer: image {size[0]}x{size[1]} with patch size "
                                f"{patch_size} gives a {grid[0]}x{grid[1]} patch grid, which "
-                               f"patch merging cannot halve {index} times for stage {index} "
+                               f"the patch merging before stage {index} cannot halve evenly "
                                f"(each side must be a multiple of {scale})")
         res = (grid[0] // scale, grid[1] // scale)
         win = tuple(min(r, w) for r, w in zip(res, window))  # window = map when map <= window
