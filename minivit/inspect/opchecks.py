@@ -25,6 +25,7 @@ from minivit.gradcheck import gradcheck
 
 DROPOUT_SEED = 1234
 VIT_CONFIG = dict(depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.0, drop_rate=0.0)
+SWIN_CONFIG = dict(embed_dim=8, depths=(2, 1), num_heads=(2, 2), drop_path_rate=0.0)
 
 
 @dataclass(frozen=True)
@@ -324,12 +325,16 @@ def _max(a):
 # -- a whole small ViT ----------------------------------------------------------------------------
 @lru_cache(maxsize=None)
 def _vit():
-    """A small ViT in eval mode (no dropout) and its parameter slots [(name, shape, module,
-    attribute)] in named_parameters order. The check swaps the parameters for gradcheck's
-    tensors, so their initial values do not matter (and the model is not for other use)."""
+    """A small ViT in eval mode (no dropout) and its parameter slots (see _slots)."""
     from minivit.models import create_model
 
-    model = create_model("vit_digits", **VIT_CONFIG).eval()
+    return _slots(create_model("vit_digits", **VIT_CONFIG).eval())
+
+
+def _slots(model):
+    """(model, its parameter slots [(name, shape, module, attribute)] in named_parameters
+    order). The check swaps the parameters for gradcheck's tensors, so their initial values
+    do not matter (and the model is not for other use)."""
     slots = []
     for name, parameter in model.named_parameters():
         *path, attr = name.split(".")
@@ -340,10 +345,9 @@ def _vit():
     return model, slots
 
 
-def _vit_inputs(rng):
-    """Images and every parameter of the ViT, drawn at scales where nothing saturates:
+def _model_inputs(rng, slots):
+    """Images and every parameter of a model, drawn at scales where nothing saturates:
     LayerNorm weights around 1, other parameters N(0, 0.3²)."""
-    _, slots = _vit()
     inputs = {"images": _normal(rng, 2, 1, 8, 8)}
     for name, shape, _, _ in slots:
         value = _normal(rng, *shape, scale=0.3)
@@ -353,14 +357,34 @@ def _vit_inputs(rng):
     return inputs
 
 
-@_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
-           "every parameter, along random directions", _vit_inputs,
-           full_check_limit=0, directions=4)
-def _vit_logits(images, *parameters):
-    model, slots = _vit()
+def _logits(model_and_slots, images, parameters):
+    model, slots = model_and_slots
     for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):
         setattr(module, attr, tensor)  # the model now computes with gradcheck's float64 tensors
     return model(images)
+
+
+@_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
+           "every parameter, along random directions",
+           lambda rng: _model_inputs(rng, _vit()[1]), full_check_limit=0, directions=4)
+def _vit_logits(images, *parameters):
+    return _logits(_vit(), images, parameters)
+
+
+@lru_cache(maxsize=None)
+def _swin():
+    """A small Swin in eval mode: an 8x8 map in four 4x4 windows (the second block shifted,
+    with its mask), patch merging, then a 4x4 map in one window."""
+    from minivit.models import create_model
+
+    return _slots(create_model("swin_digits", **SWIN_CONFIG).eval())
+
+
+@_register("swin", "whole Swin (8x8 map, 4x4 windows, shifted, patch merging, dim 8): logits "
+           "w.r.t. images and every parameter, along random directions",
+           lambda rng: _model_inputs(rng, _swin()[1]), full_check_limit=0, directions=4)
+def _swin_logits(images, *parameters):
+    return _logits(_swin(), images, parameters)
 
 
 # -- running ------------------------------------------------------------------------------------
