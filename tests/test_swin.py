@@ -45,7 +45,7 @@ def images(batch=2, size=16, channels=1, seed=1):
     (dict(num_heads=(3, 2)), r"stage 0's width 8 \(embed_dim 8 · 1\) is not divisible by its 3 "
                              r"heads"),
     (dict(depths=(2, 0)), r"every stage needs a block"),
-    (dict(window=4), r"unknown options \['window'\] for swin_digits"),
+    (dict(window=4), r"unknown model options \['window'\] for swin_digits"),
 ])
 def test_bad_configurations_name_the_numbers(overrides, message):
     with pytest.raises(MinivitError, match=message):
@@ -208,3 +208,28 @@ def test_bench_a_swin_against_timm(capsys):
                  "--mode", "infer", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["max_abs_logit_difference"] < 1e-4 and result["params"] == 209_958
+
+
+@pytest.mark.skipif(not minivit.backend.cupy_available(),
+                    reason="cupy backend: CuPy or a CUDA GPU is not available")
+def test_swin_on_the_gpu_matches_numpy(tmp_path):
+    """Logits and every gradient on the cupy backend equal NumPy's (float64), float32 stays
+    float32 there, and a short training run on the GPU learns."""
+    x, upstream = images(), np.random.default_rng(2).standard_normal((2, 3))
+    results = {}
+    for name in ("numpy", "cupy"):
+        minivit.set_backend(name)
+        model = small_model().to(dtype="float64")
+        logits = model(Tensor(minivit.backend.to_backend(x)))
+        logits.backward(minivit.backend.to_backend(upstream))
+        results[name] = [logits.numpy()] + [p.grad.get() if name == "cupy" else p.grad
+                                             for p in model.parameters()]
+    for ours, reference in zip(results["cupy"], results["numpy"]):
+        np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-12)
+    model = small_model()
+    out = model(Tensor(minivit.backend.to_backend(x.astype("float32"))))
+    assert out.dtype == np.float32
+    summary = train(TrainConfig(out=str(tmp_path / "gpu"), dataset="digits", model="swin_digits",
+                                epochs=2, batch_size=32, warmup=1, augment=False,
+                                progress=False, backend="cupy"))
+    assert summary["test_accuracy"] > 0.2

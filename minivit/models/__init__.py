@@ -31,15 +31,13 @@ def model_class(name_or_config):
 def model_config(name, **overrides):
     """The full constructor arguments of a named model, with overrides applied."""
     cls = model_class(name)
-    if cls is VisionTransformer:
-        return vit.model_config(name, **overrides)
     defaults = cls.__init__.__defaults__
     names = cls.__init__.__code__.co_varnames[1:1 + len(defaults)]
     config = dict(zip(names, defaults))
     config.update(MODEL_CONFIGS[name])
     unknown = set(overrides) - set(config)
     if unknown:
-        raise MinivitError(f"unknown options {sorted(unknown)} for {name}; known: "
+        raise MinivitError(f"unknown model options {sorted(unknown)} for {name}; known: "
                            f"{sorted(config)}")
     config.update(overrides)
     return config

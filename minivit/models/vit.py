@@ -142,32 +142,3 @@ MODEL_CONFIGS = {
     "vit_cifar": dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192,
                       depth=6, num_heads=3),
 }
-
-
-def model_config(name, **overrides):
-    """The full VisionTransformer arguments of a named model, with overrides applied."""
-    if name not in MODEL_CONFIGS:
-        raise MinivitError(f"unknown model {name!r}; known models: {', '.join(MODEL_CONFIGS)}")
-    defaults = VisionTransformer.__init__.__defaults__
-    names = VisionTransformer.__init__.__code__.co_varnames[1:1 + len(defaults)]
-    config = dict(zip(names, defaults))
-    config.update(MODEL_CONFIGS[name])
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise MinivitError(f"unknown model options {sorted(unknown)}; known: {sorted(config)}")
-    config.update(overrides)
-    return config
-
-
-def create_model(name, pretrained=None, **overrides):
-    """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
-    num_classes=10). Seed with minivit.manual_seed for reproducible weights.
-    pretrained=PATH (or a state dict) loads timm/minivit weights with
-    minivit.pretrained.load_pretrained (pos_embed resampled to img_size, head kept fresh when
-    num_classes differs, with a warning)."""
-    model = VisionTransformer(**model_config(name, **overrides))
-    if pretrained is not None:
-        from minivit.pretrained import load_pretrained
-
-        load_pretrained(model, pretrained)
-    return model
