@@ -87,11 +87,17 @@ def test_swin_tiny_at_224_matches_timm():
 
 
 def test_parameter_counts_are_timms():
-    for name in ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
-                 "swin_base_patch4_window7_224"):
-        ours = create_model(name).num_parameters()
-        theirs = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
-        assert ours == theirs, name
+    """The named models' counts (the arithmetic of swin_cost, which test_swin checks against
+    built models; swin_tiny is built in full by the parity test above) equal timm's."""
+    from minivit.inspect.swin_cost import swin_cost
+    from minivit.models import model_config
+
+    for name, count in (("swin_tiny_patch4_window7_224", 28_288_354),
+                        ("swin_small_patch4_window7_224", 49_606_258),
+                        ("swin_base_patch4_window7_224", 87_768_224)):
+        reference = timm.create_model(name, pretrained=False, device="meta")
+        assert sum(p.numel() for p in reference.parameters()) == count
+        assert swin_cost(model_config(name)).total_params == count, name
 
 
 def test_original_microsoft_layout_loads_as_timm_maps_it():
@@ -114,3 +120,26 @@ def test_original_microsoft_layout_loads_as_timm_maps_it():
     assert any("original Swin checkpoint layout" in note for note in notes)
     for key, value in reference.state_dict().items():
         np.testing.assert_array_equal(model.state_dict()[key], value.numpy())
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("swin_tiny_patch4_window7_224", {}),
+    ("swin_tiny_patch4_window7_224", dict(img_size=256)),  # 64x64 map: timm pads to 7x7 windows
+    ("swin_tiny_patch4_window7_224", SMALL),
+])
+def test_swin_cost_counts_the_macs_torch_counts_in_timm(name, kwargs):
+    """minivit.inspect.swin_cost's arithmetic against torch's FlopCounterMode (2 FLOPs per
+    multiply-add of every matmul, convolution and attention) on timm's model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minivit.inspect.swin_cost import swin_cost
+    from minivit.models import model_config
+
+    # on the meta device: shapes only, nothing initialised or computed
+    reference = timm.create_model(name, pretrained=False, device="meta", **kwargs).eval()
+    size = reference.patch_embed.img_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        reference(torch.zeros(1, 3, *size, device="meta"))
+    cost = swin_cost(model_config(name, **kwargs))
+    assert 2 * cost.total_macs == counter.get_total_flops()
+    assert cost.total_params == sum(p.numel() for p in reference.parameters())
