@@ -9,15 +9,15 @@ import pytest
 
 import minivit
 from minivit import Tensor
-from minivit.checkpoint import model_from_checkpoint, save_checkpoint
+from minivit.checkpoint import save_checkpoint
 from minivit.cli import main
 from minivit.errors import MinivitError, WeightsError
 from minivit.inspect.swin_cost import swin_cost
 from minivit.inspect.window_maps import attention_received
 from minivit.io import load_weights
-from minivit.models import SwinTransformer, create_model, model_config
+from minivit.models import (SwinTransformer, create_model, load_pretrained, model_config,
+                            model_from_checkpoint)
 from minivit.models.swin import relative_position_index, shift_mask
-from minivit.pretrained import load_pretrained
 from minivit.train import TrainConfig, train
 
 SMALL = dict(img_size=16, patch_size=2, in_chans=1, num_classes=3, embed_dim=8, depths=(2, 2),

@@ -12,7 +12,7 @@ timm = pytest.importorskip("timm")
 import minivit  # noqa: E402
 from minivit import Tensor  # noqa: E402
 from minivit.models import create_model  # noqa: E402
-from minivit.pretrained import load_pretrained  # noqa: E402
+from minivit.models import load_pretrained  # noqa: E402
 
 SMALL = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
              num_heads=(2, 4), num_classes=10)

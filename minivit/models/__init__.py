@@ -1,61 +1,16 @@
-"""The models minivit builds and their named configurations: the plain Vision Transformer
-(minivit.models.vit) and the Swin Transformer (minivit.models.swin).
+"""The models minivit builds (the Vision Transformer and the Swin Transformer): named
+configurations, timm weights, trained runs."""
 
-``create_model(name, **kw)`` and ``model_config(name, **kw)`` take any name of MODEL_CONFIGS;
-``model_from_config(config)`` rebuilds a model from its ``.config`` (a checkpoint's)."""
-
-from minivit.errors import MinivitError
-from minivit.models import swin, vit
+from minivit.models.pos_embed import resample_abs_pos_embed
+from minivit.models.pretrained import (PretrainedWarning, checkpoint_num_classes, load_pretrained,
+                                       read_state_dict, save_torch_weights)
+from minivit.models.registry import (ARCHITECTURES, MODEL_CONFIGS, create_model, model_class,
+                                     model_config, model_from_checkpoint, model_from_config)
 from minivit.models.swin import SwinTransformer
+from minivit.models.timm_keys import check_state_dict
 from minivit.models.vit import VisionTransformer
 
-# architecture class -> its named configurations
-ARCHITECTURES = {VisionTransformer: vit.MODEL_CONFIGS, SwinTransformer: swin.MODEL_CONFIGS}
-MODEL_CONFIGS = {name: args for configs in ARCHITECTURES.values() for name, args in configs.items()}
-
-__all__ = ["ARCHITECTURES", "MODEL_CONFIGS", "SwinTransformer", "VisionTransformer",
-           "create_model", "model_class", "model_config", "model_from_config"]
-
-
-def model_class(name_or_config):
-    """The architecture of a model name, or of a configuration (a Swin one has `depths`)."""
-    if isinstance(name_or_config, str):
-        for cls, configs in ARCHITECTURES.items():
-            if name_or_config in configs:
-                return cls
-        raise MinivitError(f"unknown model {name_or_config!r}; known models: "
-                           f"{', '.join(MODEL_CONFIGS)}")
-    return SwinTransformer if "depths" in name_or_config else VisionTransformer
-
-
-def model_config(name, **overrides):
-    """The full constructor arguments of a named model, with overrides applied."""
-    cls = model_class(name)
-    defaults = cls.__init__.__defaults__
-    names = cls.__init__.__code__.co_varnames[1:1 + len(defaults)]
-    config = dict(zip(names, defaults))
-    config.update(MODEL_CONFIGS[name])
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise MinivitError(f"unknown model options {sorted(unknown)} for {name}; known: "
-                           f"{sorted(config)}")
-    config.update(overrides)
-    return config
-
-
-def model_from_config(config):
-    """A freshly initialised model of a configuration (a model's .config, a checkpoint's)."""
-    return model_class(config)(**config)
-
-
-def create_model(name, pretrained=None, **overrides):
-    """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
-    num_classes=10) or create_model("swin_tiny_patch4_window7_224", img_size=448). Seed with
-    minivit.manual_seed for reproducible weights. pretrained=PATH (or a state dict) loads
-    timm/minivit weights with minivit.pretrained.load_pretrained."""
-    model = model_from_config(model_config(name, **overrides))
-    if pretrained is not None:
-        from minivit.pretrained import load_pretrained
-
-        load_pretrained(model, pretrained)
-    return model
+__all__ = ["ARCHITECTURES", "MODEL_CONFIGS", "PretrainedWarning", "SwinTransformer",
+           "VisionTransformer", "check_state_dict", "checkpoint_num_classes", "create_model",
+           "load_pretrained", "model_class", "model_config", "model_from_checkpoint",
+           "model_from_config", "read_state_dict", "resample_abs_pos_embed", "save_torch_weights"]

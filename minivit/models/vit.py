@@ -6,7 +6,10 @@ timm weights load by name.
 """
 
 import minivit.functional as F
+from minivit import backend
 from minivit.errors import MinivitError, ShapeError
+from minivit.models.pos_embed import resample_abs_pos_embed
+from minivit.models.timm_keys import check_state_dict
 from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
 
@@ -96,9 +99,6 @@ class VisionTransformer(Module):
         """Change the input image size in place: the patch grid becomes img_size / patch_size
         and pos_embed's patch part is resized to it (bicubic, as timm; the class token's entry
         is kept). Make the optimizer afterwards: pos_embed gets a new array."""
-        from minivit import backend
-        from minivit.io import resample_abs_pos_embed
-
         patch_embed = self.patch_embed
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         patch = patch_embed.patch_size
@@ -115,6 +115,14 @@ class VisionTransformer(Module):
         patch_embed.num_patches = grid[0] * grid[1]
         self.config["img_size"] = img_size if isinstance(img_size, int) else list(size)
         return self
+
+    def load_state_dict(self, state, strict=True):
+        """Module.load_state_dict; strict, a state dict that does not fit is reported against
+        timm's names (options minivit lacks named, hints for another image size or head)."""
+        if strict:
+            check_state_dict({name: tuple(p.shape) for name, p in self.named_parameters()},
+                             state)
+        return super().load_state_dict(state, strict)
 
     def extra_repr(self):
         return ", ".join(f"{key}={value}" for key, value in self.config.items())
