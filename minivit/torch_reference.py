@@ -51,6 +51,12 @@ def reference_swin(config):
     return SwinTransformer(**dict(config, drop_path_rate=0.0))
 
 
+def reference_layers():
+    """The reference's torch.nn.Module classes (PatchEmbed, Block, ReferenceViT), for PyTorch
+    twins of other reference models built from timm's blocks (tests/reference_ssl.py)."""
+    return _modules()
+
+
 def resample_pos_embed_torch(pos_embed, new_grid, old_grid, num_prefix_tokens=1):
     """timm's resample_abs_pos_embed on a torch tensor: the patch part as a (1, D, H, W) grid
     through torch.nn.functional.interpolate(mode="bicubic", align_corners=False)."""
@@ -137,4 +143,4 @@ def _modules():
         def forward(self, x):
             return self.head(self.forward_features(x)[:, 0])
 
-    return types.SimpleNamespace(ReferenceViT=ReferenceViT)
+    return types.SimpleNamespace(ReferenceViT=ReferenceViT, Block=Block, PatchEmbed=PatchEmbed)
