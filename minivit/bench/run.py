@@ -30,6 +30,7 @@ from minivit.bench.profile import profile_ops
 from minivit.bench.runners import MinivitRunner, TorchRunner
 from minivit.errors import MinivitError
 from minivit.inspect.cost import model_cost
+from minivit.inspect.swin_cost import swin_cost
 from minivit.models import model_config
 from minivit.precision import set_precision
 from minivit.torch_reference import import_torch
@@ -93,7 +94,7 @@ def _measure_memory(runner, mode, on_gpu):
 def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=3,
                   backend_name="numpy", dtype="float32", against=None, threads=None, tf32=False,
                   modes=("train", "infer"), profile=False, log=None, full_last_block=False,
-                  cuda_graph=False, precision="fp32"):
+                  cuda_graph=False, model=None, precision="fp32"):
     """Benchmark one named configuration; returns a JSON-ready dict (see `format_report`).
 
     steps: timed steps per round, mode and framework; rounds: how many times minivit and
@@ -102,7 +103,9 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     time every op of minivit's steps (profile_ops), after the timed runs; full_last_block:
     minivit computes every token in the last block, as PyTorch/timm do (like-for-like work);
     cuda_graph: minivit's steps are recorded once as CUDA graphs and replayed (GPU only,
-    experimental; PyTorch stays eager); precision: minivit.precision's fp32, tf32, bf16 or fp16
+    experimental; PyTorch stays eager); model: any named model (minivit info --list) instead of
+    a configuration, without stochastic depth, batch 32 by default (a Swin's reference is
+    timm's SwinTransformer); precision: minivit.precision's fp32, tf32, bf16 or fp16
     (GPU), PyTorch the same through autocast (and a GradScaler for fp16); tf32=True is
     precision "tf32"."""
     log = log or (lambda message: None)
@@ -111,8 +114,11 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
                                 ("--threads", threads, 1)):
         if value is not None and value < lowest:
             raise MinivitError(f"{name} must be at least {lowest}, got {value}")
-    model_args = config_model_args(config)
-    batch = batch or CONFIGS[config]["batch"]
+    if model is not None:
+        config, model_args, default_batch = model, model_config(model, drop_path_rate=0.0), 32
+    else:
+        model_args, default_batch = config_model_args(config), CONFIGS[config]["batch"]
+    batch = batch or default_batch
     backend.set_backend(backend_name)
     on_gpu = backend_name == "cupy"
     if threads is not None:
@@ -130,7 +136,7 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
         precision = "tf32"
     set_precision(precision, backend_name, dtype)
 
-    cost = model_cost(model_args)
+    cost = swin_cost(model_args) if "depths" in model_args else model_cost(model_args)
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
               "backend": backend_name, "threads": threads, "tf32": precision == "tf32",

@@ -10,10 +10,10 @@ import minivit
 import minivit.functional as F
 from minivit import backend, cuda
 from minivit.loss_scale import LossScaler, scaled_backward
-from minivit.models import VisionTransformer
+from minivit.models import model_from_config
 from minivit.optim import AdamW
 from minivit.tensor import no_grad
-from minivit.torch_reference import reference_vit
+from minivit.torch_reference import reference_swin, reference_vit
 
 
 class MinivitRunner:
@@ -26,7 +26,7 @@ class MinivitRunner:
                  cuda_graph=False, loss_scaling=False):
         self.backend = backend.get_backend()
         minivit.manual_seed(seed)
-        self.model = VisionTransformer(**model_args).to(dtype=dtype)
+        self.model = model_from_config(model_args).to(dtype=dtype)
         self.model.full_last_block = full_last_block
         self.optimizer = AdamW(self.model.named_parameters(), lr=1e-4, weight_decay=0.05)
         self.scaler = LossScaler(self.optimizer) if loss_scaling else None
@@ -92,8 +92,9 @@ class MinivitRunner:
 
 
 class TorchRunner:
-    """The PyTorch reference ViT (minivit.torch_reference) with minivit's weights, a
-    torch.optim.AdamW and the same batch; train_step() / infer_step() as MinivitRunner's.
+    """The PyTorch reference (minivit.torch_reference; timm's own for a Swin) with minivit's
+    weights, a torch.optim.AdamW and the same batch; train_step() / infer_step() as
+    MinivitRunner's.
     precision bf16/fp16: the forward under torch.autocast in that format (fp16 training with
     a torch GradScaler), as PyTorch users train; tf32 is set by the caller."""
 
@@ -105,7 +106,8 @@ class TorchRunner:
         self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         torch_dtype = getattr(torch, dtype)
-        self.model = reference_vit(model_args).to(device=device, dtype=torch_dtype)
+        reference = reference_swin if "depths" in model_args else reference_vit
+        self.model = reference(model_args).to(device=device, dtype=torch_dtype)
         self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                     for k, v in state_dict.items()})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05)
