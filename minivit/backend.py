@@ -97,9 +97,24 @@ def array_module(*arrays):
     return _import_cupy() if names == {"cupy"} else np
 
 
+# The names a user may give .to(): PyTorch's device names as well as the array modules'.
+BACKEND_NAMES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
+
+
+def backend_name(name):
+    """"numpy" or "cupy" for a name in BACKEND_NAMES (any case); BackendError naming the
+    choices for anything else."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in BACKEND_NAMES:
+        raise BackendError(f"unknown backend or device {name!r}: expected one of "
+                           f"{', '.join(map(repr, BACKEND_NAMES))}")
+    return BACKEND_NAMES[key]
+
+
 def to_backend(array, name=None):
-    """Copy (or pass through) `array` onto backend `name` (default: the current one)."""
-    name = name or get_backend()
+    """Copy (or pass through) `array` onto backend `name` (a BACKEND_NAMES name; default: the
+    current backend)."""
+    name = get_backend() if name is None else backend_name(name)
     if backend_of(array) == name:
         return array
     if name == "numpy":

@@ -122,18 +122,39 @@ class Log(Function):
 
 
 # -- matmul: C = A B, dA = dC Bᵀ, dB = Aᵀ dC (batched over leading dims) ------------------------
+# A 1-D operand is promoted as NumPy and PyTorch do: a vector a (k,) on the left is the matrix
+# (1, k), one on the right (k, 1); the promoted axis is dropped from C (and added back to dC).
 class MatMul(_Arithmetic):
     def forward(self, a, b):
-        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
-            raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m); got {a.shape} @ {b.shape}")
-        self.a, self.b = backend.matmul_operand(a), backend.matmul_operand(b)
-        return self.a @ self.b
+        if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m), where a 1-D operand is "
+                             f"(k,); got {a.shape} @ {b.shape}")
+        self.shapes = a.shape, b.shape
+        self.a = backend.matmul_operand(a[None, :] if a.ndim == 1 else a)
+        self.b = backend.matmul_operand(b[:, None] if b.ndim == 1 else b)
+        out = self.a @ self.b
+        self.out_shape = out.shape
+        squeezed = out.shape[:-2] + out.shape[-2:-1] * (a.ndim > 1) + out.shape[-1:] * (b.ndim > 1)
+        return out.reshape(squeezed)
 
     def backward(self, grad):
-        a, b, grad = self.a, self.b, backend.matmul_operand(grad)
-        grad_a = _unbroadcast(grad @ b.swapaxes(-1, -2), a.shape) if self.needs_input_grad[0] else None
-        grad_b = _unbroadcast(a.swapaxes(-1, -2) @ grad, b.shape) if self.needs_input_grad[1] else None
+        a, b = self.a, self.b
+        grad = backend.matmul_operand(grad.reshape(self.out_shape))
+        grad_a = grad_b = None
+        if self.needs_input_grad[0]:
+            grad_a = _unbroadcast(grad @ b.swapaxes(-1, -2), a.shape).reshape(self.shapes[0])
+        if self.needs_input_grad[1]:
+            grad_b = _unbroadcast(a.swapaxes(-1, -2) @ grad, b.shape).reshape(self.shapes[1])
         return grad_a, grad_b
+
+
+# -- copy: d copy(a) = da (Tensor.clone: new memory, still in the graph) -----------------------
+class Copy(Function):
+    def forward(self, a):
+        return a.copy()
+
+    def backward(self, grad):
+        return (grad,)
 
 
 # -- sum: the gradient of a sum is its upstream gradient, broadcast back ------------------------
@@ -301,6 +322,10 @@ def log(a):
 
 def matmul(a, b):
     return MatMul()(a, b)
+
+
+def copy(a):
+    return Copy()(a)
 
 
 def reduce_sum(a, axis=None, keepdims=False):
