@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> one-line help; the module minivit.commands.<name> does the work.
@@ -31,6 +32,7 @@ def build_parser():
         module = _command_module(name)
         if module is not None:
             module.add_parser(subparsers, name, help_text)
+    parser.set_defaults(command_parsers=subparsers.choices)
     return parser
 
 
@@ -45,16 +47,32 @@ def _command_module(name):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if unknown:  # the sub-command's own usage, not the top-level one
+        args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from minivit.errors import MinivitError
 
     try:
-        return _command_module(args.command).run(args) or 0
+        status = _command_module(args.command).run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
     except MinivitError as error:
         print(f"minivit {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader of our output went away (minivit info --list | head): stop quietly, as
+        # Python's documentation advises, with the status of a process killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    except OSError as error:  # a file the command writes or reads that the system refused
+        where = f" {error.filename}" if error.filename else ""
+        print(f"minivit {args.command}: error: cannot use{where}: {error.strerror or error} "
+              f"(check that the folder exists, is writable and has room)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"minivit {args.command}: interrupted", file=sys.stderr)
