@@ -127,10 +127,14 @@ def save_weights(
     arrays = {name: _host_array(name, value, path) for name, value in state.items()}
 
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         def write(tmp):
-            save_file(arrays, tmp, metadata=metadata or None)
+            try:
+                save_file(arrays, tmp, metadata=metadata or None)
+            except SafetensorError as err:  # how safetensors reports a failed write (full disk)
+                raise OSError(str(err)) from None
 
     else:
         if NPZ_METADATA_KEY in arrays:

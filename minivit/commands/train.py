@@ -156,7 +156,8 @@ def run(args):
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
                   f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
         else:
-            print("minivit train: interrupted during the first epoch; no checkpoint was written",
+            print(f"minivit train: interrupted during the first epoch; no checkpoint was "
+                  f"written in {config.out}: start again by adding --overwrite to the same command",
                   file=sys.stderr)
         return 130
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
