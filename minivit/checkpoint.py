@@ -52,10 +52,7 @@ def read_checkpoint(path):
 def model_from_checkpoint(path):
     """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
     loaded, in eval mode, on the current backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
-    model_state, _, info = read_checkpoint(path)
+    model_state, _, info = read_checkpoint(checkpoint_path(path))
     model = VisionTransformer(**info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info
@@ -75,13 +72,16 @@ def load(path):
     model.load_state_dict (as torch.load): a minivit checkpoint gives its model's weights
     (without the optimizer's state), a run folder those of its best checkpoint.
     model_from_checkpoint rebuilds the model as well."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
-    state, metadata = load_weights(path)
+    state, metadata = load_weights(checkpoint_path(path))
     checkpoint = METADATA_KEY in metadata
     return {name: array for name, array in state.items()
             if not (checkpoint and name.startswith(OPTIMIZER_PREFIX))}
+
+
+def checkpoint_path(path):
+    """`path` itself, or for a run folder its best checkpoint."""
+    path = Path(path)
+    return find_checkpoint(path) if path.is_dir() else path
 
 
 def find_checkpoint(run_dir, name="best"):

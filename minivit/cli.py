@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     "train": "train a ViT (default: a tiny ViT on the embedded 8x8 digits, on the CPU)",
     "eval": "evaluate a checkpoint on a dataset's test split",
-    "predict": "classify image files (.npy, PNG/JPEG with Pillow) with a checkpoint or timm weights",
+    "predict": "classify image files (.npy; PNG, JPEG, GIF, BMP, ... with Pillow) with a checkpoint or timm weights",
     "gradcheck": "check every hand-written backward against finite differences",
     "bench": "training/inference images/s, memory and FLOP/s, optionally side by side with PyTorch",
     "info": "parameters, tokens, MACs/FLOPs and activation memory of a model or checkpoint",
@@ -70,9 +70,10 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
     except OSError as error:  # a file the command writes or reads that the system refused
-        where = f" {error.filename}" if error.filename else ""
-        print(f"minivit {args.command}: error: cannot use{where}: {error.strerror or error} "
-              f"(check that the folder exists, is writable and has room)", file=sys.stderr)
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"minivit {args.command}: error: {error.strerror or error}{where}: a file this "
+              f"command reads or writes; check the path, its permissions and the free space",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"minivit {args.command}: interrupted", file=sys.stderr)

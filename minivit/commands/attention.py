@@ -8,8 +8,8 @@ laid over the input. Prints the predicted class.
 
 EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), channels first or
 last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
-PNG/JPEG. Images are converted to the model's channels and resized (bicubic) to its image size;
-resizing an array needs Pillow too. A batch gives one figure per image (b.npy:
+PNG/JPEG/GIF/BMP/TIFF/WebP. Images are converted to the model's channels and resized
+(bicubic) to its image size; resizing an array needs Pillow too. A batch gives one figure per image (b.npy:
 b_0_attention.png, b_1_attention.png, ...). Where output names would clash, they take the
 file's suffix (b_npy_attention.png), else its folder (in_b_npy_...), else a number. --index N
 takes sample N of the checkpoint's dataset instead. The image is normalised with the
@@ -33,7 +33,8 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--split", choices=("train", "test"), default="test",
                    help="the dataset split --index reads (default: test)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="where the dataset's files are (MNIST, CIFAR; default ./data)")
+                   help="where the dataset's files are (MNIST, CIFAR; default: the folder the "
+                        "checkpoint's run trained from, else ./data)")
     p.add_argument("--out", default=None, metavar="FILE.png",
                    help="output PNG (default ./attention_<split>_<N>.png or "
                         "./<image>_attention.png; with several images, _<N> or _<image> is "
@@ -52,7 +53,7 @@ def run(args):
     import minivit.functional as F
     from minivit import backend
     from minivit.checkpoint import model_from_checkpoint
-    from minivit.commands.common import apply_backend
+    from minivit.commands.common import apply_backend, writing_figure
     from minivit.errors import MinivitError
     from minivit.inspect import attention_rollout, cls_attention_maps, save_attention_figure
     from minivit.tensor import Tensor, no_grad
@@ -89,8 +90,9 @@ def run(args):
         text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
         if label is not None:
             text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=f"{tag}: {text}")
+        with writing_figure(out):
+            save_attention_figure(images[b], head_maps[b], rollout_maps[b], out,
+                                  title=f"{tag}: {text}", block=len(attentions) - 1)
         print(f"{tag}: {text} -> {out}")
     return 0
 
@@ -98,12 +100,14 @@ def run(args):
 def _dataset_samples(info, args):
     """(images (B, C, H, W) in [0, 1], labels, tags, stems) of --index from the checkpoint's
     dataset."""
+    from minivit.commands.common import run_data_dir
     from minivit.data import load_dataset
     from minivit.errors import MinivitError
 
     if not info.get("dataset"):
         raise MinivitError("the checkpoint names no dataset: give image files instead of --index")
-    dataset = load_dataset(info["dataset"], args.split, args.data_dir)
+    dataset = load_dataset(info["dataset"], args.split,
+                           run_data_dir(args.data_dir, info, info["dataset"]))
     args.index = list(dict.fromkeys(args.index))  # one figure per image, however often named
     for index in args.index:
         if not 0 <= index < len(dataset):

@@ -1,6 +1,7 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
+                                     describe_checkpoint, number, run_data_dir)
 
 
 def add_parser(subparsers, name, help_text):
@@ -9,22 +10,28 @@ def add_parser(subparsers, name, help_text):
                    help="a checkpoint file, or a run folder (its best checkpoint)")
     p.add_argument("--dataset", default=None,
                    help="dataset to evaluate on (default: the one the model was trained on)")
-    p.add_argument("--data-dir", default=None, metavar="DIR")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding the dataset's files (default: the one the checkpoint's "
+                        "run trained from, else ./data)")
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="which split to evaluate on (default: test)")
+    p.add_argument("--batch-size", type=number(int, 1), default=256,
+                   help="images per forward pass (default: 256; only speed and memory change)")
     add_backend_flags(p)
 
 
 def run(args):
-    from minivit.checkpoint import model_from_checkpoint
+    from minivit.checkpoint import checkpoint_path, model_from_checkpoint
     from minivit.data import DataLoader, load_dataset
     from minivit.errors import MinivitError
     from minivit.train import evaluate
 
     apply_backend(args)
-    model, info = model_from_checkpoint(args.checkpoint)
+    path = checkpoint_path(args.checkpoint)
+    model, info = model_from_checkpoint(path)
     model.to(dtype=args.dtype)
-    dataset = load_dataset(args.dataset or info["dataset"], args.split, args.data_dir)
+    name = args.dataset or info["dataset"]
+    dataset = load_dataset(name, args.split, run_data_dir(args.data_dir, info, name))
     expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
     if tuple(dataset.images.shape[1:]) != expected:
         raise MinivitError(f"{dataset.name}'s images are {_size(dataset.images.shape[1:])}, the "
@@ -36,6 +43,7 @@ def run(args):
                            f"{model.num_classes} classes")
     loader = DataLoader(dataset, args.batch_size, shuffle=False)
     loss, accuracy = evaluate(model, loader, args.dtype)
+    print(f"checkpoint {describe_checkpoint(path, info)}")
     print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
     return 0
 

@@ -1,6 +1,6 @@
 """minivit plot: loss/accuracy/learning-rate curves of run folders, or their gradient norms."""
 
-from minivit.commands.common import command_parser
+from minivit.commands.common import command_parser, writing_figure
 
 EPILOG = """Reads RUN_DIR/metrics.jsonl (written by minivit train). Several runs go on one figure,
 one colour per run, one line style per split (train, test). --grads draws instead the
@@ -42,8 +42,9 @@ def run(args):
                                "--out, or leave --out out (each run gets RUN_DIR/grads.png)")
         for run_dir in args.runs:
             out = Path(args.out) if args.out else _folder(run_dir) / "grads.png"
-            _prepare(out)
-            plot_grads(run_dir, out, x=args.x)
+            _check_suffix(out)
+            with writing_figure(out):
+                plot_grads(run_dir, out, x=args.x)
             print(f"wrote {out}")
         return 0
     if args.out:
@@ -52,8 +53,9 @@ def run(args):
         out = _folder(args.runs[0]) / "curves.png"
     else:
         out = Path("comparison.png")
-    _prepare(out)
-    plot_runs(args.runs, out, x=args.x)
+    _check_suffix(out)
+    with writing_figure(out):
+        plot_runs(args.runs, out, x=args.x)
     print(f"wrote {out}")
     return 0
 
@@ -66,9 +68,8 @@ def _folder(run_dir):
     return path.parent if path.is_file() else path
 
 
-def _prepare(out):
+def _check_suffix(out):
     from minivit.errors import MinivitError
 
     if out.suffix.lower() != ".png":
         raise MinivitError(f"--out must name a .png file, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
