@@ -2,8 +2,9 @@
 
 from minivit.backend import get_backend, manual_seed, set_backend
 from minivit.checkpoint import load, model_from_checkpoint, save
+from minivit.creation import ones, randn, tensor, zeros
 from minivit.gradcheck import gradcheck
-from minivit.tensor import Function, Tensor, is_grad_enabled, no_grad, ones, randn, tensor, zeros
+from minivit.tensor import Function, Tensor, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 

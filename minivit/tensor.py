@@ -55,6 +55,13 @@ def _as_array(value, dtype=None, like=None):
     return module.asarray(value, dtype=dtype)
 
 
+def _comparison(name):
+    """A Tensor comparison method: `name` is NumPy's ("less", "equal", ...)."""
+    def compare(self, other):
+        return _basic.compare(self, other, name)
+    return compare
+
+
 class Tensor:
     """An n-dimensional array with an optional gradient.
 
@@ -220,32 +227,27 @@ class Tensor:
 
     # reductions take NumPy's axis/keepdims or PyTorch's dim/keepdim
     def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        return _basic.reduce_sum(self, _axis(axis, dim), _keepdims(keepdims, keepdim))
+        return _basic.reduce_sum(self, *_axis(axis, dim, keepdims, keepdim))
 
     def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        return _basic.reduce_mean(self, _axis(axis, dim), _keepdims(keepdims, keepdim))
+        return _basic.reduce_mean(self, *_axis(axis, dim, keepdims, keepdim))
 
     def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         """The largest values (only the values: PyTorch's max(dim=) also returns indices,
         which argmax gives here)."""
-        return _basic.reduce_max(self, _axis(axis, dim), _keepdims(keepdims, keepdim))
+        return _basic.reduce_max(self, *_axis(axis, dim, keepdims, keepdim))
 
     def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         """Indices of the largest values (an integer tensor, outside the graph)."""
-        axis, keepdims = _axis(axis, dim), _keepdims(keepdims, keepdim)
-        indices = self.data.argmax(axis=axis)
-        if keepdims:
-            indices = backend.array_module(indices).expand_dims(
-                indices, tuple(range(self.ndim)) if axis is None else axis)
-        return Tensor(indices)
+        return _basic.argmax(self, *_axis(axis, dim, keepdims, keepdim))
 
     def softmax(self, axis=None, *, dim=None):
         """Along `axis` (or `dim`), the last one by default."""
-        axis = _axis(axis, dim)
+        axis = _axis(axis, dim)[0]
         return _activation.softmax(self, axis=-1 if axis is None else axis)
 
     def log_softmax(self, axis=None, *, dim=None):
-        axis = _axis(axis, dim)
+        axis = _axis(axis, dim)[0]
         return _activation.log_softmax(self, axis=-1 if axis is None else axis)
 
     def exp(self):
@@ -283,81 +285,21 @@ class Tensor:
         """The data as (nested) Python numbers."""
         return backend.to_numpy(self.data).tolist()
 
-    # comparisons give boolean tensors outside the graph; `is` still compares identity, and a
-    # tensor hashes by identity (as in PyTorch), so tensors can key dicts and sets
+    # comparisons give boolean tensors outside the graph; a tensor hashes by identity, as in
+    # PyTorch, so tensors can still key dicts and sets
     __hash__ = object.__hash__
 
-    def _compare(self, other, compare):
-        if not isinstance(other, (Tensor, numbers.Number, list, tuple)) and \
-                not hasattr(other, "dtype"):
-            return NotImplemented  # None, a string, ...: == is False, < raises TypeError
-        other = _as_array(other, like=self.data)
-        backend.array_module(self.data, other)  # raises on mixed numpy/cupy
-        return Tensor(compare(self.data, other))
-
-    def __eq__(self, other):
-        return self._compare(other, lambda a, b: a == b)
-
-    def __ne__(self, other):
-        return self._compare(other, lambda a, b: a != b)
-
-    def __lt__(self, other):
-        return self._compare(other, lambda a, b: a < b)
-
-    def __le__(self, other):
-        return self._compare(other, lambda a, b: a <= b)
-
-    def __gt__(self, other):
-        return self._compare(other, lambda a, b: a > b)
-
-    def __ge__(self, other):
-        return self._compare(other, lambda a, b: a >= b)
+    __eq__, __ne__ = _comparison("equal"), _comparison("not_equal")
+    __lt__, __le__ = _comparison("less"), _comparison("less_equal")
+    __gt__, __ge__ = _comparison("greater"), _comparison("greater_equal")
 
 
-def _axis(axis, dim):
-    """`axis`, or PyTorch's name for it, `dim`."""
-    if dim is None:
-        return axis
-    if axis is not None:
+def _axis(axis, dim, keepdims=False, keepdim=None):
+    """(axis, keepdims) from NumPy's names or PyTorch's (dim, keepdim)."""
+    if dim is not None and axis is not None:
         raise TypeError(f"pass axis or dim (PyTorch's name for it), not both: got axis={axis}, "
                         f"dim={dim}")
-    return dim
-
-
-def _keepdims(keepdims, keepdim):
-    """`keepdims`, or PyTorch's name for it, `keepdim`."""
-    return keepdims if keepdim is None else bool(keepdim)
-
-
-# -- constructors, as in PyTorch: new leaf tensors on the current backend ------------------------
-def _shape(shape):
-    """zeros(2, 3) and zeros((2, 3)) alike."""
-    return tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], numbers.Integral) \
-        else tuple(shape)
-
-
-def tensor(data, dtype=None, requires_grad=False):
-    """A new leaf Tensor holding a copy of `data` (a list, number, array or Tensor) on the
-    current backend. Python floats become float32 (PyTorch's default), Python ints int64;
-    arrays keep their dtype unless `dtype` is given."""
-    array = backend.to_numpy(data.data if isinstance(data, Tensor) else data)
-    if dtype is None and array.dtype == np.float64 and not hasattr(data, "dtype"):
-        dtype = np.float32
-    return Tensor(backend.to_backend(array.astype(dtype or array.dtype)), requires_grad)
-
-
-def zeros(*shape, dtype="float32", requires_grad=False):
-    return Tensor(backend.xp().zeros(_shape(shape), dtype=dtype), requires_grad)
-
-
-def ones(*shape, dtype="float32", requires_grad=False):
-    return Tensor(backend.xp().ones(_shape(shape), dtype=dtype), requires_grad)
-
-
-def randn(*shape, dtype="float32", requires_grad=False):
-    """Standard normal numbers from minivit's generator (seeded by minivit.manual_seed)."""
-    values = backend.random_generator().standard_normal(_shape(shape), dtype=dtype)
-    return Tensor(values, requires_grad)
+    return (axis if dim is None else dim), (keepdims if keepdim is None else bool(keepdim))
 
 
 class Function:

@@ -4,6 +4,8 @@ Each op is one Function: forward on raw arrays, backward right below it. Broadca
 NumPy; `_unbroadcast` sums a gradient back to the shape of the input it belongs to.
 """
 
+import numbers
+
 import numpy as np
 
 from minivit import backend, cpu
@@ -281,6 +283,28 @@ class Stack(Function):
         xp = backend.array_module(grad)
         count = grad.shape[self.axis]
         return tuple(xp.take(grad, i, axis=self.axis) for i in range(count))
+
+
+# -- comparisons: boolean results outside the graph (they have no gradient) --------------------
+def compare(a, b, name):
+    """The Tensor a <name> b elementwise, `name` a NumPy comparison ("less", "equal", ...);
+    NotImplemented when b is no number, array or tensor (None, a string), so that == is then
+    False and < a TypeError, as Python does for objects that cannot be compared."""
+    if not isinstance(b, (Tensor, numbers.Number, list, tuple)) and not hasattr(b, "dtype"):
+        return NotImplemented
+    a_data = a.data
+    b_data = b.data if isinstance(b, Tensor) else b if hasattr(b, "dtype") else \
+        backend.array_module(a_data).asarray(b)
+    return Tensor(getattr(backend.array_module(a_data, b_data), name)(a_data, b_data))
+
+
+def argmax(a, axis=None, keepdims=False):
+    """Indices of the largest values of Tensor `a`: an integer Tensor, outside the graph."""
+    indices = a.data.argmax(axis=axis)
+    if keepdims:
+        indices = backend.array_module(indices).expand_dims(
+            indices, tuple(range(a.ndim)) if axis is None else axis)
+    return Tensor(indices)
 
 
 # -- the functional API ---------------------------------------------------------------------------
