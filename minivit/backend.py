@@ -52,10 +52,25 @@ def cupy_available():
     return True
 
 
+# The names a user may give set_backend and .to(): PyTorch's device names as well as the array
+# modules'.
+BACKEND_NAMES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
+
+
+def backend_name(name):
+    """"numpy" or "cupy" for a name in BACKEND_NAMES (any case); BackendError naming the
+    choices for anything else."""
+    key = name.lower() if isinstance(name, str) else None
+    if key not in BACKEND_NAMES:
+        raise BackendError(f"unknown backend {name!r}: expected numpy or cpu (the CPU), or "
+                           f"cupy, cuda or gpu (an NVIDIA GPU)")
+    return BACKEND_NAMES[key]
+
+
 def set_backend(name):
-    """Select "numpy" or "cupy" for new tensors, parameters and data."""
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    """Select "numpy" or "cupy" (or a BACKEND_NAMES alias) for new tensors, parameters and
+    data."""
+    name = backend_name(name)
     _current["xp"] = np if name == "numpy" else _import_cupy()
     _current["name"] = name
     _current["error"] = None
@@ -95,20 +110,6 @@ def array_module(*arrays):
                            "Move every tensor to one backend first (model.to(backend=...), "
                            "Tensor.to(...)).")
     return _import_cupy() if names == {"cupy"} else np
-
-
-# The names a user may give .to(): PyTorch's device names as well as the array modules'.
-BACKEND_NAMES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
-
-
-def backend_name(name):
-    """"numpy" or "cupy" for a name in BACKEND_NAMES (any case); BackendError naming the
-    choices for anything else."""
-    key = name.lower() if isinstance(name, str) else name
-    if key not in BACKEND_NAMES:
-        raise BackendError(f"unknown backend or device {name!r}: expected one of "
-                           f"{', '.join(map(repr, BACKEND_NAMES))}")
-    return BACKEND_NAMES[key]
 
 
 def to_backend(array, name=None):

@@ -148,10 +148,11 @@ def save_weights(
 
     try:
         atomic_write(path, write)
-    except OSError as err:
+    except OSError as err:  # the reason, not the temporary file's name
         raise WeightsError(
-            f"cannot write {path}: {err}; check that its folder exists, is writable and has room"
-        ) from err
+            f"cannot write {path}: {err.strerror or err}; check that its folder exists, is "
+            "writable and has room"
+        ) from None
 
 
 def _host_array(name: object, value: object, path: Path) -> np.ndarray:

@@ -194,3 +194,34 @@ def test_a_figure_that_cannot_be_written_is_one_clear_error(trained_run, tmp_pat
     assert capsys.readouterr().err.endswith(
         f"error: cannot write {out.format(**values)}: Read-only file system; pass --out a .png "
         f"file in a folder that can be written\n")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pth"])
+def test_convert_into_a_full_disk_is_one_clear_error(trained_run, tmp_path, monkeypatch, capsys,
+                                                     suffix):
+    """Each writer fails its own way on a full disk: OSError, SafetensorError, RuntimeError."""
+    if suffix == ".pth":
+        torch = pytest.importorskip("torch")
+
+        def full(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+        monkeypatch.setattr(torch, "save", full)
+    elif suffix == ".safetensors":
+        from test_train_output import full_disk_on
+
+        full_disk_on(monkeypatch, "w")
+    else:
+        import zipfile
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(zipfile.ZipFile, "open", full)
+    run_dir, _ = trained_run
+    destination = tmp_path / f"w{suffix}"
+    assert main(["convert", str(run_dir / "best.safetensors"), str(destination)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"minivit convert: error: cannot write {destination}: ")
+    assert err.endswith("check that its folder exists, is writable and has room\n")
+    assert ".tmp" not in err and list(tmp_path.iterdir()) == []
