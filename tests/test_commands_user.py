@@ -225,3 +225,36 @@ def test_convert_into_a_full_disk_is_one_clear_error(trained_run, tmp_path, monk
     assert err.startswith(f"minivit convert: error: cannot write {destination}: ")
     assert err.endswith("check that its folder exists, is writable and has room\n")
     assert ".tmp" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_attention_goes_on_past_a_bad_file(trained_run, tmp_path, monkeypatch, capsys):
+    run_dir, test_set = trained_run
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "a.npy", test_set.images[0])
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    assert main(["attention", "--checkpoint", str(run_dir), "bad.npy", "a.npy"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("a.npy: predicted ") and (tmp_path / "a_attention.png").exists()
+    assert "bad.npy: cannot read as .npy" in err
+    assert err.splitlines()[-1] == "minivit attention: 1 of 2 files could not be read: bad.npy"
+
+
+def test_ctrl_c_after_the_last_checkpoint_does_not_advise_a_resume(tmp_path, capsys,
+                                                                   monkeypatch):
+    import minivit.train as train_module
+
+    real_train = train_module.train
+
+    def interrupted_at_the_end(config, on_epoch_end=None):
+        def end(epoch, summary):
+            on_epoch_end(epoch, summary)
+            if epoch == config.epochs:
+                raise KeyboardInterrupt
+        return real_train(config, on_epoch_end=end)
+
+    monkeypatch.setattr(train_module, "train", interrupted_at_the_end)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--warmup", "0", "--batch-size", "256", "--out",
+                 str(run_dir), "--quiet"]) == 130
+    assert capsys.readouterr().err == (f"minivit train: interrupted after the last epoch's "
+                                       f"checkpoint; the run in {run_dir} is complete\n")

@@ -481,8 +481,8 @@ def test_resume_refuses_training_options_that_differ_from_the_saved_ones(tmp_pat
     assert (f"--resume continues {run_dir} with the configuration saved in its config.json, and "
             f"these options differ from it: --lr 1.0 (saved: 0.002), --optimizer sgd (saved: "
             f"adamw), --log-grads (saved: log-grads false). Leave them out to continue the run "
-            f"as it was, or start a new run with --out OTHER (or --overwrite to replace this "
-            f"one)") in err
+            f"as it was, or start a new run with --out OTHER (or, without --resume, --overwrite "
+            f"to replace this one)") in err
     assert run_files(run_dir) == before
     # options equal to the saved ones (digits get no augmentation) are fine; the data may move
     assert main(["train", "--resume", "--epochs", "2", "--model", "vit_digits", "--no-augment",

@@ -48,6 +48,8 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
+    import sys
+
     import numpy as np
 
     import minivit.functional as F
@@ -67,6 +69,7 @@ def run(args):
     model.to(dtype=args.dtype)
     class_names = info.get("class_names") or [str(k) for k in range(model.num_classes)]
 
+    args.unreadable = []  # image files reported and skipped
     if args.index:
         images, labels, tags, stems = _dataset_samples(info, args)
     else:
@@ -94,6 +97,10 @@ def run(args):
             save_attention_figure(images[b], head_maps[b], rollout_maps[b], out,
                                   title=f"{tag}: {text}", block=len(attentions) - 1)
         print(f"{tag}: {text} -> {out}")
+    if args.unreadable:
+        print(f"minivit attention: {len(args.unreadable)} of {len(args.images)} files could not "
+              f"be read: {', '.join(map(str, args.unreadable))}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -122,18 +129,29 @@ def _dataset_samples(info, args):
 def _file_samples(model, args):
     """(images (B, C, H, W) in [0, 1], labels, tags, stems) of the image files; a batch file
     gives one of each per image."""
+    import sys
     from pathlib import Path
 
     import numpy as np
 
+    from minivit.errors import MinivitError
     from minivit.images import image_names, read_images
 
     channels, size = model.patch_embed.in_chans, model.patch_embed.img_size
-    batches = [read_images(path, channels, size) for path in args.images]
-    tags = [tag for path, batch in zip(args.images, batches)
+    paths, batches = [], []  # a file that cannot be read is reported, the others still drawn
+    for path in args.images:
+        try:
+            batches.append(read_images(path, channels, size))
+            paths.append(path)
+        except MinivitError as error:
+            print(f"minivit attention: error: {error}", file=sys.stderr)
+            args.unreadable.append(path)
+    if not batches:
+        raise MinivitError(f"none of the {len(args.images)} file(s) could be read (see above)")
+    tags = [tag for path, batch in zip(paths, batches)
             for tag in image_names(str(path), len(batch))]
     images = np.concatenate(batches)
-    stems = _unique_stems([Path(path) for path in args.images], [len(b) for b in batches])
+    stems = _unique_stems([Path(path) for path in paths], [len(b) for b in batches])
     return images, [None] * len(images), tags, stems
 
 

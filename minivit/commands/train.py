@@ -122,8 +122,8 @@ def _check_resumed_options(run_dir, saved, given):
         raise MinivitError(f"--resume continues {run_dir} with the configuration saved in its "
                            f"config.json, and these options differ from it: "
                            f"{', '.join(differing)}. Leave them out to continue the run as it "
-                           f"was, or start a new run with --out OTHER (or --overwrite to "
-                           f"replace this one)")
+                           f"was, or start a new run with --out OTHER (or, without --resume, "
+                           f"--overwrite to replace this one)")
 
 
 def run(args):
@@ -151,7 +151,10 @@ def run(args):
     except KeyboardInterrupt:
         import sys
 
-        if finished or config.resume:
+        if finished and finished[-1] == config.epochs:
+            print(f"minivit train: interrupted after the last epoch's checkpoint; the run in "
+                  f"{config.out} is complete", file=sys.stderr)
+        elif finished or config.resume:
             kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
                   f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
