@@ -258,3 +258,16 @@ def test_ctrl_c_after_the_last_checkpoint_does_not_advise_a_resume(tmp_path, cap
                  str(run_dir), "--quiet"]) == 130
     assert capsys.readouterr().err == (f"minivit train: interrupted after the last epoch's "
                                        f"checkpoint; the run in {run_dir} is complete\n")
+
+
+def test_eval_of_a_checkpoint_that_names_no_dataset_asks_for_one(tmp_path, capsys):
+    from minivit.checkpoint import save_checkpoint
+    from minivit.models import create_model
+
+    path = tmp_path / "plain.safetensors"
+    save_checkpoint(path, create_model("vit_digits", depth=1, embed_dim=16, num_heads=2), {})
+    assert main(["eval", "--checkpoint", str(path)]) == 1  # was KeyError: 'dataset'
+    assert capsys.readouterr().err == (f"minivit eval: error: {path} names no dataset (it was not "
+                                       f"written by minivit train): pass --dataset NAME\n")
+    assert main(["eval", "--checkpoint", str(path), "--dataset", "digits"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"checkpoint {path}"

@@ -30,12 +30,16 @@ def run(args):
     path = checkpoint_path(args.checkpoint)
     model, info = model_from_checkpoint(path)
     model.to(dtype=args.dtype)
-    name = args.dataset or info["dataset"]
+    name = args.dataset or info.get("dataset")
+    if name is None:
+        raise MinivitError(f"{path} names no dataset (it was not written by minivit train): "
+                           f"pass --dataset NAME")
     dataset = load_dataset(name, args.split, run_data_dir(args.data_dir, info, name))
     expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
     if tuple(dataset.images.shape[1:]) != expected:
+        trained_on = info.get("dataset", "another dataset")
         raise MinivitError(f"{dataset.name}'s images are {_size(dataset.images.shape[1:])}, the "
-                           f"model takes {_size(expected)} (it was trained on {info['dataset']}): "
+                           f"model takes {_size(expected)} (it was trained on {trained_on}): "
                            f"evaluate it on a dataset of that size")
     if dataset.num_classes > model.num_classes:
         raise MinivitError(f"{dataset.name} has {dataset.num_classes} classes, the model only "
