@@ -168,8 +168,8 @@ class Trainer:
         warmup_steps = config.warmup * self.steps_per_epoch
         loss_sum, correct, count, began = 0.0, 0, 0, time.perf_counter()
         grads = None
-        self.batches = self.progress.batches(self.data.train_loader, epoch, config.epochs)
-        for images, labels in self.batches:
+        batches = self.progress.batches(self.data.train_loader, epoch, config.epochs)
+        for images, labels in batches:
             optimizer.lr = warmup_cosine(self.step, total_steps, config.lr, warmup_steps,
                                          config.min_lr)
             x = backend.to_backend(images.astype(config.dtype, copy=False))
@@ -186,8 +186,9 @@ class Trainer:
             loss_sum += loss_value * len(labels)
             correct += int((logits.argmax(axis=1) == y).sum())
             count += len(labels)
-            self.progress.update(self.batches, loss_sum / count, correct / count, optimizer.lr,
+            self.progress.update(batches, loss_sum / count, correct / count, optimizer.lr,
                                  count / (time.perf_counter() - began))
+        self.progress.close(batches)
         return EpochResult(loss_sum / count, correct / count, count, time.perf_counter() - began,
                            grads)
 
@@ -224,6 +225,5 @@ class Trainer:
                                    is_best)
         except (OSError, MinivitError) as error:
             raise write_failure(error, self.run_dir, self.last_path) from None
-        self.progress.end_epoch(self.batches, epoch, self.config.epochs,
-                                (result.loss, result.accuracy), (test_loss, test_accuracy),
-                                images_per_s)
+        self.progress.epoch_line(epoch, self.config.epochs, (result.loss, result.accuracy),
+                                 (test_loss, test_accuracy), images_per_s)

@@ -47,10 +47,12 @@ class Progress:
             batches.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", lr=f"{lr:.2e}",
                                 img_s=f"{images_per_s:.0f}")
 
-    def end_epoch(self, batches, epoch, epochs, train, test, images_per_s):
-        """Close the epoch's bar and print its line; `train`, `test`: (loss, accuracy)."""
+    def close(self, batches):
         if self.bars:
             batches.close()
+
+    def epoch_line(self, epoch, epochs, train, test, images_per_s):
+        """The line of a finished epoch; `train`, `test`: (loss, accuracy)."""
         if not self.enabled:
             return
         line = (f"epoch {epoch + 1:>3}/{epochs}  train loss {train[0]:.4f} acc {train[1]:.4f}  "
