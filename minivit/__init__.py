@@ -1,7 +1,7 @@
 """minivit: Vision Transformers on a small hand-written autograd engine (NumPy/CuPy)."""
 
 from minivit.backend import get_backend, manual_seed, set_backend
-from minivit.checkpoint import load, model_from_checkpoint, save
+from minivit.checkpoint import load, save
 from minivit.creation import ones, randn, tensor, zeros
 from minivit.gradcheck import gradcheck
 from minivit.tensor import Function, Tensor, is_grad_enabled, no_grad
@@ -9,5 +9,5 @@ from minivit.tensor import Function, Tensor, is_grad_enabled, no_grad
 __version__ = "0.1.0"
 
 __all__ = ["Function", "Tensor", "get_backend", "gradcheck", "is_grad_enabled", "load",
-           "manual_seed", "model_from_checkpoint", "no_grad", "ones", "randn", "save",
+           "manual_seed", "no_grad", "ones", "randn", "save",
            "set_backend", "tensor", "zeros", "__version__"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
-from minivit.models import VisionTransformer
 from minivit.nn import Module
 from minivit.tensor import Tensor
 
@@ -49,15 +48,6 @@ def read_checkpoint(path):
     return model_state, optimizer_arrays, info
 
 
-def model_from_checkpoint(path):
-    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
-    loaded, in eval mode, on the current backend."""
-    model_state, _, info = read_checkpoint(checkpoint_path(path))
-    model = VisionTransformer(**info["model_config"])
-    model.load_state_dict(model_state)
-    return model.eval(), info
-
-
 def save(weights, path, metadata=None):
     """Save a model's weights, or a dict of arrays or Tensors, to a .safetensors or .npz file,
     atomically (as torch.save(model.state_dict(), path)); `metadata` maps str to str."""
@@ -71,7 +61,7 @@ def load(path):
     """The weights of a file or run folder as a dict of NumPy arrays, ready for
     model.load_state_dict (as torch.load): a minivit checkpoint gives its model's weights
     (without the optimizer's state), a run folder those of its best checkpoint.
-    model_from_checkpoint rebuilds the model as well."""
+    minivit.models.model_from_checkpoint rebuilds the model as well."""
     state, metadata = load_weights(checkpoint_path(path))
     checkpoint = METADATA_KEY in metadata
     return {name: array for name, array in state.items()

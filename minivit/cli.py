@@ -5,6 +5,9 @@ import importlib
 import os
 import sys
 
+from minivit import __version__
+from minivit.errors import MinivitError
+
 # name -> one-line help; the module minivit.commands.<name> does the work.
 COMMANDS = {
     "train": "train a ViT (default: a tiny ViT on the embedded 8x8 digits, on the CPU)",
@@ -20,8 +23,6 @@ COMMANDS = {
 
 
 def build_parser():
-    from minivit import __version__
-
     parser = argparse.ArgumentParser(
         prog="minivit",
         description="Vision Transformers on a small hand-written autograd engine (NumPy/CuPy).",
@@ -55,8 +56,6 @@ def main(argv=None):
         return 2
     if unknown:  # the sub-command's own usage, not the top-level one
         args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    from minivit.errors import MinivitError
-
     try:
         status = _command_module(args.command).run(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

@@ -68,17 +68,17 @@ def test_every_option_of_every_command_has_help():
 # -- eval and attention read the run's data folder and say which checkpoint -------------------
 def test_eval_uses_the_runs_data_folder_and_names_the_checkpoint(trained_run, tmp_path,
                                                                  monkeypatch, capsys):
-    import minivit.data as data
+    import minivit.commands.eval as eval_command
 
     run_dir, _ = trained_run
     asked = []
-    real_load = data.load_dataset
+    real_load = eval_command.load_dataset
 
     def recording(name, split="train", data_dir=None):
         asked.append(data_dir)
         return real_load(name, split, data_dir)
 
-    monkeypatch.setattr(data, "load_dataset", recording)
+    monkeypatch.setattr(eval_command, "load_dataset", recording)
     monkeypatch.chdir(tmp_path)  # no ./data here
     assert main(["eval", "--checkpoint", str(run_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -241,9 +241,9 @@ def test_attention_goes_on_past_a_bad_file(trained_run, tmp_path, monkeypatch, c
 
 def test_ctrl_c_after_the_last_checkpoint_does_not_advise_a_resume(tmp_path, capsys,
                                                                    monkeypatch):
-    import minivit.train as train_module
+    import minivit.commands.train as train_command
 
-    real_train = train_module.train
+    real_train = train_command.train
 
     def interrupted_at_the_end(config, on_epoch_end=None):
         def end(epoch, summary):
@@ -252,7 +252,7 @@ def test_ctrl_c_after_the_last_checkpoint_does_not_advise_a_resume(tmp_path, cap
                 raise KeyboardInterrupt
         return real_train(config, on_epoch_end=end)
 
-    monkeypatch.setattr(train_module, "train", interrupted_at_the_end)
+    monkeypatch.setattr(train_command, "train", interrupted_at_the_end)
     run_dir = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--warmup", "0", "--batch-size", "256", "--out",
                  str(run_dir), "--quiet"]) == 130

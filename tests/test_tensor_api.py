@@ -9,7 +9,7 @@ from conftest import as_host, on_backend
 import minivit
 from minivit import Tensor
 from minivit.errors import BackendError, DTypeError, GraphError
-from minivit.models import create_model
+from minivit.models import create_model, model_from_checkpoint
 
 
 def test_comparisons_give_boolean_tensors_outside_the_graph(backend):
@@ -134,7 +134,7 @@ def test_load_of_a_run_gives_its_models_weights(tmp_path):
 
     train(TrainConfig(dataset="digits", epochs=1, warmup=0, batch_size=256, augment=False,
                       progress=False, out=str(tmp_path / "run")))
-    model, info = minivit.model_from_checkpoint(tmp_path / "run")
+    model, info = model_from_checkpoint(tmp_path / "run")
     state = minivit.load(tmp_path / "run")
     assert not any(name.startswith("optimizer.") for name in state)
     assert sorted(state) == sorted(model.state_dict())

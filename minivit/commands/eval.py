@@ -1,7 +1,12 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
+from minivit.checkpoint import checkpoint_path
 from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
                                      describe_checkpoint, number, run_data_dir)
+from minivit.data import DataLoader, load_dataset
+from minivit.errors import MinivitError
+from minivit.models import model_from_checkpoint
+from minivit.train import evaluate
 
 
 def add_parser(subparsers, name, help_text):
@@ -21,11 +26,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from minivit.checkpoint import checkpoint_path, model_from_checkpoint
-    from minivit.data import DataLoader, load_dataset
-    from minivit.errors import MinivitError
-    from minivit.train import evaluate
-
     apply_backend(args)
     path = checkpoint_path(args.checkpoint)
     model, info = model_from_checkpoint(path)
