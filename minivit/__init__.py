@@ -2,12 +2,12 @@
 
 from minivit.backend import get_backend, manual_seed, set_backend
 from minivit.checkpoint import load, save
-from minivit.creation import ones, randn, tensor, zeros
+from minivit.creation import ones, randn, zeros  # and minivit.tensor(...): see creation
 from minivit.gradcheck import gradcheck
 from minivit.tensor import Function, Tensor, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 
 __all__ = ["Function", "Tensor", "get_backend", "gradcheck", "is_grad_enabled", "load",
-           "manual_seed", "no_grad", "ones", "randn", "save",
-           "set_backend", "tensor", "zeros", "__version__"]
+           "manual_seed", "no_grad", "ones", "randn", "save", "set_backend", "zeros",
+           "__version__"]

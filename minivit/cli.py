@@ -12,7 +12,8 @@ from minivit.errors import MinivitError
 COMMANDS = {
     "train": "train a ViT (default: a tiny ViT on the embedded 8x8 digits, on the CPU)",
     "eval": "evaluate a checkpoint on a dataset's test split",
-    "predict": "classify image files (.npy; PNG, JPEG, GIF, BMP, ... with Pillow) with a checkpoint or timm weights",
+    "predict": "classify image files (.npy; PNG, JPEG, ... with Pillow) with a checkpoint or "
+               "timm weights",
     "gradcheck": "check every hand-written backward against finite differences",
     "bench": "training/inference images/s, memory and FLOP/s, optionally side by side with PyTorch",
     "info": "parameters, tokens, MACs/FLOPs and activation memory of a model or checkpoint",

@@ -1,7 +1,9 @@
-"""New tensors as PyTorch makes them: minivit.tensor, zeros, ones, randn. Each is a new leaf on
-the current backend."""
+"""New tensors as PyTorch makes them: minivit.tensor(...), zeros, ones, randn. Each is a new leaf
+on the current backend."""
 
 import numbers
+import sys
+import types
 
 import numpy as np
 
@@ -37,3 +39,15 @@ def randn(*shape, dtype="float32", requires_grad=False):
     """Standard normal numbers from minivit's generator (seeded by minivit.manual_seed)."""
     values = backend.random_generator().standard_normal(_shape(shape), dtype=dtype)
     return Tensor(values, requires_grad)
+
+
+class _CallableTensorModule(types.ModuleType):
+    """The module minivit.tensor, callable as the constructor: `minivit.tensor([1.0, 2.0])` is
+    torch.tensor's habit, while `minivit.tensor.Tensor` and `minivit.tensor.op_hook` stay the
+    module's names (a module may take a ModuleType subclass as its __class__)."""
+
+    def __call__(self, data, dtype=None, requires_grad=False):
+        return tensor(data, dtype, requires_grad)
+
+
+sys.modules["minivit.tensor"].__class__ = _CallableTensorModule

@@ -70,6 +70,8 @@ def test_requires_grad_in_place(backend):
 
 
 def test_constructors(backend):
+    import minivit.tensor  # noqa: F401 - the import a user may write keeps it callable
+
     assert minivit.zeros(2, 3).shape == minivit.zeros((2, 3)).shape == (2, 3)
     assert minivit.ones(4, dtype="float64").dtype == np.float64
     assert as_host(minivit.ones(2).data).tolist() == [1.0, 1.0]
@@ -86,6 +88,8 @@ def test_constructors(backend):
     source[0] = 9.0  # a copy, as torch.tensor makes
     assert copied.dtype == np.float64 and copied.tolist() == [1.0, 2.0] and copied.requires_grad
     assert minivit.tensor(copied, dtype="float32").dtype == np.float32
+    # minivit.tensor is also still the module of Tensor, Function and the engine's hook
+    assert minivit.tensor.Tensor is Tensor and minivit.tensor._op_hook is None
 
 
 @pytest.mark.parametrize("name", ["numpy", "cpu", "CPU"])

@@ -440,8 +440,8 @@ def test_an_overwritten_run_interrupted_in_its_first_epoch_cannot_resume_the_old
             ) in capsys.readouterr().err
     assert main(["train", "--epochs", "1", "--out", str(run_dir), "--quiet"]) == 1
     assert (f"{run_dir} already holds a run that stopped before its first checkpoint was written "
-            f"(no epoch finished: config.json): pass --overwrite to start it again, or --out OTHER to keep "
-            f"it and start another run") in capsys.readouterr().err  # not --resume: it has none
+            f"(no epoch finished: config.json): pass --overwrite to start it again, or --out "
+            f"OTHER to keep it and start another run") in capsys.readouterr().err  # no --resume
 
 
 def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys):

@@ -26,8 +26,9 @@ EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), ch
 last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
 PNG/JPEG/GIF/BMP/TIFF/WebP. Images are converted to the model's channels and resized
 (bicubic) to its image size; resizing an array needs Pillow too. A batch gives one figure per
-image (b.npy: b_0_attention.png, b_1_attention.png, ...). Where output names would clash, they take the
-file's suffix (b_npy_attention.png), else its folder (in_b_npy_...), else a number. --index N
+image (b.npy: b_0_attention.png, b_1_attention.png, ...). Where output names would clash, they
+take the file's suffix (b_npy_attention.png), else its folder (in_b_npy_...), else a number. A
+file that cannot be read is reported and the others drawn (exit status 1). --index N
 takes sample N of the checkpoint's dataset instead. The image is normalised with the
 checkpoint's mean/std before the forward pass.
 

@@ -19,8 +19,9 @@ EPILOG = """examples:
 
 Inputs: .npy arrays (H,W), (C,H,W) or (N,C,H,W), channels first or last, with values in [0,1]
 (or uint8 0..255; a stack of grey images as (N,1,H,W)), and PNG/JPEG/GIF/BMP/TIFF/WebP files
-(8- or 16-bit PNGs; needs Pillow: pip install 'minivit[images]'; so does resizing an array). Grey images are
-repeated for RGB models, RGB made grey for 1-channel ones.
+(8- or 16-bit PNGs; needs Pillow: pip install 'minivit[images]'; so does resizing an array).
+Grey images are repeated for RGB models, RGB made grey for 1-channel ones. A file that cannot
+be read is reported and the others classified (exit status 1).
 --checkpoint: a minivit training checkpoint (or run folder); images are converted to the
   model's channels, resized to its image size and normalised with the training data's
   mean/std; class names come from the checkpoint.

@@ -130,7 +130,8 @@ class Trainer:
 
     def __init__(self, config, run_dir, data, model, optimizer, metrics, progress, start):
         self.config, self.run_dir, self.data = config, run_dir, data
-        self.model, self.optimizer, self.metrics, self.progress = model, optimizer, metrics, progress
+        self.model, self.optimizer = model, optimizer
+        self.metrics, self.progress = metrics, progress
         self.start, self.best_accuracy = start, start.best_accuracy
         self.train_step = training_step(model, optimizer, config)
         self.steps_per_epoch = len(data.train_loader)
