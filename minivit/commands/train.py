@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from minivit import distributed as dist
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser
 from minivit.errors import MinivitError
 from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, saved_config, train
@@ -143,6 +144,8 @@ def run(args):
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
     except KeyboardInterrupt:
+        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
+            return 130
         if finished and finished[-1] == config.epochs:
             print(f"minivit train: interrupted after the last epoch's checkpoint; the run in "
                   f"{config.out} is complete", file=sys.stderr)
@@ -152,9 +155,11 @@ def run(args):
                   f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
         else:
             print(f"minivit train: interrupted during the first epoch; no checkpoint was "
-                  f"written in {config.out}: start again by adding --overwrite to the same command",
-                  file=sys.stderr)
+                  f"written in {config.out}: start again by adding --overwrite to the same "
+                  f"command", file=sys.stderr)
         return 130
+    if not dist.is_main():  # under mpiexec: rank 0 reports
+        return 0
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from minivit import backend
+from minivit import distributed as dist
 from minivit.train.config import (DEFAULT_MODELS, OPTIMIZER_DEFAULTS, TrainConfig, checked_config,
                                   config_notes, epochs_text, saved_config)
 from minivit.train.loop import (Trainer, build_model, build_optimizer, evaluate,
@@ -44,15 +45,17 @@ def train(config, on_epoch_end=None):
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():
         return _train(config, on_epoch_end)
 
 
 def _train(config, on_epoch_end):
     # 1. the options and the run folder: refused before anything is loaded or written
     backend.set_backend(config.backend)
+    dist.init()  # under mpiexec: join the other processes (each on its own GPU)
     run_dir = Path(config.out)
-    check_run_folder(config, run_dir)
+    if dist.is_main():  # rank 0 keeps the run folder; the others only read a resumed one
+        check_run_folder(config, run_dir)
     config = checked_config(config)
     # 2. data, model, optimizer
     data, config = load_training_data(config)
@@ -60,14 +63,19 @@ def _train(config, on_epoch_end):
     model = build_model(config, train_set.num_classes, train_set.images.shape[2],
                         train_set.images.shape[1])
     optimizer = build_optimizer(config, model)
-    # 3. the run folder: a resume's checkpoint loaded, config.json and metrics made ready
-    make_run_folder(run_dir)
+    dist.average_gradients(optimizer)
+    # 3. the run folder: a resume's checkpoint loaded, config.json and metrics made ready (only
+    # rank 0 writes; the other processes hold the same weights and numbers)
+    if dist.is_main():
+        make_run_folder(run_dir)
     start = resume_from_last(run_dir, model, optimizer, config) if config.resume else RunStart()
-    metrics = prepare_run_folder(config, run_dir, start.epoch)
-    # 4. say what is trained, then train
-    progress = Progress(config.progress)
-    for note in (*config_notes(config), *model_notes(config, train_set)):
-        progress.note(note)
+    dist.broadcast_parameters(model)
+    metrics = prepare_run_folder(config, run_dir, start.epoch) if dist.is_main() else None
+    # 4. say what is trained (rank 0), then train
+    progress = Progress(config.progress and dist.is_main())
+    if dist.is_main():
+        for note in (*config_notes(config), *model_notes(config, train_set)):
+            progress.note(note)
     progress.header(config, model, data, start, len(data.train_loader))
     trainer = Trainer(config, run_dir, data, model, optimizer, metrics, progress, start)
     return trainer.run(on_epoch_end)

@@ -7,6 +7,7 @@ import time
 
 import minivit.functional as F
 from minivit import backend, cuda
+from minivit import distributed as dist
 from minivit.data import DataLoader, default_augmentation, load_dataset
 from minivit.errors import MinivitError, TrainingError
 from minivit.models import create_model, model_config
@@ -29,10 +30,11 @@ def load_training_data(config):
     test_set = load_dataset(config.dataset, "test", config.data_dir)
     augment = default_augmentation(config.dataset) if config.augment else None
     config = dataclasses.replace(config, augment=augment is not None)
-    train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
-                              augment=augment)
-    return TrainingData(train_set, test_set, train_loader,
-                        DataLoader(test_set, 256, shuffle=False)), config
+    # --batch-size is the global batch: each process trains on its part of every batch
+    train_loader = dist.shard_loader(DataLoader(train_set, config.batch_size, shuffle=True,
+                                                seed=config.seed, augment=augment))
+    test_loader = DataLoader(dist.shard_dataset(test_set), 256, shuffle=False)
+    return TrainingData(train_set, test_set, train_loader, test_loader), config
 
 
 def build_model(config, num_classes, image_size, channels):
@@ -100,6 +102,7 @@ def evaluate(model, loader, dtype="float32"):
             total_loss += F.cross_entropy(logits, targets).item() * len(labels)
             correct += int((logits.data.argmax(axis=1) == targets).sum())
             count += len(labels)
+    total_loss, correct, count = dist.sum_over_ranks(total_loss, correct, count)  # data parallel
     model.train(was_training)
     return total_loss / count, correct / count
 
@@ -164,18 +167,18 @@ class Trainer:
         config, optimizer = self.config, self.optimizer
         self.model.train()
         self.data.train_loader.set_epoch(epoch)
-        backend.manual_seed([config.seed, epoch])  # dropout/drop-path numbers of this epoch
+        backend.manual_seed(dist.rank_seed([config.seed, epoch]))  # this epoch's dropout numbers
         total_steps = config.epochs * self.steps_per_epoch
         warmup_steps = config.warmup * self.steps_per_epoch
         loss_sum, correct, count, began = 0.0, 0, 0, time.perf_counter()
         grads = None
         batches = self.progress.batches(self.data.train_loader, epoch, config.epochs)
-        for images, labels in batches:
+        for batch, (images, labels) in enumerate(batches):
             optimizer.lr = warmup_cosine(self.step, total_steps, config.lr, warmup_steps,
                                          config.min_lr)
             x = backend.to_backend(images.astype(config.dtype, copy=False))
             y = backend.to_backend(labels)
-            log_grads_now = config.log_grads and count + len(labels) >= len(self.data.train_set)
+            log_grads_now = config.log_grads and batch == self.steps_per_epoch - 1
             params_before = optimizer.flat.copy() if log_grads_now else None
             loss, logits = self.train_step(x, y)
             loss_value = float(loss)
@@ -190,8 +193,9 @@ class Trainer:
             self.progress.update(batches, loss_sum / count, correct / count, optimizer.lr,
                                  count / (time.perf_counter() - began))
         self.progress.close(batches)
-        return EpochResult(loss_sum / count, correct / count, count, time.perf_counter() - began,
-                           grads)
+        seconds = time.perf_counter() - began
+        loss_sum, correct, count = dist.sum_over_ranks(loss_sum, correct, count)  # data parallel
+        return EpochResult(loss_sum / count, correct / count, count, seconds, grads)
 
     def diverged(self, loss_value, epoch):
         if self.last_path.exists():
@@ -211,6 +215,8 @@ class Trainer:
         self.best_accuracy = max(self.best_accuracy, test_accuracy)
         images_per_s = result.images / result.seconds
         common = {"epoch": epoch + 1, "step": self.step, "time": self.elapsed()}
+        if not dist.is_main():  # rank 0 writes the run folder
+            return
         try:
             self.metrics.write(dict(common, split="train", loss=result.loss,
                                     accuracy=result.accuracy, lr=self.optimizer.lr,

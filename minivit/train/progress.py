@@ -9,6 +9,7 @@ import sys
 
 from tqdm import tqdm
 
+from minivit import distributed as dist
 from minivit.train.config import epochs_text
 
 
@@ -35,6 +36,8 @@ class Progress:
               f"  {config.backend} {config.dtype}, {config.optimizer} lr {config.lr:g}, batch "
               f"{config.batch_size}, {epochs_text(config.epochs)} of {steps_per_epoch} steps; "
               f"{begin}", flush=True)
+        if dist.world_size() > 1:
+            print(f"  data parallel: {dist.describe()}", flush=True)
 
     def batches(self, loader, epoch, epochs):
         """The loader, wrapped in a progress bar on a terminal."""
