@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-from minivit import __version__
+from minivit import __version__, cpu
 from minivit.errors import MinivitError
 
 # name -> one-line help; the module minivit.commands.<name> does the work.
@@ -57,6 +57,7 @@ def main(argv=None):
         return 2
     if unknown:  # the sub-command's own usage, not the top-level one
         args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    cpu.configure()  # BLAS threads and malloc for the CPU kernels (see minivit.cpu.runtime)
     try:
         status = _command_module(args.command).run(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend
+from minivit import backend, cpu
 from minivit import distributed as dist
 from minivit.train.config import (DEFAULT_MODELS, OPTIMIZER_DEFAULTS, TrainConfig, checked_config,
                                   config_notes, epochs_text, saved_config)
@@ -43,6 +43,7 @@ __all__ = ["DEFAULT_MODELS", "OPTIMIZER_DEFAULTS", "PLOT_FILES", "RUN_FILES", "T
 def train(config, on_epoch_end=None):
     """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    cpu.configure()  # BLAS threads and malloc, as the command line sets them up
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():

@@ -75,19 +75,7 @@ def training_step(model, optimizer, config):
         optimizer.step(max_grad_norm=config.clip_grad)
         return loss.data, logits.data
 
-    if not config.cuda_graph:
-        return step
-    graph = None
-
-    def replay(x, y):
-        nonlocal graph
-        if len(y) != config.batch_size:
-            return step(x, y)
-        if graph is None:
-            graph = cuda.capture_step(step, x, y)
-            return graph.warmup_outputs
-        return graph(x, y)
-    return replay
+    return cuda.replayed(step, config.batch_size) if config.cuda_graph else step
 
 
 def evaluate(model, loader, dtype="float32"):
