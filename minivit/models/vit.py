@@ -5,12 +5,10 @@ position embedding, pre-norm blocks, final LayerNorm and a linear head on the cl
 timm weights load by name.
 """
 
-from pathlib import Path
-
 import minivit.functional as F
 from minivit import backend
 from minivit.checkpoint import checkpoint_path, read_checkpoint
-from minivit.errors import MinivitError, ShapeError
+from minivit.errors import MinivitError, ShapeError, WeightsError
 from minivit.models.pos_embed import resample_abs_pos_embed
 from minivit.models.pretrained import load_pretrained
 from minivit.models.timm_keys import check_state_dict
@@ -186,7 +184,12 @@ def create_model(name, pretrained=None, **overrides):
 def model_from_checkpoint(path):
     """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
     loaded, in eval mode, on the current backend."""
-    model_state, _, info = read_checkpoint(checkpoint_path(path))
+    path = checkpoint_path(path)
+    model_state, _, info = read_checkpoint(path)
+    if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
+        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
+                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
+                           f"`minivit train --init {path.parent}` fine-tunes it")
     model = VisionTransformer(**info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info

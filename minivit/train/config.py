@@ -42,6 +42,8 @@ class TrainConfig:
     checkpoint_format: str = "safetensors"
     log_grads: bool = False
     progress: bool = True
+    init: str = None  # a pretrained encoder (run folder or weights) to fine-tune from
+    train_fraction: float = 1.0  # a stratified fraction of the training labels
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
 

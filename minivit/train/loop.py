@@ -9,6 +9,8 @@ import minivit.functional as F
 from minivit import backend, cuda
 from minivit import distributed as dist
 from minivit.data import DataLoader, default_augmentation, load_dataset
+from minivit.data.subset import stratified_fraction
+from minivit.encoders import load_encoder
 from minivit.errors import MinivitError, TrainingError
 from minivit.models import create_model, model_config
 from minivit.optim import SGD, AdamW, warmup_cosine
@@ -26,7 +28,8 @@ class TrainingData:
 
 def load_training_data(config):
     """The run's datasets and loaders, and `config` recording whether augmentation applies."""
-    train_set = load_dataset(config.dataset, "train", config.data_dir)
+    train_set = stratified_fraction(load_dataset(config.dataset, "train", config.data_dir),
+                                    config.train_fraction, config.seed)
     test_set = load_dataset(config.dataset, "test", config.data_dir)
     augment = default_augmentation(config.dataset) if config.augment else None
     config = dataclasses.replace(config, augment=augment is not None)
@@ -41,6 +44,8 @@ def build_model(config, num_classes, image_size, channels):
     backend.manual_seed(config.seed)
     model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
                          in_chans=channels, drop_path_rate=config.drop_path)
+    if config.init:
+        load_encoder(model, config.init)  # its head stays fresh
     return model.to(dtype=config.dtype)
 
 
