@@ -2,9 +2,8 @@
 or a checkpoint: the plain Vision Transformer (minivit.models.vit) and the Swin Transformer
 (minivit.models.swin)."""
 
-from pathlib import Path
 
-from minivit.checkpoint import find_checkpoint, read_checkpoint
+from minivit.checkpoint import checkpoint_path, read_checkpoint
 from minivit.errors import MinivitError, WeightsError
 from minivit.models import swin, vit
 from minivit.models.pretrained import load_pretrained
@@ -62,9 +61,7 @@ def create_model(name, pretrained=None, **overrides):
 def model_from_checkpoint(path):
     """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration,
     weights loaded, in eval mode, on the current backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
+    path = checkpoint_path(path)
     model_state, _, info = read_checkpoint(path)
     if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
         raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
