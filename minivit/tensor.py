@@ -244,28 +244,26 @@ class Tensor:
 
     # reductions take NumPy's axis/keepdims or PyTorch's dim/keepdim
     def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        return _basic.reduce_sum(self, *_axis(axis, dim, keepdims, keepdim))
+        return _basic.reduce_sum(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        return _basic.reduce_mean(self, *_axis(axis, dim, keepdims, keepdim))
+        return _basic.reduce_mean(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         """The largest values (only the values: PyTorch's max(dim=) also returns indices,
         which argmax gives here)."""
-        return _basic.reduce_max(self, *_axis(axis, dim, keepdims, keepdim))
+        return _basic.reduce_max(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         """Indices of the largest values (an integer tensor, outside the graph)."""
-        return _basic.argmax(self, *_axis(axis, dim, keepdims, keepdim))
+        return _basic.argmax(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def softmax(self, axis=None, *, dim=None):
         """Along `axis` (or `dim`), the last one by default."""
-        axis = _axis(axis, dim)[0]
-        return _activation.softmax(self, axis=-1 if axis is None else axis)
+        return _activation.softmax(self, axis, dim=dim)
 
     def log_softmax(self, axis=None, *, dim=None):
-        axis = _axis(axis, dim)[0]
-        return _activation.log_softmax(self, axis=-1 if axis is None else axis)
+        return _activation.log_softmax(self, axis, dim=dim)
 
     def exp(self):
         return _basic.exp(self)
@@ -311,8 +309,9 @@ class Tensor:
     __gt__, __ge__ = _comparison("greater"), _comparison("greater_equal")
 
 
-def _axis(axis, dim, keepdims=False, keepdim=None):
-    """(axis, keepdims) from NumPy's names or PyTorch's (dim, keepdim)."""
+def axis_and_keepdims(axis, dim, keepdims=False, keepdim=None):
+    """(axis, keepdims) from NumPy's names or PyTorch's (dim, keepdim): the one home of the
+    alias, for Tensor's methods and the functional ops alike."""
     if dim is not None and axis is not None:
         raise TypeError(f"pass axis or dim (PyTorch's name for it), not both: got axis={axis}, "
                         f"dim={dim}")
