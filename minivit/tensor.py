@@ -126,7 +126,7 @@ class Tensor:
             check_gradient(grad, self, "the gradient passed to backward()")
         run_backward(self, grad)
 
-    # -- operators (each one Function in minivit.functional.basic) -----------------------
+    # -- operators (each one Function in minivit.functional.basic, reduction, shape) -----
     def __add__(self, other):
         return _basic.add(self, other)
 
@@ -189,33 +189,33 @@ class Tensor:
         return _basic.matmul(other, self)
 
     def __getitem__(self, index):
-        return _basic.getitem(self, index)
+        return _shape.getitem(self, index)
 
     def reshape(self, *shape):
-        return _basic.reshape(self, shape[0] if len(shape) == 1 else shape)
+        return _shape.reshape(self, shape[0] if len(shape) == 1 else shape)
 
     def transpose(self, *axes):
-        return _basic.transpose(self, axes[0] if len(axes) == 1 else (axes or None))
+        return _shape.transpose(self, axes[0] if len(axes) == 1 else (axes or None))
 
     @property
     def T(self):
-        return _basic.transpose(self, None)
+        return _shape.transpose(self, None)
 
     # reductions take NumPy's axis/keepdims or PyTorch's dim/keepdim
     def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        return _basic.reduce_sum(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
+        return _reduction.reduce_sum(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
-        return _basic.reduce_mean(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
+        return _reduction.reduce_mean(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         """The largest values (only the values: PyTorch's max(dim=) also returns indices,
         which argmax gives here)."""
-        return _basic.reduce_max(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
+        return _reduction.reduce_max(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
         """Indices of the largest values (an integer tensor, outside the graph)."""
-        return _basic.argmax(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
+        return _reduction.argmax(self, *axis_and_keepdims(axis, dim, keepdims, keepdim))
 
     def softmax(self, axis=None, *, dim=None):
         """Along `axis` (or `dim`), the last one by default."""
@@ -282,6 +282,8 @@ def axis_and_keepdims(axis, dim, keepdims=False, keepdim=None):
 from minivit.autograd import (Function, check_gradient, is_grad_enabled,  # noqa: E402, F401
                               no_grad, op_hook, run_backward)
 
-# The operators above dispatch here; imported last because basic.py builds on Function.
+# The operators above dispatch here; imported last because the ops build on Function.
 from minivit.functional import activation as _activation  # noqa: E402
 from minivit.functional import basic as _basic  # noqa: E402
+from minivit.functional import reduction as _reduction  # noqa: E402
+from minivit.functional import shape as _shape  # noqa: E402
