@@ -1,7 +1,8 @@
 """Self-supervised pretraining: ``pretrain(PretrainConfig(method="mae" | "dino", ...))``.
 
 The run folder is the one ``minivit train`` keeps (config.json, metrics.jsonl, last.* written
-atomically every epoch, --resume, --overwrite, the NaN guard; the helpers are train.py's), but
+atomically every epoch, --resume, --overwrite, the NaN guard, `time` going on across resumes,
+clear messages when the folder cannot be written; the helpers are minivit.train.run_folder's), but
 with no labels there is no test accuracy and so no best.* checkpoint. The checkpoint holds the
 whole pretraining state: MAE's encoder and decoder, or DINO's student, teacher and center
 (``student.*``, ``teacher.*``, ``center``), plus the optimizer's buffers.
@@ -15,7 +16,6 @@ which show collapse (entropy → 0: one dimension dominates; → log K: uniform 
 """
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -27,7 +27,6 @@ from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from minivit.data import DATASETS, DataLoader, load_dataset
 from minivit.data.multicrop import MultiCrop, flips_suit
 from minivit.errors import MinivitError, TrainingError
-from minivit.io import atomic_write
 from minivit.models import model_config
 from minivit.models.dino import DINO, DINOLoss, teacher_momentum, update_teacher
 from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
@@ -35,8 +34,9 @@ from minivit.nn import Module, Parameter
 from minivit.optim import AdamW, warmup_cosine
 from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
-from minivit.train.config import DEFAULT_MODELS, epochs_text
-from minivit.train.run_folder import RUN_FILES, MetricsLog, check_run_folder
+from minivit.train.config import DEFAULT_MODELS
+from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
+                                      prepare_run_folder, resume_from_last, write_failure)
 
 METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0},
                    "dino": {"lr": 5e-4, "weight_decay": 0.04, "clip_grad": 3.0}}
@@ -230,33 +230,18 @@ def _pretrain(config, on_epoch_end):
     info = {"method": config.method, "dataset": config.dataset, "mean": data.mean,
             "std": data.std, "class_names": data.class_names, "encoder_config": encoder,
             "train_config": dataclasses.asdict(config)}
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MinivitError(f"cannot create the run folder {run_dir}: {error.strerror or error}; "
-                           f"pass --out a folder that can be created") from None
+    make_run_folder(run_dir)
     last_path = run_dir / f"last.{config.checkpoint_format}"
-    start_epoch = 0
+    start = RunStart()
     if config.resume:
-        model_state, optimizer_arrays, saved = read_checkpoint(find_checkpoint(run_dir, "last"))
-        method.model.load_state_dict(model_state)
-        optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
+        start = resume_from_last(run_dir, method.model, optimizer, config)
         method.resumed()
-        start_epoch = saved["epoch"]
-        if start_epoch >= config.epochs:
-            raise MinivitError(f"--resume: {run_dir} has already trained "
-                               f"{epochs_text(start_epoch)}; pass --epochs greater than "
-                               f"{start_epoch} to train further")
-    if config.overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
-    config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
+    metrics = prepare_run_folder(config, run_dir, start.epoch, command="pretrain")
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "method": config.method}
-    step, started = start_epoch * steps_per_epoch, time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    # `time` goes on from a resume, as in `minivit train`
+    step, started = start.epoch * steps_per_epoch, time.perf_counter() - start.seconds
+    for epoch in range(start.epoch, config.epochs):
         method.model.train()
         loader.set_epoch(epoch)
         backend.manual_seed([config.seed, epoch])  # masking noise, drop-path of this epoch
@@ -289,9 +274,13 @@ def _pretrain(config, on_epoch_end):
                   "lr": optimizer.lr, "images_per_s": count / seconds}
         if config.method == "dino":
             record["center_norm"] = float(np.linalg.norm(backend.to_numpy(method.loss.center)))
-        metrics.write(record)
-        save_checkpoint(last_path, method.model, dict(info, epoch=epoch + 1, step=step),
-                        optimizer)
+        try:
+            metrics.write(record)
+            save_checkpoint(last_path, method.model,
+                            dict(info, epoch=epoch + 1, step=step, time=record["time"]),
+                            optimizer)
+        except (OSError, MinivitError) as error:
+            raise write_failure(error, run_dir, last_path, command="pretrain") from None
         if config.progress:
             extra = "".join(f"  {name} {record[name]:.3f}" for name in
                             ("teacher_entropy", "teacher_marginal_entropy", "center_norm")

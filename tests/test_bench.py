@@ -89,7 +89,7 @@ def test_profile_shows_where_the_time_goes(capsys):
     assert "SelfAttention.backward" in profile["ops"]
     assert "engine + Python (the rest)" in profile["groups"]
     assert "optimizer (AdamW)" in profile["groups"]
-    assert minivit.tensor._op_hook is None  # the profiler's hook is gone afterwards
+    assert minivit.autograd._op_hook is None  # the profiler's hook is gone afterwards
 
 
 def test_float64(capsys):

@@ -223,7 +223,7 @@ def test_op_hook_is_restored_after_an_error_and_when_nested():
             with minivit.tensor.op_hook(failing):
                 Tensor([1.0], requires_grad=True) * 2
         Tensor([1.0], requires_grad=True) * 2  # the outer hook again
-    assert outer == ["forward"] and minivit.tensor._op_hook is None
+    assert outer == ["forward"] and minivit.autograd._op_hook is None
 
 
 # -- backward misuse ----------------------------------------------------------------------------

@@ -187,3 +187,48 @@ def test_reconstruct_into_an_unwritable_folder_is_one_clear_error(mae_run, tmp_p
     assert err.startswith(f"minivit reconstruct: error: cannot write {out}: Read-only file "
                           f"system") and "pass --out a .png file" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the run folder is `minivit train`'s: time across resumes, failed writes -----------------
+def test_time_continues_across_resumes(tmp_path, monkeypatch):
+    """A clock that ticks one second per reading: a resumed run's `time` goes on from the
+    checkpoint's instead of starting again from 0."""
+    import itertools
+    import types
+
+    from minivit.checkpoint import read_checkpoint
+
+    ticks = itertools.count()
+    monkeypatch.setattr("minivit.pretrain.time",
+                        types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(method="mae", epochs=1, out=str(run), **QUICK))
+    first = records(run)[0]["time"]
+    assert read_checkpoint(run / "last.safetensors")[2]["time"] == first
+    summary = pretrain(PretrainConfig(method="mae", epochs=2, out=str(run), resume=True,
+                                      **QUICK))
+    times = [record["time"] for record in records(run)]
+    assert times[0] == first and times[1] > first  # not `first` again
+    assert summary["seconds"] >= times[1]
+
+
+def test_a_read_only_out_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from test_train_output import refuse_writes
+
+    refuse_writes(monkeypatch)
+    out = tmp_path / "ro"
+    assert main(["pretrain", "--epochs", "1", "--out", str(out), "--quiet"]) == 1
+    assert capsys.readouterr().err == (
+        f"minivit pretrain: error: cannot write in the run folder {out} "
+        f"({out / 'config.json'}: Read-only file system): pass --out a writable folder\n")
+
+
+def test_a_full_disk_mid_run_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    from test_train_output import full_disk_on
+
+    full_disk_on(monkeypatch, "last")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--epochs", "1", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Pretraining stopped" in err
+    assert "start again by adding --overwrite" in err and "Traceback" not in err

@@ -46,6 +46,18 @@ def test_argmax_softmax_and_reductions_take_dim(backend):
         x.sum(axis=0, dim=1)
 
 
+def test_functional_softmax_takes_dim_as_the_methods_do(backend):
+    import minivit.functional as F
+
+    x = Tensor(on_backend([[1.0, 5.0, 2.0], [7.0, 0.0, 3.0]]))
+    np.testing.assert_array_equal(as_host(F.softmax(x, dim=0).data), as_host(x.softmax(0).data))
+    np.testing.assert_array_equal(as_host(F.log_softmax(x, dim=0).data),
+                                  as_host(F.log_softmax(x, 0).data))
+    assert not np.allclose(as_host(F.softmax(x, dim=0).data), as_host(F.softmax(x).data))
+    with pytest.raises(TypeError, match="axis or dim"):
+        F.log_softmax(x, 0, dim=1)
+
+
 def test_view_permute_numel_tolist(backend):
     x = Tensor(on_backend(np.arange(6.0).reshape(2, 3)), requires_grad=True)
     assert x.view(3, 2).shape == (3, 2) and x.view(-1).shape == (6,)
@@ -89,7 +101,7 @@ def test_constructors(backend):
     assert copied.dtype == np.float64 and copied.tolist() == [1.0, 2.0] and copied.requires_grad
     assert minivit.tensor(copied, dtype="float32").dtype == np.float32
     # minivit.tensor is also still the module of Tensor, Function and the engine's hook
-    assert minivit.tensor.Tensor is Tensor and minivit.tensor._op_hook is None
+    assert minivit.tensor.Tensor is Tensor and minivit.tensor.op_hook is minivit.autograd.op_hook
 
 
 @pytest.mark.parametrize("name", ["numpy", "cpu", "CPU"])

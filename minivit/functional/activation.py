@@ -6,7 +6,13 @@ from minivit.cpu import activation as cpu_activation
 from minivit.cuda import activation as cuda_activation
 from minivit.functional.registry import DispatchedFunction, choose, implementation
 from minivit.mathconst import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, TANH_COEFF
-from minivit.tensor import is_grad_enabled
+from minivit.tensor import axis_and_keepdims, is_grad_enabled
+
+
+def _axis_or_last(axis, dim):
+    """The axis softmax and log_softmax work along: `axis` or PyTorch's `dim`, else the last."""
+    axis = axis_and_keepdims(axis, dim)[0]
+    return -1 if axis is None else axis
 
 
 def _over_last_axis(x, *rest, axis=-1):
@@ -20,8 +26,9 @@ class Softmax(DispatchedFunction):
         return self.dispatch("softmax", (x,), x, axis=axis)
 
 
-def softmax(x, axis=-1):
-    return Softmax()(x, axis=axis)
+def softmax(x, axis=None, *, dim=None):
+    """Along `axis` (or `dim`, PyTorch's name for it), the last one by default."""
+    return Softmax()(x, axis=_axis_or_last(axis, dim))
 
 
 def row_softmax(x):
@@ -71,8 +78,9 @@ class LogSoftmax(DispatchedFunction):
         return self.dispatch("log_softmax", (x,), x, axis=axis)
 
 
-def log_softmax(x, axis=-1):
-    return LogSoftmax()(x, axis=axis)
+def log_softmax(x, axis=None, *, dim=None):
+    """Along `axis` (or `dim`), the last one by default."""
+    return LogSoftmax()(x, axis=_axis_or_last(axis, dim))
 
 
 def log_softmax_array(x, axis=-1):

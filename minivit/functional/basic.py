@@ -1,4 +1,5 @@
-"""Arithmetic, reductions and shape ops behind the Tensor operators.
+"""Arithmetic, broadcasting and comparisons behind the Tensor operators (reductions:
+reduction.py; reshapes, indexing, joins: shape.py).
 
 Each op is one Function: forward on raw arrays, backward right below it. Broadcasting follows
 NumPy; `_unbroadcast` sums a gradient back to the shape of the input it belongs to.
@@ -170,78 +171,6 @@ class Copy(Function):
         return (grad,)
 
 
-# -- sum: the gradient of a sum is its upstream gradient, broadcast back ------------------------
-def _expand_reduced(grad, shape, axis, keepdims):
-    """Reshape a reduced gradient so that it broadcasts against the input's `shape`."""
-    if axis is not None and not keepdims:
-        axes = (axis,) if np.isscalar(axis) else axis
-        grad = backend.array_module(grad).expand_dims(grad, tuple(a % len(shape) for a in axes))
-    elif axis is None and not keepdims:
-        grad = grad.reshape((1,) * len(shape))
-    return grad
-
-
-class Sum(Function):
-    def forward(self, a, axis=None, keepdims=False):
-        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
-        return a.sum(axis=axis, keepdims=keepdims)
-
-    def backward(self, grad):
-        xp = backend.array_module(grad)
-        expanded = _expand_reduced(grad, self.shape, self.axis, self.keepdims)
-        return (xp.broadcast_to(expanded, self.shape).copy(),)
-
-
-# -- mean: d mean(a) = da / n -------------------------------------------------------------------
-class Mean(Function):
-    def forward(self, a, axis=None, keepdims=False):
-        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
-        out = a.mean(axis=axis, keepdims=keepdims)
-        self.count = a.size // max(out.size, 1)
-        return out.astype(a.dtype, copy=False) if a.dtype.kind == "f" else out  # ints: NumPy's
-
-    def backward(self, grad):
-        xp = backend.array_module(grad)
-        expanded = _expand_reduced(grad, self.shape, self.axis, self.keepdims) / self.count
-        return (xp.broadcast_to(expanded, self.shape).copy(),)
-
-
-# -- max: the gradient goes to the maxima (split evenly between ties) ---------------------------
-class Max(Function):
-    def forward(self, a, axis=None, keepdims=False):
-        out = a.max(axis=axis, keepdims=keepdims)
-        self.is_max = a == _expand_reduced(out, a.shape, axis, keepdims)
-        self.axis, self.keepdims = axis, keepdims
-        return out
-
-    def backward(self, grad):
-        shape, axis, keepdims = self.is_max.shape, self.axis, self.keepdims
-        ties = self.is_max.sum(axis=axis, keepdims=True)
-        share = _expand_reduced(grad, shape, axis, keepdims) / ties.astype(grad.dtype)
-        return (self.is_max * share,)
-
-
-# -- reshape / transpose: gradients move back through the inverse ------------------------------
-class Reshape(Function):
-    def forward(self, a, shape):
-        self.shape = a.shape
-        return a.reshape(shape)
-
-    def backward(self, grad):
-        return (grad.reshape(self.shape),)
-
-
-class Transpose(Function):
-    def forward(self, a, axes=None):
-        self.axes = axes
-        return a.transpose(axes)
-
-    def backward(self, grad):
-        if self.axes is None:
-            return (grad.transpose(),)
-        return (grad.transpose(tuple(np.argsort(np.atleast_1d(self.axes) % grad.ndim).tolist())),)
-
-
 # -- broadcast_to: the gradient of a broadcast is summed back over the broadcast axes ----------
 class BroadcastTo(Function):
     def forward(self, a, shape):
@@ -250,50 +179,6 @@ class BroadcastTo(Function):
 
     def backward(self, grad):
         return (_unbroadcast(grad, self.shape),)
-
-
-# -- indexing: scatter the gradient back into a zero array of the input's shape ----------------
-def _is_basic_index(index):
-    parts = index if isinstance(index, tuple) else (index,)
-    return all(isinstance(p, (int, np.integer, slice)) or p is None or p is Ellipsis for p in parts)
-
-
-class GetItem(Function):
-    def forward(self, a, index):
-        self.shape, self.dtype, self.index = a.shape, a.dtype, index
-        return a[index]
-
-    def backward(self, grad):
-        xp = backend.array_module(grad)
-        grad_a = xp.zeros(self.shape, dtype=self.dtype)
-        if _is_basic_index(self.index):
-            grad_a[self.index] = grad  # basic indexing never selects an element twice
-        else:
-            backend.scatter_add(grad_a, self.index, grad)
-        return (grad_a,)
-
-
-# -- concat / stack: split the gradient back into the pieces ----------------------------------
-class Concat(Function):
-    def forward(self, *arrays, axis=0):
-        self.axis = axis
-        self.bounds = np.cumsum([a.shape[axis] for a in arrays])[:-1]
-        return backend.array_module(*arrays).concatenate(arrays, axis=axis)
-
-    def backward(self, grad):
-        xp = backend.array_module(grad)
-        return tuple(xp.split(grad, self.bounds, axis=self.axis))
-
-
-class Stack(Function):
-    def forward(self, *arrays, axis=0):
-        self.axis = axis
-        return backend.array_module(*arrays).stack(arrays, axis=axis)
-
-    def backward(self, grad):
-        xp = backend.array_module(grad)
-        count = grad.shape[self.axis]
-        return tuple(xp.take(grad, i, axis=self.axis) for i in range(count))
 
 
 # -- comparisons: boolean results outside the graph (they have no gradient) --------------------
@@ -307,15 +192,6 @@ def compare(a, b, name):
     b_data = b.data if isinstance(b, Tensor) else b if hasattr(b, "dtype") else \
         backend.array_module(a_data).asarray(b)
     return Tensor(getattr(backend.array_module(a_data, b_data), name)(a_data, b_data))
-
-
-def argmax(a, axis=None, keepdims=False):
-    """Indices of the largest values of Tensor `a`: an integer Tensor, outside the graph."""
-    indices = a.data.argmax(axis=axis)
-    if keepdims:
-        indices = backend.array_module(indices).expand_dims(
-            indices, tuple(range(a.ndim)) if axis is None else axis)
-    return Tensor(indices)
 
 
 # -- the functional API ---------------------------------------------------------------------------
@@ -363,42 +239,6 @@ def copy(a):
     return Copy()(a)
 
 
-def reduce_sum(a, axis=None, keepdims=False):
-    return Sum()(a, axis=axis, keepdims=keepdims)
-
-
-def reduce_mean(a, axis=None, keepdims=False):
-    return Mean()(a, axis=axis, keepdims=keepdims)
-
-
-def reduce_max(a, axis=None, keepdims=False):
-    return Max()(a, axis=axis, keepdims=keepdims)
-
-
-def reshape(a, shape):
-    return Reshape()(a, shape=shape)
-
-
-def transpose(a, axes=None):
-    return Transpose()(a, axes=axes)
-
-
 def broadcast_to(a, shape):
     """A read-only broadcast view of `a` with `shape` (numpy.broadcast_to)."""
     return BroadcastTo()(a, shape=tuple(shape))
-
-
-def getitem(a, index):
-    if isinstance(index, Tensor):
-        index = index.data
-    return GetItem()(a, index=index)
-
-
-def concat(tensors, axis=0):
-    """Join tensors along an existing axis (numpy.concatenate)."""
-    return Concat()(*tensors, axis=axis)
-
-
-def stack(tensors, axis=0):
-    """Join tensors along a new axis (numpy.stack)."""
-    return Stack()(*tensors, axis=axis)

@@ -7,7 +7,8 @@ inputs as Input specs (shape, kind of values, memory layout), from which `build(
 host arrays (float64; integer arrays such as class labels pass through gradcheck as they
 are). `run_check` moves the inputs to the current backend and runs `minivit.gradcheck` with a
 random upstream gradient. The whole ViT and Swin at the end have no Input specs: they build
-their inputs from the model (`whole_model`).
+their inputs from the model (`whole_model`). OP_CHECKS itself, Input, OpCheck,
+get_check and run_check live in minivit.inspect.opcheck_base (importable from here too).
 
 Inputs are drawn where each op is smooth and well conditioned: no ties for max, positive
 values for log and non-integer powers, denominators away from zero, softmax/attention
@@ -16,93 +17,22 @@ The dropout checks reseed minivit's generator (minivit.manual_seed) on every cal
 every evaluation of the function draws the same mask.
 """
 
-from dataclasses import dataclass
 from functools import lru_cache
-
-import numpy as np
 
 import minivit.functional as F
 from minivit import backend
-from minivit.errors import MinivitError
-from minivit.gradcheck import gradcheck
+# `minivit gradcheck` and the tests import get_check and run_check from here, with the catalogue
+from minivit.inspect.opcheck_base import (OP_CHECKS, Input, OpCheck,  # noqa: F401
+                                          get_check, model_inputs, model_logits, model_slots,
+                                          run_check)
 
 DROPOUT_SEED = 1234
 VIT_CONFIG = dict(depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.0, drop_rate=0.0)
 SWIN_CONFIG = dict(embed_dim=8, depths=(2, 1), num_heads=(2, 2), drop_path_rate=0.0)
 
 
-@dataclass(frozen=True)
-class Input:
-    """One input of an op: `kind` says which values it takes ("normal" N(shift, scale²),
-    "positive" in [0.5, 2), "away" ±[0.5, 2), "distinct" 0.05 apart, "labels" in
-    [0, classes), "probabilities" rows summing to 1, "index" the integers `values`); `layout`
-    its memory layout ("contiguous", "transposed" or "strided")."""
-    name: str
-    shape: tuple
-    kind: str = "normal"
-    scale: float = 1.0
-    shift: float = 0.0
-    layout: str = "contiguous"
-    classes: int = 0
-    values: tuple = ()
-
-    def draw(self, rng):
-        shape = self.shape
-        if self.kind == "index":
-            return np.array(self.values)
-        if self.kind == "labels":
-            return rng.integers(0, self.classes, size=shape)
-        if self.kind == "distinct":  # no ties, nor near-ties within the finite-difference step
-            grid = rng.permutation(np.arange(int(np.prod(shape)))).reshape(shape)
-            values = (grid - grid.size / 2) * 0.05 + rng.uniform(0, 0.01, size=shape)
-        elif self.kind == "positive":
-            values = rng.uniform(0.5, 2.0, size=shape)
-        elif self.kind == "away":
-            values = rng.uniform(0.5, 2.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
-        elif self.kind == "probabilities":
-            values = rng.uniform(0.1, 1.0, size=shape)
-            values /= values.sum(axis=-1, keepdims=True)
-        else:
-            values = self.shift + self.scale * rng.standard_normal(shape)
-        return _LAYOUTS[self.layout](values)
-
-
-def _transposed(array):
-    """The same values as a non-contiguous (Fortran-ordered) view."""
-    return np.array(array.T, order="C").T
-
-
-def _strided(array):
-    """The same values as a view taking every other element of a longer last axis."""
-    big = np.zeros(array.shape[:-1] + (2 * array.shape[-1],))
-    big[..., ::2] = array
-    return big[..., ::2]
-
-
-_LAYOUTS = {"contiguous": lambda array: array, "transposed": _transposed, "strided": _strided}
-
-
-@dataclass(frozen=True)
-class OpCheck:
-    name: str
-    fn: object  # fn(*inputs) -> Tensor
-    inputs: tuple  # Input specs, in fn's argument order (empty for the whole model)
-    description: str
-    full_check_limit: int = 512  # inputs larger than this are checked along random directions
-    directions: int = 8
-    whole_model: object = None  # build(rng) -> {input name: host array}, for the whole ViT
-
-    def build(self, rng):
-        """{input name: host array} drawn from `rng`, in fn's argument order."""
-        if self.whole_model is not None:
-            return self.whole_model(rng)
-        return {spec.name: spec.draw(rng) for spec in self.inputs}
-
-
-OP_CHECKS = {}
-
-
 def _register(name, description, *inputs, **options):
+    """Enter the decorated function in OP_CHECKS, checked on `inputs`."""
     def decorate(fn):
         OP_CHECKS[name] = OpCheck(name, fn, inputs, description, **options)
         return fn
@@ -415,52 +345,19 @@ def _max(a):
 
 
 # -- whole small models ---------------------------------------------------------------------------
-def _slots(model):
-    """(model, its parameter slots [(name, shape, module, attribute)] in named_parameters
-    order). The check swaps the parameters for gradcheck's tensors, so their initial values
-    do not matter (and the model is not for other use)."""
-    slots = []
-    for name, parameter in model.named_parameters():
-        *path, attr = name.split(".")
-        module = model
-        for part in path:
-            module = getattr(module, part)
-        slots.append((name, tuple(parameter.shape), module, attr))
-    return model, slots
-
-
-def _model_inputs(rng, slots):
-    """Images and every parameter of a model, drawn at scales where nothing saturates:
-    LayerNorm weights around 1, other parameters N(0, 0.3²)."""
-    inputs = {"images": rng.standard_normal((2, 1, 8, 8))}
-    for name, shape, _, _ in slots:
-        value = 0.3 * rng.standard_normal(shape)
-        if "norm" in name and name.endswith(".weight"):
-            value += 1.0
-        inputs[name] = value
-    return inputs
-
-
-def _logits(model_and_slots, images, parameters):
-    model, slots = model_and_slots
-    for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):
-        setattr(module, attr, tensor)  # the model now computes with gradcheck's float64 tensors
-    return model(images)
-
-
 @lru_cache(maxsize=None)
 def _vit():
-    """A small ViT in eval mode (no dropout) and its parameter slots (see _slots)."""
+    """A small ViT in eval mode (no dropout) and its parameter slots (see model_slots)."""
     from minivit.models import create_model
 
-    return _slots(create_model("vit_digits", **VIT_CONFIG).eval())
+    return model_slots(create_model("vit_digits", **VIT_CONFIG).eval())
 
 
 @_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
            "every parameter, along random directions", full_check_limit=0, directions=4,
-           whole_model=lambda rng: _model_inputs(rng, _vit()[1]))
+           whole_model=lambda rng: model_inputs(rng, _vit()[1]))
 def _vit_logits(images, *parameters):
-    return _logits(_vit(), images, parameters)
+    return model_logits(_vit(), images, parameters)
 
 
 @lru_cache(maxsize=None)
@@ -469,36 +366,11 @@ def _swin():
     with its mask), patch merging, then a 4x4 map in one window."""
     from minivit.models import create_model
 
-    return _slots(create_model("swin_digits", **SWIN_CONFIG).eval())
+    return model_slots(create_model("swin_digits", **SWIN_CONFIG).eval())
 
 
 @_register("swin", "whole Swin (8x8 map, 4x4 windows, shifted, patch merging, dim 8): logits "
            "w.r.t. images and every parameter, along random directions", full_check_limit=0,
-           directions=4, whole_model=lambda rng: _model_inputs(rng, _swin()[1]))
+           directions=4, whole_model=lambda rng: model_inputs(rng, _swin()[1]))
 def _swin_logits(images, *parameters):
-    return _logits(_swin(), images, parameters)
-
-
-# -- running ------------------------------------------------------------------------------------
-def get_check(name):
-    if name not in OP_CHECKS:
-        raise MinivitError(f"unknown op {name!r}; known ops: {', '.join(OP_CHECKS)}")
-    return OP_CHECKS[name]
-
-
-def run_check(check, seed=0, rtol=1e-6, eps=1e-6):
-    """Draw `check`'s inputs from `seed`, move them to the current backend and gradcheck them
-    with a random upstream gradient (also from `seed`). Returns the GradcheckReport.
-
-    An input passes when its relative error is at most `rtol`, or its absolute error is below
-    the finite differences' own round-off (gradcheck's default floor, 1e-8 · Σ|f|: a tiny
-    gradient cannot be resolved better than that with a 1e-6 step)."""
-    if isinstance(check, str):
-        check = get_check(check)
-    host = check.build(np.random.default_rng(seed))
-    names = list(host)
-    inputs = [backend.to_backend(value) if isinstance(value, np.ndarray) and value.dtype.kind == "f"
-              else backend.to_backend(np.asarray(value)) for value in host.values()]
-    return gradcheck(check.fn, *inputs, eps=eps, rtol=rtol,
-                     names=names, seed=seed, full_check_limit=check.full_check_limit,
-                     directions=check.directions)
+    return model_logits(_swin(), images, parameters)

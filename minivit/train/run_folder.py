@@ -118,7 +118,8 @@ def resume_from_last(run_dir, model, optimizer, config):
     seconds = saved.get("time")
     if seconds is None:
         seconds = _metrics_time(run_dir / "metrics.jsonl", saved["epoch"])
-    return RunStart(saved["epoch"], saved["best_accuracy"], float(seconds))
+    # a pretraining run (no labels) keeps no best accuracy
+    return RunStart(saved["epoch"], saved.get("best_accuracy", -1.0), float(seconds))
 
 
 def _metrics_time(path, epoch):
@@ -130,10 +131,10 @@ def _metrics_time(path, epoch):
         return 0.0
 
 
-def prepare_run_folder(config, run_dir, start_epoch):
+def prepare_run_folder(config, run_dir, start_epoch, command="train"):
     """Before the first epoch: remove an overwritten run's files, cut metrics.jsonl back to the
     epoch a resume starts from and write config.json; the MetricsLog to append to. A folder
-    that cannot be written is a MinivitError saying what to do."""
+    that cannot be written is a MinivitError saying what to do (with `minivit COMMAND`)."""
     try:
         if config.overwrite:  # nothing of the old run may be resumed under the new config
             for name in RUN_FILES + PLOT_FILES:
@@ -143,8 +144,9 @@ def prepare_run_folder(config, run_dir, start_epoch):
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     except OSError as error:
         where = error.filename or run_dir
-        advice = (f"copy the run folder to a writable place and resume it there (minivit train "
-                  f"--resume --out COPY)" if config.resume else "pass --out a writable folder")
+        advice = (f"copy the run folder to a writable place and resume it there (minivit "
+                  f"{command} --resume --out COPY)" if config.resume
+                  else "pass --out a writable folder")
         raise MinivitError(f"cannot write in the run folder {run_dir} ({where}: "
                            f"{error.strerror or error}): {advice}") from None
     return metrics
@@ -196,18 +198,19 @@ def save_epoch_checkpoints(run_dir, model, optimizer, info, suffix, is_best):
         raise
 
 
-def kept_checkpoint_text(run_dir, last_path):
-    """What a run stopped by an error keeps, and how to go on."""
+def kept_checkpoint_text(run_dir, last_path, command="train"):
+    """What a run of `minivit COMMAND` stopped by an error keeps, and how to go on."""
     if last_path.exists():
-        return (f"The last good checkpoint is kept in {last_path}: continue with minivit train "
-                f"--resume --out {run_dir}")
+        return (f"The last good checkpoint is kept in {last_path}: continue with minivit "
+                f"{command} --resume --out {run_dir}")
     return (f"No checkpoint was kept (the run had written none yet): start again by adding "
             f"--overwrite to the same command")
 
 
-def write_failure(error, run_dir, last_path):
+def write_failure(error, run_dir, last_path, command="train"):
     """A TrainingError for a file of the run that could not be written mid-run (full disk)."""
     reason = error if isinstance(error, MinivitError) else (
         f"cannot write {error.filename or 'a file of the run'}: {error.strerror or error}")
-    return TrainingError(f"{reason}. Training stopped. {kept_checkpoint_text(run_dir, last_path)} "
-                         f"once the disk has room")
+    kept = kept_checkpoint_text(run_dir, last_path, command)
+    return TrainingError(f"{reason}. {command.capitalize()}ing stopped. {kept} once the disk "
+                         f"has room")
