@@ -10,12 +10,13 @@ from minivit.functional.basic import reduce_sum as sum  # noqa: A004
 from minivit.functional.linear import linear, patchify
 from minivit.functional.loss import cross_entropy
 from minivit.functional.normalization import layer_norm
+from minivit.functional.position import position_embedding_2d, relative_position_bias
 from minivit.functional.regularization import drop_path, dropout
 
 __all__ = [
     "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp", "gelu", "getitem",
     "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg",
-    "patchify", "power", "reshape", "scaled_dot_product_attention", "self_attention", "softmax",
+    "patchify", "position_embedding_2d", "power", "relative_position_bias", "reshape", "scaled_dot_product_attention", "self_attention", "softmax",
     "stack", "sub",
     "sum", "transpose",
 ]
