@@ -21,6 +21,7 @@ from scipy.special import erf
 import minivit
 import minivit.functional as F
 from minivit import Tensor, cpu
+from minivit.functional.position import relative_position_index
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 
@@ -131,6 +132,127 @@ def test_self_attention_from_packed_qkv(backend, data):
     expected = expected.reshape(batch, tokens, -1)[:, :queries]
     np.testing.assert_allclose(forward(fn, inp), expected, **EXACT)
     check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+def bias_shapes(full):
+    """Shapes that broadcast to `full` (B, heads, N, M): leading axes dropped, axes set to 1."""
+    return st.integers(0, len(full)).flatmap(lambda drop: st.tuples(*[
+        st.sampled_from((n, 1)) for n in full[drop:]])).map(tuple)
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_attention_with_an_additive_bias(backend, data):
+    """S = q kᵀ·s + B with B of any broadcastable shape: dB is dS summed over its broadcast
+    axes (gradcheck with a random upstream gradient checks it with dq, dk, dv)."""
+    shape = tuple(data.draw(st.integers(1, n)) for n in (2, 2, 4, 3))  # (B, heads, N, d)
+    q, k, v = (data.draw(arrays(shape)) for _ in range(3))
+    bias = data.draw(arrays(data.draw(bias_shapes(shape[:3] + shape[2:3]), label="bias")))
+    inputs = draw_inputs(data, q, k, v, bias)
+
+    def fn(q, k, v, bias):
+        return F.scaled_dot_product_attention(q, k, v, bias=bias)
+
+    expected = np_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(shape[-1]) + bias) @ v
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_self_attention_with_an_additive_bias(backend, data):
+    batch, tokens = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
+    heads, head_dim = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    qkv = data.draw(arrays((batch, tokens, 3 * heads * head_dim)))
+    bias = data.draw(arrays(data.draw(bias_shapes((batch, heads, tokens, tokens)),
+                                      label="bias")))
+    queries = data.draw(st.none() | st.integers(1, tokens), label="queries")
+    inputs = draw_inputs(data, qkv, bias)
+
+    def fn(qkv, bias):
+        return F.self_attention(qkv, num_heads=heads, queries=queries, bias=bias)
+
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    probs = np_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(head_dim) + bias)
+    expected = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)[:, :queries]
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+def test_attention_rejects_a_bias_that_does_not_broadcast_to_the_scores():
+    q = Tensor(np.zeros((1, 2, 3, 4)))
+    with pytest.raises(minivit.errors.ShapeError, match=r"broadcast to the scores"):
+        F.scaled_dot_product_attention(q, q, q, bias=Tensor(np.zeros((3, 3, 3))))
+    with pytest.raises(minivit.errors.ShapeError, match=r"\(1, 2, 3, 3\); got \(2, 4, 3\)"):
+        F.self_attention(Tensor(np.zeros((1, 3, 12))), 2, bias=Tensor(np.zeros((2, 4, 3))))
+
+
+# -- position ops -------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data())
+def test_position_embedding_2d(backend, data):
+    height, width, dim = (data.draw(st.integers(1, n)) for n in (3, 3, 3))
+    row, col = data.draw(arrays((height, dim))), data.draw(arrays((width, dim)))
+    inputs = draw_inputs(data, row, col)
+    expected = (row[:, None] + col[None]).reshape(height * width, dim)
+    np.testing.assert_allclose(forward(F.position_embedding_2d, *inputs), expected, **EXACT)
+    check_gradients(F.position_embedding_2d, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_relative_position_bias(backend, data):
+    """A gather through a fixed index with repeats (every entry of a real index is reached by
+    several pairs): dT is the scatter-add of the (heads, N, M) gradient."""
+    entries, heads = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 3))
+    rows, cols = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    table = data.draw(arrays((entries, heads)))
+    index = data.draw(hnp.arrays(np.int64, (rows, cols), elements=st.integers(0, entries - 1)))
+    (inp,) = draw_inputs(data, table)
+
+    def fn(table):
+        return F.relative_position_bias(table, index)
+
+    np.testing.assert_allclose(forward(fn, inp), table[index].transpose(2, 0, 1), **EXACT)
+    check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_relative_position_index_is_beit_and_swin_layout(class_token):
+    """Patch pairs (dy + H − 1)(2W − 1) + dx + W − 1 (query minus key); with the class token
+    BEiT's three extra entries; every entry reached, the diagonal all one entry."""
+    from minivit.functional.position import relative_position_index, relative_table_entries
+
+    grid = (2, 3)
+    index = relative_position_index(grid, class_token)
+    entries = relative_table_entries(grid, class_token)
+    offset = 1 if class_token else 0
+    assert index.shape == (6 + offset,) * 2 and entries == 15 + 3 * offset
+    assert sorted(set(index.ravel().tolist())) == list(range(entries))
+    # patch 0 is (0, 0), patch 5 is (1, 2): query 5 to key 0 is dy = 1, dx = 2
+    assert index[offset + 5, offset + 0] == (1 + 1) * 5 + (2 + 2)
+    assert len(set(np.diag(index)[offset:].tolist())) == 1
+    if class_token:
+        assert (index[0, 0], index[0, 1], index[1, 0]) == (entries - 1, entries - 3, entries - 2)
+
+
+def test_relative_position_bias_rejects_an_index_beyond_the_table():
+    with pytest.raises(minivit.errors.ShapeError, match="entries 0..5 of a table of 4"):
+        F.relative_position_bias(Tensor(np.zeros((4, 2))), np.array([[0, 5]]))
+
+
+def test_sincos_2d_is_maes_layout():
+    """[sin x, cos x, sin y, cos y] with x the column: MAE's get_2d_sincos_pos_embed."""
+    from minivit.functional.position import sincos_2d
+
+    table = sincos_2d((2, 3), 8)
+    omega = 1.0 / 10000 ** (np.arange(2) / 2)
+    # patch 5 is row 1, column 2
+    expected = np.concatenate([np.sin(2 * omega), np.cos(2 * omega), np.sin(omega),
+                               np.cos(omega)])
+    np.testing.assert_allclose(table[5], expected, rtol=1e-15)
+    with pytest.raises(minivit.errors.ShapeError, match="divisible by 4"):
+        sincos_2d((2, 2), 6)
 
 
 @FIXTURE_OK
@@ -541,6 +663,7 @@ def _fancy(x):
     return x[on_backend(np.array([0, 2, 0, -1]))]
 
 
+_BEIT_INDEX = relative_position_index((2, 2), class_token=True)  # 5 tokens, 12 entries
 OP_CASES = {
     "linear": (F.linear, [Spec((2, 3, 4)), Spec((5, 4)), Spec((5,))]),
     "linear_no_bias": (F.linear, [Spec((3, 4)), Spec((2, 4))]),
@@ -548,6 +671,13 @@ OP_CASES = {
                  [Spec((2, 3, 4, 6)), Spec((4, 3, 2, 2)), Spec((4,))]),
     "attention": (F.scaled_dot_product_attention, [Spec((2, 2, 3, 4))] * 3),
     "self_attention": (lambda qkv: F.self_attention(qkv, num_heads=2), [Spec((2, 3, 12))]),
+    "attention_bias": (lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, bias=b),
+                       [Spec((2, 2, 3, 4))] * 3 + [Spec((2, 3, 3))]),
+    "self_attention_bias": (lambda qkv, b: F.self_attention(qkv, 2, bias=b, queries=2),
+                            [Spec((2, 3, 12)), Spec((2, 3, 3))]),
+    "position_embedding_2d": (F.position_embedding_2d, [Spec((3, 4)), Spec((2, 4))]),
+    "relative_position_bias": (lambda t: F.relative_position_bias(t, _BEIT_INDEX),
+                               [Spec((12, 2))]),
     "broadcast_to": (lambda x: F.broadcast_to(x, (2, 1, 3, 2)), [Spec((3, 2))]),
     "softmax": (lambda x: F.softmax(x, axis=1), [Spec((3, 4, 2))]),
     "log_softmax": (lambda x: F.log_softmax(x, axis=0), [Spec((3, 4, 2))]),

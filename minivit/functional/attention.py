@@ -183,7 +183,7 @@ class SelfAttention(Function):
         if len(shape) < 2 or shape[-2] in (1, grad_scores.shape[-2]):
             return _unbroadcast(grad_scores, shape)
         xp = backend.array_module(grad_scores)
-        rows = _unbroadcast(grad_scores, shape[:-2] + grad_scores.shape[-2:])
+        rows = _unbroadcast(grad_scores, shape[:-2] + (grad_scores.shape[-2], shape[-1]))
         full = xp.zeros(shape, grad_scores.dtype)
         full[..., :rows.shape[-2], :] = rows
         return full

@@ -1,4 +1,5 @@
-"""The gradient checks behind `minivit gradcheck`: every hand-written op, and a whole small ViT.
+"""The gradient checks behind `minivit gradcheck`: every hand-written op, and whole small models
+of the ViT family (ViT, DeiT, DeiT-III, BEiT, 2-D and sine-cosine positions).
 
 OP_CHECKS maps a name to an OpCheck: the function to check (`fn(*inputs) -> Tensor`) and a
 builder that draws its inputs (`build(rng) -> {input name: host array}`, float64; integer
@@ -20,6 +21,7 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError
+from minivit.functional.position import relative_position_index
 from minivit.gradcheck import gradcheck
 
 
@@ -105,6 +107,31 @@ if hasattr(F, "self_attention"):  # the packed-qkv form, where this version of m
                lambda rng: {"qkv": _normal(rng, 2, 5, 12)})
     def _self_attention(qkv):
         return F.self_attention(qkv, 2)
+
+
+@_register("attention_bias", "softmax(q kᵀ/√d + B) v, B (heads, N, N) broadcast over the batch",
+           lambda rng: {"q": _normal(rng, 2, 2, 4, 3), "k": _normal(rng, 2, 2, 4, 3),
+                        "v": _normal(rng, 2, 2, 4, 3), "bias": _normal(rng, 2, 4, 4)})
+def _attention_bias(q, k, v, bias):
+    return F.scaled_dot_product_attention(q, k, v, bias=bias)
+
+
+@_register("self_attention_bias", "packed-qkv attention with a bias, first 2 tokens asking",
+           lambda rng: {"qkv": _normal(rng, 2, 5, 12), "bias": _normal(rng, 2, 5, 5)})
+def _self_attention_bias(qkv, bias):
+    return F.self_attention(qkv, 2, bias=bias, queries=2)
+
+
+@_register("position_embedding_2d", "e(i, j) = row(i) + col(j), (H, D), (W, D) -> (H·W, D)",
+           lambda rng: {"row": _normal(rng, 3, 4), "col": _transposed(_normal(rng, 2, 4))})
+def _position_embedding_2d(row, col):
+    return F.position_embedding_2d(row, col)
+
+
+@_register("relative_position_bias", "BEiT's table (entries, heads) gathered to (heads, N, N)",
+           lambda rng: {"table": _normal(rng, 12, 2)})
+def _relative_position_bias(table):
+    return F.relative_position_bias(table, relative_position_index((2, 2), class_token=True))
 
 
 @_register("softmax", "max-subtracted softmax over the last axis",
@@ -296,29 +323,42 @@ def _max(a):
     return F.max(a, axis=1)
 
 
-# -- a whole small ViT ----------------------------------------------------------------------------
+# -- whole small models of the ViT family ----------------------------------------------------------
+# check name -> (named model, options): each option of the family in at least one model
+WHOLE_MODELS = {
+    "vit": ("vit_digits", {}),
+    "deit": ("deit_digits", {}),  # distillation token and head, heads averaged
+    "deit3": ("deit3_digits", {}),  # layer scale ls1/ls2, position embedding on patches only
+    "beit": ("beit_digits", {}),  # relative position bias, q/v biases, gamma_1/2, mean pooling
+    "vit_2d_avg": ("vit_digits", dict(pos_embed="2d", global_pool="avg", fc_norm=True)),
+    "vit_sincos_no_class_token": ("vit_digits", dict(pos_embed="sincos", class_token=False,
+                                                     global_pool="avg")),
+}
+
+
 @lru_cache(maxsize=None)
-def _vit():
-    """A small ViT in eval mode (no dropout) and its parameter slots [(name, shape, module,
+def _whole_model(check):
+    """A small model in eval mode (no dropout) and its parameter slots [(name, shape, module,
     attribute)] in named_parameters order. The check swaps the parameters for gradcheck's
     tensors, so their initial values do not matter (and the model is not for other use)."""
     from minivit.models import create_model
 
-    model = create_model("vit_digits", **VIT_CONFIG).eval()
+    name, options = WHOLE_MODELS[check]
+    model = create_model(name, **dict(VIT_CONFIG, **options)).eval()
     slots = []
-    for name, parameter in model.named_parameters():
-        *path, attr = name.split(".")
+    for path_name, parameter in model.named_parameters():
+        *path, attr = path_name.split(".")
         module = model
         for part in path:
             module = getattr(module, part)
-        slots.append((name, tuple(parameter.shape), module, attr))
+        slots.append((path_name, tuple(parameter.shape), module, attr))
     return model, slots
 
 
-def _vit_inputs(rng):
-    """Images and every parameter of the ViT, drawn at scales where nothing saturates:
+def _model_inputs(check, rng):
+    """Images and every parameter of the model, drawn at scales where nothing saturates:
     LayerNorm weights around 1, other parameters N(0, 0.3²)."""
-    _, slots = _vit()
+    _, slots = _whole_model(check)
     inputs = {"images": _normal(rng, 2, 1, 8, 8)}
     for name, shape, _, _ in slots:
         value = _normal(rng, *shape, scale=0.3)
@@ -328,14 +368,22 @@ def _vit_inputs(rng):
     return inputs
 
 
-@_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
-           "every parameter, along random directions", _vit_inputs,
-           full_check_limit=0, directions=4)
-def _vit_logits(images, *parameters):
-    model, slots = _vit()
-    for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):
-        setattr(module, attr, tensor)  # the model now computes with gradcheck's float64 tensors
-    return model(images)
+def _register_whole_model(check):
+    def logits(images, *parameters):
+        model, slots = _whole_model(check)
+        for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):
+            setattr(module, attr, tensor)  # the model now computes with gradcheck's tensors
+        return model(images)
+
+    name, options = WHOLE_MODELS[check]
+    described = ", ".join([name] + [f"{k}={v!r}" for k, v in options.items()])
+    _register(check, f"whole {described} (depth 2, dim 16, 2 heads, 8x8 images): logits "
+              "w.r.t. images and every parameter, along random directions",
+              lambda rng: _model_inputs(check, rng), full_check_limit=0, directions=4)(logits)
+
+
+for _check in WHOLE_MODELS:
+    _register_whole_model(_check)
 
 
 # -- running ------------------------------------------------------------------------------------
