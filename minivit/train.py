@@ -27,6 +27,7 @@ from minivit import backend, cuda
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 save_checkpoint)
 from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
+from minivit.distill import distillation_criterion
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
 from minivit.models import create_model
@@ -75,6 +76,14 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
+    # the model family's options and DeiT distillation (minivit.distill)
+    pos_embed: str = None  # None: the named model's own
+    rel_pos_bias: bool = False
+    teacher: str = None  # a run folder or weights file: distill from it
+    teacher_model: str = None  # the named model of a teacher given as timm-format weights
+    distillation: str = None  # "hard" or "soft", with teacher
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
 
     def model_name(self):
         return self.model or DEFAULT_MODELS[self.dataset]
@@ -160,8 +169,11 @@ def _check_run_folder(config, run_dir):
 
 def build_model(config, num_classes, image_size, channels):
     backend.manual_seed(config.seed)
+    options = {"pos_embed": config.pos_embed} if config.pos_embed else {}
+    if config.rel_pos_bias:
+        options["rel_pos_bias"] = True
     model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
-                         in_chans=channels, drop_path_rate=config.drop_path)
+                         in_chans=channels, drop_path_rate=config.drop_path, **options)
     return model.to(dtype=config.dtype)
 
 
@@ -170,14 +182,18 @@ def build_optimizer(config, model):
     return optimizer(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def training_step(model, optimizer, config):
-    """A function (x, y) -> (loss, logits) arrays of one training step: forward, cross-entropy,
-    backward, optimizer step. With config.cuda_graph, full batches replay one CUDA graph,
+def training_step(model, optimizer, config, criterion=None):
+    """A function (x, y) -> (loss, logits) arrays of one training step: forward, cross-entropy
+    (or criterion(outputs, x, y) -> (loss, logits), e.g. distillation), backward, optimizer
+    step. With config.cuda_graph, full batches replay one CUDA graph,
     recorded on the first of them (which trains eagerly, as the capture's warm-up); a smaller
     last batch runs eagerly. The graph's outputs are overwritten by its next replay."""
     def step(x, y):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        if criterion is None:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        else:
+            loss, logits = criterion(model(x), x, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(max_grad_norm=config.clip_grad)
@@ -296,13 +312,14 @@ def _train(config, on_epoch_end):
     test_set = load_dataset(config.dataset, "test", config.data_dir)
     channels, image_size = train_set.images.shape[1], train_set.images.shape[2]
     model = build_model(config, train_set.num_classes, image_size, channels)
+    criterion = distillation_criterion(config, model)
     optimizer = build_optimizer(config, model)
     augment = default_augmentation(config.dataset) if config.augment else None
     config = dataclasses.replace(config, augment=augment is not None)  # record what is applied
     train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
                               augment=augment)
     test_loader = DataLoader(test_set, 256, shuffle=False)
-    train_step = training_step(model, optimizer, config)
+    train_step = training_step(model, optimizer, config, criterion)
     steps_per_epoch = len(train_loader)
     total_steps = config.epochs * steps_per_epoch
     info = {"dataset": config.dataset, "mean": train_set.mean, "std": train_set.std,

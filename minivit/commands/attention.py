@@ -54,7 +54,8 @@ def run(args):
     from minivit.checkpoint import model_from_checkpoint
     from minivit.commands.common import apply_backend
     from minivit.errors import MinivitError
-    from minivit.inspect import attention_rollout, cls_attention_maps, save_attention_figure
+    from minivit.inspect import (attention_map_subject, attention_rollout, cls_attention_maps,
+                                 save_attention_figure)
     from minivit.tensor import Tensor, no_grad
 
     if bool(args.images) == bool(args.index):
@@ -80,17 +81,19 @@ def run(args):
         probabilities = backend.to_numpy(F.softmax(logits, axis=-1).data)
     attentions = [backend.to_numpy(a).astype(np.float64) for a in attentions]
 
-    grid = model.patch_embed.grid_size
-    head_maps = cls_attention_maps(attentions[-1], grid)  # (B, heads, gh, gw)
+    grid, prefix = model.patch_embed.grid_size, model.num_prefix_tokens
+    head_maps = cls_attention_maps(attentions[-1], grid, prefix)  # (B, heads, gh, gw)
     rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
-    rollout_maps = rollout[:, 0, 1:].reshape((len(images),) + grid)
+    rollout_maps = cls_attention_maps(rollout[:, None], grid, prefix)[:, 0]
+    print(f"maps: {attention_map_subject(prefix)}")
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
         predicted = int(probabilities[b].argmax())
         text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
         if label is not None:
             text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=f"{tag}: {text}")
+        title = f"{tag}: {text}\n{attention_map_subject(prefix)}"
+        save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=title)
         print(f"{tag}: {text} -> {out}")
     return 0
 

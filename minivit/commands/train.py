@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.family_flags import add_family_flags
 
 EPILOG = """examples:
   minivit train                                   tiny ViT on the embedded 8x8 digits (CPU)
@@ -12,6 +13,10 @@ EPILOG = """examples:
   minivit train --backend cupy --cuda-graph       digits on the GPU, the steps replayed as a CUDA graph
   minivit train --out runs/a --resume             continue runs/a from its last checkpoint
   minivit train --out runs/a --overwrite          replace the run in runs/a with a new one
+  minivit train --model beit_digits               BEiT (relative position bias) on the digits
+  minivit train --pos-embed 2d --out runs/2d      the digits ViT with row + column positions
+  minivit train --model deit_digits --teacher runs/a --distillation hard
+                                                  DeiT: a distillation token learns from runs/a
 
 The run folder (--out) gets config.json, metrics.jsonl (one JSON record per epoch and split),
 last.safetensors (weights + optimizer, every epoch) and best.safetensors (best test accuracy).
@@ -79,6 +84,7 @@ def add_parser(subparsers, name, help_text):
                             f"{defaults.clip_grad})")
     model.add_argument("--optimizer", choices=("adamw", "sgd"), default=None,
                        help=f"default: {defaults.optimizer}")
+    add_family_flags(p)
     run = p.add_argument_group("run")
     add_backend_flags(run)
     p.set_defaults(dtype=None)  # its help names the default
