@@ -93,6 +93,12 @@ def test_patchify(backend, data):
 
 
 # -- attention ----------------------------------------------------------------------------------
+def bias_shapes(full):
+    """Shapes that broadcast to `full` (B, heads, N, M): leading axes dropped, axes set to 1."""
+    return st.integers(0, len(full)).flatmap(lambda drop: st.tuples(*[
+        st.sampled_from((n, 1)) for n in full[drop:]])).map(tuple)
+
+
 @FIXTURE_OK
 @given(data=st.data())
 def test_scaled_dot_product_attention(backend, data):
@@ -116,28 +122,27 @@ def test_scaled_dot_product_attention(backend, data):
 @FIXTURE_OK
 @given(data=st.data())
 def test_self_attention_from_packed_qkv(backend, data):
+    """With or without an additive bias of any broadcastable shape (its rows sliced with
+    queries=n, dB zero in the others)."""
     batch, tokens = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
     heads, head_dim = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
     qkv = data.draw(arrays((batch, tokens, 3 * heads * head_dim)))
     scale = data.draw(st.none() | floats(0.1, 1.0), label="scale")
     queries = data.draw(st.none() | st.integers(1, tokens), label="queries")  # first n only
-    (inp,) = draw_inputs(data, qkv)
+    bias_shape = data.draw(st.none() | bias_shapes((batch, heads, tokens, tokens)), label="bias")
+    host = [qkv] if bias_shape is None else [qkv, data.draw(arrays(bias_shape))]
+    inputs = draw_inputs(data, *host)
 
-    def fn(qkv):
-        return F.self_attention(qkv, num_heads=heads, scale=scale, queries=queries)
+    def fn(qkv, bias=None):
+        return F.self_attention(qkv, num_heads=heads, scale=scale, queries=queries, bias=bias)
 
     q, k, v = qkv.reshape(batch, tokens, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
     s = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    expected = (np_softmax(q @ k.swapaxes(-1, -2) * s) @ v).transpose(0, 2, 1, 3)
+    scores = q @ k.swapaxes(-1, -2) * s + (host[1] if bias_shape else 0.0)
+    expected = (np_softmax(scores) @ v).transpose(0, 2, 1, 3)
     expected = expected.reshape(batch, tokens, -1)[:, :queries]
-    np.testing.assert_allclose(forward(fn, inp), expected, **EXACT)
-    check_gradients(fn, inp, seed=data.draw(seeds))
-
-
-def bias_shapes(full):
-    """Shapes that broadcast to `full` (B, heads, N, M): leading axes dropped, axes set to 1."""
-    return st.integers(0, len(full)).flatmap(lambda drop: st.tuples(*[
-        st.sampled_from((n, 1)) for n in full[drop:]])).map(tuple)
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
 
 
 @FIXTURE_OK
@@ -154,27 +159,6 @@ def test_attention_with_an_additive_bias(backend, data):
         return F.scaled_dot_product_attention(q, k, v, bias=bias)
 
     expected = np_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(shape[-1]) + bias) @ v
-    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
-    check_gradients(fn, *inputs, seed=data.draw(seeds))
-
-
-@FIXTURE_OK
-@given(data=st.data())
-def test_self_attention_with_an_additive_bias(backend, data):
-    batch, tokens = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
-    heads, head_dim = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
-    qkv = data.draw(arrays((batch, tokens, 3 * heads * head_dim)))
-    bias = data.draw(arrays(data.draw(bias_shapes((batch, heads, tokens, tokens)),
-                                      label="bias")))
-    queries = data.draw(st.none() | st.integers(1, tokens), label="queries")
-    inputs = draw_inputs(data, qkv, bias)
-
-    def fn(qkv, bias):
-        return F.self_attention(qkv, num_heads=heads, queries=queries, bias=bias)
-
-    q, k, v = qkv.reshape(batch, tokens, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-    probs = np_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(head_dim) + bias)
-    expected = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)[:, :queries]
     np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
     check_gradients(fn, *inputs, seed=data.draw(seeds))
 

@@ -265,6 +265,14 @@ def _human(n, unit):
     return f"{n:.4g} {prefixes[i]}{unit}"
 
 
+def _options_text(cfg):
+    """The family options that differ from the plain ViT's, as key=value."""
+    plain = {"global_pool": "token", "class_token": True, "distilled": False,
+             "pos_embed": "learn", "no_embed_class": False, "fc_norm": None, "init_values": None,
+             "rel_pos_bias": False, "beit": False}
+    return ", ".join(f"{key}={cfg[key]}" for key, value in plain.items() if cfg[key] != value)
+
+
 def _prefix_text(count):
     return {0: "no class token", 1: "1 class token"}.get(count, "class + distillation tokens")
 
@@ -285,6 +293,7 @@ def format_cost(report):
         f"model      {cfg['img_size'][0]}x{cfg['img_size'][1]}x{cfg['in_chans']}, patch "
         f"{cfg['patch_size'][0]}x{cfg['patch_size'][1]}, dim {cfg['embed_dim']}, depth {depth}, "
         f"heads {cfg['num_heads']}, mlp {cfg['mlp_hidden']}, classes {cfg['num_classes']}",
+        *([f"options    {_options_text(cfg)}"] if _options_text(cfg) else []),
         f"tokens     {N} patches ({r.grid[0]}x{r.grid[1]}) + {_prefix_text(T - N)} = {T}",
         f"attention  {T}x{T} per head (over patches alone {N}x{N}), "
         f"{r.attention_entries_per_layer:,} entries per layer",

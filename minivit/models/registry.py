@@ -5,21 +5,21 @@ from minivit.models.beit import BEIT_CONFIGS
 from minivit.models.deit import DEIT_CONFIGS
 from minivit.models.vit import VisionTransformer
 
+
+def _imagenet(patch_size, embed_dim, depth, num_heads):
+    return dict(img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads)
+
+
 # The ImageNet ones are timm's; the small-data ones fit the embedded 8x8 digits, 28x28
 # MNIST/Fashion-MNIST and 32x32 CIFAR.
 VIT_CONFIGS = {
-    "vit_tiny_patch16_224": dict(img_size=224, patch_size=16, embed_dim=192, depth=12,
-                                 num_heads=3),
-    "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12,
-                                  num_heads=6),
-    "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
-                                 num_heads=12),
-    "vit_base_patch32_224": dict(img_size=224, patch_size=32, embed_dim=768, depth=12,
-                                 num_heads=12),
-    "vit_large_patch16_224": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24,
-                                  num_heads=16),
-    "vit_huge_patch14_224": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32,
-                                 num_heads=16),
+    "vit_tiny_patch16_224": _imagenet(16, 192, 12, 3),
+    "vit_small_patch16_224": _imagenet(16, 384, 12, 6),
+    "vit_base_patch16_224": _imagenet(16, 768, 12, 12),
+    "vit_base_patch32_224": _imagenet(32, 768, 12, 12),
+    "vit_large_patch16_224": _imagenet(16, 1024, 24, 16),
+    "vit_huge_patch14_224": _imagenet(14, 1280, 32, 16),
     "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64,
                        depth=4, num_heads=4),
     "vit_mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
