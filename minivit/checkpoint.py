@@ -12,7 +12,6 @@ from pathlib import Path
 
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
-from minivit.models import VisionTransformer
 
 OPTIMIZER_PREFIX = "optimizer."
 METADATA_KEY = "minivit"
@@ -45,18 +44,6 @@ def read_checkpoint(path):
     optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in state.items()
                         if k.startswith(OPTIMIZER_PREFIX)}
     return model_state, optimizer_arrays, info
-
-
-def model_from_checkpoint(path):
-    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
-    loaded, in eval mode, on the current backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
-    model_state, _, info = read_checkpoint(path)
-    model = VisionTransformer(**info["model_config"])
-    model.load_state_dict(model_state)
-    return model.eval(), info
 
 
 def find_checkpoint(run_dir, name="best"):

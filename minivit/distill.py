@@ -15,7 +15,11 @@ from pathlib import Path
 
 import minivit.functional as F
 from minivit import backend
+from minivit.checkpoint import METADATA_KEY
 from minivit.errors import MinivitError
+from minivit.io import load_weights
+from minivit.models import (checkpoint_num_classes, create_model, load_pretrained,
+                            model_from_checkpoint)
 from minivit.tensor import Tensor, no_grad
 
 DISTILLATION_KINDS = ("hard", "soft")
@@ -54,11 +58,6 @@ def load_teacher(source, student, teacher_model=None, dtype="float32"):
     """The teacher model in eval mode: a minivit run folder or checkpoint, or (with
     teacher_model=NAME) timm-format weights of that named model. Its classes, channels and
     image size must be the student's."""
-    from minivit.checkpoint import METADATA_KEY, model_from_checkpoint
-    from minivit.io import load_weights
-    from minivit.models import create_model
-    from minivit.pretrained import checkpoint_num_classes, load_pretrained
-
     path = Path(source)
     if not path.exists():
         raise MinivitError(f"--teacher {source}: no such run folder or weights file")

@@ -11,7 +11,7 @@ from minivit.checkpoint import save_checkpoint
 from minivit.cli import main
 from minivit.distill import DistillationLoss, soft_distillation
 from minivit.io import save_weights
-from minivit.models import create_model
+from minivit.models import create_model, model_from_checkpoint
 from minivit.train import TrainConfig, train
 
 QUICK = dict(dataset="digits", model="deit_digits", epochs=1, warmup=0, batch_size=64,
@@ -124,8 +124,6 @@ def test_pos_embed_and_rel_pos_bias_flags_reach_the_checkpoint(tmp_path, capsys)
     out = tmp_path / "run"
     assert main(["train", "--pos-embed", "none", "--rel-pos-bias", "--epochs", "1",
                  "--batch-size", "128", "--out", str(out), "--quiet"]) == 0
-    from minivit.checkpoint import model_from_checkpoint
-
     model, info = model_from_checkpoint(out)
     assert model.config["pos_embed"] == "none" and model.config["rel_pos_bias"]
     assert info["train_config"]["rel_pos_bias"] is True

@@ -8,12 +8,12 @@ import pytest
 
 import minivit
 from minivit import Tensor
-from minivit.checkpoint import model_from_checkpoint, save_checkpoint
+from minivit.checkpoint import save_checkpoint
 from minivit.errors import MinivitError, ShapeError, WeightsError
 from minivit.functional.position import sincos_2d
 from minivit.inspect import cls_attention_maps, parameter_shapes
-from minivit.models import MODEL_CONFIGS, VisionTransformer, create_model, model_config
-from minivit.pretrained import load_pretrained
+from minivit.models import (MODEL_CONFIGS, VisionTransformer, create_model, load_pretrained,
+                            model_config, model_from_checkpoint)
 
 # the counts timm 1.0.31 reports (docs: /work/shared/REFERENCES.md, tests/test_family_parity.py)
 TIMM_COUNTS = {

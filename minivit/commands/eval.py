@@ -1,6 +1,10 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.data import DataLoader, load_dataset
+from minivit.errors import MinivitError
+from minivit.models import model_from_checkpoint
+from minivit.train import evaluate
 
 
 def add_parser(subparsers, name, help_text):
@@ -16,11 +20,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from minivit.checkpoint import model_from_checkpoint
-    from minivit.data import DataLoader, load_dataset
-    from minivit.errors import MinivitError
-    from minivit.train import evaluate
-
     apply_backend(args)
     model, info = model_from_checkpoint(args.checkpoint)
     model.to(dtype=args.dtype)

@@ -1,12 +1,11 @@
 """minivit train's flags for the ViT family's options and DeiT distillation (minivit.distill)."""
 
 from minivit.commands.common import number
+from minivit.distill import DISTILLATION_KINDS
+from minivit.models.vit import POS_EMBEDS
 
 
 def add_family_flags(parser):
-    from minivit.distill import DISTILLATION_KINDS
-    from minivit.models.vit import POS_EMBEDS
-
     family = parser.add_argument_group("model family and distillation")
     family.add_argument("--pos-embed", choices=POS_EMBEDS, default=None,
                         help="position embedding: learn (1-D table, timm's), none, sincos "

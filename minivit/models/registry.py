@@ -1,8 +1,12 @@
 """The named models (ViT, DeiT, BEiT) and create_model, which takes timm's keyword arguments."""
 
+from pathlib import Path
+
+from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.errors import MinivitError
 from minivit.models.beit import BEIT_CONFIGS
 from minivit.models.deit import DEIT_CONFIGS
+from minivit.models.pretrained import load_pretrained
 from minivit.models.vit import VisionTransformer
 
 
@@ -57,11 +61,21 @@ def create_model(name, pretrained=None, **overrides):
     num_classes=10), with timm's keyword arguments (img_size, patch_size, embed_dim, depth,
     num_heads, global_pool, init_values, ...): the same call builds the same model as in timm.
     Seed with minivit.manual_seed for reproducible weights. pretrained=PATH (or a state dict)
-    loads timm/minivit weights with minivit.pretrained.load_pretrained (pos_embed resampled to
+    loads timm/minivit weights with minivit.models.load_pretrained (pos_embed resampled to
     img_size, head kept fresh when num_classes differs, with a warning); False or None: none."""
     model = VisionTransformer(**model_config(name, **overrides))
     if pretrained is not None and pretrained is not False:
-        from minivit.pretrained import load_pretrained
-
         load_pretrained(model, pretrained)
     return model
+
+
+def model_from_checkpoint(path):
+    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration (every
+    option of the family), weights loaded, in eval mode, on the current backend."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path)
+    model_state, _, info = read_checkpoint(path)
+    model = VisionTransformer(**info["model_config"])
+    model.load_state_dict(model_state)
+    return model.eval(), info

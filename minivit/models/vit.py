@@ -15,6 +15,8 @@ import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError, ShapeError
 from minivit.functional.position import sincos_2d
+from minivit.models.pos_embed import resample_abs_pos_embed, resample_table
+from minivit.models.timm_keys import check_state_dict
 from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
 
@@ -219,8 +221,6 @@ class VisionTransformer(Module):
         tokens' entries are kept), the 2-D tables alike, a 'sincos' table recomputed. A
         relative position bias is refused (its tables are learned for one grid). Make the
         optimizer afterwards: the embeddings get new arrays."""
-        from minivit.io import resample_abs_pos_embed, resample_table
-
         patch_embed = self.patch_embed
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         patch = patch_embed.patch_size
@@ -253,6 +253,14 @@ class VisionTransformer(Module):
     def _replace(parameter, values):
         parameter.data = backend.to_backend(values, parameter.backend)
         parameter.grad = None
+
+    def load_state_dict(self, state, strict=True):
+        """Module.load_state_dict; strict, a state dict that does not fit is reported against
+        timm's names (options minivit lacks named, hints for another image size or head)."""
+        if strict:
+            check_state_dict({name: tuple(p.shape) for name, p in self.named_parameters()},
+                             state)
+        return super().load_state_dict(state, strict)
 
     def extra_repr(self):
         return ", ".join(f"{key}={value}" for key, value in self.config.items())
