@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-from minivit import __version__
+from minivit import __version__, cpu
 from minivit.errors import MinivitError
 
 # name -> one-line help; the module minivit.commands.<name> does the work.
@@ -50,6 +50,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    cpu.configure()  # BLAS threads and malloc for the CPU kernels (see minivit.cpu.runtime)
     try:
         return _command_module(args.command).run(args) or 0
     except MinivitError as error:

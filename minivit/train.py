@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 import minivit.functional as F
-from minivit import backend, cuda
+from minivit import backend, cpu, cuda
+from minivit import distributed as dist
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 save_checkpoint)
 from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
@@ -199,19 +200,7 @@ def training_step(model, optimizer, config, criterion=None):
         optimizer.step(max_grad_norm=config.clip_grad)
         return loss.data, logits.data
 
-    if not config.cuda_graph:
-        return step
-    graph = None
-
-    def replay(x, y):
-        nonlocal graph
-        if len(y) != config.batch_size:
-            return step(x, y)
-        if graph is None:
-            graph = cuda.capture_step(step, x, y)
-            return graph.warmup_outputs
-        return graph(x, y)
-    return replay
+    return cuda.replayed(step, config.batch_size) if config.cuda_graph else step
 
 
 def evaluate(model, loader, dtype="float32"):
@@ -226,6 +215,7 @@ def evaluate(model, loader, dtype="float32"):
             total_loss += F.cross_entropy(logits, targets).item() * len(labels)
             correct += int((logits.data.argmax(axis=1) == targets).sum())
             count += len(labels)
+    total_loss, correct, count = dist.sum_over_ranks(total_loss, correct, count)  # data parallel
     model.train(was_training)
     return total_loss / count, correct / count
 
@@ -273,9 +263,10 @@ def _gradient_statistics(model, optimizer, params_before):
 def train(config, on_epoch_end=None):
     """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    cpu.configure()  # BLAS threads and malloc, as the command line sets them up
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():
         return _train(config, on_epoch_end)
 
 
@@ -283,8 +274,10 @@ def _train(config, on_epoch_end):
     from tqdm import tqdm
 
     backend.set_backend(config.backend)
+    dist.init()  # under mpiexec: join the other processes (each on its own GPU)
     run_dir = Path(config.out)
-    _check_run_folder(config, run_dir)
+    if dist.is_main():  # rank 0 keeps the run folder; the others only read a resumed one
+        _check_run_folder(config, run_dir)
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
     if config.cuda_graph and config.backend != "cupy":
@@ -314,11 +307,13 @@ def _train(config, on_epoch_end):
     model = build_model(config, train_set.num_classes, image_size, channels)
     criterion = distillation_criterion(config, model)
     optimizer = build_optimizer(config, model)
+    dist.average_gradients(optimizer)
     augment = default_augmentation(config.dataset) if config.augment else None
     config = dataclasses.replace(config, augment=augment is not None)  # record what is applied
-    train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
-                              augment=augment)
-    test_loader = DataLoader(test_set, 256, shuffle=False)
+    # --batch-size is the global batch: each process trains on its part of every batch
+    train_loader = dist.shard_loader(DataLoader(train_set, config.batch_size, shuffle=True,
+                                                seed=config.seed, augment=augment))
+    test_loader = DataLoader(dist.shard_dataset(test_set), 256, shuffle=False)
     train_step = training_step(model, optimizer, config, criterion)
     steps_per_epoch = len(train_loader)
     total_steps = config.epochs * steps_per_epoch
@@ -326,11 +321,13 @@ def _train(config, on_epoch_end):
             "class_names": train_set.class_names, "train_config": dataclasses.asdict(config)}
 
     start_epoch, best_accuracy = 0, -1.0
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MinivitError(f"cannot create the run folder {run_dir}: {error.strerror or error}; "
-                           f"pass --out a folder that can be created") from None
+    if dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MinivitError(f"cannot create the run folder {run_dir}: "
+                               f"{error.strerror or error}; pass --out a folder that can be "
+                               f"created") from None
     suffix = "." + config.checkpoint_format
     last_path = run_dir / f"last{suffix}"
     if config.resume:
@@ -342,29 +339,34 @@ def _train(config, on_epoch_end):
             raise MinivitError(f"--resume: {run_dir} has already trained "
                                f"{epochs_text(start_epoch)}; pass --epochs greater than "
                                f"{start_epoch} to train further")
-    if config.overwrite:  # nothing of the old run may be resumed under the new config
+    dist.broadcast_parameters(model)
+    config = dataclasses.replace(config, progress=config.progress and dist.is_main())
+    if config.overwrite and dist.is_main():  # nothing of the old run may be resumed now
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-    metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
-    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
+    if dist.is_main():
+        metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
+        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "best_accuracy": best_accuracy}
+    if config.progress and dist.world_size() > 1:
+        tqdm.write(f"data parallel: {dist.describe()}")
     step = start_epoch * steps_per_epoch
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         model.train()
         train_loader.set_epoch(epoch)
-        backend.manual_seed([config.seed, epoch])  # dropout/drop-path numbers of this epoch
+        backend.manual_seed(dist.rank_seed([config.seed, epoch]))  # this epoch's dropout numbers
         epoch_loss, epoch_correct, epoch_count, epoch_start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not config.progress, unit="batch")
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar):
             optimizer.lr = warmup_cosine(step, total_steps, config.lr,
                                          config.warmup * steps_per_epoch, config.min_lr)
             x = backend.to_backend(images.astype(config.dtype, copy=False))
             y = backend.to_backend(labels)
-            log_grads_now = config.log_grads and epoch_count + len(labels) >= len(train_set)
+            log_grads_now = config.log_grads and batch == steps_per_epoch - 1
             params_before = optimizer.flat.copy() if log_grads_now else None
             loss, logits = train_step(x, y)
             loss_value = float(loss)
@@ -386,25 +388,28 @@ def _train(config, on_epoch_end):
                             img_s=f"{epoch_count / elapsed:.0f}")
         bar.close()
         train_time = time.perf_counter() - epoch_start
+        epoch_loss, epoch_correct, epoch_count = dist.sum_over_ranks(epoch_loss, epoch_correct,
+                                                                     epoch_count)
         test_loss, test_accuracy = evaluate(model, test_loader, config.dtype)
         is_best = test_accuracy > best_accuracy
         best_accuracy = max(best_accuracy, test_accuracy)
         checkpoint_info = dict(info, epoch=epoch + 1, step=step, best_accuracy=best_accuracy,
                                test_accuracy=test_accuracy)
-        common = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started}
-        metrics.write(dict(common, split="train", loss=epoch_loss / epoch_count,
-                           accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
-                           images_per_s=epoch_count / train_time))
-        metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
-        if params_before is not None:
-            grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
-            metrics.write(dict(common, split="grads", grad_norms=grad_norms,
-                               update_ratios=update_ratios))
-        # metrics, then best, then last: whatever an interruption cuts short, resuming from
-        # `last` redoes (a resumed run drops metrics records past its checkpoint)
-        if is_best:
-            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info)
-        save_checkpoint(last_path, model, checkpoint_info, optimizer)
+        if dist.is_main():  # the other processes hold the same weights and numbers
+            common = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started}
+            metrics.write(dict(common, split="train", loss=epoch_loss / epoch_count,
+                               accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
+                               images_per_s=epoch_count / train_time))
+            metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
+            if params_before is not None:
+                grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
+                metrics.write(dict(common, split="grads", grad_norms=grad_norms,
+                                   update_ratios=update_ratios))
+            # metrics, then best, then last: whatever an interruption cuts short, resuming from
+            # `last` redoes (a resumed run drops metrics records past its checkpoint)
+            if is_best:
+                save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info)
+            save_checkpoint(last_path, model, checkpoint_info, optimizer)
         if config.progress:
             tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  train loss "
                        f"{epoch_loss / epoch_count:.4f} acc {epoch_correct / epoch_count:.4f}  "

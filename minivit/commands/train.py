@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from minivit import distributed as dist
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser
 from minivit.commands.family_flags import add_family_flags
 from minivit.errors import MinivitError
@@ -149,6 +150,8 @@ def run(args):
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
     except KeyboardInterrupt:
+        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
+            return 130
         if finished or config.resume:
             kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
@@ -157,6 +160,8 @@ def run(args):
             print("minivit train: interrupted during the first epoch; no checkpoint was written",
                   file=sys.stderr)
         return 130
+    if not dist.is_main():  # under mpiexec: rank 0 reports
+        return 0
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")

@@ -1,4 +1,12 @@
-"""Hand-written differentiable ops: each one Function, forward and backward side by side."""
+"""Hand-written differentiable ops: each one Function, forward and backward side by side.
+
+One module per op family: activation, attention, basic (arithmetic, reductions, shapes),
+linear, loss, normalization, regularization, and optimizer_update (AdamW's update, not a
+Function). Each holds its Functions with their math in one comment, the plain whole-array
+code, and the registration of its fast implementations (minivit.cpu.<family> on NumPy,
+minivit.cuda.<family> on CuPy); registry.py picks one per call (see its docstring to add an
+op), and minivit.inspect.opchecks catalogues every op for gradcheck and the tests.
+"""
 
 from minivit.functional.activation import gelu, log_softmax, softmax
 from minivit.functional.attention import scaled_dot_product_attention, self_attention

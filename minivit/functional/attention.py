@@ -1,16 +1,20 @@
 """Scaled dot-product attention as one Function (batched matmuls, fused softmax backward), and
 self-attention straight from the packed qkv projection (no split/merge copies). Both take an
-optional additive bias B on the scores (relative position bias, masks): S = q kᵀ·s + B."""
+optional additive bias B on the scores (relative position bias, masks): S = q kᵀ·s + B. Fast
+implementations: minivit.cpu.attention (CPU, with the bias) and minivit.cuda.attention (GPU,
+self-attention without a bias: biased attention runs the plain code on CuPy)."""
 
 import math
 
 import numpy as np
 
-from minivit import backend, cpu, cuda
+from minivit import backend
+from minivit.cpu import attention as cpu_attention
+from minivit.cuda import attention as cuda_attention
 from minivit.errors import ShapeError
-from minivit.functional.activation import softmax_array, softmax_backward_array
+from minivit.functional.activation import row_softmax
 from minivit.functional.basic import _unbroadcast
-from minivit.tensor import Function
+from minivit.functional.registry import DispatchedFunction, implementation
 
 
 def _check_bias(bias, scores_shape, op):
@@ -24,10 +28,23 @@ def _check_bias(bias, scores_shape, op):
                          f"{scores_shape}; got {bias.shape}")
 
 
+def _bias_grad(grad_scores, shape):
+    """dB from dS (B, H, n, N): summed to the bias's shape; zero in the rows of the tokens that
+    did not ask (self-attention's queries=n, where the bias has all N rows)."""
+    if len(shape) < 2 or shape[-2] in (1, grad_scores.shape[-2]):
+        return _unbroadcast(grad_scores, shape)
+    rows = _unbroadcast(grad_scores, shape[:-2] + (grad_scores.shape[-2], shape[-1]))
+    full = backend.array_module(grad_scores).zeros(shape, grad_scores.dtype)
+    full[..., :rows.shape[-2], :] = rows
+    return full
+
+
 # -- attention: S = q kᵀ·s + B (s = d^-½, B an optional bias), P = softmax(S), O = P v
 #    dv = Pᵀ dO;  dP = dO vᵀ;  dS = P ⊙ (dP − Σ dP ⊙ P);  dq = dS k·s;  dk = dSᵀ q·s;
 #    dB = dS summed over the axes B was broadcast along
-class ScaledDotProductAttention(Function):
+#    Every implementation saves (P, q, k, v, s), P first as return_attention hands it out; the
+#    plain one also the softmax implementation it ran (its backward runs the same one).
+class ScaledDotProductAttention(DispatchedFunction):
     def forward(self, q, k, v, bias=None, scale=None):
         if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
             raise ShapeError(f"attention: expected q, k, v of shape (B, heads, N, d) with k "
@@ -36,38 +53,10 @@ class ScaledDotProductAttention(Function):
         if bias is not None:
             _check_bias(bias, q.shape[:3] + k.shape[2:3], "attention")
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        q, k, v = self.q, self.k, self.v = tuple(backend.matmul_operand(a) for a in (q, k, v))
-        self.bias_shape = None if bias is None else bias.shape
-        if cpu.handles(q, k, v):  # per batch block: q kᵀ, softmax, P v while in cache
-            out = backend.array_module(q).empty(q.shape[:3] + v.shape[3:], q.dtype)
-            self.probs = cpu.attention_forward(q, k, v, self.scale, out, bias=bias)
-            return out
-        scores = q @ k.swapaxes(-1, -2)
-        scores *= self.scale
-        if bias is not None:
-            scores += bias
-        self.probs = softmax_array(scores)
-        return self.probs @ v
-
-    def backward(self, grad):
-        q, k, v, probs, grad = self.q, self.k, self.v, self.probs, backend.matmul_operand(grad)
-        need_bias = len(self.needs_input_grad) > 3 and self.needs_input_grad[3]
-        if cpu.handles(grad, q, k, v):
-            xp = backend.array_module(grad)
-            grads = [xp.empty(a.shape, a.dtype) if need else None
-                     for a, need in zip((q, k, v), self.needs_input_grad)]
-            grad_scores = xp.empty(probs.shape, probs.dtype) if need_bias else None
-            cpu.attention_backward(grad, q, k, v, probs, self.scale, *grads,
-                                   grad_scores=grad_scores)
-            bias = _unbroadcast(grad_scores, self.bias_shape) if need_bias else None
-            return (*grads, bias)
-        grad_v = probs.swapaxes(-1, -2) @ grad if self.needs_input_grad[2] else None
-        grad_scores = softmax_backward_array(probs, grad @ v.swapaxes(-1, -2))
-        grad_bias = _unbroadcast(grad_scores, self.bias_shape).copy() if need_bias else None
-        grad_scores *= self.scale
-        grad_q = grad_scores @ k if self.needs_input_grad[0] else None
-        grad_k = grad_scores.swapaxes(-1, -2) @ q if self.needs_input_grad[1] else None
-        return grad_q, grad_k, grad_v, grad_bias
+        q, k, v = (backend.matmul_operand(a) for a in (q, k, v))
+        out = self.dispatch("attention", (q, k, v, bias), q, k, v, self.scale, bias=bias)
+        self.probs = self.saved[0]
+        return out
 
 
 def scaled_dot_product_attention(q, k, v, scale=None, return_attention=False, bias=None):
@@ -84,13 +73,58 @@ def scaled_dot_product_attention(q, k, v, scale=None, return_attention=False, bi
     return out
 
 
+def _needs_bias(needs):
+    return len(needs) > 3 and needs[3]
+
+
+@implementation("attention", "cpu")
+class _BlockedAttention:  # per batch block: q kᵀ(·s + B), softmax, P v while in cache
+    def forward(q, k, v, scale, bias=None):
+        out = backend.array_module(q).empty(q.shape[:3] + v.shape[3:], q.dtype)
+        probs = cpu_attention.attention_forward(q, k, v, scale, out, bias=bias)
+        return out, (probs, q, k, v, scale, None if bias is None else bias.shape)
+
+    def backward(saved, grad, needs):
+        probs, q, k, v, scale, bias_shape = saved
+        xp = backend.array_module(grad)
+        grads = [xp.empty(a.shape, a.dtype) if need else None for a, need in zip((q, k, v), needs)]
+        grad_scores = xp.empty(probs.shape, probs.dtype) if _needs_bias(needs) else None
+        cpu_attention.attention_backward(grad, q, k, v, probs, scale, *grads,
+                                         grad_scores=grad_scores)
+        return (*grads, None if grad_scores is None else _bias_grad(grad_scores, bias_shape))
+
+
+@implementation("attention", "plain")
+class _PlainAttention:  # (on CuPy the softmax runs in the fused row kernels)
+    def forward(q, k, v, scale, bias=None):
+        scores = q @ k.swapaxes(-1, -2)
+        scores *= scale
+        if bias is not None:
+            scores += bias
+        probs, softmax = row_softmax(scores)
+        return probs @ v, (probs, q, k, v, scale, softmax, None if bias is None else bias.shape)
+
+    def backward(saved, grad, needs):
+        probs, q, k, v, scale, softmax, bias_shape = saved
+        grad = backend.matmul_operand(grad)
+        grad_v = probs.swapaxes(-1, -2) @ grad if needs[2] else None
+        grad_scores = softmax.backward((probs, -1), grad @ v.swapaxes(-1, -2), (True,))[0]
+        grad_bias = _bias_grad(grad_scores, bias_shape).copy() if _needs_bias(needs) else None
+        grad_scores *= scale
+        grad_q = grad_scores @ k if needs[0] else None
+        grad_k = grad_scores.swapaxes(-1, -2) @ q if needs[1] else None
+        return grad_q, grad_k, grad_v, grad_bias
+
+
 # -- self-attention from the packed projection: qkv (B, N, 3D) is viewed as (B, N, 3, H, d);
 #    q, k, v are its three (B, H, N, d) slices and O = attention(q, k, v) is written back as
 #    (B, N, H, d) = (B, N, D). Same math as above; dqkv gathers dq, dk, dv into the packed
 #    layout directly (no zero-filled scatter per slice, no split or merge copies).
 #    queries=n: only the first n tokens ask (q is (B, H, n, d), O is (B, n, D)); every token
 #    is still a key and a value, and dq is zero for the tokens that did not ask; a bias's rows
-#    are sliced alike and dB is zero in the others.
+#    are sliced alike (its first n) and dB is zero in the others.
+#    saved, P first (or None where the GPU does not keep it): CPU and plain (P, q, k, v, s,
+#    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv, lse, heads, s).
 def _split_heads(qkv, num_heads):
     batch, tokens, width = qkv.shape
     if width % (3 * num_heads):
@@ -100,93 +134,29 @@ def _split_heads(qkv, num_heads):
     return [packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]  # (B, H, N, d) views
 
 
-class SelfAttention(Function):
+class SelfAttention(DispatchedFunction):
     def forward(self, qkv, bias=None, num_heads=1, scale=None, queries=None, keep_probs=True):
         if qkv.ndim != 3:
             raise ShapeError(f"self_attention: expected qkv of shape (B, N, 3·D); got {qkv.shape}")
         if queries is not None and not 1 <= queries <= qkv.shape[1]:
             raise ShapeError(f"self_attention: queries must be between 1 and the {qkv.shape[1]} "
                              f"tokens; got {queries}")
-        xp = backend.array_module(qkv)
-        q, k, v = _split_heads(qkv, num_heads)
-        self.queries = queries
-        self.bias_shape = None if bias is None else bias.shape
+        q = _split_heads(qkv, num_heads)[0]  # (checks the width)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        queries = queries or qkv.shape[1]
         if bias is not None:
-            _check_bias(bias, q.shape[:3] + k.shape[2:3], "self_attention")
-            if queries is not None and bias.ndim >= 2 and bias.shape[-2] > 1:
-                bias = bias[..., :queries, :]  # the rows of the tokens that ask
-        if queries is not None:
-            q = q[:, :, :queries]
-        batch, heads, tokens, head_dim = q.shape
-        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-        self.qkv_shape, self.heads = qkv.shape, heads
-        self.gpu_qkv = None
-        if cuda.handles(qkv) and bias is None:  # biased attention takes the plain CuPy path
-            # batched cuBLAS GEMMs read q, k, v where they lie in qkv; P (B, H, n, N) is kept
-            # only when asked for, as backward can rebuild it from lse (one value per row)
-            self.gpu_qkv = xp.ascontiguousarray(qkv)
-            out, probs, self.lse = cuda.attention_forward(self.gpu_qkv, heads, tokens, self.scale)
-            self.probs = probs if keep_probs else None
-            return out
-        out = xp.empty((batch, tokens, heads, head_dim), qkv.dtype)
-        self.fast = cpu.handles(qkv)
-        if self.fast:  # q, k, v stay views of qkv
-            self.probs = cpu.attention_forward(q, k, v, self.scale, out.transpose(0, 2, 1, 3),
-                                               bias=bias)
-        else:  # contiguous copies for the batched GEMMs, saved for backward; s folded into q
-            q = xp.ascontiguousarray(q * self.scale)
-            k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
-            scores = q @ k.swapaxes(-1, -2)
-            if bias is not None:
-                scores += bias
-            self.probs = softmax_array(scores)
-            out[...] = (self.probs @ v).transpose(0, 2, 1, 3)
-        self.q, self.k, self.v = q, k, v
-        return out.reshape(batch, tokens, heads * head_dim)
+            _check_bias(bias, q.shape[:3] + q.shape[2:3], "self_attention")
+        out = self.dispatch("self_attention", (qkv, bias), qkv, num_heads, scale, queries,
+                            keep_probs, bias=bias)
+        self.probs = self.saved[0]
+        return out
 
-    def backward(self, grad):
-        if self.gpu_qkv is not None:
-            return (cuda.attention_backward(grad, self.gpu_qkv, self.probs, self.lse,
-                                            self.heads, self.scale), None)
-        q, k, v, probs = self.q, self.k, self.v, self.probs
-        batch, heads, tokens, head_dim = q.shape
-        xp = backend.array_module(grad)
-        need_bias = self.needs_input_grad[1]
-        grad4 = grad.reshape(batch, tokens, heads, head_dim).transpose(0, 2, 1, 3)
-        grad_qkv = xp.empty(self.qkv_shape, grad.dtype)
-        grad_q, grad_k, grad_v = _split_heads(grad_qkv, heads)
-        if self.queries is not None:
-            grad_q[:, :, self.queries:] = 0
-            grad_q = grad_q[:, :, :self.queries]
-        if self.fast and cpu.handles(grad):
-            grad_scores = xp.empty(probs.shape, probs.dtype) if need_bias else None
-            cpu.attention_backward(grad4, q, k, v, probs, self.scale, grad_q, grad_k, grad_v,
-                                   grad_scores=grad_scores)
-            return grad_qkv, self._bias_grad(grad_scores)
-        # here q holds q·s (as the forward saved it): dq = dS k·s, dk = dSᵀ (q·s)
-        if self.fast:  # the forward ran on the fast path: q is an unscaled view of qkv
-            q = q * self.scale
-        grad4 = xp.ascontiguousarray(grad4)
-        grad_v[...] = probs.swapaxes(-1, -2) @ grad4
-        grad_scores = softmax_backward_array(probs, grad4 @ v.swapaxes(-1, -2))
-        grad_bias = self._bias_grad(grad_scores.copy() if need_bias else None)
-        xp.multiply(grad_scores @ k, self.scale, out=grad_q)
-        grad_k[...] = grad_scores.swapaxes(-1, -2) @ q
-        return grad_qkv, grad_bias
 
-    def _bias_grad(self, grad_scores):
-        """dB from dS (B, H, n, N): summed to the bias's shape, zero in the rows of the tokens
-        that did not ask (queries=n)."""
-        if grad_scores is None:
-            return None
-        shape = self.bias_shape
-        if len(shape) < 2 or shape[-2] in (1, grad_scores.shape[-2]):
-            return _unbroadcast(grad_scores, shape)
-        xp = backend.array_module(grad_scores)
-        rows = _unbroadcast(grad_scores, shape[:-2] + (grad_scores.shape[-2], shape[-1]))
-        full = xp.zeros(shape, grad_scores.dtype)
-        full[..., :rows.shape[-2], :] = rows
-        return full
+def _query_rows(bias, queries):
+    """The bias rows of the tokens that ask (all of a bias broadcast along the rows)."""
+    if bias is None or bias.ndim < 2 or bias.shape[-2] == 1:
+        return bias
+    return bias[..., :queries, :]
 
 
 def self_attention(qkv, num_heads, scale=None, return_attention=False, queries=None, bias=None):
@@ -207,3 +177,81 @@ def self_attention(qkv, num_heads, scale=None, return_attention=False, queries=N
     if return_attention:
         return out, function.probs
     return out
+
+
+def _grad_qkv(grad, q_shape, qkv_shape):
+    """dqkv (B, N, 3D) and its dq, dk, dv views (dq zero past the queries), and dO as
+    (B, H, n, d)."""
+    batch, heads, queries, head_dim = q_shape
+    grad_qkv = backend.array_module(grad).empty(qkv_shape, grad.dtype)
+    grad_q, grad_k, grad_v = _split_heads(grad_qkv, heads)
+    grad_q[:, :, queries:] = 0
+    grad4 = grad.reshape(batch, queries, heads, head_dim).transpose(0, 2, 1, 3)
+    return grad_qkv, (grad_q[:, :, :queries], grad_k, grad_v), grad4
+
+
+@implementation("self_attention", "cuda", accepts=lambda *arrays, bias=None: bias is None)
+class _FusedSelfAttention:
+    """Batched cuBLAS GEMMs read q, k, v where they lie in qkv; P (B, H, n, N) is kept only
+    when asked for, as backward can rebuild it from lse (one value per row)."""
+
+    def forward(qkv, heads, scale, queries, keep_probs, bias=None):
+        qkv = backend.array_module(qkv).ascontiguousarray(qkv)
+        out, probs, lse = cuda_attention.attention_forward(qkv, heads, queries, scale)
+        return out, (probs if keep_probs else None, qkv, lse, heads, scale)
+
+    def backward(saved, grad, needs):
+        probs, qkv, lse, heads, scale = saved
+        return cuda_attention.attention_backward(grad, qkv, probs, lse, heads, scale), None
+
+
+@implementation("self_attention", "cpu")
+class _BlockedSelfAttention:  # q, k, v stay views of qkv; O written through a strided view
+    def forward(qkv, heads, scale, queries, keep_probs, bias=None):
+        q, k, v = _split_heads(qkv, heads)
+        q = q[:, :, :queries]
+        batch, _, _, head_dim = q.shape
+        out = backend.array_module(qkv).empty((batch, queries, heads, head_dim), qkv.dtype)
+        probs = cpu_attention.attention_forward(q, k, v, scale, out.transpose(0, 2, 1, 3),
+                                                bias=_query_rows(bias, queries))
+        return out.reshape(batch, queries, heads * head_dim), \
+            (probs, q, k, v, scale, qkv.shape, None if bias is None else bias.shape)
+
+    def backward(saved, grad, needs):
+        probs, q, k, v, scale, qkv_shape, bias_shape = saved
+        grad_qkv, grads, grad4 = _grad_qkv(grad, q.shape, qkv_shape)
+        grad_scores = backend.array_module(grad).empty(probs.shape, probs.dtype) \
+            if needs[1] else None
+        cpu_attention.attention_backward(grad4, q, k, v, probs, scale, *grads,
+                                         grad_scores=grad_scores)
+        return grad_qkv, None if grad_scores is None else _bias_grad(grad_scores, bias_shape)
+
+
+@implementation("self_attention", "plain")
+class _PlainSelfAttention:  # contiguous copies for the batched GEMMs; s folded into q
+    def forward(qkv, heads, scale, queries, keep_probs, bias=None):
+        xp = backend.array_module(qkv)
+        q, k, v = _split_heads(qkv, heads)
+        q = xp.ascontiguousarray(q[:, :, :queries])
+        k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
+        scores = (q * scale) @ k.swapaxes(-1, -2)
+        if bias is not None:
+            scores += _query_rows(bias, queries)
+        probs, softmax = row_softmax(scores)
+        batch, _, _, head_dim = q.shape
+        out = xp.empty((batch, queries, heads, head_dim), qkv.dtype)
+        out[...] = (probs @ v).transpose(0, 2, 1, 3)
+        return out.reshape(batch, queries, heads * head_dim), \
+            (probs, q, k, v, scale, qkv.shape, softmax, None if bias is None else bias.shape)
+
+    def backward(saved, grad, needs):
+        probs, q, k, v, scale, qkv_shape, softmax, bias_shape = saved
+        xp = backend.array_module(grad)
+        grad_qkv, (grad_q, grad_k, grad_v), grad4 = _grad_qkv(grad, q.shape, qkv_shape)
+        grad4 = xp.ascontiguousarray(grad4)
+        grad_v[...] = probs.swapaxes(-1, -2) @ grad4
+        grad_scores = softmax.backward((probs, -1), grad4 @ v.swapaxes(-1, -2), (True,))[0]
+        grad_bias = _bias_grad(grad_scores, bias_shape) if needs[1] else None
+        xp.multiply(grad_scores @ k, scale, out=grad_q)
+        grad_k[...] = grad_scores.swapaxes(-1, -2) @ (q * scale)
+        return grad_qkv, grad_bias
