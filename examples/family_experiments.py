@@ -33,7 +33,7 @@ POSITION_ARMS = {
 def run(runs, name, seed, epochs, **options):
     """Train one arm with one seed (or reuse its finished run): its final test accuracy."""
     out = runs / name.split()[0] / f"seed{seed}"
-    options = dict(dict(model="vit_digits"), **options)
+    options = {"model": "vit_digits", **options}
     config = TrainConfig(dataset="digits", epochs=epochs, warmup=1, seed=seed, out=str(out),
                          progress=False, overwrite=True, **options)
     summary = train(config)

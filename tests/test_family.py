@@ -241,3 +241,17 @@ def test_checkpoints_keep_the_options(tmp_path, variant):
     assert loaded.config == model.config
     x = Tensor(images(dtype=np.float32))
     np.testing.assert_array_equal(loaded(x).data, model.eval()(x).data)
+
+
+def test_predict_refuses_an_image_size_a_relative_bias_cannot_serve(tmp_path, capsys):
+    from minivit.cli import main
+
+    model = small("rel_pos_bias")
+    save_checkpoint(tmp_path / "best.safetensors", model,
+                    {"epoch": 1, "mean": [0.5], "std": [0.5], "class_names": ["a", "b", "c"]})
+    np.save(tmp_path / "image.npy", np.zeros((12, 12)))
+    assert main(["predict", "--checkpoint", str(tmp_path), "--img-size", "12",
+                 str(tmp_path / "image.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "relative position bias tables are learned for a 4x4 patch grid" in err
+    assert "Traceback" not in err

@@ -199,7 +199,8 @@ class VisionTransformer(Module):
 
     def forward_with_attention(self, x):
         """(logits, attention) where attention is a list with one (B, heads, T, T) array of
-        attention probabilities per block, T = prefix + N tokens (see token_names)."""
+        attention probabilities per block, T = num_prefix_tokens + N: the class token (and
+        DeiT's distillation token) first, then the patches."""
         attentions = [block.attn for block in self.blocks]
         for attn in attentions:
             attn.keep_attention = True
@@ -209,10 +210,6 @@ class VisionTransformer(Module):
         finally:
             for attn in attentions:
                 attn.keep_attention, attn.attention = False, None
-
-    def token_names(self):
-        """The names of the prefix tokens, in order: ['cls', 'dist'], ['cls'] or []."""
-        return ["cls", "dist"][:self.num_prefix_tokens]
 
     # -- image size -------------------------------------------------------------------------
     def resample_pos_embed(self, img_size):
