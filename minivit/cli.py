@@ -18,6 +18,9 @@ COMMANDS = {
     "plot": "plot loss/accuracy/learning-rate curves of one or more run folders",
     "attention": "save a PNG of a trained model's attention maps and attention rollout",
     "convert": "convert weights between .safetensors, .npz and PyTorch .pth/.bin",
+    "pretrain": "self-supervised pretraining of a ViT encoder: MAE or DINO",
+    "probe": "k-NN and linear-probe accuracy of a (pretrained, supervised or random) encoder",
+    "reconstruct": "draw an MAE run's reconstructions of test images",
 }
 
 

@@ -28,7 +28,9 @@ from minivit import distributed as dist
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 save_checkpoint)
 from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
+from minivit.data.subset import stratified_fraction
 from minivit.distill import distillation_criterion
+from minivit.encoders import load_encoder
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
 from minivit.models import create_model
@@ -75,6 +77,8 @@ class TrainConfig:
     checkpoint_format: str = "safetensors"
     log_grads: bool = False
     progress: bool = True
+    init: str = None  # a pretrained encoder (run folder or weights) to fine-tune from
+    train_fraction: float = 1.0  # a stratified fraction of the training labels
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
     # the model family's options and DeiT distillation (minivit.distill)
@@ -175,6 +179,8 @@ def build_model(config, num_classes, image_size, channels):
         options["rel_pos_bias"] = True
     model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
                          in_chans=channels, drop_path_rate=config.drop_path, **options)
+    if config.init:
+        load_encoder(model, config.init)  # its head stays fresh
     return model.to(dtype=config.dtype)
 
 
@@ -301,7 +307,8 @@ def _train(config, on_epoch_end):
         if not ok:
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")
-    train_set = load_dataset(config.dataset, "train", config.data_dir)
+    train_set = stratified_fraction(load_dataset(config.dataset, "train", config.data_dir),
+                                    config.train_fraction, config.seed)
     test_set = load_dataset(config.dataset, "test", config.data_dir)
     channels, image_size = train_set.images.shape[1], train_set.images.shape[2]
     model = build_model(config, train_set.num_classes, image_size, channels)

@@ -10,8 +10,8 @@ import minivit
 from minivit import Tensor
 from minivit.checkpoint import save_checkpoint
 from minivit.errors import MinivitError, ShapeError, WeightsError
-from minivit.functional.position import sincos_2d
 from minivit.inspect import cls_attention_maps, parameter_shapes
+from minivit.models.pos_embed import sincos_2d
 from minivit.models import (MODEL_CONFIGS, VisionTransformer, create_model, load_pretrained,
                             model_config, model_from_checkpoint)
 
@@ -105,7 +105,7 @@ def test_position_options_compute_what_they_say():
     sincos = small("sincos").to(dtype="float64")
     table = sincos.position_embedding(Tensor(x))
     np.testing.assert_array_equal(table[0, 0], 0.0)
-    np.testing.assert_allclose(table[0, 1:], sincos_2d((4, 4), 16))
+    np.testing.assert_allclose(table[0, 1:], sincos_2d(16, (4, 4), class_token=False))
     # 2d: the class token's own vector, then row(i) + col(j)
     model = small("2d").to(dtype="float64")
     position = model.position_embedding(Tensor(x)).data
@@ -174,7 +174,8 @@ def test_resampling_to_another_image_size(variant):
     out = model.eval()(Tensor(np.zeros((1, 1, 12, 12))))
     assert out.shape == (1, 3)
     if variant == "sincos":
-        np.testing.assert_allclose(model.position_embedding(out)[0, 1:], sincos_2d((6, 6), 16))
+        np.testing.assert_allclose(model.position_embedding(out)[0, 1:],
+                                   sincos_2d(16, (6, 6), class_token=False))
     if variant in ("learn", "distilled"):  # the prefix tokens' entries are kept
         prefix = model.num_prefix_tokens
         np.testing.assert_array_equal(model.pos_embed.data[:, :prefix],

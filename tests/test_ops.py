@@ -227,20 +227,6 @@ def test_relative_position_bias_rejects_an_index_beyond_the_table():
         F.relative_position_bias(Tensor(np.zeros((4, 2))), np.array([[0, 5]]))
 
 
-def test_sincos_2d_is_maes_layout():
-    """[sin x, cos x, sin y, cos y] with x the column: MAE's get_2d_sincos_pos_embed."""
-    from minivit.functional.position import sincos_2d
-
-    table = sincos_2d((2, 3), 8)
-    omega = 1.0 / 10000 ** (np.arange(2) / 2)
-    # patch 5 is row 1, column 2
-    expected = np.concatenate([np.sin(2 * omega), np.cos(2 * omega), np.sin(omega),
-                               np.cos(omega)])
-    np.testing.assert_allclose(table[5], expected, rtol=1e-15)
-    with pytest.raises(minivit.errors.ShapeError, match="divisible by 4"):
-        sincos_2d((2, 2), 6)
-
-
 @FIXTURE_OK
 @given(data=st.data())
 def test_broadcast_to(backend, data):

@@ -1,9 +1,7 @@
-"""Position ops and tables: the learned 2-D (row + column) embedding, the relative position
-bias gathered from its table, and the fixed tables behind them (MAE's 2-D sine-cosine
-embedding, BEiT's and Swin's relative position index).
-
-The tables are plain NumPy arrays built once per patch grid; the two ops are Functions with
-hand-written backwards."""
+"""Position ops: the learned 2-D (row + column) embedding and the relative position bias
+gathered from its table, with the fixed index behind it (BEiT's and Swin's layouts, a plain
+NumPy array built once per patch grid). The two ops are Functions with hand-written backwards.
+(MAE's fixed sine-cosine table is minivit.models.pos_embed.sincos_2d.)"""
 
 import numpy as np
 
@@ -89,16 +87,3 @@ def relative_position_index(grid, class_token=False):
 def relative_table_entries(grid, class_token=False):
     """Rows of the relative-position table that relative_position_index reaches."""
     return (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if class_token else 0)
-
-
-def sincos_2d(grid, dim):
-    """MAE's fixed 2-D sine-cosine embedding (H·W, dim) of an H×W grid, row-major:
-    [sin x, cos x, sin y, cos y] with x the column, y the row, each dim/4 wide at frequencies
-    ω_i = 10000^(−i/(dim/4))."""
-    if dim % 4:
-        raise ShapeError(f"the sine-cosine position embedding needs a width divisible by 4, "
-                         f"got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
-    rows, cols = np.divmod(np.arange(grid[0] * grid[1], dtype=np.float64), grid[1])
-    x, y = np.outer(cols, omega), np.outer(rows, omega)
-    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)

@@ -284,6 +284,38 @@ def _broadcast_to(a):
     return F.broadcast_to(a, (2, 3, 4, 2))
 
 
+# -- self-supervised pretraining's ops (MAE masking, DINO head, resized position embedding) -------
+@_register("gather_tokens", "MAE: keep tokens ids[b] of row b, (B, L, D) -> (B, K, D), a repeat",
+           Input("x", (2, 5, 3)), Input("ids", (2, 3), kind="index", values=((4, 0, 4), (1, 3, 2))))
+def _gather_tokens(x, ids):
+    return F.gather_tokens(x, ids)
+
+
+@_register("unshuffle_tokens", "MAE: visible tokens + mask tokens back in image order",
+           Input("visible", (2, 2, 3), layout="transposed"), Input("mask_token", (1, 1, 3)),
+           Input("ids_restore", (2, 5), kind="index", values=((3, 0, 4, 2, 1), (1, 4, 0, 3, 2))))
+def _unshuffle_tokens(visible, mask_token, ids_restore):
+    return F.unshuffle_tokens(visible, mask_token, ids_restore)
+
+
+@_register("l2_normalize", "DINO head: x / ‖x‖ over the last axis",
+           Input("x", (3, 4), kind="away", layout="strided"))
+def _l2_normalize(x):
+    return F.l2_normalize(x)
+
+
+@_register("weight_norm_linear", "DINO head: x (g v/‖v‖)ᵀ, weight-normalised rows",
+           Input("x", (2, 3, 4)), Input("v", (5, 4), kind="away"), Input("g", (5, 1), "positive"))
+def _weight_norm_linear(x, v, g):
+    return F.weight_norm_linear(x, v, g)
+
+
+@_register("resize_grid", "bicubic resize of a position embedding's patch grid, 3x3 -> 2x4",
+           Input("x", (2, 9, 3)))
+def _resize_grid(x):
+    return F.resize_grid(x, (3, 3), (2, 4))
+
+
 # -- arithmetic (with broadcasting) -------------------------------------------------------------
 @_register("add", "a + b, b broadcast", Input("a", (2, 3, 4)), Input("b", (3, 1)))
 def _add(a, b):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from minivit.checkpoint import find_checkpoint, read_checkpoint
-from minivit.errors import MinivitError
+from minivit.errors import MinivitError, WeightsError
 from minivit.models.beit import BEIT_CONFIGS
 from minivit.models.deit import DEIT_CONFIGS
 from minivit.models.pretrained import load_pretrained
@@ -76,6 +76,10 @@ def model_from_checkpoint(path):
     if path.is_dir():
         path = find_checkpoint(path)
     model_state, _, info = read_checkpoint(path)
+    if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
+        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
+                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
+                           f"`minivit train --init {path.parent}` fine-tunes it")
     model = VisionTransformer(**info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info

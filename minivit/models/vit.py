@@ -14,8 +14,7 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError, ShapeError
-from minivit.functional.position import sincos_2d
-from minivit.models.pos_embed import resample_abs_pos_embed, resample_table
+from minivit.models.pos_embed import resample_abs_pos_embed, resample_table, sincos_2d
 from minivit.models.timm_keys import check_state_dict
 from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
@@ -116,7 +115,8 @@ class VisionTransformer(Module):
             if prefix:
                 self.pos_embed_cls = Parameter(init.trunc_normal((1, prefix, dim)))
         elif kind == "sincos":  # fixed; the prefix tokens get zeros, as in MAE
-            table = np.concatenate([np.zeros((prefix, dim)), sincos_2d(grid, dim)])
+            table = np.concatenate([np.zeros((prefix, dim)),
+                                    sincos_2d(dim, grid, class_token=False)])
             self.sincos_table = table[None]
             self._sincos_cache = {}
 
