@@ -60,7 +60,8 @@ def test_named_models_have_timms_parameter_counts(name):
     assert sum(int(np.prod(shape)) for shape in shapes.values()) == TIMM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_CONFIGS if MODEL_CONFIGS[n]["img_size"] < 64])
+@pytest.mark.parametrize("name", [n for n, config in MODEL_CONFIGS.items()
+                                  if "depths" not in config and config["img_size"] < 64])
 def test_small_named_models_build_with_the_shapes_info_reports(name):
     model = create_model(name)
     assert {k: v.shape for k, v in model.state_dict().items()} == \

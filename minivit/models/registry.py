@@ -1,14 +1,18 @@
-"""The named models (ViT, DeiT, BEiT) and create_model, which takes timm's keyword arguments."""
+"""The named models of every architecture, and building a model from a name, a configuration
+or a checkpoint: the Vision Transformer family (minivit.models.vit; ViT, DeiT and DeiT-III in
+deit.py, BEiT in beit.py) and the Swin Transformer (minivit.models.swin). create_model takes
+timm's keyword arguments."""
 
 from pathlib import Path
 
 from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.errors import MinivitError, WeightsError
+from minivit.models import swin
 from minivit.models.beit import BEIT_CONFIGS
 from minivit.models.deit import DEIT_CONFIGS
 from minivit.models.pretrained import load_pretrained
+from minivit.models.swin import SwinTransformer
 from minivit.models.vit import VisionTransformer
-
 
 def _imagenet(patch_size, embed_dim, depth, num_heads):
     return dict(img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -32,46 +36,58 @@ VIT_CONFIGS = {
                       depth=6, num_heads=3),
 }
 
-# name -> VisionTransformer arguments
-MODEL_CONFIGS = {**VIT_CONFIGS, **DEIT_CONFIGS, **BEIT_CONFIGS}
+# architecture class -> its named configurations
+ARCHITECTURES = {VisionTransformer: {**VIT_CONFIGS, **DEIT_CONFIGS, **BEIT_CONFIGS},
+                 SwinTransformer: swin.MODEL_CONFIGS}
+MODEL_CONFIGS = {name: args for configs in ARCHITECTURES.values() for name, args in configs.items()}
 
 
-def default_config():
-    """VisionTransformer's arguments with their defaults."""
-    defaults = VisionTransformer.__init__.__defaults__
-    names = VisionTransformer.__init__.__code__.co_varnames[1:1 + len(defaults)]
-    return dict(zip(names, defaults))
+def model_class(name_or_config):
+    """The architecture of a model name, or of a configuration (a Swin one has `depths`)."""
+    if isinstance(name_or_config, str):
+        for cls, configs in ARCHITECTURES.items():
+            if name_or_config in configs:
+                return cls
+        raise MinivitError(f"unknown model {name_or_config!r}; known models: "
+                           f"{', '.join(MODEL_CONFIGS)}")
+    return SwinTransformer if "depths" in name_or_config else VisionTransformer
 
 
 def model_config(name, **overrides):
-    """The full VisionTransformer arguments of a named model, with overrides applied."""
-    if name not in MODEL_CONFIGS:
-        raise MinivitError(f"unknown model {name!r}; known models: {', '.join(MODEL_CONFIGS)}")
-    config = default_config()
+    """The full constructor arguments of a named model, with overrides applied."""
+    cls = model_class(name)
+    defaults = cls.__init__.__defaults__
+    names = cls.__init__.__code__.co_varnames[1:1 + len(defaults)]
+    config = dict(zip(names, defaults))
     config.update(MODEL_CONFIGS[name])
     unknown = set(overrides) - set(config)
     if unknown:
-        raise MinivitError(f"unknown model options {sorted(unknown)}; known: {sorted(config)}")
+        raise MinivitError(f"unknown model options {sorted(unknown)} for {name}; known: "
+                           f"{sorted(config)}")
     config.update(overrides)
     return config
 
 
+def model_from_config(config):
+    """A freshly initialised model of a configuration (a model's .config, a checkpoint's)."""
+    return model_class(config)(**config)
+
+
 def create_model(name, pretrained=None, **overrides):
-    """A freshly initialised named model, e.g. create_model("deit_tiny_distilled_patch16_224",
-    num_classes=10), with timm's keyword arguments (img_size, patch_size, embed_dim, depth,
-    num_heads, global_pool, init_values, ...): the same call builds the same model as in timm.
-    Seed with minivit.manual_seed for reproducible weights. pretrained=PATH (or a state dict)
-    loads timm/minivit weights with minivit.models.load_pretrained (pos_embed resampled to
-    img_size, head kept fresh when num_classes differs, with a warning); False or None: none."""
-    model = VisionTransformer(**model_config(name, **overrides))
+    """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
+    num_classes=10) or create_model("swin_tiny_patch4_window7_224", img_size=448). Seed with
+    minivit.manual_seed for reproducible weights. pretrained=PATH (or a state dict) loads
+    timm/minivit weights with minivit.models.load_pretrained (a ViT's pos_embed resampled to
+    img_size, the head kept fresh when num_classes differs, with a warning)."""
+    model = model_from_config(model_config(name, **overrides))
     if pretrained is not None and pretrained is not False:
         load_pretrained(model, pretrained)
     return model
 
 
 def model_from_checkpoint(path):
-    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration (every
-    option of the family), weights loaded, in eval mode, on the current backend."""
+    """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration,
+    weights loaded, in eval mode, on the current backend."""
     path = Path(path)
     if path.is_dir():
         path = find_checkpoint(path)
@@ -80,6 +96,6 @@ def model_from_checkpoint(path):
         raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
                            f"classifier: `minivit probe {path.parent}` measures its encoder, "
                            f"`minivit train --init {path.parent}` fine-tunes it")
-    model = VisionTransformer(**info["model_config"])
+    model = model_from_config(info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info
