@@ -125,7 +125,8 @@ def load_pretrained(model, path_or_state, strict: bool = True,
     if not any(k in state for k in expected):
         check_state_dict(expected, state, source=source)  # "does not look like a timm ViT"
     state = _model_names(state, expected)
-    _check_relative_tables(state, expected, source)
+    if model.config.get("rel_pos_bias"):  # a ViT-family model's, learned for one patch grid
+        _check_relative_tables(state, expected, source)
 
     # another patch grid: resample the checkpoint's pos_embed to the model's
     pos = state.get("pos_embed")
