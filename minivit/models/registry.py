@@ -3,9 +3,8 @@ or a checkpoint: the Vision Transformer family (minivit.models.vit; ViT, DeiT an
 deit.py, BEiT in beit.py) and the Swin Transformer (minivit.models.swin). create_model takes
 timm's keyword arguments."""
 
-from pathlib import Path
 
-from minivit.checkpoint import find_checkpoint, read_checkpoint
+from minivit.checkpoint import checkpoint_path, read_checkpoint
 from minivit.errors import MinivitError, WeightsError
 from minivit.models import swin
 from minivit.models.beit import BEIT_CONFIGS
@@ -88,9 +87,7 @@ def create_model(name, pretrained=None, **overrides):
 def model_from_checkpoint(path):
     """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration,
     weights loaded, in eval mode, on the current backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
+    path = checkpoint_path(path)
     model_state, _, info = read_checkpoint(path)
     if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
         raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
