@@ -103,7 +103,6 @@ def run(args):
         rollout_maps = cls_attention_maps(rollout[:, None], grid, prefix)[:, 0]
         block = len(attentions) - 1  # the head panels' block, named in their titles
         last_panel, subject = f"rollout, blocks 0-{block}", attention_map_subject(prefix)
-        print(f"maps: {subject}")
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
         predicted = int(probabilities[b].argmax())
         text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
