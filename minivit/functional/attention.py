@@ -124,7 +124,8 @@ class _PlainAttention:  # (on CuPy the softmax runs in the fused row kernels)
 #    is still a key and a value, and dq is zero for the tokens that did not ask; a bias's rows
 #    are sliced alike (its first n) and dB is zero in the others.
 #    saved, P first (or None where the GPU does not keep it): CPU and plain (P, q, k, v, s,
-#    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv, lse, heads, s).
+#    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv as its GEMMs read it,
+#    half operands with half GEMMs on, lse, heads, s).
 def _split_heads(qkv, num_heads):
     batch, tokens, width = qkv.shape
     if width % (3 * num_heads):
@@ -197,8 +198,8 @@ class _FusedSelfAttention:
 
     def forward(qkv, heads, scale, queries, keep_probs, bias=None):
         qkv = backend.array_module(qkv).ascontiguousarray(qkv)
-        out, probs, lse = cuda_attention.attention_forward(qkv, heads, queries, scale)
-        return out, (probs if keep_probs else None, qkv, lse, heads, scale)
+        out, probs, lse, operands = cuda_attention.attention_forward(qkv, heads, queries, scale)
+        return out, (probs if keep_probs else None, operands, lse, heads, scale)
 
     def backward(saved, grad, needs):
         probs, qkv, lse, heads, scale = saved
