@@ -15,7 +15,8 @@ from minivit.errors import MinivitError
 from minivit.functional import optimizer_update
 
 # Parameters that get no weight decay, as in timm: biases, norm weights, embeddings.
-_NO_DECAY_NAMES = ("cls_token", "pos_embed")
+_NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", "pos_embed_row", "pos_embed_col",
+                   "pos_embed_cls", "relative_position_bias_table")
 
 
 def decays(name, parameter):

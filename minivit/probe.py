@@ -27,8 +27,9 @@ def encoder_features(model, images, pool="cls", batch_size=256, dtype="float32")
     with no_grad():
         for start in range(0, len(images), batch_size):
             x = backend.to_backend(images[start:start + batch_size].astype(dtype))
-            tokens = model.forward_features(x, class_token_only=pool == "cls")
-            pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+            tokens = model.forward_features(x, prefix_only=pool == "cls")
+            pooled = tokens[:, 0] if pool == "cls" else \
+                tokens[:, model.num_prefix_tokens:].mean(axis=1)
             parts.append(backend.to_numpy(pooled.data))
     return np.concatenate(parts).astype(np.float64)
 

@@ -120,8 +120,8 @@ def test_gradcheck_notices_a_forgotten_attention_scale(monkeypatch, capsys):
     original = attention_module.ScaledDotProductAttention.backward
 
     def without_scale(self, grad):
-        grad_q, grad_k, grad_v = original(self, grad)
-        return grad_q / self.scale, grad_k / self.scale, grad_v
+        grad_q, grad_k, grad_v, grad_bias = original(self, grad)
+        return grad_q / self.scale, grad_k / self.scale, grad_v, grad_bias
 
     monkeypatch.setattr(attention_module.ScaledDotProductAttention, "backward", without_scale)
     assert main(["gradcheck", "--op", "scaled_dot_product_attention", "--op", "softmax"]) == 1

@@ -22,3 +22,21 @@ def test_train_digits_example_help_does_not_train():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--epochs" in result.stdout
     assert "epoch" not in result.stdout.replace("--epochs", "").replace("EPOCHS", "")
+
+
+def test_family_experiments_script_writes_its_table_and_plot(tmp_path):
+    """One epoch, one seed per arm of the position ablation (the published numbers come from
+    the command in docs/family.md)."""
+    result = subprocess.run([sys.executable, str(EXAMPLES / "family_experiments.py"), "positions",
+                             "--epochs", "1", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+                             "--out", str(tmp_path / "docs")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    summary = json.loads((tmp_path / "docs" / "position_ablation.json").read_text())
+    assert list(summary["arms"]) == ["none", "learn (1-D)", "2d (row + col)",
+                                     "sincos (fixed 2-D)", "relative bias"]
+    assert all(0.0 <= arm["mean"] <= 1.0 for arm in summary["arms"].values())
+    assert (tmp_path / "docs" / "position_ablation.png").read_bytes().startswith(b"\x89PNG")
+    assert "| relative bias |" in (tmp_path / "docs" / "position_ablation.md").read_text()

@@ -250,6 +250,26 @@ def test_self_attention_fast_matches_plain(dtype, n_threads):
         assert_fast_matches_plain(lambda t: F.self_attention(t, 4), [qkv], **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_biased_attention_fast_matches_plain(dtype, n_threads):
+    """The additive bias in the row-block kernels (a relative position bias (heads, N, N),
+    broadcast over the batch): outputs, dq, dk, dv and dB (dS summed over the batch)."""
+    rng = np.random.default_rng(16)
+    q, k, v = (rng.standard_normal((5, 3, 17, 8)).astype(dtype) for _ in range(3))
+    bias = rng.standard_normal((3, 17, 17)).astype(dtype)
+    qkv = rng.standard_normal((9, 13, 3 * 4 * 6)).astype(dtype)
+    packed_bias = rng.standard_normal((4, 13, 13)).astype(dtype)
+    with threads(n_threads):
+        assert_fast_matches_plain(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v,
+                                                                                   bias=b),
+                                  [q, k, v, bias], **TOLERANCES[dtype])
+        for queries in (None, 2):
+            assert_fast_matches_plain(lambda t, b: F.self_attention(t, 4, bias=b,
+                                                                    queries=queries),
+                                      [qkv, packed_bias], **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_self_attention_equals_split_heads_attention(fast):
     batch, tokens, heads, head_dim = 3, 7, 2, 5

@@ -95,6 +95,12 @@ def test_patchify(backend, data):
 
 
 # -- attention ----------------------------------------------------------------------------------
+def bias_shapes(full):
+    """Shapes that broadcast to `full` (B, heads, N, M): leading axes dropped, axes set to 1."""
+    return st.integers(0, len(full)).flatmap(lambda drop: st.tuples(*[
+        st.sampled_from((n, 1)) for n in full[drop:]])).map(tuple)
+
+
 @FIXTURE_OK
 @given(data=st.data())
 def test_scaled_dot_product_attention(backend, data):
@@ -118,22 +124,107 @@ def test_scaled_dot_product_attention(backend, data):
 @FIXTURE_OK
 @given(data=st.data())
 def test_self_attention_from_packed_qkv(backend, data):
+    """With or without an additive bias of any broadcastable shape (its rows sliced with
+    queries=n, dB zero in the others)."""
     batch, tokens = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4))
     heads, head_dim = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
     qkv = data.draw(arrays((batch, tokens, 3 * heads * head_dim)))
     scale = data.draw(st.none() | floats(0.1, 1.0), label="scale")
     queries = data.draw(st.none() | st.integers(1, tokens), label="queries")  # first n only
-    (inp,) = draw_inputs(data, qkv)
+    bias_shape = data.draw(st.none() | bias_shapes((batch, heads, tokens, tokens)), label="bias")
+    host = [qkv] if bias_shape is None else [qkv, data.draw(arrays(bias_shape))]
+    inputs = draw_inputs(data, *host)
 
-    def fn(qkv):
-        return F.self_attention(qkv, num_heads=heads, scale=scale, queries=queries)
+    def fn(qkv, bias=None):
+        return F.self_attention(qkv, num_heads=heads, scale=scale, queries=queries, bias=bias)
 
     q, k, v = qkv.reshape(batch, tokens, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
     s = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    expected = (np_softmax(q @ k.swapaxes(-1, -2) * s) @ v).transpose(0, 2, 1, 3)
+    scores = q @ k.swapaxes(-1, -2) * s + (host[1] if bias_shape else 0.0)
+    expected = (np_softmax(scores) @ v).transpose(0, 2, 1, 3)
     expected = expected.reshape(batch, tokens, -1)[:, :queries]
-    np.testing.assert_allclose(forward(fn, inp), expected, **EXACT)
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_attention_with_an_additive_bias(backend, data):
+    """S = q kᵀ·s + B with B of any broadcastable shape: dB is dS summed over its broadcast
+    axes (gradcheck with a random upstream gradient checks it with dq, dk, dv)."""
+    shape = tuple(data.draw(st.integers(1, n)) for n in (2, 2, 4, 3))  # (B, heads, N, d)
+    q, k, v = (data.draw(arrays(shape)) for _ in range(3))
+    bias = data.draw(arrays(data.draw(bias_shapes(shape[:3] + shape[2:3]), label="bias")))
+    inputs = draw_inputs(data, q, k, v, bias)
+
+    def fn(q, k, v, bias):
+        return F.scaled_dot_product_attention(q, k, v, bias=bias)
+
+    expected = np_softmax(q @ k.swapaxes(-1, -2) / math.sqrt(shape[-1]) + bias) @ v
+    np.testing.assert_allclose(forward(fn, *inputs), expected, **EXACT)
+    check_gradients(fn, *inputs, seed=data.draw(seeds))
+
+
+def test_attention_rejects_a_bias_that_does_not_broadcast_to_the_scores():
+    q = Tensor(np.zeros((1, 2, 3, 4)))
+    with pytest.raises(minivit.errors.ShapeError, match=r"broadcast to the scores"):
+        F.scaled_dot_product_attention(q, q, q, bias=Tensor(np.zeros((3, 3, 3))))
+    with pytest.raises(minivit.errors.ShapeError, match=r"\(1, 2, 3, 3\); got \(2, 4, 3\)"):
+        F.self_attention(Tensor(np.zeros((1, 3, 12))), 2, bias=Tensor(np.zeros((2, 4, 3))))
+
+
+# -- position ops -------------------------------------------------------------------------------
+@FIXTURE_OK
+@given(data=st.data())
+def test_position_embedding_2d(backend, data):
+    height, width, dim = (data.draw(st.integers(1, n)) for n in (3, 3, 3))
+    row, col = data.draw(arrays((height, dim))), data.draw(arrays((width, dim)))
+    inputs = draw_inputs(data, row, col)
+    expected = (row[:, None] + col[None]).reshape(height * width, dim)
+    np.testing.assert_allclose(forward(F.position_embedding_2d, *inputs), expected, **EXACT)
+    check_gradients(F.position_embedding_2d, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_relative_position_bias(backend, data):
+    """A gather through a fixed index with repeats (every entry of a real index is reached by
+    several pairs): dT is the scatter-add of the (heads, N, M) gradient."""
+    entries, heads = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 3))
+    rows, cols = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    table = data.draw(arrays((entries, heads)))
+    index = data.draw(hnp.arrays(np.int64, (rows, cols), elements=st.integers(0, entries - 1)))
+    (inp,) = draw_inputs(data, table)
+
+    def fn(table):
+        return F.relative_position_bias(table, index)
+
+    np.testing.assert_allclose(forward(fn, inp), table[index].transpose(2, 0, 1), **EXACT)
     check_gradients(fn, inp, seed=data.draw(seeds))
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_relative_position_index_is_beit_and_swin_layout(class_token):
+    """Patch pairs (dy + H − 1)(2W − 1) + dx + W − 1 (query minus key); with the class token
+    BEiT's three extra entries; every entry reached, the diagonal all one entry."""
+    from minivit.functional.position import relative_position_index, relative_table_entries
+
+    grid = (2, 3)
+    index = relative_position_index(grid, class_token)
+    entries = relative_table_entries(grid, class_token)
+    offset = 1 if class_token else 0
+    assert index.shape == (6 + offset,) * 2 and entries == 15 + 3 * offset
+    assert sorted(set(index.ravel().tolist())) == list(range(entries))
+    # patch 0 is (0, 0), patch 5 is (1, 2): query 5 to key 0 is dy = 1, dx = 2
+    assert index[offset + 5, offset + 0] == (1 + 1) * 5 + (2 + 2)
+    assert len(set(np.diag(index)[offset:].tolist())) == 1
+    if class_token:
+        assert (index[0, 0], index[0, 1], index[1, 0]) == (entries - 1, entries - 3, entries - 2)
+
+
+def test_relative_position_bias_rejects_an_index_beyond_the_table():
+    with pytest.raises(minivit.errors.ShapeError, match="entries 0..5 of a table of 4"):
+        F.relative_position_bias(Tensor(np.zeros((4, 2))), np.array([[0, 5]]))
 
 
 @FIXTURE_OK

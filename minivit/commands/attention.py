@@ -20,7 +20,8 @@ from minivit.commands.common import (add_backend_flags, apply_backend, command_p
 from minivit.data import load_dataset
 from minivit.errors import MinivitError
 from minivit.images import image_names, read_images
-from minivit.inspect import attention_rollout, cls_attention_maps, save_attention_figure
+from minivit.inspect import (attention_map_subject, attention_rollout, cls_attention_maps,
+                             save_attention_figure)
 from minivit.inspect.window_maps import SWIN_ATTENTION_NOTE, swin_attention_maps
 from minivit.models import SwinTransformer, model_from_checkpoint
 from minivit.tensor import Tensor, no_grad
@@ -94,21 +95,23 @@ def run(args):
     if isinstance(model, SwinTransformer):
         print(SWIN_ATTENTION_NOTE)
         head_maps, rollout_maps = swin_attention_maps(model, attentions, len(images))
-        last_panel, block = "stage 0 mean", None
+        last_panel, block, subject = "stage 0 mean", None, ""
     else:
-        head_maps = cls_attention_maps(attentions[-1], grid)  # (B, heads, gh, gw)
+        prefix = model.num_prefix_tokens
+        head_maps = cls_attention_maps(attentions[-1], grid, prefix)  # (B, heads, gh, gw)
         rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
-        rollout_maps = rollout[:, 0, 1:].reshape((len(images),) + grid)
+        rollout_maps = cls_attention_maps(rollout[:, None], grid, prefix)[:, 0]
         block = len(attentions) - 1  # the head panels' block, named in their titles
-        last_panel = f"rollout, blocks 0-{block}"
+        last_panel, subject = f"rollout, blocks 0-{block}", attention_map_subject(prefix)
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
         predicted = int(probabilities[b].argmax())
         text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
         if label is not None:
             text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
+        title = f"{tag}: {text}" + (f"\n{subject}" if subject else "")
         with writing_figure(out):
-            save_attention_figure(images[b], head_maps[b], rollout_maps[b], out,
-                                  title=f"{tag}: {text}", last_title=last_panel, block=block)
+            save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=title,
+                                  last_title=last_panel, block=block)
         print(f"{tag}: {text} -> {out}")
     if args.unreadable:
         print(f"minivit attention: {len(args.unreadable)} of {len(args.images)} files could not "

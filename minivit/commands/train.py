@@ -8,6 +8,7 @@ from pathlib import Path
 from minivit import distributed as dist
 from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
                                      command_parser)
+from minivit.commands.family_flags import add_family_flags
 from minivit.errors import MinivitError
 from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, saved_config, train
 
@@ -17,6 +18,10 @@ EPILOG = """examples:
   minivit train --backend cupy --cuda-graph       digits on the GPU, the steps replayed as a CUDA graph
   minivit train --out runs/a --resume             continue runs/a from its last checkpoint
   minivit train --out runs/a --overwrite          replace the run in runs/a with a new one
+  minivit train --model beit_digits               BEiT (relative position bias) on the digits
+  minivit train --pos-embed 2d --out runs/2d      the digits ViT with row + column positions
+  minivit train --model deit_digits --teacher runs/a --distillation hard
+                                                  DeiT: a distillation token learns from runs/a
 
 The run folder (--out) gets config.json, metrics.jsonl (one JSON record per epoch and split),
 last.safetensors (weights + optimizer, every epoch) and best.safetensors (best test accuracy).
@@ -87,6 +92,7 @@ def add_parser(subparsers, name, help_text):
                             f"{defaults.clip_grad})")
     model.add_argument("--optimizer", choices=("adamw", "sgd"), default=None,
                        help=f"default: {defaults.optimizer}")
+    add_family_flags(p)
     run = p.add_argument_group("run")
     add_backend_flags(run)
     add_precision_flag(run)

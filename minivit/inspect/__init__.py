@@ -10,6 +10,7 @@ Pure NumPy and arithmetic; matplotlib is imported only when something is drawn.
 from minivit.inspect.cost import CostReport, format_cost, model_cost, parameter_shapes
 from minivit.inspect.plots import curves, plot_grads, plot_runs, read_metrics
 from minivit.inspect.rollout import (
+    attention_map_subject,
     attention_rollout,
     cls_attention_maps,
     save_attention_figure,
@@ -19,5 +20,5 @@ from minivit.inspect.rollout import (
 __all__ = [
     "CostReport", "format_cost", "model_cost", "parameter_shapes",
     "curves", "plot_grads", "plot_runs", "read_metrics",
-    "attention_rollout", "cls_attention_maps", "save_attention_figure", "upsample_nearest",
+    "attention_map_subject", "attention_rollout", "cls_attention_maps", "save_attention_figure", "upsample_nearest",
 ]

@@ -96,7 +96,11 @@ def _normalise(config):
     with them as attributes; check they fit together."""
     if isinstance(getattr(config, "config", None), dict):  # a VisionTransformer
         config = config.config
-    defaults = {"in_chans": 3, "num_classes": 1000, "mlp_ratio": 4.0, "qkv_bias": True}
+    defaults = {"in_chans": 3, "num_classes": 1000, "mlp_ratio": 4.0, "qkv_bias": True,
+                # the family's options (VisionTransformer's defaults)
+                "global_pool": "token", "class_token": True, "distilled": False,
+                "pos_embed": "learn", "no_embed_class": False, "fc_norm": None,
+                "init_values": None, "rel_pos_bias": False, "beit": False}
     required = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     missing = [k for k in required if get(k) is None]
@@ -116,39 +120,69 @@ def _normalise(config):
 
 
 def parameter_shapes(config):
-    """timm `state_dict` names and shapes of a VisionTransformer, in timm's order."""
+    """timm `state_dict` names and shapes of a VisionTransformer (any option of the family),
+    in timm's order."""
     cfg = _normalise(config)
     D, M, K = cfg["embed_dim"], cfg["mlp_hidden"], cfg["num_classes"]
     (ph, pw), (h, w) = cfg["patch_size"], cfg["img_size"]
-    n = (h // ph) * (w // pw)
-    shapes = {
-        "cls_token": (1, 1, D),
-        "pos_embed": (1, n + 1, D),
-        "patch_embed.proj.weight": (D, cfg["in_chans"], ph, pw),
-        "patch_embed.proj.bias": (D,),
-    }
+    grid = (h // ph, w // pw)
+    n = grid[0] * grid[1]
+    prefix = int(cfg["class_token"]) + int(cfg["distilled"])
+    pos_prefix = 0 if cfg["no_embed_class"] else prefix
+    shapes = {}
+    if cfg["class_token"]:
+        shapes["cls_token"] = (1, 1, D)
+    if cfg["distilled"]:
+        shapes["dist_token"] = (1, 1, D)
+    if cfg["pos_embed"] == "learn":
+        shapes["pos_embed"] = (1, pos_prefix + n, D)
+    elif cfg["pos_embed"] == "2d":
+        shapes.update({"pos_embed_row": (grid[0], D), "pos_embed_col": (grid[1], D)})
+        if pos_prefix:
+            shapes["pos_embed_cls"] = (1, pos_prefix, D)
+    shapes.update({"patch_embed.proj.weight": (D, cfg["in_chans"], ph, pw),
+                   "patch_embed.proj.bias": (D,)})
+    scale = cfg["init_values"] is not None
+    beit, qkv_bias = cfg["beit"], cfg["qkv_bias"]
+    table = (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if cfg["class_token"] else 0)
     for i in range(cfg["depth"]):
         b = f"blocks.{i}."
+        if beit and scale:
+            shapes.update({b + "gamma_1": (D,), b + "gamma_2": (D,)})
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,)})
+        if beit and qkv_bias:
+            shapes.update({b + "attn.q_bias": (D,), b + "attn.v_bias": (D,)})
+        if cfg["rel_pos_bias"]:
+            shapes[b + "attn.relative_position_bias_table"] = (table, cfg["num_heads"])
+        shapes[b + "attn.qkv.weight"] = (3 * D, D)
+        if qkv_bias and not beit:
+            shapes[b + "attn.qkv.bias"] = (3 * D,)
+        shapes.update({b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,)})
+        if scale and not beit:
+            shapes[b + "ls1.gamma"] = (D,)
         shapes.update({
-            b + "norm1.weight": (D,), b + "norm1.bias": (D,),
-            b + "attn.qkv.weight": (3 * D, D), **({b + "attn.qkv.bias": (3 * D,)} if cfg["qkv_bias"] else {}),
-            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
             b + "norm2.weight": (D,), b + "norm2.bias": (D,),
             b + "mlp.fc1.weight": (M, D), b + "mlp.fc1.bias": (M,),
             b + "mlp.fc2.weight": (D, M), b + "mlp.fc2.bias": (D,),
         })
-    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
+        if scale and not beit:
+            shapes[b + "ls2.gamma"] = (D,)
+    fc_norm = cfg["global_pool"] == "avg" if cfg["fc_norm"] is None else cfg["fc_norm"]
+    norm = "fc_norm" if fc_norm else "norm"
+    shapes.update({f"{norm}.weight": (D,), f"{norm}.bias": (D,)})
     if K:  # num_classes=0: timm's head is an Identity
         shapes.update({"head.weight": (K, D), "head.bias": (K,)})
+        if cfg["distilled"]:
+            shapes.update({"head_dist.weight": (K, D), "head_dist.bias": (K,)})
     return shapes
 
 
 def _group(name):
     if name.startswith("blocks."):
         return ".".join(name.split(".")[:2])
-    if name in ("cls_token", "pos_embed"):
+    if name in ("cls_token", "dist_token") or name.startswith("pos_embed"):
         return "cls_token+pos_embed"
-    return name.split(".")[0]
+    return {"fc_norm": "norm", "head_dist": "head"}.get(name.split(".")[0], name.split(".")[0])
 
 
 def _size(shape):
@@ -196,7 +230,8 @@ def model_cost(config):
     (h, w), (ph, pw) = cfg["img_size"], cfg["patch_size"]
     grid = (h // ph, w // pw)
     N = grid[0] * grid[1]
-    T, D, H, M, K = N + 1, cfg["embed_dim"], cfg["num_heads"], cfg["mlp_hidden"], cfg["num_classes"]
+    prefix = int(cfg["class_token"]) + int(cfg["distilled"])
+    T, D, H, M, K = N + prefix, cfg["embed_dim"], cfg["num_heads"], cfg["mlp_hidden"], cfg["num_classes"]
     block_macs = {
         "qkv": T * D * 3 * D,
         "q@k^T": T * T * D,
@@ -208,7 +243,7 @@ def model_cost(config):
     macs = {"patch_embed": N * D * cfg["in_chans"] * ph * pw}
     macs.update({f"blocks.{i}": sum(block_macs.values()) for i in range(cfg["depth"])})
     if K:
-        macs["head"] = D * K
+        macs["head"] = D * K * (2 if cfg["distilled"] else 1)
 
     block = _block_activations(T, D, H, M)
     outside = (
@@ -230,6 +265,18 @@ def _human(n, unit):
     return f"{n:.4g} {prefixes[i]}{unit}"
 
 
+def _options_text(cfg):
+    """The family options that differ from the plain ViT's, as key=value."""
+    plain = {"global_pool": "token", "class_token": True, "distilled": False,
+             "pos_embed": "learn", "no_embed_class": False, "fc_norm": None, "init_values": None,
+             "rel_pos_bias": False, "beit": False}
+    return ", ".join(f"{key}={cfg[key]}" for key, value in plain.items() if cfg[key] != value)
+
+
+def _prefix_text(count):
+    return {0: "no class token", 1: "1 class token"}.get(count, "class + distillation tokens")
+
+
 def format_cost(report):
     """A readable table of a CostReport, as printed by `minivit info`."""
     cfg, r = report.config, report
@@ -237,15 +284,17 @@ def format_cost(report):
     rows = [(g, r.params.get(g, 0), r.macs.get(g, 0)) for g in r.params if not g.startswith("blocks.")]
     if depth:
         block_params, block_macs = r.params["blocks.0"], r.macs["blocks.0"]
-        rows.insert(2, (f"blocks.0..{depth - 1}", depth * block_params, depth * block_macs))
-        rows.insert(3, ("  each block", block_params, block_macs))
+        first = sum(1 for g, _, _ in rows if g in ("patch_embed", "cls_token+pos_embed"))
+        rows.insert(first, (f"blocks.0..{depth - 1}", depth * block_params, depth * block_macs))
+        rows.insert(first + 1, ("  each block", block_params, block_macs))
     rows.append(("total", r.total_params, r.total_macs))
     width = max(len(name) for name, _, _ in rows)
     lines = [
         f"model      {cfg['img_size'][0]}x{cfg['img_size'][1]}x{cfg['in_chans']}, patch "
         f"{cfg['patch_size'][0]}x{cfg['patch_size'][1]}, dim {cfg['embed_dim']}, depth {depth}, "
         f"heads {cfg['num_heads']}, mlp {cfg['mlp_hidden']}, classes {cfg['num_classes']}",
-        f"tokens     {N} patches ({r.grid[0]}x{r.grid[1]}) + 1 class token = {T}",
+        *([f"options    {_options_text(cfg)}"] if _options_text(cfg) else []),
+        f"tokens     {N} patches ({r.grid[0]}x{r.grid[1]}) + {_prefix_text(T - N)} = {T}",
         f"attention  {T}x{T} per head (over patches alone {N}x{N}), "
         f"{r.attention_entries_per_layer:,} entries per layer",
         "",

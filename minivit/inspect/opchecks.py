@@ -25,6 +25,7 @@ from minivit import backend
 from minivit.inspect.opcheck_base import (OP_CHECKS, Input, OpCheck,  # noqa: F401
                                           get_check, model_inputs, model_logits, model_slots,
                                           run_check)
+from minivit.functional.position import relative_position_index
 
 DROPOUT_SEED = 1234
 VIT_CONFIG = dict(depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.0, drop_rate=0.0)
@@ -87,6 +88,31 @@ def _self_attention(qkv):
            Input("qkv", (2, 5, 12)))
 def _self_attention_queries(qkv):
     return F.self_attention(qkv, 2, queries=2)
+
+
+@_register("attention_bias", "softmax(q kᵀ/√d + B) v, B (heads, N, N) broadcast over the batch",
+           Input("q", (2, 2, 4, 3)), Input("k", (2, 2, 4, 3)), Input("v", (2, 2, 4, 3)),
+           Input("bias", (2, 4, 4)))
+def _attention_bias(q, k, v, bias):
+    return F.scaled_dot_product_attention(q, k, v, bias=bias)
+
+
+@_register("self_attention_bias", "packed-qkv attention with a (B, 1, N, N) bias, first 2 of 5 "
+           "tokens asking", Input("qkv", (2, 5, 12)), Input("bias", (2, 1, 5, 5)))
+def _self_attention_bias(qkv, bias):
+    return F.self_attention(qkv, 2, bias=bias, queries=2)
+
+
+@_register("position_embedding_2d", "e(i, j) = row(i) + col(j), (H, D), (W, D) -> (H·W, D)",
+           Input("row", (3, 4)), Input("col", (2, 4), layout="transposed"))
+def _position_embedding_2d(row, col):
+    return F.position_embedding_2d(row, col)
+
+
+@_register("relative_position_bias", "BEiT's table (entries, heads) gathered to (heads, N, N) "
+           "through a fixed index", Input("table", (12, 2)))
+def _relative_position_bias(table):
+    return F.relative_position_bias(table, relative_position_index((2, 2), class_token=True))
 
 
 @_register("softmax", "max-subtracted softmax over the last axis",
@@ -374,3 +400,36 @@ def _swin():
            directions=4, whole_model=lambda rng: model_inputs(rng, _swin()[1]))
 def _swin_logits(images, *parameters):
     return model_logits(_swin(), images, parameters)
+
+
+# the ViT family's options, each in at least one small model: check name -> (model, options)
+FAMILY_MODELS = {
+    "deit": ("deit_digits", {}),  # distillation token and head, heads averaged
+    "deit3": ("deit3_digits", {}),  # layer scale ls1/ls2, position embedding on patches only
+    "beit": ("beit_digits", {}),  # relative position bias, q/v biases, gamma_1/2, mean pooling
+    "vit_2d_avg": ("vit_digits", dict(pos_embed="2d", global_pool="avg", fc_norm=True)),
+    "vit_sincos_no_class_token": ("vit_digits", dict(pos_embed="sincos", class_token=False,
+                                                     global_pool="avg")),
+}
+
+
+@lru_cache(maxsize=None)
+def _family_model(check):
+    from minivit.models import create_model
+
+    name, options = FAMILY_MODELS[check]
+    return model_slots(create_model(name, **dict(VIT_CONFIG, **options)).eval())
+
+
+def _register_family_model(check):
+    name, options = FAMILY_MODELS[check]
+    described = ", ".join([name] + [f"{k}={v!r}" for k, v in options.items()])
+    _register(check, f"whole {described} (depth 2, dim 16, 2 heads, 8x8 images): logits "
+              "w.r.t. images and every parameter, along random directions",
+              full_check_limit=0, directions=4,
+              whole_model=lambda rng: model_inputs(rng, _family_model(check)[1]))(
+        lambda images, *parameters: model_logits(_family_model(check), images, parameters))
+
+
+for _check in FAMILY_MODELS:
+    _register_family_model(_check)

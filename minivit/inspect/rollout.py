@@ -50,18 +50,29 @@ def attention_rollout(attentions, discard_ratio=0.0, head_fusion="mean"):
     return rollout
 
 
-def cls_attention_maps(attn_last_layer, grid):
+def cls_attention_maps(attn_last_layer, grid, prefix_tokens=1):
     """The class token's attention to each patch: (B, H, T, T) -> (B, H, gh, gw).
 
-    `grid` is (gh, gw) or an int for a square grid, with T = 1 + gh·gw. For a rollout's
-    map use `cls_attention_maps(rollout[:, None], grid)[:, 0]`.
+    `grid` is (gh, gw) or an int for a square grid, with T = prefix_tokens + gh·gw (1: the
+    class token; 2: DeiT's class and distillation tokens, the class token's row is shown;
+    0: no class token, the patches' mean attention is shown, see attention_map_subject).
+    For a rollout's map use `cls_attention_maps(rollout[:, None], grid, prefix_tokens)[:, 0]`.
     """
     attn = np.asarray(attn_last_layer)
     gh, gw = (grid, grid) if isinstance(grid, int) else grid
-    if attn.ndim != 4 or attn.shape[2:] != (1 + gh * gw,) * 2:
-        raise ShapeError(f"expected (B, H, {1 + gh * gw}, {1 + gh * gw}) attention for a {gh}x{gw} grid, "
-                         f"got {attn.shape}")
-    return attn[:, :, 0, 1:].reshape(attn.shape[0], attn.shape[1], gh, gw)
+    tokens = prefix_tokens + gh * gw
+    if attn.ndim != 4 or attn.shape[2:] != (tokens,) * 2:
+        raise ShapeError(f"expected (B, H, {tokens}, {tokens}) attention for a {gh}x{gw} grid "
+                         f"and {prefix_tokens} prefix token(s), got {attn.shape}")
+    rows = attn[:, :, 0] if prefix_tokens else attn.mean(axis=2)
+    return rows[:, :, prefix_tokens:].reshape(attn.shape[0], attn.shape[1], gh, gw)
+
+
+def attention_map_subject(prefix_tokens):
+    """Which token's attention cls_attention_maps shows, in words."""
+    return {0: "the patches' mean attention (the model has no class token)",
+            1: "the class token's attention",
+            2: "the class token's attention (not the distillation token's)"}[prefix_tokens]
 
 
 def upsample_nearest(grid_map, size):

@@ -1,5 +1,5 @@
-"""The models minivit builds (the Vision Transformer and the Swin Transformer): named
-configurations, timm weights, trained runs."""
+"""The models minivit builds (the Vision Transformer family: ViT, DeiT, DeiT-III, BEiT; and the
+Swin Transformer): named configurations, timm weights, trained runs."""
 
 from minivit.models.pos_embed import resample_abs_pos_embed
 from minivit.models.pretrained import (PretrainedWarning, checkpoint_num_classes, load_pretrained,

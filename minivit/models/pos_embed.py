@@ -1,6 +1,7 @@
 """Position embeddings in NumPy: resampling a learned (1, prefix + H*W, D) embedding to another
 patch grid, exactly as timm's ``resample_abs_pos_embed`` (torch's bicubic ``interpolate``), and
-the fixed 2-D sine-cosine table of the MAE reference.
+a 1-D table (a '2d' embedding's row or column table) alike, and the fixed 2-D sine-cosine
+table of the MAE reference.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from minivit.errors import ShapeError, WeightsError
 from minivit.functional.resize import bicubic_matrix
 
-__all__ = ["resample_abs_pos_embed", "sincos_2d"]
+__all__ = ["resample_abs_pos_embed", "resample_table", "sincos_2d"]
 
 
 def resample_abs_pos_embed(
@@ -82,3 +83,11 @@ def sincos_2d(dim, grid, class_token=True):
     if class_token:
         table = np.concatenate([np.zeros((1, dim)), table], axis=0)
     return table
+
+
+def resample_table(table: np.ndarray, new_length: int) -> np.ndarray:
+    """Resize a learned 1-D table (length, D) along its first axis, bicubic as above (the row
+    or column table of a '2d' position embedding)."""
+    table = np.asarray(table)
+    resized = bicubic_matrix(table.shape[0], new_length) @ table.astype(np.float64)
+    return resized.astype(table.dtype)

@@ -10,8 +10,12 @@ bridged, each with a one-line notice:
 - another number of classes (or no head in the file): the model keeps its freshly initialised
   head -- fine-tune it before trusting its outputs.
 
-Every other difference (missing, unexpected or mis-shaped keys, options minivit lacks) is one
-:class:`~minivit.errors.WeightsError` that lists them all.
+Names are mapped where the families differ: layer scale as ``blocks.N.gamma_1``/``gamma_2``
+(older DeiT-III checkpoints, BEiT) or ``blocks.N.ls1.gamma``/``ls2.gamma`` (timm), whichever
+the model has; fixed buffers (BEiT's ``relative_position_index``) are dropped, as they are
+rebuilt. Every other difference (missing, unexpected or mis-shaped keys, options minivit
+lacks) is one :class:`~minivit.errors.WeightsError` that lists them all; a relative position
+bias table learned for another image size is refused with its own message.
 
 ``save_torch_weights`` writes a plain PyTorch state dict (``.pth``), which needs torch.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping
@@ -119,17 +124,20 @@ def load_pretrained(model, path_or_state, strict: bool = True,
         state, notes = model.adapt_state_dict(state)
     if not any(k in state for k in expected):
         check_state_dict(expected, state, source=source)  # "does not look like a timm ViT"
-    state = dict(state)
+    state = _model_names(state, expected)
+    if model.config.get("rel_pos_bias"):  # a ViT-family model's, learned for one patch grid
+        _check_relative_tables(state, expected, source)
 
     # another patch grid: resample the checkpoint's pos_embed to the model's
     pos = state.get("pos_embed")
     want = expected.get("pos_embed")
+    prefix = getattr(model, "pos_prefix_tokens", 1)
     if pos is not None and want is not None and pos.ndim == 3 and pos.shape[0] == 1 \
             and pos.shape[2] == want[2] and pos.shape[1] != want[1]:
-        old_grid = _checkpoint_grid(pos.shape[1] - 1, metadata)
+        old_grid = _checkpoint_grid(pos.shape[1] - prefix, metadata)
         if old_grid is not None:
             new_grid = tuple(model.patch_embed.grid_size)
-            state["pos_embed"] = resample_abs_pos_embed(pos, new_grid, old_grid)
+            state["pos_embed"] = resample_abs_pos_embed(pos, new_grid, old_grid, prefix)
             notes.append(f"resampled pos_embed from a {old_grid[0]}x{old_grid[1]} to a "
                          f"{new_grid[0]}x{new_grid[1]} patch grid (bicubic) for image size "
                          f"{_size_text(model.patch_embed.img_size)}")
@@ -143,9 +151,9 @@ def load_pretrained(model, path_or_state, strict: bool = True,
     same_dim = ckpt_head is None or np.shape(ckpt_head)[1:] == (features,)
     fresh_head = ckpt_classes is not None and ckpt_classes != model_classes and same_dim
     if fresh_head:
-        state.pop(head + "weight", None)
-        state.pop(head + "bias", None)
-        expected = {k: v for k, v in expected.items() if not k.startswith(head)}
+        heads = (head, "head_dist.")  # a DeiT's distillation head alike
+        state = {k: v for k, v in state.items() if not k.startswith(heads)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(heads)}
         if model_classes:
             what = f"has {ckpt_classes} classes" if ckpt_classes else "has no head"
             notes.append(f"{source} {what}, the model {model_classes}: keeping the model's "
@@ -171,6 +179,42 @@ def load_pretrained(model, path_or_state, strict: bool = True,
     for note in notes:
         notify(note)
     return notes
+
+
+# layer scale's two spellings: timm's VisionTransformer (ls1.gamma) and BEiT / old DeiT-III (gamma_1)
+_LAYER_SCALE = re.compile(r"(blocks\.\d+\.)(?:ls([12])\.gamma|gamma_([12]))$")
+# fixed buffers some checkpoints carry: rebuilt by the model, never loaded
+_FIXED_BUFFERS = re.compile(r"blocks\.\d+\.attn\.(relative_position_index|k_bias)$")
+
+
+def _model_names(state, expected):
+    """The state dict with layer-scale keys spelt as the model spells them, fixed buffers
+    dropped."""
+    renamed = {}
+    for key, value in state.items():
+        if _FIXED_BUFFERS.match(key):
+            continue
+        match = _LAYER_SCALE.match(key)
+        if match and key not in expected:
+            which = match.group(2) or match.group(3)
+            for name in (f"{match.group(1)}ls{which}.gamma", f"{match.group(1)}gamma_{which}"):
+                if name in expected:
+                    key = name
+        renamed[key] = value
+    return renamed
+
+
+def _check_relative_tables(state, expected, source):
+    """A relative position bias table of another length was learned for another patch grid:
+    refuse it in words (resampling such tables is not supported)."""
+    for key, shape in expected.items():
+        if key.endswith("relative_position_bias_table") and key in state \
+                and np.shape(state[key]) != tuple(shape):
+            raise WeightsError(f"{source}: {key} has shape {tuple(np.shape(state[key]))}, the "
+                               f"model's {tuple(shape)}: the checkpoint's relative position "
+                               f"bias was learned for another image size or patch size (or "
+                               f"number of heads), and relative tables are not resampled; "
+                               f"build the model at the checkpoint's image size")
 
 
 def _checkpoint_grid(num_patches: int, metadata: Mapping[str, str]) -> tuple[int, int] | None:

@@ -1,17 +1,43 @@
 """The named models of every architecture, and building a model from a name, a configuration
-or a checkpoint: the plain Vision Transformer (minivit.models.vit) and the Swin Transformer
-(minivit.models.swin)."""
+or a checkpoint: the Vision Transformer family (minivit.models.vit; ViT, DeiT and DeiT-III in
+deit.py, BEiT in beit.py) and the Swin Transformer (minivit.models.swin). create_model takes
+timm's keyword arguments."""
 
 
 from minivit.checkpoint import checkpoint_path, read_checkpoint
 from minivit.errors import MinivitError, WeightsError
-from minivit.models import swin, vit
+from minivit.models import swin
+from minivit.models.beit import BEIT_CONFIGS
+from minivit.models.deit import DEIT_CONFIGS
 from minivit.models.pretrained import load_pretrained
 from minivit.models.swin import SwinTransformer
 from minivit.models.vit import VisionTransformer
 
+def _imagenet(patch_size, embed_dim, depth, num_heads):
+    return dict(img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads)
+
+
+# The ImageNet ones are timm's; the small-data ones fit the embedded 8x8 digits, 28x28
+# MNIST/Fashion-MNIST and 32x32 CIFAR.
+VIT_CONFIGS = {
+    "vit_tiny_patch16_224": _imagenet(16, 192, 12, 3),
+    "vit_small_patch16_224": _imagenet(16, 384, 12, 6),
+    "vit_base_patch16_224": _imagenet(16, 768, 12, 12),
+    "vit_base_patch32_224": _imagenet(32, 768, 12, 12),
+    "vit_large_patch16_224": _imagenet(16, 1024, 24, 16),
+    "vit_huge_patch14_224": _imagenet(14, 1280, 32, 16),
+    "vit_digits": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64,
+                       depth=4, num_heads=4),
+    "vit_mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
+                      depth=6, num_heads=3),
+    "vit_cifar": dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192,
+                      depth=6, num_heads=3),
+}
+
 # architecture class -> its named configurations
-ARCHITECTURES = {VisionTransformer: vit.MODEL_CONFIGS, SwinTransformer: swin.MODEL_CONFIGS}
+ARCHITECTURES = {VisionTransformer: {**VIT_CONFIGS, **DEIT_CONFIGS, **BEIT_CONFIGS},
+                 SwinTransformer: swin.MODEL_CONFIGS}
 MODEL_CONFIGS = {name: args for configs in ARCHITECTURES.values() for name, args in configs.items()}
 
 
@@ -53,7 +79,7 @@ def create_model(name, pretrained=None, **overrides):
     timm/minivit weights with minivit.models.load_pretrained (a ViT's pos_embed resampled to
     img_size, the head kept fresh when num_classes differs, with a warning)."""
     model = model_from_config(model_config(name, **overrides))
-    if pretrained is not None:
+    if pretrained is not None and pretrained is not False:
         load_pretrained(model, pretrained)
     return model
 

@@ -17,6 +17,7 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError, ShapeError
+from minivit.functional.position import relative_position_index  # (Swin's layout: no class token)
 from minivit.nn import LayerNorm, Linear, Mlp, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
 
@@ -26,16 +27,6 @@ MASKED = -100.0  # timm's attention-mask value between tokens of regions that we
 
 def _pair(value):
     return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def relative_position_index(window):
-    """(N, N) indices into the ((2wh − 1)(2ww − 1), heads) table, N = wh·ww:
-    index[i, j] = (dy + wh − 1)·(2ww − 1) + (dx + ww − 1) for token i − token j = (dy, dx)."""
-    wh, ww = window
-    rows, cols = np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")
-    dy = rows.reshape(-1, 1) - rows.reshape(1, -1)
-    dx = cols.reshape(-1, 1) - cols.reshape(1, -1)
-    return (dy + wh - 1) * (2 * ww - 1) + (dx + ww - 1)
 
 
 def shift_mask(size, window, shift):

@@ -15,30 +15,41 @@ import numpy as np
 from minivit.errors import WeightsError
 from minivit.nn.module import state_dict_mismatch
 
-__all__ = ["UNSUPPORTED_TIMM_KEYS", "check_state_dict"]
+__all__ = ["OPTION_TIMM_KEYS", "UNSUPPORTED_TIMM_KEYS", "check_state_dict"]
 
 # Keys a timm VisionTransformer state dict may carry for options minivit does not implement.
 # Such a checkpoint needs that module to give the right logits, so it is refused, with the
 # reason. Stateless modules (pos_drop, patch_drop, head_drop, norm_pre / fc_norm / ls1 / ls2 /
-# q_norm / k_norm when they are Identity) leave no keys and need nothing. minivit supports:
-# patch_embed.proj, cls_token, pos_embed, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
-# mlp.fc1, mlp.fc2}, norm, head.
+# q_norm / k_norm when they are Identity) leave no keys and need nothing.
 UNSUPPORTED_TIMM_KEYS = (
-    (r"fc_norm\.", "global-average-pool head (global_pool='avg', fc_norm)"),
     (r"reg_token$", "register tokens (reg_tokens > 0)"),
-    (r"dist_token$|head_dist\.", "distillation token (DeiT distilled)"),
     (r"patch_embed\.norm\.", "LayerNorm after the patch embedding"),
     (r"norm_pre\.", "LayerNorm before the blocks (pre_norm=True, CLIP)"),
-    (r"blocks\.\d+\.ls[12]\.", "LayerScale (init_values, DeiT III)"),
     (r"blocks\.\d+\.attn\.[qk]_norm\.", "query/key normalisation (qk_norm=True)"),
     (r"blocks\.\d+\.(attn|mlp)\.norm\.", "norm inside attention/MLP (scale_attn/mlp_norm)"),
     (r"attn_pool\.", "attention-pool head (global_pool='map')"),
     (r"pre_logits\.", "pre-logits layer (representation_size)"),
 )
+# Keys of options minivit has, in a checkpoint of a model built without them: the option named.
+OPTION_TIMM_KEYS = (
+    (r"fc_norm\.", "global-average-pool head (global_pool='avg', fc_norm)"),
+    (r"dist_token$|head_dist\.", "distillation token (DeiT distilled: distilled=True)"),
+    (r"blocks\.\d+\.(ls[12]\.|gamma_[12]$)", "LayerScale (init_values, DeiT III / BEiT)"),
+    (r"blocks\.\d+\.attn\.relative_position_bias_table$", "relative position bias "
+     "(rel_pos_bias=True)"),
+    (r"blocks\.\d+\.attn\.[qv]_bias$", "BEiT's q and v biases (beit=True)"),
+    (r"pos_embed$", "learned position embedding (pos_embed='learn')"),
+)
 
 
-def _unsupported_reason(key: str) -> str | None:
-    return next((why for pattern, why in UNSUPPORTED_TIMM_KEYS if re.match(pattern, key)), None)
+def _unexpected_reason(key: str) -> str:
+    """' (why)' for an unexpected key of a known timm option, else ''."""
+    for table, advice in ((UNSUPPORTED_TIMM_KEYS, "not supported"),
+                          (OPTION_TIMM_KEYS, "build the model with that option")):
+        why = next((why for pattern, why in table if re.match(pattern, key)), None)
+        if why:
+            return f" ({why}: {advice})"
+    return ""
 
 
 def check_state_dict(
@@ -66,8 +77,7 @@ def check_state_dict(
         f"unexpected, {len(misshaped)} mis-shaped key(s)"
     ]
     lines += _first(f"  missing: {k}" for k in missing)
-    lines += _first(f"  unexpected: {k}" + (f" ({reason}: not supported)" if reason else "")
-                    for k, reason in ((k, _unsupported_reason(k)) for k in unexpected))
+    lines += _first(f"  unexpected: {k}{_unexpected_reason(k)}" for k in unexpected)
     lines += _first(f"  mis-shaped: {k}: expected {want}, got {got}" for k, want, got in misshaped)
     names = {k for k, _, _ in misshaped}
     # the hints fit when only the image size or the classes differ, not another architecture

@@ -1,7 +1,8 @@
 """Modules: Parameter registration, state dicts, and the layers of a ViT."""
 
-from minivit.nn.layers import Attention, Block, LayerNorm, Linear, Mlp, PatchConv2d, PatchEmbed
+from minivit.nn.layers import (Attention, Block, LayerNorm, LayerScale, Linear, Mlp, PatchConv2d,
+                               PatchEmbed)
 from minivit.nn.module import Module, ModuleList, Parameter
 
-__all__ = ["Attention", "Block", "LayerNorm", "Linear", "Mlp", "Module", "ModuleList",
-           "Parameter", "PatchConv2d", "PatchEmbed"]
+__all__ = ["Attention", "Block", "LayerNorm", "LayerScale", "Linear", "Mlp", "Module",
+           "ModuleList", "Parameter", "PatchConv2d", "PatchEmbed"]

@@ -1,9 +1,12 @@
 """The layers of a ViT, each a thin Module over one hand-written functional op."""
 
 import minivit.functional as F
+from minivit import backend
 from minivit.errors import DTypeError, ShapeError
+from minivit.functional.position import relative_position_index, relative_table_entries
 from minivit.nn import init
 from minivit.nn.module import Module, Parameter
+from minivit.tensor import Tensor
 
 
 class Linear(Module):
@@ -80,7 +83,13 @@ class PatchEmbed(Module):
 
 
 class Attention(Module):
-    """Multi-head self-attention: qkv projection, softmax(q kᵀ/√d) v per head, output projection.
+    """Multi-head self-attention: qkv projection, softmax(q kᵀ/√d + bias) v per head, output
+    projection.
+
+    qkv_bias: True (one bias for q, k and v), False, or "qv" (BEiT: ``q_bias`` and ``v_bias``
+    of their own, no k bias). rel_pos_grid=(H, W): a learned relative position bias per head,
+    ``relative_position_bias_table`` ((2H−1)(2W−1) entries, + 3 with rel_pos_class_token, as
+    BEiT), gathered through the fixed ``relative_position_index`` (not a weight).
 
     Set ``keep_attention = True`` to keep the last forward's probabilities (B, heads, N, N) in
     ``self.attention`` (they are computed anyway; on the GPU keeping them also spares backward
@@ -88,11 +97,21 @@ class Attention(Module):
     model's forward does that in its last block, so use
     ``VisionTransformer.forward_with_attention`` for full maps."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, proj_drop=0.0):
+    def __init__(self, dim, num_heads, qkv_bias=True, proj_drop=0.0, rel_pos_grid=None,
+                 rel_pos_class_token=True):
         if dim % num_heads:
             raise ShapeError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        if qkv_bias == "qv":
+            self.q_bias = Parameter(init.zeros(dim))
+            self.v_bias = Parameter(init.zeros(dim))
+        if rel_pos_grid is not None:
+            self.relative_position_index = relative_position_index(
+                rel_pos_grid, rel_pos_class_token)
+            entries = relative_table_entries(rel_pos_grid, rel_pos_class_token)
+            self.relative_position_bias_table = Parameter(init.trunc_normal((entries,
+                                                                             num_heads)))
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias is True)
         self.proj = Linear(dim, dim)
         self.proj_drop = proj_drop
         self.keep_attention = False
@@ -102,8 +121,20 @@ class Attention(Module):
         """(B, N, D) → (B, N, D); with queries=n only the first n tokens' outputs (B, n, D)."""
         # qkv (B, N, 3D) is timm's (B, N, 3, heads, head_dim) layout; self_attention reads q, k,
         # v from it in place and returns the heads merged back to (B, N, D)
-        out = F.self_attention(self.qkv(x), self.num_heads, return_attention=self.keep_attention,
-                               queries=queries)
+        bias = None
+        if hasattr(self, "q_bias"):
+            k_bias = Tensor(backend.array_module(self.q_bias.data).zeros_like(self.q_bias.data))
+            bias = F.concat([self.q_bias, k_bias, self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias if bias is None else bias)
+        position_bias = None
+        if hasattr(self, "relative_position_bias_table"):
+            index = self.relative_position_index
+            if index.shape[0] != x.shape[1]:
+                raise ShapeError(f"the relative position bias serves {index.shape[0]} tokens; "
+                                 f"got {x.shape[1]}")
+            position_bias = F.relative_position_bias(self.relative_position_bias_table, index)
+        out = F.self_attention(qkv, self.num_heads, return_attention=self.keep_attention,
+                               queries=queries, bias=position_bias)
         if self.keep_attention:
             out, self.attention = out
         return F.dropout(self.proj(out), self.proj_drop, self.training)
@@ -122,21 +153,55 @@ class Mlp(Module):
         return F.dropout(self.fc2(x), self.drop, self.training)
 
 
-class Block(Module):
-    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+class LayerScale(Module):
+    """x · γ per channel (CaiT, DeiT-III), γ = init_values at first."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, drop_path=0.0):
-        self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
-        self.norm2 = LayerNorm(dim)
+    def __init__(self, dim, init_values):
+        self.gamma = Parameter(init.ones(dim) * init_values)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)).
+
+    init_values: layer scale, the branches multiplied by learned per-channel γ (timm's
+    ``ls1.gamma`` / ``ls2.gamma``; with beit=True BEiT's ``gamma_1`` / ``gamma_2``). beit=True
+    also gives the attention BEiT's q and v biases (qkv_bias)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, drop_path=0.0,
+                 init_values=None, norm_eps=1e-6, beit=False, rel_pos_grid=None,
+                 rel_pos_class_token=True):
+        if beit and init_values:
+            self.gamma_1 = Parameter(init.ones(dim) * init_values)
+            self.gamma_2 = Parameter(init.ones(dim) * init_values)
+        self.norm1 = LayerNorm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias="qv" if beit and qkv_bias else qkv_bias,
+                              proj_drop=drop, rel_pos_grid=rel_pos_grid,
+                              rel_pos_class_token=rel_pos_class_token)
+        if init_values and not beit:
+            self.ls1 = LayerScale(dim, init_values)
+        self.norm2 = LayerNorm(dim, norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        if init_values and not beit:
+            self.ls2 = LayerScale(dim, init_values)
         self.drop_path = drop_path
+
+    def _scaled(self, x, which):
+        """A residual branch times its layer scale (which: 1 or 2), if the block has one."""
+        gamma = getattr(self, f"gamma_{which}", None)
+        if gamma is not None:
+            return x * gamma
+        scale = getattr(self, f"ls{which}", None)
+        return x if scale is None else scale(x)
 
     def forward(self, x, queries=None):
         """(B, N, D) → (B, N, D); with queries=n, the first n tokens only (B, n, D): every token
         is attended to, but only those n go through the projection, the residual and the MLP."""
-        attended = self.attn(self.norm1(x), queries=queries)
+        attended = self._scaled(self.attn(self.norm1(x), queries=queries), 1)
         if queries is not None:
             x = x[:, :queries]
         x = x + F.drop_path(attended, self.drop_path, self.training)
-        return x + F.drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        mlp = self._scaled(self.mlp(self.norm2(x)), 2)
+        return x + F.drop_path(mlp, self.drop_path, self.training)

@@ -27,6 +27,7 @@ import numpy as np
 
 from minivit import backend, cpu
 from minivit import distributed as dist
+from minivit.distill import distillation_criterion
 from minivit.precision import prepare_training
 from minivit.train.config import (DEFAULT_MODELS, OPTIMIZER_DEFAULTS, TrainConfig, checked_config,
                                   config_notes, epochs_text, saved_config)
@@ -64,6 +65,7 @@ def _train(config, on_epoch_end):
     train_set = data.train_set
     model = build_model(config, train_set.num_classes, train_set.images.shape[2],
                         train_set.images.shape[1])
+    criterion = distillation_criterion(config, model)  # checked before anything is written
     optimizer = build_optimizer(config, model)
     prepare_training(config.precision, config.backend, config.dtype, optimizer)
     dist.average_gradients(optimizer)
@@ -80,5 +82,6 @@ def _train(config, on_epoch_end):
         for note in (*config_notes(config), *model_notes(config, train_set)):
             progress.note(note)
     progress.header(config, model, data, start, len(data.train_loader))
-    trainer = Trainer(config, run_dir, data, model, optimizer, metrics, progress, start)
+    trainer = Trainer(config, run_dir, data, model, optimizer, metrics, progress, start,
+                      criterion)
     return trainer.run(on_epoch_end)

@@ -48,6 +48,14 @@ class TrainConfig:
     train_fraction: float = 1.0  # a stratified fraction of the training labels
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
+    # the model family's options and DeiT distillation (minivit.distill)
+    pos_embed: str = None  # None: the named model's own
+    rel_pos_bias: bool = False
+    teacher: str = None  # a run folder or weights file: distill from it
+    teacher_model: str = None  # the named model of a teacher given as timm-format weights
+    distillation: str = None  # "hard" or "soft", with teacher
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
 
     def model_name(self):
         return self.model or DEFAULT_MODELS[self.dataset]

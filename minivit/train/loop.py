@@ -42,8 +42,11 @@ def load_training_data(config):
 
 def build_model(config, num_classes, image_size, channels):
     backend.manual_seed(config.seed)
+    options = {"pos_embed": config.pos_embed} if config.pos_embed else {}
+    if config.rel_pos_bias:
+        options["rel_pos_bias"] = True
     model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
-                         in_chans=channels, drop_path_rate=config.drop_path)
+                         in_chans=channels, drop_path_rate=config.drop_path, **options)
     if config.init:
         load_encoder(model, config.init)  # its head stays fresh
     return model.to(dtype=config.dtype)
@@ -67,14 +70,17 @@ def build_optimizer(config, model):
     return optimizer(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def training_step(model, optimizer, config):
+def training_step(model, optimizer, config, criterion=None):
     """A function (x, y) -> (loss, logits) arrays of one training step: forward, cross-entropy,
     backward, optimizer step. With config.cuda_graph, full batches replay one CUDA graph,
     recorded on the first of them (which trains eagerly, as the capture's warm-up); a smaller
     last batch runs eagerly. The graph's outputs are overwritten by its next replay."""
-    def step(x, y):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    def step(x, y):  # criterion(outputs, x, y) -> (loss, logits): e.g. DeiT distillation
+        if criterion is None:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        else:
+            loss, logits = criterion(model(x), x, y)
         optimizer.zero_grad()
         loss_scale.scaled_backward(loss, optimizer)
         optimizer.step(max_grad_norm=config.clip_grad)
@@ -125,12 +131,13 @@ class EpochResult:
 class Trainer:
     """The epoch loop of one run: `run()` trains from `start` to config.epochs."""
 
-    def __init__(self, config, run_dir, data, model, optimizer, metrics, progress, start):
+    def __init__(self, config, run_dir, data, model, optimizer, metrics, progress, start,
+                 criterion=None):
         self.config, self.run_dir, self.data = config, run_dir, data
         self.model, self.optimizer = model, optimizer
         self.metrics, self.progress = metrics, progress
         self.start, self.best_accuracy = start, start.best_accuracy
-        self.train_step = training_step(model, optimizer, config)
+        self.train_step = training_step(model, optimizer, config, criterion)
         self.steps_per_epoch = len(data.train_loader)
         self.step = start.epoch * self.steps_per_epoch
         self.suffix = "." + config.checkpoint_format
