@@ -19,12 +19,12 @@ from minivit.functional.linear import linear, patchify
 from minivit.functional.loss import cross_entropy
 from minivit.functional.masking import gather_tokens, unshuffle_tokens
 from minivit.functional.normalization import layer_norm
-from minivit.functional.projection import l2_normalize, weight_norm_linear
+from minivit.functional.projection import batch_norm, l2_normalize, weight_norm_linear
 from minivit.functional.regularization import drop_path, dropout
 from minivit.functional.resize import resize_grid
 
 __all__ = [
-    "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp",
+    "add", "batch_norm", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp",
     "gather_tokens", "gelu", "getitem", "l2_normalize", "layer_norm", "linear", "log",
     "log_softmax", "matmul", "max", "mean", "mul", "neg", "patchify", "power", "reshape",
     "resize_grid", "scaled_dot_product_attention", "self_attention", "softmax", "stack", "sub",
