@@ -6,7 +6,8 @@ Each image gives 2 global crops (the same size as the image, area scale 0.4-1 of
 saturation on colour images) with probability 0.8, grey-scale with probability 0.2 (colour
 images) and solarisation of the second global crop with probability 0.2, as the reference's
 DataAugmentationDINO. Not taken from it: the Gaussian blur (on 8-32 pixel images a blur of the
-reference's radius erases the digit) and the hue jitter.
+reference's radius erases the digit) and the hue jitter. The photometric part can be left out
+(color_jitter=False, minivit pretrain's default: on the digits it makes DINO collapse).
 """
 
 import math
