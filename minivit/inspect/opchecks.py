@@ -298,8 +298,10 @@ def _unshuffle_tokens(visible, mask_token, ids_restore):
     return F.unshuffle_tokens(visible, mask_token, ids_restore)
 
 
+# x not "normal": drawn from the seed the upstream gradient is drawn from, it would be an affine
+# function of that gradient, along which batch norm's input gradient is exactly 0
 @_register("batch_norm", "DINO head (use_bn): normalise each channel over the batch, scale, shift",
-           Input("x", (5, 4), scale=2.0, shift=1.0),
+           Input("x", (5, 4), "distinct"),
            Input("weight", (4,), scale=0.5, shift=1.0), Input("bias", (4,)))
 def _batch_norm(x, weight, bias):
     return F.batch_norm(x, weight, bias)
