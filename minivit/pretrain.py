@@ -10,9 +10,10 @@ MAE (He et al.): AdamW with betas (0.9, 0.95), per-step warmup + cosine learning
 DINO (Caron et al.): AdamW, per-parameter gradient clipping (3.0), the last layer of the
 student's head frozen during the first epoch(s), the teacher's EMA momentum cosine from
 --momentum-teacher (0.99 here, 0.996 in the reference) to 1, the teacher's temperature warmed
-up linearly; the defaults for small images are in PretrainConfig (docs/pretraining.md). Both log the loss per epoch; DINO also
-logs the teacher's mean entropy, the entropy of its mean output and the center's norm,
-which show collapse (entropy → 0: one dimension dominates; → log K: uniform output).
+up linearly; PretrainConfig's DINO defaults are for small images (docs/pretraining.md). Both
+log the loss per epoch; DINO also logs the teacher's mean entropy, the entropy of its mean
+output and the center's norm, which show collapse (entropy → 0: one dimension dominates;
+→ log K: uniform output).
 """
 
 import dataclasses
