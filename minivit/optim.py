@@ -61,6 +61,9 @@ class FlatOptimizer:
         # grads -> None, in place, between gathering and clipping: data-parallel training sets
         # it to average the gradients over processes (minivit.distributed.average_gradients)
         self.reduce_gradients = None
+        # a minivit.loss_scale.LossScaler (fp16 training) sets itself here: step() unscales the
+        # gradient and skips the update when it is not finite
+        self.loss_scaler = None
 
     def _check_views(self):
         """Each parameter's .data must still be its slice of the flat buffer: an update would
@@ -100,17 +103,23 @@ class FlatOptimizer:
         grads = self.gather_grads()
         if self.reduce_gradients is not None:
             self.reduce_gradients(grads)
+        found = False if self.loss_scaler is None else self.loss_scaler.unscale(grads)
+        if found is True:  # an eager step whose gradient overflowed: skipped, nothing changes
+            return clip_grad_norm(grads)
         norm = clip_grad_norm(grads, max_grad_norm)
         scalars = cuda.per_step(self.flat, self.step_scalars, self.scalar_count,
                                 advance=self._advance)
-        self.update(self.flat, grads, scalars)
+        # while a CUDA graph records, `found` is a device flag that the update itself obeys
+        self.update(self.flat, grads, scalars, skip=None if found is False else found)
         return norm
 
     def step_scalars(self):
         """This step's numbers for update() (the step count already advanced)."""
         raise NotImplementedError
 
-    def update(self, params, grads, scalars):
+    def update(self, params, grads, scalars, skip=None):
+        """Apply this step's update; `skip`: None, or a device flag (a loss scaler's, while a
+        CUDA graph records) that, when set, leaves params and the optimizer state unchanged."""
         raise NotImplementedError
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -158,9 +167,9 @@ class AdamW(FlatOptimizer):
         return optimizer_update.adamw_scalars(self.lr, self.betas, self.eps, self.weight_decay,
                                               self.step_count)
 
-    def update(self, params, grads, scalars):
+    def update(self, params, grads, scalars, skip=None):
         optimizer_update.adamw_update(params, grads, self.m, self.v, self.decay_mask, scalars,
-                                      self._scratch)
+                                      self._scratch, skip)
 
     def _scratch(self):
         if self.scratch is None:
@@ -183,7 +192,11 @@ class SGD(FlatOptimizer):
     def step_scalars(self):
         return (self.lr,)
 
-    def update(self, params, grads, scalars):
+    def update(self, params, grads, scalars, skip=None):
+        if skip is not None:
+            raise MinivitError("fp16 loss scaling inside a CUDA graph needs AdamW (its fused "
+                               "update can skip a step on the device); use --optimizer adamw, "
+                               "or leave out --cuda-graph with sgd")
         buffer = self.buffer
         buffer *= self.momentum
         buffer += grads

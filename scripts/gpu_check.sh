@@ -5,16 +5,19 @@
 #
 #   bash scripts/gpu_check.sh          # from anywhere; the log goes to $OUT/gpu_check.log
 #
-# Steps (each under its own `timeout`; the limits add up to 9.5 minutes, 11 with dist-nccl; an
-# H100 took under 2.5; a failed step does not stop the ones after it, and the summary at the end
+# Steps (each under its own `timeout`; the limits add up to 14.5 minutes, 16 with dist-nccl; an
+# H100 took under 2.5 before the half-precision steps; a failed step does not stop the ones after it, and the summary at the end
 # gives every step's exit status):
 #   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
-#   cuda-tests    pytest -k "cuda or cupy" (-n 12 with pytest-xdist): tests/test_cuda.py (fused
-#                 kernels against NumPy, gradcheck on cupy, AdamW kernel, training run, TF32,
-#                 CUDA graph) and every backend-parametrised test's cupy case (tests/test_ops.py...)
+#   cuda-tests    pytest -k "cuda or cupy or half" (-n 12 with pytest-xdist): tests/test_cuda.py
+#                 (fused kernels against NumPy, gradcheck on cupy, AdamW kernel, training run,
+#                 TF32, CUDA graph), tests/test_half.py (bf16/fp16 GEMMs within the formats'
+#                 bounds, fp16 loss scaling, half-precision CUDA graphs) and every backend-parametrised test's cupy case (tests/test_ops.py...)
 #   bench-cifar   minivit bench --backend cupy --against torch --config cifar --profile
 #   bench-cifar-graph  cifar again with --cuda-graph: whole-step CUDA graphs, replayed
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
+#   bench-{bf16,fp16}-{s16,b16}  vit_s16 / vit_b16 at batch 64 with --precision bf16 / fp16
+#                 against PyTorch autocast (+ GradScaler for fp16), 5 steps x 2 rounds
 #   train-graph   minivit train on the digits, 3 epochs, eager then --cuda-graph: images/s
 #                 per epoch from each run's metrics.jsonl
 #   dist-nccl     tests/test_distributed.py -k cupy: 1 rank (NCCL) and 2 ranks (NCCL with a GPU
@@ -22,6 +25,10 @@
 #                 with mpi4py installed or its wheels in $DIST_WHEELS (default shared/dist-wheels,
 #                 for Python 3.12: see the README's data-parallel section), else skipped
 #   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps
+# ONLY="name name ..." runs just those steps: the whole list takes longer than one 10-minute
+# device call allows, so run it in two, e.g. the half-precision issue's:
+#   ONLY="environment cuda-tests bench-cifar bench-bf16-s16 bench-fp16-s16 bench-bf16-b16
+#         bench-fp16-b16" bash scripts/gpu_check.sh                     (limits: 565 s)
 # minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is
 # installed; PYTHON=... picks another interpreter.
 set -u
@@ -40,6 +47,7 @@ FAILED=0
 step() {  # step NAME SECONDS COMMAND... : run it under timeout, tee its output to the log
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $(echo $ONLY) " != *" $name "* ]]; then return 0; fi
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
@@ -59,7 +67,7 @@ print(\"CUDA runtime\", cupy.cuda.runtime.runtimeGetVersion(), \"GPUs\", cupy.cu
 # pytest-xdist (there on the lent machines) spreads the tests over 12 processes when present
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 12)
-step cuda-tests 180 "$PY" -m pytest tests -q -k "cuda or cupy" --maxfail=40 -p no:cacheprovider \
+step cuda-tests 180 "$PY" -m pytest tests -q -k "cuda or cupy or half" --maxfail=40 -p no:cacheprovider \
   --tb=short -o addopts="-ra" "${XDIST[@]}"
 
 step bench-cifar 75 "$PY" -m minivit.cli bench --backend cupy --against torch --config cifar \
@@ -70,6 +78,14 @@ step bench-cifar-graph 60 "$PY" -m minivit.cli bench --backend cupy --against to
 
 step bench-vit-s16 90 "$PY" -m minivit.cli bench --backend cupy --against torch --config vit_s16 \
   --steps 5 --rounds 2 --tf32
+
+for model in s16 b16; do  # half precision against PyTorch autocast, batch 64
+  for half in bf16 fp16; do
+    step "bench-$half-$model" "$([ $model = s16 ] && echo 60 || echo 75)" "$PY" -m minivit.cli \
+      bench --backend cupy --against torch --config "vit_$model" --batch 64 --precision "$half" \
+      --steps 5 --rounds 2
+  done
+done
 
 train_both() {  # eager, then with CUDA graphs; a run folder each under a temporary folder
   local runs

@@ -156,7 +156,8 @@ def _nvcc_check_source(c_type):
     parts = [f"typedef {c_type} T;", common]
     for source in dict.fromkeys(device.ROW_SOURCES.values()):  # each file once, in order
         parts.append(source[len(common):] if source.startswith(common) else source)
-    c_types = {"T": "T", "int32": "int", "int64": "long long", "uint64": "unsigned long long"}
+    c_types = {"T": "T", "int32": "int", "int64": "long long", "uint64": "unsigned long long",
+               "float32": "float", "uint16": "unsigned short", "bool": "bool"}
     for name, (in_params, out_params, operation) in device.ELEMENTWISE.items():
         signature, locals_ = ["long long n"], []
         for raw, kind, arg in _params(in_params):
@@ -614,7 +615,7 @@ def test_attention_on_the_capture_path_matches_the_eager_path(cp, monkeypatch, d
 
     def run():
         gemm.pointer_cache.clear()
-        out, probs, lse = cuda_attention.attention_forward(qkv, 2, queries or 7, 0.5)
+        out, probs, lse, _ = cuda_attention.attention_forward(qkv, 2, queries or 7, 0.5)
         return out, probs, cuda_attention.attention_backward(grad, qkv, None, lse, 2, 0.5)
 
     eager = run()

@@ -37,7 +37,8 @@ def format_report(result):
     machine = result["machine"]
     lines = [f"minivit bench: {result['config']} (batch {result['batch']}, {result['dtype']}, "
              f"backend {result['backend']}, {_count(result['threads'], 'thread')}"
-             + (", TF32" if result["tf32"] else "")
+             + (f", {result['precision']}" if result.get("precision", "fp32") != "fp32"
+                else "")
              + (", CUDA graphs" if result.get("cuda_graph") else "")
              + (", full last block" if result.get("full_last_block") else "") + ")",
              f"machine: {machine.get('gpu') or machine['cpu']}, {machine['usable_cores']} usable "

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from minivit import backend, cpu, cuda
+from minivit import backend, cpu
 from minivit.bench.machine import machine_info, peak_rss_bytes, traced_peak_bytes
 from minivit.bench.profile import profile_ops
 from minivit.bench.runners import MinivitRunner, TorchRunner
@@ -32,6 +32,7 @@ from minivit.errors import MinivitError
 from minivit.inspect.cost import model_cost
 from minivit.inspect.swin_cost import swin_cost
 from minivit.models import model_config
+from minivit.precision import set_precision
 from minivit.torch_reference import import_torch
 
 # name -> the model (a create_model name, with overrides) and the batch size
@@ -93,7 +94,7 @@ def _measure_memory(runner, mode, on_gpu):
 def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=3,
                   backend_name="numpy", dtype="float32", against=None, threads=None, tf32=False,
                   modes=("train", "infer"), profile=False, log=None, full_last_block=False,
-                  cuda_graph=False, model=None):
+                  cuda_graph=False, model=None, precision="fp32"):
     """Benchmark one named configuration; returns a JSON-ready dict (see `format_report`).
 
     steps: timed steps per round, mode and framework; rounds: how many times minivit and
@@ -104,7 +105,9 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     cuda_graph: minivit's steps are recorded once as CUDA graphs and replayed (GPU only,
     experimental; PyTorch stays eager); model: any named model (minivit info --list) instead of
     a configuration, without stochastic depth, batch 32 by default (a Swin's reference is
-    timm's SwinTransformer)."""
+    timm's SwinTransformer); precision: minivit.precision's fp32, tf32, bf16 or fp16
+    (GPU), PyTorch the same through autocast (and a GradScaler for fp16); tf32=True is
+    precision "tf32"."""
     log = log or (lambda message: None)
     for name, value, lowest in (("--steps", steps, 1), ("--rounds", rounds, 1),
                                 ("--warmup-steps", warmup_steps, 0), ("--batch", batch, 1),
@@ -127,12 +130,17 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     if tf32:
         if not on_gpu:
             raise MinivitError("--tf32 applies to the GPU (--backend cupy) only")
-        cuda.set_tf32(True)
+        if precision not in ("fp32", "tf32"):
+            raise MinivitError(f"--tf32 and --precision {precision} ask for two precisions: "
+                               f"give one")
+        precision = "tf32"
+    set_precision(precision, backend_name, dtype)
 
     cost = swin_cost(model_args) if "depths" in model_args else model_cost(model_args)
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
-              "backend": backend_name, "threads": threads, "tf32": bool(tf32),
+              "backend": backend_name, "threads": threads, "tf32": precision == "tf32",
+              "precision": precision,
               "full_last_block": bool(full_last_block), "cuda_graph": bool(cuda_graph),
               "steps": steps, "warmup_steps": warmup_steps, "rounds": rounds,
               "flops_per_image": {"forward": cost.flops, "train": cost.train_flops},
@@ -140,7 +148,7 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
 
     log(f"building minivit {config} (batch {batch}, {dtype}, {backend_name})")
     mini = MinivitRunner(model_args, batch, dtype, full_last_block=full_last_block,
-                         cuda_graph=cuda_graph)
+                         cuda_graph=cuda_graph, loss_scaling=precision == "fp16")
     # minivit alone first: PyTorch is not even imported yet
     alone = {}
     for mode in modes:
@@ -156,12 +164,12 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
         torch = import_torch("--against torch", instead="leave out --against")
         device = "cuda" if on_gpu else "cpu"
         if on_gpu:
-            torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-            torch.backends.cudnn.allow_tf32 = bool(tf32)
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
         else:
             torch.set_num_threads(threads)
         runner = TorchRunner(torch, model_args, mini.model.state_dict(), mini.images,
-                             mini.labels, device=device, dtype=dtype)
+                             mini.labels, device=device, dtype=dtype, precision=precision)
         check = np.abs(mini.logits() - runner.logits()).max()
         result["max_abs_logit_difference"] = float(check)
     elif against is not None:

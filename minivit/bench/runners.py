@@ -9,6 +9,7 @@ import numpy as np
 import minivit
 import minivit.functional as F
 from minivit import backend, cuda
+from minivit.loss_scale import LossScaler, scaled_backward
 from minivit.models import model_from_config
 from minivit.optim import AdamW
 from minivit.tensor import no_grad
@@ -16,17 +17,19 @@ from minivit.torch_reference import reference_swin, reference_vit
 
 
 class MinivitRunner:
-    """A model, an AdamW optimizer and one fixed random batch; train_step() / infer_step()."""
+    """A model, an AdamW optimizer and one fixed random batch; train_step() / infer_step().
+    loss_scaling: a LossScaler on the optimizer (fp16), updated after each train step."""
 
     name = "minivit"
 
     def __init__(self, model_args, batch, dtype="float32", seed=0, full_last_block=False,
-                 cuda_graph=False):
+                 cuda_graph=False, loss_scaling=False):
         self.backend = backend.get_backend()
         minivit.manual_seed(seed)
         self.model = model_from_config(model_args).to(dtype=dtype)
         self.model.full_last_block = full_last_block
         self.optimizer = AdamW(self.model.named_parameters(), lr=1e-4, weight_decay=0.05)
+        self.scaler = LossScaler(self.optimizer) if loss_scaling else None
         rng = np.random.default_rng(seed)
         size, chans = model_args["img_size"], model_args["in_chans"]
         self.images = rng.standard_normal((batch, chans, size, size)).astype(dtype)
@@ -43,7 +46,7 @@ class MinivitRunner:
         self.model.train()
         loss = F.cross_entropy(self.model(self.x), self.y)
         self.optimizer.zero_grad()
-        loss.backward()
+        scaled_backward(loss, self.optimizer)
         self.optimizer.step()
 
     def _infer(self):
@@ -63,6 +66,8 @@ class MinivitRunner:
 
     def train_step(self):
         self._step("train", self._train)
+        if self.scaler is not None:
+            self.scaler.update()  # (reads the overflow flag: one sync, as GradScaler's)
 
     def infer_step(self):
         self._step("infer", self._infer)
@@ -89,13 +94,17 @@ class MinivitRunner:
 class TorchRunner:
     """The PyTorch reference (minivit.torch_reference; timm's own for a Swin) with minivit's
     weights, a torch.optim.AdamW and the same batch; train_step() / infer_step() as
-    MinivitRunner's."""
+    MinivitRunner's.
+    precision bf16/fp16: the forward under torch.autocast in that format (fp16 training with
+    a torch GradScaler), as PyTorch users train; tf32 is set by the caller."""
 
     name = "torch"
 
     def __init__(self, torch, model_args, state_dict, images, labels, device="cpu",
-                 dtype="float32"):
+                 dtype="float32", precision="fp32"):
         self.torch, self.device = torch, device
+        self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
         torch_dtype = getattr(torch, dtype)
         reference = reference_swin if "depths" in model_args else reference_vit
         self.model = reference(model_args).to(device=device, dtype=torch_dtype)
@@ -105,27 +114,34 @@ class TorchRunner:
         self.x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         self.y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
 
+    def autocast(self):
+        """torch.autocast in the half format (a no-op context for fp32/tf32)."""
+        return self.torch.autocast(device_type=self.device.split(":")[0], dtype=self.half,
+                                   enabled=self.half is not None)
+
     def sync(self):
         if self.device != "cpu":
             self.torch.cuda.synchronize()
 
     def train_step(self):
         self.model.train()
-        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        with self.autocast():
+            loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()  # (disabled: loss itself)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.sync()
 
     def infer_step(self):
         self.model.eval()
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self.autocast():
             self.model(self.x)
         self.sync()
 
     def logits(self):
         self.model.eval()
-        with self.torch.no_grad():
+        with self.torch.no_grad(), self.autocast():
             return self.model(self.x).double().cpu().numpy()
 
     def gpu_memory(self, step):

@@ -4,7 +4,8 @@ with PyTorch."""
 import sys
 
 from minivit.bench import CONFIGS, format_report, main_json, run_benchmark
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
+from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
+                                     command_parser, number)
 
 EPILOG = """configurations (--config), each a model of `minivit info --list`:
   digits   vit_digits: 8x8x1 images, patch 2, D 64, depth 4, 4 heads, 10 classes; batch 128
@@ -29,7 +30,11 @@ the same process slow NumPy down.
 
 --tf32 (GPU only) lets float32 GEMMs use TF32 tensor cores: for CuPy through cuBLAS's compute
 type (the same switch as CUPY_TF32=1; see minivit.cuda.set_tf32), for PyTorch through
-torch.backends.cuda.matmul.allow_tf32.
+torch.backends.cuda.matmul.allow_tf32 (the same as --precision tf32).
+
+--precision bf16|fp16 (GPU only): minivit's GEMMs on half-precision operands with fp32
+accumulation (minivit.precision); PyTorch runs under torch.autocast in the same format, with a
+GradScaler for fp16, as minivit's fp16 training step has its LossScaler.
 
 --cuda-graph (GPU only, experimental) records minivit's whole training step (forward,
 backward, AdamW) and inference step as CUDA graphs after a warm-up, and times their replays:
@@ -44,6 +49,7 @@ examples:
   minivit bench --config cifar --against torch
   minivit bench --model swin_digits --against torch --steps 3 --rounds 1
   minivit bench --config vit_b16 --backend cupy --tf32 --against torch --json
+  minivit bench --config vit_s16 --backend cupy --precision bf16 --against torch
 """
 
 
@@ -66,6 +72,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--mode", choices=("both", "train", "infer"), default="both",
                    help="what to time (default: %(default)s)")
     add_backend_flags(p)
+    add_precision_flag(p)
     p.add_argument("--full-last-block", action="store_true",
                    help="minivit computes every token in the last block, as PyTorch/timm do "
                         "(default: only the class token, whose output the head reads)")
@@ -94,6 +101,7 @@ def run(args):
                            warmup_steps=args.warmup_steps, rounds=args.rounds,
                            backend_name=backend_name, dtype=args.dtype, against=args.against,
                            threads=args.threads, tf32=args.tf32, modes=modes,
+                           precision=args.precision or "fp32",
                            profile=args.profile, log=log,
                            full_last_block=args.full_last_block, cuda_graph=args.cuda_graph,
                            model=args.model)

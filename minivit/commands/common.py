@@ -5,6 +5,7 @@ import contextlib
 
 from minivit import backend
 from minivit.errors import MinivitError
+from minivit.precision import PRECISIONS, set_precision
 
 
 def command_parser(subparsers, name, help_text, epilog=None):
@@ -39,10 +40,20 @@ def add_backend_flags(parser):
                         help="floating-point type of weights and activations (default float32)")
 
 
+def add_precision_flag(parser):
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="fp32 (default), or on the GPU: tf32 (TF32 tensor-core GEMMs), "
+                             "bf16 or fp16 (half-precision GEMMs with fp32 accumulation, "
+                             "weights and statistics; fp16 training scales the loss)")
+
+
 def apply_backend(args):
-    """Select the backend named by --backend (or keep the environment's choice)."""
+    """Select the backend named by --backend (or keep the environment's choice), and the
+    --precision where the command has one (checked against the backend and --dtype)."""
     if args.backend:
         backend.set_backend(args.backend)
+    if getattr(args, "precision", None):
+        set_precision(args.precision, backend.get_backend(), args.dtype or "float32")
     return backend.get_backend()
 
 

@@ -1,8 +1,8 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
 from minivit.checkpoint import checkpoint_path
-from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
-                                     describe_checkpoint, number, run_data_dir)
+from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
+                                     command_parser, describe_checkpoint, number, run_data_dir)
 from minivit.data import DataLoader, load_dataset
 from minivit.errors import MinivitError
 from minivit.models import model_from_checkpoint
@@ -23,6 +23,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--batch-size", type=number(int, 1), default=256,
                    help="images per forward pass (default: 256; only speed and memory change)")
     add_backend_flags(p)
+    add_precision_flag(p)
 
 
 def run(args):

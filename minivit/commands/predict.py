@@ -5,7 +5,8 @@ import sys
 import numpy as np
 
 from minivit import backend
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
+from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
+                                     command_parser, number)
 from minivit.errors import MinivitError
 from minivit.images import image_names, read_images
 from minivit.models import (checkpoint_num_classes, create_model, load_pretrained,
@@ -57,6 +58,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="images per forward pass (default: 64; only speed and memory change)")
     add_backend_flags(p)
+    add_precision_flag(p)
 
 
 def run(args):

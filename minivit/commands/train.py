@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from minivit import distributed as dist
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
+                                     command_parser)
 from minivit.errors import MinivitError
 from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, saved_config, train
 
@@ -88,6 +89,7 @@ def add_parser(subparsers, name, help_text):
                        help=f"default: {defaults.optimizer}")
     run = p.add_argument_group("run")
     add_backend_flags(run)
+    add_precision_flag(run)
     p.set_defaults(dtype=None)  # its help names the default
     run.add_argument("--cuda-graph", action="store_true",
                      help="GPU (--backend cupy): record the training step once as a CUDA graph "

@@ -11,8 +11,9 @@ of CuPy calls (each ~18 µs of Python launch overhead plus a full read/write of 
     loss.py           cross-entropy: log-sum-exp and loss per row, elementwise backward
     attention.py      self-attention: batched cuBLAS GEMMs on the packed qkv + softmax
     optimizer.py      the AdamW update, one elementwise kernel over the flat buffer
-    gemm.py           batched-GEMM addresses, cuBLAS through ctypes (for captures), matmul
-    settings.py       TF32, synchronize, memory_info, PeakMemory, free_memory
+    gemm.py           batched-GEMM addresses, cuBLAS through ctypes (for captures and half
+                      operands), matmul, the bf16/fp16 operand rounding
+    settings.py       TF32, half GEMMs, synchronize, memory_info, PeakMemory, free_memory
     capture.py        CUDA graphs (experimental): capture_step, and the per-step interface
 
 Every kernel works in float32 and float64 (T = float/double; row reductions accumulate in T).
@@ -27,12 +28,13 @@ from minivit.cuda.capture import (CapturedStep, capture_step, capturing, concate
                                   host_check, per_step, recording, replay_input, replayed,
                                   uniforms)
 from minivit.cuda.device import fused_kernels, fused_kernels_enabled, handles
-from minivit.cuda.gemm import matmul
+from minivit.cuda.gemm import gemm_operand, matmul, operand_format
 from minivit.cuda.reduction import column_sums
-from minivit.cuda.settings import (PeakMemory, free_memory, memory_info, set_tf32, synchronize,
-                                   tf32_enabled)
+from minivit.cuda.settings import (PeakMemory, free_memory, half_gemms, memory_info,
+                                   set_half_gemms, set_tf32, synchronize, tf32_enabled)
 
 __all__ = ["CapturedStep", "PeakMemory", "capture_step", "capturing", "column_sums",
            "concatenate", "dot", "free_memory", "fused_kernels", "fused_kernels_enabled",
-           "handles", "host_check", "matmul", "memory_info", "per_step", "recording",
-           "replay_input", "replayed", "set_tf32", "synchronize", "tf32_enabled", "uniforms"]
+           "gemm_operand", "half_gemms", "handles", "host_check", "matmul", "memory_info",
+           "operand_format", "per_step", "recording", "replay_input", "replayed",
+           "set_half_gemms", "set_tf32", "synchronize", "tf32_enabled", "uniforms"]

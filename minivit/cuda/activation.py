@@ -1,16 +1,18 @@
 """GELU and softmax on the GPU: GELU (exact erf form and tanh form) as one elementwise kernel
-each way, its backward recomputing Φ (or tanh u) from x instead of storing it; softmax and
+each way, its backward recomputing Φ (or tanh u) from x instead of storing it, also with the
+linear layer's bias added in the same kernel (linear_gelu); softmax and
 log_softmax one thread block per row, forward and backward."""
 
 import numpy as np
 
-from minivit.cuda.device import (ROW_COMMON, cupy, elementwise, elementwise_kernel, launch_rows,
-                                 row_kernels)
+from minivit.cuda.device import (ELEMENTWISE, ROW_COMMON, cupy, elementwise, elementwise_kernel,
+                                 launch_rows, row_kernels)
 from minivit.mathconst import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, TANH_COEFF
 
 # gelu exact: y = x Φ(x), Φ(x) = ½(1 + erf(x/√2));  dx = g (Φ(x) + x φ(x)), φ = e^(−x²/2)/√(2π)
 _CDF = f"(T)0.5 * ((T)1 + mv_erf(x * (T){INV_SQRT_2!r}))"
-elementwise_kernel("gelu_forward", "T x", "T y", f"y = x * ({_CDF});")
+_GELU = f"x * ({_CDF})"
+elementwise_kernel("gelu_forward", "T x", "T y", f"y = {_GELU};")
 elementwise_kernel("gelu_backward", "T g, T x", "T dx",
                    f"const T cdf = {_CDF};\n"
                    f"const T pdf = (T){INV_SQRT_2PI!r} * mv_exp((T)-0.5 * x * x);\n"
@@ -18,11 +20,23 @@ elementwise_kernel("gelu_backward", "T g, T x", "T dx",
 # gelu tanh: y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³);
 #            dx = g (½(1 + t) + ½x(1 − t²) √(2/π)(1 + 3·0.044715x²)), t = tanh u
 _TANH = f"const T t = mv_tanh((T){SQRT_2_OVER_PI!r} * (x + (T){TANH_COEFF!r} * (x * x * x)));\n"
-elementwise_kernel("gelu_tanh_forward", "T x", "T y", _TANH + "y = (T)0.5 * x * ((T)1 + t);")
+_GELU_TANH = "(T)0.5 * x * ((T)1 + t)"
+elementwise_kernel("gelu_tanh_forward", "T x", "T y", _TANH + f"y = {_GELU_TANH};")
 elementwise_kernel("gelu_tanh_backward", "T g, T x", "T dx",
                    _TANH + f"const T du = (T){SQRT_2_OVER_PI!r} * "
                    f"((T)1 + (T){3 * TANH_COEFF!r} * x * x);\n"
                    "dx = g * ((T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * du);")
+
+# bias + gelu (linear_gelu): the same with x = y + b[column] read in the kernel, b of `cols`
+_BIASED = "const T x = y + bias[i % cols];\n"
+elementwise_kernel("bias_gelu_forward", "T y, raw T bias, int32 cols", "T h",
+                   _BIASED + f"h = {_GELU};")
+elementwise_kernel("bias_gelu_backward", "T g, T y, raw T bias, int32 cols", "T dx",
+                   _BIASED + ELEMENTWISE["gelu_backward"][2])
+elementwise_kernel("bias_gelu_tanh_forward", "T y, raw T bias, int32 cols", "T h",
+                   _BIASED + _TANH + f"h = {_GELU_TANH};")
+elementwise_kernel("bias_gelu_tanh_backward", "T g, T y, raw T bias, int32 cols", "T dx",
+                   _BIASED + ELEMENTWISE["gelu_tanh_backward"][2])
 
 row_kernels(ROW_COMMON + r"""
 // softmax: e^(x − max) / Σ e^(x − max);  log_softmax: (x − max) − log Σ e^(x − max);
@@ -76,6 +90,18 @@ def gelu_forward(x, approximate="none"):
 def gelu_backward(grad, x, approximate="none"):
     """dx = g · GELU'(x), recomputing Φ(x) (or tanh u) from x instead of storing it."""
     return elementwise(_gelu_name(approximate, "backward"))(grad, x)
+
+
+def bias_gelu_forward(y, bias, approximate="none"):
+    """GELU(y + b) over the rows of a 2-D y, the bias added inside the kernel."""
+    return elementwise("bias_" + _gelu_name(approximate, "forward"))(y, bias,
+                                                                    np.int32(bias.size))
+
+
+def bias_gelu_backward(grad, y, bias, approximate="none"):
+    """dz = g · GELU'(y + b), recomputing y + b (and Φ or tanh u) in the kernel."""
+    return elementwise("bias_" + _gelu_name(approximate, "backward"))(grad, y, bias,
+                                                                     np.int32(bias.size))
 
 
 # -- softmax ----------------------------------------------------------------------------------

@@ -5,11 +5,16 @@ cuBLAS batched GEMMs take one address per matrix, so q, k, v are read where they
 transpose copies (each was a full pass over memory), and the scale rides on alpha. The
 softmax is minivit.cuda.activation's row kernel; P need not be kept for backward, which can
 rebuild it from one log-sum-exp per row.
+
+With half GEMMs on (minivit.precision bf16/fp16), qkv, P, dO and dS are rounded to the half
+format as GEMM operands (gemm_operand) while S, P, dP, dS, the softmax and O stay float32
+(fp32 accumulation); the rounded qkv is what backward keeps.
 """
 
 from minivit.cuda.activation import softmax, softmax_backward
 from minivit.cuda.device import cupy, elementwise, elementwise_kernel
-from minivit.cuda.gemm import batch_pointers, gemm_batched
+from minivit.cuda.gemm import batch_pointers, gemm_batched, gemm_operand, operand_format
+from minivit.cuda.settings import half_gemms
 
 # attention probabilities again from the scores and each row's lse: p = e^(s − lse)
 elementwise_kernel("attention_probs", "T s, raw T lse, int32 cols", "T p",
@@ -41,7 +46,8 @@ class _Heads:
 
 
 def _scores(qkv, h, scale, out):
-    """S = q kᵀ·s for every (batch, head), written into `out` (B, H, queries, N)."""
+    """S = q kᵀ·s for every (batch, head), written into `out` (B, H, queries, N); qkv may
+    hold half operands (then S is float32 all the same)."""
     gemm_batched(qkv.dtype, h.count, h.queries, h.tokens, h.head_dim, h.packed(qkv, 0), h.width,
                   False, h.packed(qkv, 1), h.width, True, h.scores(out), h.tokens, scale)
     return out
@@ -51,34 +57,40 @@ def attention_forward(qkv, heads, queries, scale):
     """Self-attention of the first `queries` tokens from a C-contiguous packed qkv (B, N, 3D):
     S = q kᵀ·s, P = softmax(S), O = P v. Returns (O as (B, queries, D), P (B, H, queries, N),
     lse (B, H, queries) = log Σ e^S per row: backward can rebuild P from it, e^(S − lse), so a
-    caller need not keep the N×N probabilities)."""
+    caller need not keep the N×N probabilities, and qkv as the GEMMs read it: rounded to the
+    half format when half GEMMs are on, for backward to keep)."""
     cp = cupy()
+    dtype, half_format = qkv.dtype, half_gemms()
+    qkv = gemm_operand(qkv, half_format)
     h = _Heads(qkv, heads, queries)
-    lse = cp.empty((h.batch, heads, queries), qkv.dtype)
+    lse = cp.empty((h.batch, heads, queries), dtype)
     probs = softmax(_scores(qkv, h, scale, cp.empty((h.batch, heads, queries, h.tokens),
-                                                    qkv.dtype)), lse=lse)
-    out = cp.empty((h.batch, queries, h.dim), qkv.dtype)
-    gemm_batched(qkv.dtype, h.count, queries, h.head_dim, h.tokens, h.scores(probs), h.tokens,
-                  False, h.packed(qkv, 2), h.width, False, h.merged(out), h.dim)
-    return out, probs, lse
+                                                    dtype)), lse=lse)
+    out = cp.empty((h.batch, queries, h.dim), dtype)
+    gemm_batched(qkv.dtype, h.count, queries, h.head_dim, h.tokens,
+                  h.scores(gemm_operand(probs, half_format)), h.tokens, False, h.packed(qkv, 2),
+                  h.width, False, h.merged(out), h.dim)
+    return out, probs, lse, qkv
 
 
 def attention_backward(grad, qkv, probs, lse, heads, scale):
     """d qkv (B, N, 3D) from dO (B, queries, D): dv = Pᵀ dO; dP = dO vᵀ;
     dS = P ⊙ (dP − Σ dP ⊙ P); dq = dS k·s (0 for tokens that did not ask); dk = dSᵀ q·s.
-    probs None: P is rebuilt as e^(q kᵀ·s − lse) (one GEMM and one elementwise pass)."""
+    probs None: P is rebuilt as e^(q kᵀ·s − lse) (one GEMM and one elementwise pass). `qkv`:
+    as attention_forward returned it (half operands: P, dO and dS are rounded alike)."""
     cp = cupy()
-    queries = lse.shape[2]
+    queries, half_format = lse.shape[2], operand_format(qkv.dtype)
     h = _Heads(qkv, heads, queries)
     if probs is None:
-        probs = _scores(qkv, h, scale, cp.empty(lse.shape + (h.tokens,), qkv.dtype))
+        probs = _scores(qkv, h, scale, cp.empty(lse.shape + (h.tokens,), lse.dtype))
         elementwise("attention_probs")(probs, lse, h.tokens, probs)
     grad = cp.ascontiguousarray(grad)
-    grad_qkv = cp.empty_like(qkv)
+    grad_qkv = cp.empty(qkv.shape, lse.dtype)
     if queries < h.tokens:
         grad_qkv.reshape(h.batch, h.tokens, 3, h.dim)[:, queries:, 0] = 0
     dtype, count, d, n, width = qkv.dtype, h.count, h.head_dim, h.tokens, h.width
-    p, g = h.scores(probs), h.merged(grad)
+    grad = gemm_operand(grad, half_format)
+    p, g = h.scores(gemm_operand(probs, half_format)), h.merged(grad)
     gemm_batched(dtype, count, n, d, queries, p, n, True, g, h.dim, False,
                   h.packed(grad_qkv, 2), width)                                 # dv = Pᵀ dO
     grad_probs = cp.empty_like(probs)
@@ -86,7 +98,7 @@ def attention_backward(grad, qkv, probs, lse, heads, scale):
                   h.scores(grad_probs), n)                                      # dP = dO vᵀ
     grad_scores = softmax_backward(probs, grad_probs)
     del grad_probs, probs
-    ds = h.scores(grad_scores)
+    ds = h.scores(gemm_operand(grad_scores, half_format))
     gemm_batched(dtype, count, queries, d, n, ds, n, False, h.packed(qkv, 1), width, False,
                   h.packed(grad_qkv, 0), width, scale)                          # dq = dS k·s
     gemm_batched(dtype, count, n, d, queries, ds, n, True, h.packed(qkv, 0), width, False,

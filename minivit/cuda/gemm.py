@@ -7,6 +7,13 @@ has a workspace of its own (cuBLAS documentation, "CUDA Graphs Support"), so whi
 is on, minivit's GEMMs call the same libcublas through ctypes on a handle made before the
 capture (_DirectCublas), and batch addresses are computed by a kernel (no host-to-device copy
 may be recorded).
+
+Half precision (minivit.precision's bf16/fp16, cuda.settings.set_half_gemms): a float32 operand
+is rounded to the half format first (gemm_operand: bf16 as its bits in a uint16 array, since
+CuPy has no bfloat16 of its own; fp16 as float16), and the product comes out in float32,
+accumulated in fp32: cublasGemmEx / cublasGemmBatchedEx with CUDA_R_16BF or CUDA_R_16F operands,
+a CUDA_R_32F result and CUBLAS_COMPUTE_32F, always through ctypes (CuPy upcasts batched fp16
+products and has no bf16 GEMM).
 """
 
 import os
@@ -19,7 +26,7 @@ from minivit.cuda.settings import tf32_enabled
 
 _OP_N, _OP_T = 0, 1
 _DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cublasMath_t
-_CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
+_CUDA_R_32F, _CUDA_R_64F, _CUDA_R_16F, _CUDA_R_16BF = 0, 1, 2, 14  # cudaDataType
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70  # cublasComputeType_t
 _GEMM_DEFAULT = -1  # cublasGemmAlgo_t
 _WORKSPACE_BYTES = 32 << 20
@@ -31,6 +38,48 @@ elementwise_kernel(
     "batch_addresses", "uint64 base, int64 size, int64 offset, int64 sb, int64 sh, int64 heads",
     "uint64 a",
     "a = base + (unsigned long long)(size * (offset + (i / heads) * sb + (i % heads) * sh));")
+
+
+# bfloat16 = the upper half of a float32's bits, rounded to nearest even; a NaN stays a (quiet)
+# NaN rather than rounding into an infinity
+elementwise_kernel("to_bf16", "float32 x", "uint16 y",
+                   "const unsigned int u = __float_as_uint(x);\n"
+                   "y = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)\n"
+                   "    : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);")
+HALF_DTYPES = {"bf16": np.dtype(np.uint16), "fp16": np.dtype(np.float16)}  # operand storage
+
+
+def gemm_operand(array, half_format):
+    """`array` as a GEMM operand: a float32 CuPy array rounded to `half_format` ("bf16":
+    its bits in uint16, "fp16": float16); anything else (None, float64, already half) as it
+    is. Rounding is to nearest even, so each operand is off by at most a relative 2⁻⁸ (bf16)
+    or 2⁻¹¹ (fp16) of itself, plus fp16's underflow below 2⁻²⁴ and overflow above 65504."""
+    if half_format is None or array.dtype != np.float32:
+        return array
+    if half_format == "fp16":
+        return array.astype(np.float16)
+    return elementwise("to_bf16")(array)
+
+
+def operand_format(dtype):
+    """The half format of GEMM operands stored as `dtype` ("bf16", "fp16"), or None."""
+    for half_format, stored in HALF_DTYPES.items():
+        if np.dtype(dtype) == stored:
+            return half_format
+    return None
+
+
+def _gemm_types(dtype):
+    """(operand type, result type, compute type, alpha/beta type, result dtype) of cuBLAS
+    for operands stored as `dtype`: half operands give float32 results, accumulated in fp32."""
+    half_format = operand_format(dtype)
+    if half_format is not None:
+        operand = _CUDA_R_16BF if half_format == "bf16" else _CUDA_R_16F
+        return operand, _CUDA_R_32F, _COMPUTE_32F, np.float32, np.dtype(np.float32)
+    if np.dtype(dtype) == np.float64:
+        return _CUDA_R_64F, _CUDA_R_64F, _COMPUTE_64F, np.float64, np.dtype(np.float64)
+    compute = _COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F
+    return _CUDA_R_32F, _CUDA_R_32F, compute, np.float32, np.dtype(np.float32)
 
 
 def batch_pointers(array, offset, strides, grid):
@@ -65,8 +114,9 @@ def gemm_batched(dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc
     """Row-major C_j = alpha · op(A_j) op(B_j) for j < count, from device arrays of addresses:
     A_j is m×k (stored k×m when trans_a), B_j k×n (stored n×k when trans_b), C_j m×n; ld* are
     the row strides in elements. cuBLAS is column-major, so it is asked for C_jᵀ = op(B_j)ᵀ
-    op(A_j)ᵀ. float32 runs on TF32 tensor cores when tf32_enabled()."""
-    if capture.capturing():
+    op(A_j)ᵀ. float32 runs on TF32 tensor cores when tf32_enabled(); `dtype` uint16/float16:
+    A and B are bf16/fp16 operands (gemm_operand) and C is float32."""
+    if capture.capturing() or operand_format(dtype) is not None:
         _direct_cublas().gemm_batched(dtype, count, m, n, k, a, lda, trans_a, b, ldb, trans_b,
                                       c, ldc, alpha)
         return
@@ -127,15 +177,12 @@ class _DirectCublas:
     def _call(self, name, dtype, alpha, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc,
               *count):
         """cublas`name` (GemmEx, or GemmBatchedEx with `count`) for row-major C = alpha · op(A)
-        op(B), the conventions of gemm_batched: cuBLAS is asked for Cᵀ = op(B)ᵀ op(A)ᵀ. The
+        op(B) with operands stored as `dtype` (_gemm_types), the conventions of gemm_batched:
+        cuBLAS is asked for Cᵀ = op(B)ᵀ op(A)ᵀ. The
         handle is bound to the current stream, and the workspace set again (cublasSetStream
         resets it to cuBLAS's own pool, whose allocations a graph must not record)."""
         ctypes = self.ctypes
-        if np.dtype(dtype) == np.float64:
-            data, compute, scalar = _CUDA_R_64F, _COMPUTE_64F, np.float64
-        else:
-            data, scalar = _CUDA_R_32F, np.float32
-            compute = _COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F
+        data, result, compute, scalar, _ = _gemm_types(dtype)
         alpha_beta = np.array([alpha, 0.0], scalar)  # read through host pointers, at capture
         self._check(self.lib.cublasSetStream_v2(
             self.handle, ctypes.c_void_p(cupy().cuda.get_current_stream().ptr)),
@@ -146,7 +193,7 @@ class _DirectCublas:
         self._check(getattr(self.lib, f"cublas{name}")(
             self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
             alpha_beta.ctypes.data, b, data, ldb, a, data, lda,
-            alpha_beta.ctypes.data + alpha_beta.itemsize, c, data, ldc, *count, compute,
+            alpha_beta.ctypes.data + alpha_beta.itemsize, c, result, ldc, *count, compute,
             _GEMM_DEFAULT), f"cublas{name}")
 
     def gemm(self, dtype, m, n, k, a, lda, trans_a, b, ldb, trans_b, c, ldc):
@@ -189,16 +236,20 @@ def _matrix(array):
 
 
 def matmul(a, b):
-    """a @ b for 2-D CuPy arrays: CuPy's matmul, or while a CUDA graph records, one cuBLAS GEMM
-    through ctypes (CuPy's would refuse)."""
-    if not capture.capturing():
+    """a @ b for 2-D CuPy arrays: CuPy's matmul, or one cuBLAS GEMM through ctypes while a CUDA
+    graph records (CuPy's would refuse) or for half operands (gemm_operand; the product is
+    float32)."""
+    half = operand_format(a.dtype) is not None
+    if half and b.dtype != a.dtype:
+        raise TypeError(f"matmul: half operands must share a format, got {a.dtype} and {b.dtype}")
+    if not half and not capture.capturing():
         return a @ b
     if _matrix(a) is None:
         a = cupy().ascontiguousarray(a)
     if _matrix(b) is None:
         b = cupy().ascontiguousarray(b)
     left, right = _matrix(a), _matrix(b)
-    out = cupy().empty((a.shape[0], b.shape[1]), a.dtype)
+    out = cupy().empty((a.shape[0], b.shape[1]), _gemm_types(a.dtype)[4])
     _direct_cublas().gemm(a.dtype, a.shape[0], b.shape[1], a.shape[1], left[0], left[1],
                           left[2], right[0], right[1], right[2], out.data.ptr, b.shape[1])
     return out

@@ -23,13 +23,23 @@ elementwise_kernel("adamw", "T grad, T mask, " + ", ".join(f"T {name}" for name 
 elementwise_kernel("adamw_device_scalars", "T grad, T mask, raw T scalars", "T param, T m, T v",
                    "".join(f"const T {name} = scalars[{index}];\n"
                            for index, name in enumerate(ADAMW_SCALARS)) + _ADAMW_MATH)
+# the same, left undone when a loss scaler found the gradient not finite (fp16 in a CUDA graph)
+elementwise_kernel("adamw_device_scalars_guarded",
+                   "T grad, T mask, raw T scalars, raw bool skip", "T param, T m, T v",
+                   "if (!skip[0]) {\n"
+                   + "".join(f"const T {name} = scalars[{index}];\n"
+                             for index, name in enumerate(ADAMW_SCALARS)) + _ADAMW_MATH + "\n}")
 
 
-def adamw_update(params, grads, m, v, decay_mask, scalars):
+def adamw_update(params, grads, m, v, decay_mask, scalars, skip=None):
     """One AdamW step over flat buffers in one kernel; params, m and v are updated in place.
     `scalars`: the ADAMW_SCALARS as numbers, or a device array of them (read by the kernel
-    when it runs: what a replayed CUDA graph needs, see CapturedStep)."""
-    if isinstance(scalars, tuple):
+    when it runs: what a replayed CUDA graph needs, see CapturedStep). `skip`: None, or a 0-d
+    bool device array that, when true, leaves everything unchanged (with device scalars)."""
+    if skip is not None:
+        elementwise("adamw_device_scalars_guarded")(grads, decay_mask, scalars, skip, params,
+                                                    m, v)
+    elif isinstance(scalars, tuple):
         dtype_scalar = params.dtype.type
         elementwise("adamw")(grads, decay_mask, *(dtype_scalar(s) for s in scalars), params,
                              m, v)
@@ -39,9 +49,11 @@ def adamw_update(params, grads, m, v, decay_mask, scalars):
 
 @capture.before_capture
 def _prepare():
-    """Compile and load the device-scalar kernel, which only a capture runs (on throwaway
+    """Compile and load the device-scalar kernels, which only a capture runs (on throwaway
     one-element buffers)."""
     cp = cupy()
     for dtype in (np.float32, np.float64):
         params, grads, m, v, mask = (cp.zeros(1, dtype) for _ in range(5))
         adamw_update(params, grads, m, v, mask, cp.ones(len(ADAMW_SCALARS), dtype))
+        adamw_update(params, grads, m, v, mask, cp.ones(len(ADAMW_SCALARS), dtype),
+                     cp.ones((), bool))

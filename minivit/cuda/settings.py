@@ -1,4 +1,5 @@
-"""GPU settings and tools: TF32 for float32 GEMMs, synchronisation, memory use."""
+"""GPU settings and tools: TF32 for float32 GEMMs, half-precision GEMMs, synchronisation,
+memory use."""
 
 import os
 import sys
@@ -41,6 +42,26 @@ def tf32_enabled():
         return linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32
     except Exception:  # noqa: BLE001 - CuPy missing or no GPU
         return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0")
+
+
+# -- half-precision GEMMs (minivit.precision sets this; minivit.cuda.gemm reads it) ------------
+HALF_FORMATS = ("bf16", "fp16")
+_half = {"format": None}
+
+
+def set_half_gemms(half_format):
+    """Run float32 GEMMs (linear, patchify, the batched attention GEMMs) with operands rounded
+    to `half_format` ("bf16" or "fp16") and fp32 accumulation and output; None: in float32.
+    Everything else (weights, LayerNorm, softmax, the loss, reductions) stays float32."""
+    if half_format not in (None, *HALF_FORMATS):
+        raise ValueError(f"half-precision GEMMs: expected one of {HALF_FORMATS} or None, got "
+                         f"{half_format!r}")
+    _half["format"] = half_format
+
+
+def half_gemms():
+    """The half format float32 GEMMs run in ("bf16", "fp16"), or None (float32)."""
+    return _half["format"]
 
 
 # -- timing and memory ------------------------------------------------------------------------

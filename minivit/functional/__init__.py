@@ -16,7 +16,7 @@ from minivit.functional.basic import (add, broadcast_to, concat, div, exp, getit
 from minivit.functional.basic import reduce_max as max  # noqa: A004 - numpy's names
 from minivit.functional.basic import reduce_mean as mean
 from minivit.functional.basic import reduce_sum as sum  # noqa: A004
-from minivit.functional.linear import linear, patchify
+from minivit.functional.linear import linear, linear_gelu, patchify
 from minivit.functional.loss import cross_entropy
 from minivit.functional.masking import gather_tokens, unshuffle_tokens
 from minivit.functional.normalization import layer_norm
@@ -26,9 +26,10 @@ from minivit.functional.resize import resize_grid
 from minivit.functional.window import patch_merge, roll, window_partition, window_reverse
 
 __all__ = [
-    "add", "batch_norm", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp",
-    "gather_tokens", "gelu", "getitem", "l2_normalize", "layer_norm", "linear", "log",
-    "log_softmax", "matmul", "max", "mean", "mul", "neg", "patch_merge", "patchify", "power",
+    "add", "batch_norm", "broadcast_to", "concat", "cross_entropy", "div", "drop_path",
+    "dropout", "exp", "gather_tokens", "gelu", "getitem", "l2_normalize", "layer_norm", "linear",
+    "linear_gelu", "log", "log_softmax", "matmul", "max", "mean", "mul", "neg", "patch_merge",
+    "patchify", "power",
     "reshape", "resize_grid", "roll", "scaled_dot_product_attention", "self_attention",
     "softmax", "stack", "sub", "sum", "transpose", "unshuffle_tokens", "weight_norm_linear",
     "window_partition", "window_reverse",

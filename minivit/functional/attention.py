@@ -81,7 +81,8 @@ class _PlainAttention:  # (on CuPy the softmax runs in the fused row kernels)
 #    queries=n: only the first n tokens ask (q is (B, H, n, d), O is (B, n, D)); every token
 #    is still a key and a value, and dq is zero for the tokens that did not ask.
 #    saved, P first (or None where the GPU does not keep it): CPU and plain (P, q, k, v, s,
-#    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv, lse, heads, s).
+#    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv as its GEMMs read it,
+#    half operands with half GEMMs on, lse, heads, s).
 def _split_heads(qkv, num_heads):
     batch, tokens, width = qkv.shape
     if width % (3 * num_heads):
@@ -141,8 +142,8 @@ class _FusedSelfAttention:
 
     def forward(qkv, heads, scale, queries, keep_probs):
         qkv = backend.array_module(qkv).ascontiguousarray(qkv)
-        out, probs, lse = cuda_attention.attention_forward(qkv, heads, queries, scale)
-        return out, (probs if keep_probs else None, qkv, lse, heads, scale)
+        out, probs, lse, operands = cuda_attention.attention_forward(qkv, heads, queries, scale)
+        return out, (probs if keep_probs else None, operands, lse, heads, scale)
 
     def backward(saved, grad, needs):
         probs, qkv, lse, heads, scale = saved

@@ -4,22 +4,28 @@ minivit's threads) and minivit.cuda (GEMMs a CUDA graph can record, column-sum b
 
 from minivit import cuda
 from minivit.cpu import gemm as cpu_gemm
+from minivit.cuda import activation as cuda_activation
 from minivit.errors import ShapeError
-from minivit.functional.registry import DispatchedFunction, implementation
+from minivit.functional.registry import DispatchedFunction, choose, implementation
+from minivit.tensor import is_grad_enabled
 
 
 # -- linear: y = x Wᵀ + b;  dx = dy W,  dW = dyᵀ x,  db = Σ dy  (x flattened to 2-D)
 #    Every implementation of the 2-D op "linear" saves (x, W).
 class Linear(DispatchedFunction):
-    def forward(self, x, weight, bias=None):
+    op = "linear"  # (LinearGELU: the same checks and reshapes around another op)
+
+    def forward(self, x, weight, bias=None, **options):
         if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
-            raise ShapeError(f"linear: input's last dimension must equal weight's in_features; "
-                             f"got input {x.shape} and weight {weight.shape} (out, in)")
+            raise ShapeError(f"{self.op}: input's last dimension must equal weight's "
+                             f"in_features; got input {x.shape} and weight {weight.shape} "
+                             f"(out, in)")
         if bias is not None and bias.shape != (weight.shape[0],):
-            raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
+            raise ShapeError(f"{self.op}: bias must have shape ({weight.shape[0]},), got "
+                             f"{bias.shape}")
         self.in_features = weight.shape[1]
         x2d = x.reshape(-1, x.shape[-1])
-        y = self.dispatch("linear", (x, weight, bias), x2d, weight, bias)
+        y = self.dispatch(self.op, (x, weight, bias), x2d, weight, bias, **options)
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
     def backward(self, grad):
@@ -30,19 +36,33 @@ class Linear(DispatchedFunction):
 
 
 @implementation("linear", "cuda")
-class _FusedLinear:  # cuda.matmul: CuPy's GEMM, or cuBLAS through ctypes while a graph records
+class _FusedLinear:
+    """cuda.matmul: CuPy's GEMM, or cuBLAS through ctypes while a graph records. With half
+    GEMMs on (minivit.precision bf16/fp16), x and W are rounded to the half format once and
+    saved so (half the memory), the products come out in float32 (fp32 accumulation), and
+    backward rounds dy to the format its forward used."""
+
     def forward(x2d, weight, bias):
-        y = cuda.matmul(x2d, weight.T)
+        y, saved = _product(x2d, weight)
         if bias is not None:
             y += bias
-        return y, (x2d, weight)
+        return y, saved
 
     def backward(saved, grad2d, needs):
         x2d, weight = saved
-        grad_x = cuda.matmul(grad2d, weight) if needs[0] else None
-        grad_w = cuda.matmul(grad2d.T, x2d) if needs[1] else None
+        grad_op = cuda.gemm_operand(grad2d, cuda.operand_format(weight.dtype))
+        grad_x = cuda.matmul(grad_op, weight) if needs[0] else None
+        grad_w = cuda.matmul(grad_op.T, x2d) if needs[1] else None
         grad_b = cuda.column_sums(grad2d)[0] if needs[2] else None  # one coalesced kernel
         return grad_x, grad_w, grad_b
+
+
+def _product(x2d, weight):
+    """x Wᵀ on the GPU, in the half format set (cuda.half_gemms) or not; and (x, W) as the
+    GEMM read them, for backward."""
+    half_format = cuda.half_gemms()
+    x2d, weight = (cuda.gemm_operand(a, half_format) for a in (x2d, weight))
+    return cuda.matmul(x2d, weight.T), (x2d, weight)
 
 
 @implementation("linear", "cpu")
@@ -74,6 +94,51 @@ class _PlainLinear:
 def linear(x, weight, bias=None):
     """y = x @ weight.T + bias over any leading dims; weight is (out_features, in_features)."""
     return Linear()(x, weight, bias)
+
+
+# -- linear_gelu: h = GELU(z), z = x Wᵀ + b (the MLP's first layer);  dz = dh · GELU'(z), then
+#    linear's dx, dW, db from dz. On the GPU the bias add rides in the GELU kernel (one pass over
+#    z instead of two) and its backward recomputes z = y + b; elsewhere linear, then gelu, each
+#    by the implementation that runs on them (the same arithmetic, the same speed).
+class LinearGELU(Linear):
+    op = "linear_gelu"
+
+
+def linear_gelu(x, weight, bias=None, approximate="none"):
+    """gelu(linear(x, weight, bias), approximate) as one op (fewer passes on the GPU)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"linear_gelu: approximate must be 'none' or 'tanh', got "
+                         f"{approximate!r}")
+    function = LinearGELU()
+    return function(x, weight, bias, approximate=approximate)
+
+
+@implementation("linear_gelu", "cuda", accepts=lambda x, weight, bias, **options: bias is not None)
+class _FusedLinearGELU:  # saved: (x, W) as the GEMM read them, y = x Wᵀ, b, approximate
+    def forward(x2d, weight, bias, approximate):
+        y, (x2d, weight) = _product(x2d, weight)
+        return cuda_activation.bias_gelu_forward(y, bias, approximate), \
+            (x2d, weight, y, bias, approximate)
+
+    def backward(saved, grad2d, needs):
+        x2d, weight, y, bias, approximate = saved
+        grad_z = cuda_activation.bias_gelu_backward(grad2d, y, bias, approximate)
+        return _FusedLinear.backward((x2d, weight), grad_z, needs)
+
+
+@implementation("linear_gelu", "plain")
+class _ComposedLinearGELU:  # saved: each part's implementation and what it saved
+    def forward(x2d, weight, bias, approximate):
+        linear = choose("linear", x2d, weight, bias)
+        z, linear_saved = linear.forward(x2d, weight, bias)
+        gelu = choose("gelu", z, approximate=approximate, need_grad=is_grad_enabled())
+        h, gelu_saved = gelu.forward(z, approximate=approximate, need_grad=is_grad_enabled())
+        return h, (linear, linear_saved, gelu, gelu_saved)
+
+    def backward(saved, grad2d, needs):
+        linear, linear_saved, gelu, gelu_saved = saved
+        grad_z = gelu.backward(gelu_saved, grad2d, (True,))[0]
+        return linear.backward(linear_saved, grad_z, needs)
 
 
 # -- patchify: Conv2d with kernel = stride = p, as one GEMM over the cut-out patches ------------

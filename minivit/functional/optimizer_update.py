@@ -28,17 +28,19 @@ def adamw_scalars(lr, betas, eps, weight_decay, step):
             lr / (1.0 - beta1 ** step), 1.0 / math.sqrt(1.0 - beta2 ** step), eps)
 
 
-def adamw_update(params, grads, m, v, decay_mask, scalars, scratch):
+def adamw_update(params, grads, m, v, decay_mask, scalars, scratch, skip=None):
     """One AdamW step in place over the flat params, m and v. `scratch()`: a buffer of the
-    params' size for the plain code (asked for only there, so only there is it made)."""
+    params' size for the plain code (asked for only there, so only there is it made). `skip`:
+    None, or a 0-d bool device array (a loss scaler's overflow flag): when true, nothing
+    changes (the fused kernel reads it on the device, so a CUDA graph may hold the step)."""
     choose("adamw", params, grads, m, v, decay_mask).forward(params, grads, m, v, decay_mask,
-                                                             scalars, scratch)
+                                                             scalars, scratch, skip)
 
 
 @implementation("adamw", "cuda")
 class _FusedAdamW:  # the whole update in one kernel
-    def forward(params, grads, m, v, decay_mask, scalars, scratch):
-        cuda_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars)
+    def forward(params, grads, m, v, decay_mask, scalars, scratch, skip):
+        cuda_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars, skip)
         return None, None
 
 
@@ -66,14 +68,18 @@ def _adamw_steps(xp, params, grads, m, v, decay_mask, scalars, scratch):
 
 @implementation("adamw", "cpu")
 class _ChunkedAdamW:  # the same steps in cache-sized chunks, threaded (or numba's kernel)
-    def forward(params, grads, m, v, decay_mask, scalars, scratch):
+    def forward(params, grads, m, v, decay_mask, scalars, scratch, skip):
+        if skip is not None and skip:  # (read on the host: no graph records NumPy code)
+            return None, None
         cpu_optimizer.adamw_update(params, grads, m, v, decay_mask, scalars, _adamw_steps)
         return None, None
 
 
 @implementation("adamw", "plain")
 class _PlainAdamW:
-    def forward(params, grads, m, v, decay_mask, scalars, scratch):
+    def forward(params, grads, m, v, decay_mask, scalars, scratch, skip):
+        if skip is not None and skip:
+            return None, None
         _adamw_steps(backend.array_module(params), params, grads, m, v, decay_mask, scalars,
                      scratch())
         return None, None

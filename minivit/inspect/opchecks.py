@@ -122,6 +122,19 @@ def _linear_no_bias(x, weight):
     return F.linear(x, weight)
 
 
+@_register("linear_gelu", "gelu(x Wᵀ + b), the MLP's first layer as one op",
+           Input("x", (2, 3, 4), layout="transposed"), Input("weight", (5, 4)),
+           Input("bias", (5,)))
+def _linear_gelu(x, weight, bias):
+    return F.linear_gelu(x, weight, bias)
+
+
+@_register("linear_gelu_tanh", "gelu_tanh(x Wᵀ + b)", Input("x", (3, 4)),
+           Input("weight", (5, 4)), Input("bias", (5,)))
+def _linear_gelu_tanh(x, weight, bias):
+    return F.linear_gelu(x, weight, bias, approximate="tanh")
+
+
 @_register("patchify", "stride-p convolution as one GEMM, (B, C, H, W) -> (B, N, D)",
            Input("x", (2, 2, 4, 6)), Input("weight", (3, 2, 2, 2)), Input("bias", (3,)))
 def _patchify(x, weight, bias):

@@ -27,6 +27,7 @@ import numpy as np
 
 from minivit import backend, cpu
 from minivit import distributed as dist
+from minivit.precision import prepare_training
 from minivit.train.config import (DEFAULT_MODELS, OPTIMIZER_DEFAULTS, TrainConfig, checked_config,
                                   config_notes, epochs_text, saved_config)
 from minivit.train.loop import (Trainer, build_model, build_optimizer, evaluate,
@@ -64,6 +65,7 @@ def _train(config, on_epoch_end):
     model = build_model(config, train_set.num_classes, train_set.images.shape[2],
                         train_set.images.shape[1])
     optimizer = build_optimizer(config, model)
+    prepare_training(config.precision, config.backend, config.dtype, optimizer)
     dist.average_gradients(optimizer)
     # 3. the run folder: a resume's checkpoint loaded, config.json and metrics made ready (only
     # rank 0 writes; the other processes hold the same weights and numbers)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from minivit.data import DATASETS
 from minivit.errors import MinivitError
+from minivit.precision import check_precision
 
 DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist": "vit_mnist",
                   "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar"}
@@ -37,6 +38,7 @@ class TrainConfig:
     backend: str = "numpy"
     cuda_graph: bool = False  # GPU: replay the training step of full batches as a CUDA graph
     dtype: str = "float32"
+    precision: str = "fp32"  # fp32, tf32 (GPU), bf16 or fp16 (GPU; fp16 with loss scaling)
     seed: int = 0
     out: str = "runs/latest"
     checkpoint_format: str = "safetensors"
@@ -60,6 +62,7 @@ def checked_config(config):
     if config.cuda_graph and config.backend != "cupy":
         raise MinivitError(f"--cuda-graph records the training step on the GPU: it needs "
                            f"--backend cupy, got {config.backend}")
+    check_precision(config.precision, config.backend, config.dtype)
     if config.optimizer not in OPTIMIZER_DEFAULTS:
         raise MinivitError(f"unknown optimizer {config.optimizer!r}; known: "
                            f"{', '.join(OPTIMIZER_DEFAULTS)}")

@@ -6,7 +6,7 @@ import math
 import time
 
 import minivit.functional as F
-from minivit import backend, cuda
+from minivit import backend, cuda, loss_scale
 from minivit import distributed as dist
 from minivit.data import DataLoader, default_augmentation, load_dataset
 from minivit.data.subset import stratified_fraction
@@ -76,11 +76,12 @@ def training_step(model, optimizer, config):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
         optimizer.zero_grad()
-        loss.backward()
+        loss_scale.scaled_backward(loss, optimizer)
         optimizer.step(max_grad_norm=config.clip_grad)
         return loss.data, logits.data
 
-    return cuda.replayed(step, config.batch_size) if config.cuda_graph else step
+    run = cuda.replayed(step, config.batch_size) if config.cuda_graph else step
+    return loss_scale.updating_scale(run, optimizer)
 
 
 def evaluate(model, loader, dtype="float32"):
