@@ -9,10 +9,12 @@ whole pretraining state: MAE's encoder and decoder, or DINO's student, teacher a
 
 MAE (He et al.): AdamW with betas (0.9, 0.95), per-step warmup + cosine learning rate.
 DINO (Caron et al.): AdamW, per-parameter gradient clipping (3.0), the last layer of the
-student's head frozen during the first epoch(s), the teacher's EMA momentum cosine from 0.996
-to 1, the teacher's temperature warmed up linearly. Both log the loss per epoch; DINO also
-logs the teacher's mean entropy, the entropy of its mean output and the center's norm,
-which show collapse (entropy → 0: one dimension dominates; → log K: uniform output).
+student's head frozen during the first epoch(s), the teacher's EMA momentum cosine from
+--momentum-teacher (0.99 here, 0.996 in the reference) to 1, the teacher's temperature warmed
+up linearly; PretrainConfig's DINO defaults are for small images (docs/pretraining.md). Both
+log the loss per epoch; DINO also logs the teacher's mean entropy, the entropy of its mean
+output and the center's norm, which show collapse (entropy → 0: one dimension dominates;
+→ log K: uniform output).
 """
 
 import dataclasses
@@ -38,8 +40,8 @@ from minivit.train.config import DEFAULT_MODELS
 from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
                                       prepare_run_folder, resume_from_last, write_failure)
 
-METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0},
-                   "dino": {"lr": 5e-4, "weight_decay": 0.04, "clip_grad": 3.0}}
+METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0, "warmup": 5},
+                   "dino": {"lr": 1e-3, "weight_decay": 0.04, "clip_grad": 3.0, "warmup": 1}}
 
 
 @dataclasses.dataclass
@@ -53,7 +55,7 @@ class PretrainConfig:
     lr: float = None  # None: METHOD_DEFAULTS
     min_lr: float = 1e-6
     weight_decay: float = None
-    warmup: int = 5
+    warmup: int = None  # epochs; None: METHOD_DEFAULTS
     clip_grad: float = None  # MAE: global norm (0: off); DINO: per parameter, as the reference
     drop_path: float = 0.0
     # MAE
@@ -61,16 +63,20 @@ class PretrainConfig:
     norm_pix_loss: bool = False
     decoder_dim: int = None  # None: half the encoder's width
     decoder_depth: int = 2
-    # DINO
-    out_dim: int = 1024
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    local_crops: int = 4
+    # DINO: defaults for small images and datasets (docs/pretraining.md: with the reference's
+    # own defaults, no batch norm in the head and colour jitter, every run on the digits
+    # collapsed)
+    out_dim: int = 256
+    head_hidden_dim: int = 256
+    head_bottleneck_dim: int = 64
+    head_bn: bool = True  # the reference's use_bn_in_head
+    local_crops: int = 2
     local_crop_size: int = None  # None: half the image, a multiple of the patch
+    color_jitter: bool = False
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
-    momentum_teacher: float = 0.996
+    momentum_teacher: float = 0.99
     freeze_last_layer: int = 1
     # the run
     backend: str = "numpy"
@@ -89,10 +95,10 @@ class PretrainConfig:
 class DINOPair(Module):
     """What DINO trains and keeps: the student, the teacher (no gradients) and the center."""
 
-    def __init__(self, encoder_config, out_dim, hidden_dim, bottleneck_dim):
-        self.student = DINO(encoder_config, out_dim, hidden_dim, bottleneck_dim)
+    def __init__(self, encoder_config, out_dim, hidden_dim, bottleneck_dim, use_bn):
+        self.student = DINO(encoder_config, out_dim, hidden_dim, bottleneck_dim, use_bn)
         self.teacher = DINO(dict(encoder_config, drop_path_rate=0.0), out_dim, hidden_dim,
-                            bottleneck_dim)
+                            bottleneck_dim, use_bn)
         self.teacher.load_state_dict(self.student.state_dict())
         for parameter in self.teacher.parameters():
             parameter.requires_grad = False
@@ -154,9 +160,9 @@ class _DINO:
         patch = encoder["patch_size"]
         local = config.local_crop_size or max(patch, encoder["img_size"] // 2 // patch * patch)
         self.crops = MultiCrop(encoder["img_size"], patch, config.local_crops, local, data.mean,
-                               data.std, flips_suit(config.dataset))
+                               data.std, flips_suit(config.dataset), config.color_jitter)
         self.model = DINOPair(encoder, config.out_dim, config.head_hidden_dim,
-                              config.head_bottleneck_dim)
+                              config.head_bottleneck_dim, config.head_bn)
         self.loss = DINOLoss(config.out_dim, teacher_temp=config.teacher_temp,
                              warmup_teacher_temp=config.warmup_teacher_temp,
                              warmup_epochs=config.warmup_teacher_temp_epochs, dtype=config.dtype)
@@ -307,6 +313,6 @@ def model_from_run(path):
         model = MaskedAutoencoderViT(**info["model_config"])
     else:
         model = DINOPair(info["encoder_config"], saved["out_dim"], saved["head_hidden_dim"],
-                         saved["head_bottleneck_dim"])
+                         saved["head_bottleneck_dim"], saved.get("head_bn", False))
     model.load_state_dict(state)
     return model.eval(), info

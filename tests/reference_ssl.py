@@ -131,10 +131,11 @@ class MaskedAutoencoderViT(nn.Module):
 
 # -- dino: vision_transformer.py's DINOHead -----------------------------------------------------
 class DINOHead(nn.Module):
-    def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim):
+    def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim, use_bn=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+        norm = (lambda: [nn.BatchNorm1d(hidden_dim)]) if use_bn else list
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm(), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), *norm(), nn.GELU(),
                                  nn.Linear(hidden_dim, bottleneck_dim))
         self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         self.last_layer.weight_g.data.fill_(1)

@@ -1,5 +1,5 @@
-"""The ops of self-supervised pretraining (MAE's token gather and un-shuffle, DINO's L2
-normalisation and weight-normalised linear layer, the bicubic resize of position embeddings):
+"""The ops of self-supervised pretraining (MAE's token gather and un-shuffle, DINO's batch
+norm, L2 normalisation and weight-normalised linear layer, the bicubic resize of position embeddings):
 forward values against NumPy references, gradients against central differences with a random
 upstream gradient (float64, Hypothesis-drawn shapes, values, layouts and seeds)."""
 
@@ -87,6 +87,25 @@ def test_l2_normalize_of_a_zero_vector_is_zero_with_the_floored_slope():
     out.backward(np.array([[1.0, 2.0, 3.0]]))
     np.testing.assert_array_equal(out.data, 0.0)
     np.testing.assert_allclose(x.grad, np.array([[1.0, 2.0, 3.0]]) / 1e-12)
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_batch_norm(backend, data):
+    batch, channels = data.draw(st.integers(2, 5)), data.draw(st.integers(1, 4))
+    # rows spread apart so that no channel's variance is ~0 (where the slope is ~1/√ε)
+    x = data.draw(arrays((batch, channels))) + np.arange(batch)[:, None]
+    weight, bias = data.draw(arrays((channels,))), data.draw(arrays((channels,)))
+    inputs = [layout(a, data.draw(layouts)) for a in (x, weight, bias)]
+    centered = x - x.mean(axis=0)
+    expected = centered / np.sqrt((centered ** 2).mean(axis=0) + 1e-5) * weight + bias
+    np.testing.assert_allclose(forward(F.batch_norm, *inputs), expected, rtol=1e-10, atol=1e-10)
+    check_gradients(F.batch_norm, *inputs, seed=data.draw(seeds))
+
+
+def test_batch_norm_needs_a_batch_of_two_or_more():
+    with pytest.raises(ShapeError, match="batch_norm: expected x \\(batch ≥ 2, C\\)"):
+        F.batch_norm(Tensor(np.ones((1, 3))), Tensor(np.ones(3)), Tensor(np.zeros(3)))
 
 
 @FIXTURE_OK

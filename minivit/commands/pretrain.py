@@ -1,5 +1,6 @@
 """minivit pretrain: self-supervised pretraining (MAE or DINO) into a run folder."""
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -25,9 +26,9 @@ HELP = {
     "dataset": "as minivit train's --dataset; labels are not used",
     "data_dir": "folder holding the dataset files (default: ./data)",
     "model": "the encoder's named configuration (default: the dataset's small model)",
-    "lr": "peak learning rate (default: 1.5e-3 mae, 5e-4 dino)",
+    "lr": "peak learning rate (default: 1.5e-3 mae, 1e-3 dino)",
     "weight_decay": "AdamW's decoupled weight decay (default: 0.05 mae, 0.04 dino)",
-    "warmup": "epochs of linear learning-rate warmup",
+    "warmup": "epochs of linear learning-rate warmup (default: 5 mae, 1 dino)",
     "clip_grad": "gradient clipping, 0: off (mae: global norm, default off; dino: each "
                  "parameter's norm, default 3.0)",
     "drop_path": "stochastic depth of the encoder (DINO: the student's)",
@@ -38,6 +39,10 @@ HELP = {
     "out_dim": "DINO: the head's output dimension K",
     "head_hidden_dim": "DINO: the head MLP's hidden width",
     "head_bottleneck_dim": "DINO: the head's bottleneck before the weight-normalised layer",
+    "head_bn": "DINO: batch norm after the head's hidden layers (the reference's "
+               "use_bn_in_head); without it DINO collapses on the digits",
+    "color_jitter": "DINO: brightness/contrast/saturation jitter, grey-scale and solarisation "
+                    "of the crops (the reference's; off: crops only)",
     "local_crops": "DINO: small crops per image besides the 2 global ones",
     "local_crop_size": "DINO: their side in pixels, a multiple of the patch (default: half "
                        "the image)",
@@ -67,8 +72,9 @@ def add_parser(subparsers, name, help_text):
         default = getattr(defaults, field.name)
         text = HELP.get(field.name, "")
         text += f" (default: {default})" if default is not None else ""
-        if field.type is bool:
-            p.add_argument(flag, dest=field.name, action="store_true", default=None, help=text)
+        if field.type is bool:  # --head-bn / --no-head-bn where the default is on
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            p.add_argument(flag, dest=field.name, action=action, default=None, help=text)
         else:
             p.add_argument(flag, dest=field.name, type=field.type, default=None,
                            choices=CHOICES.get(field.name), help=text)

@@ -6,7 +6,8 @@ Each image gives 2 global crops (the same size as the image, area scale 0.4-1 of
 saturation on colour images) with probability 0.8, grey-scale with probability 0.2 (colour
 images) and solarisation of the second global crop with probability 0.2, as the reference's
 DataAugmentationDINO. Not taken from it: the Gaussian blur (on 8-32 pixel images a blur of the
-reference's radius erases the digit) and the hue jitter.
+reference's radius erases the digit) and the hue jitter. The photometric part can be left out
+(color_jitter=False, minivit pretrain's default: on the digits it makes DINO collapse).
 """
 
 import math
@@ -88,9 +89,11 @@ def _jitter(images, rng, solarize):
 
 class MultiCrop:
     """multicrop(images, rng) -> [global 1, global 2, local 1, ...] crops of [0, 1] images
-    (B, C, H, W), each normalised with the dataset's per-channel mean and std."""
+    (B, C, H, W), each normalised with the dataset's per-channel mean and std. color_jitter
+    False leaves out the photometric part (jitter, grey-scale, solarisation): crops only."""
 
-    def __init__(self, image_size, patch_size, local_crops, local_size, mean, std, flip):
+    def __init__(self, image_size, patch_size, local_crops, local_size, mean, std, flip,
+                 color_jitter=True):
         if local_crops < 0:
             raise MinivitError(f"--local-crops must be at least 0, got {local_crops}")
         for what, size in (("global", image_size), ("local", local_size)):
@@ -98,7 +101,7 @@ class MultiCrop:
                 raise MinivitError(f"the {what} crop size must be a positive multiple of the "
                                    f"patch size {patch_size}, got {size}")
         self.image_size, self.local_size = image_size, local_size
-        self.local_crops, self.flip = local_crops, flip
+        self.local_crops, self.flip, self.color_jitter = local_crops, flip, color_jitter
         self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
 
@@ -107,7 +110,8 @@ class MultiCrop:
         if self.flip:
             flipped = rng.random(len(crops)) < 0.5
             crops[flipped] = crops[flipped, ..., ::-1]
-        crops = _jitter(crops, rng, solarize)
+        if self.color_jitter:
+            crops = _jitter(crops, rng, solarize)
         return ((crops - self.mean) / self.std).astype(np.float32)
 
     def __call__(self, images, rng):

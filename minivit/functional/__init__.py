@@ -18,7 +18,7 @@ from minivit.functional.loss import cross_entropy
 from minivit.functional.masking import gather_tokens, unshuffle_tokens
 from minivit.functional.normalization import layer_norm
 from minivit.functional.position import position_embedding_2d, relative_position_bias
-from minivit.functional.projection import l2_normalize, weight_norm_linear
+from minivit.functional.projection import batch_norm, l2_normalize, weight_norm_linear
 from minivit.functional.reduction import reduce_max as max  # noqa: A004 - numpy's names
 from minivit.functional.reduction import reduce_mean as mean
 from minivit.functional.reduction import reduce_sum as sum  # noqa: A004
@@ -28,7 +28,7 @@ from minivit.functional.shape import concat, getitem, reshape, stack, transpose
 from minivit.functional.window import patch_merge, roll, window_partition, window_reverse
 
 __all__ = [
-    "add", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp",
+    "add", "batch_norm", "broadcast_to", "concat", "cross_entropy", "div", "drop_path", "dropout", "exp",
     "gather_tokens", "gelu", "getitem", "l2_normalize", "layer_norm", "linear", "linear_gelu",
     "log", "log_softmax", "matmul", "max", "mean", "mul", "neg", "patch_merge", "patchify",
     "position_embedding_2d", "power", "relative_position_bias", "reshape", "resize_grid", "roll",

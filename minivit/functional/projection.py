@@ -1,11 +1,38 @@
-"""The ops of DINO's projection head: L2 normalisation of feature vectors and the linear layer
-with a weight-normalised matrix (W = g · v / ‖v‖ per output row, Salimans & Kingma 2016)."""
+"""The ops of DINO's projection head: batch normalisation of its hidden layers (the reference's
+use_bn_in_head), L2 normalisation of feature vectors and the linear layer with a
+weight-normalised matrix (W = g · v / ‖v‖ per output row, Salimans & Kingma 2016)."""
 
 from minivit import backend
 from minivit.errors import ShapeError
 from minivit.tensor import Function
 
 L2_EPS = 1e-12  # torch.nn.functional.normalize's floor under the norm
+
+
+# -- batch_norm (training mode: the batch's statistics over axis 0, biased variance):
+#    x̂ = (x − μ)·r, r = 1/√(σ² + ε);  y = x̂ w + b
+#    dx = r (dx̂ − mean₀(dx̂) − x̂ mean₀(dx̂ ⊙ x̂)),  dx̂ = dy w;  dw = Σ₀ dy ⊙ x̂;  db = Σ₀ dy
+class BatchNorm(Function):
+    def forward(self, x, weight, bias, eps=1e-5):
+        if x.ndim != 2 or x.shape[0] < 2 or weight.shape != (x.shape[1],) or \
+                bias.shape != (x.shape[1],):
+            raise ShapeError(f"batch_norm: expected x (batch ≥ 2, C) with weight and bias (C,); "
+                             f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                             f"{tuple(bias.shape)}")
+        xp = backend.array_module(x)
+        centered = x - x.mean(axis=0, keepdims=True)
+        self.rstd = (1.0 / xp.sqrt((centered * centered).mean(axis=0, keepdims=True) + eps)
+                     ).astype(x.dtype, copy=False)
+        self.normalized, self.weight = centered * self.rstd, weight
+        return self.normalized * weight + bias
+
+    def backward(self, grad):
+        x_hat = self.normalized
+        grad_hat = grad * self.weight
+        grad_x = self.rstd * (grad_hat - grad_hat.mean(axis=0, keepdims=True)
+                              - x_hat * (grad_hat * x_hat).mean(axis=0, keepdims=True)) \
+            if self.needs_input_grad[0] else None
+        return grad_x, (grad * x_hat).sum(axis=0), grad.sum(axis=0)
 
 
 # -- l2_normalize: y = x / max(‖x‖, ε) along the last axis;
@@ -49,6 +76,12 @@ class WeightNormLinear(Function):
         grad_v = (self.g / self.v_norm) * (grad_w - along * self.direction) \
             if self.needs_input_grad[1] else None
         return grad_x, grad_v, along if self.needs_input_grad[2] else None
+
+
+def batch_norm(x, weight, bias, eps=1e-5):
+    """torch.nn.BatchNorm1d's training-mode forward on (B, C): each channel normalised with
+    the batch's mean and biased variance, then scaled and shifted (no running statistics)."""
+    return BatchNorm()(x, weight, bias, eps=eps)
 
 
 def l2_normalize(x):

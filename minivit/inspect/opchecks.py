@@ -267,6 +267,15 @@ def _unshuffle_tokens(visible, mask_token, ids_restore):
     return F.unshuffle_tokens(visible, mask_token, ids_restore)
 
 
+# x not "normal": drawn from the seed the upstream gradient is drawn from, it would be an affine
+# function of that gradient, along which batch norm's input gradient is exactly 0
+@_register("batch_norm", "DINO head (use_bn): normalise each channel over the batch, scale, shift",
+           Input("x", (5, 4), "distinct"),
+           Input("weight", (4,), scale=0.5, shift=1.0), Input("bias", (4,)))
+def _batch_norm(x, weight, bias):
+    return F.batch_norm(x, weight, bias)
+
+
 @_register("l2_normalize", "DINO head: x / ‖x‖ over the last axis",
            Input("x", (3, 4), kind="away", layout="strided"))
 def _l2_normalize(x):

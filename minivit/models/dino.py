@@ -33,28 +33,47 @@ class WeightNormLinear(Module):
         return weight_norm_linear(x, self.weight_v, self.weight_g)
 
 
-class _MLP(Module):
-    """Linear, GELU, Linear, GELU, Linear under the reference nn.Sequential's indices 0, 2, 4."""
+class BatchNorm1d(Module):
+    """torch.nn.BatchNorm1d(C) in training mode: batch statistics, weight 1 and bias 0 at init.
+    No running statistics: DINO's head only runs in training (the teacher's too)."""
 
-    def __init__(self, in_dim, hidden_dim, bottleneck_dim):
-        for index, (fan_in, fan_out) in zip(("0", "2", "4"), ((in_dim, hidden_dim),
-                                                             (hidden_dim, hidden_dim),
-                                                             (hidden_dim, bottleneck_dim))):
-            setattr(self, index, Linear(fan_in, fan_out))
+    def __init__(self, channels):
+        self.weight = Parameter(init.ones(channels))
+        self.bias = Parameter(init.zeros(channels))
 
     def forward(self, x):
-        layers = [module for _, module in self.named_children()]
-        for layer in layers[:-1]:
-            x = F.gelu(layer(x))
-        return layers[-1](x)
+        return F.batch_norm(x, self.weight, self.bias)
+
+
+class _MLP(Module):
+    """Linear, GELU, Linear, GELU, Linear under the reference nn.Sequential's indices 0, 2, 4;
+    with use_bn a BatchNorm1d after each hidden Linear (indices 0, 1, 3, 4, 6)."""
+
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, use_bn=False):
+        modules = []  # None: the GELU, which has no parameters
+        for fan_in in (in_dim, hidden_dim):
+            norm = [BatchNorm1d(hidden_dim)] if use_bn else []
+            modules += [Linear(fan_in, hidden_dim), *norm, None]
+        modules.append(Linear(hidden_dim, bottleneck_dim))
+        for index, module in enumerate(modules):
+            if module is not None:
+                setattr(self, str(index), module)
+
+    def forward(self, x):
+        first, *rest = [module for _, module in self.named_children()]
+        x = first(x)
+        for layer in rest:
+            x = layer(F.gelu(x) if isinstance(layer, Linear) else x)  # GELU before each Linear
+        return x
 
 
 class DINOHead(Module):
-    """3-layer MLP (GELU) to a bottleneck, L2 normalisation, weight-normalised last layer to
-    out_dim scores (the reference's defaults: hidden 2048, bottleneck 256, out 65536)."""
+    """3-layer MLP (GELU; use_bn: batch norm after the hidden layers) to a bottleneck, L2
+    normalisation, weight-normalised last layer to out_dim scores (the reference's defaults:
+    hidden 2048, bottleneck 256, out 65536, use_bn False)."""
 
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256):
-        self.mlp = _MLP(in_dim, hidden_dim, bottleneck_dim)
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, use_bn=False):
+        self.mlp = _MLP(in_dim, hidden_dim, bottleneck_dim, use_bn)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def forward(self, x):
@@ -90,12 +109,13 @@ class DINO(Module):
     list of crop batches (each (B, C, h, w); consecutive crops of one size share a pass through
     the backbone, as the reference's MultiCropWrapper does)."""
 
-    def __init__(self, encoder_config, out_dim=256, hidden_dim=256, bottleneck_dim=64):
+    def __init__(self, encoder_config, out_dim=256, hidden_dim=256, bottleneck_dim=64,
+                 use_bn=False):
         self.backbone = VisionTransformer(**dict(encoder_config, num_classes=0))
         self.head = DINOHead(self.backbone.config["embed_dim"], out_dim, hidden_dim,
-                             bottleneck_dim)
+                             bottleneck_dim, use_bn)
         self.config = dict(encoder=dict(self.backbone.config), out_dim=out_dim,
-                           hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
+                           hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, use_bn=use_bn)
 
     def forward(self, crops):
         features, start = [], 0
