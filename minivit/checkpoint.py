@@ -1,7 +1,8 @@
 """Training checkpoints: one .safetensors (or .npz) file, written atomically.
 
 The file holds the model's weights under timm's names, the optimizer's buffers under
-``optimizer.<name>`` (only in ``last``), and JSON metadata under the key "minivit": the model
+``optimizer.<name>`` (only in ``last``), the moving average of the weights under ``ema.<name>``
+(runs with --ema), and JSON metadata under the key "minivit": the model
 configuration, the dataset's name/normalisation/class names, the epoch and step reached, and
 the training configuration. ``best`` checkpoints carry no optimizer state, so they load into
 timm/PyTorch as they are.
@@ -10,6 +11,7 @@ timm/PyTorch as they are.
 import json
 from pathlib import Path
 
+from minivit.ema import EMA_PREFIX
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
 from minivit.models import VisionTransformer
@@ -19,9 +21,12 @@ METADATA_KEY = "minivit"
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz")  # the formats of --format
 
 
-def save_checkpoint(path, model, info, optimizer=None):
-    """Write model weights (+ optimizer buffers) and `info` (JSON-serialisable dict) atomically."""
+def save_checkpoint(path, model, info, optimizer=None, ema=None):
+    """Write model weights (+ optimizer buffers, + the ModelEma's averages) and `info`
+    (JSON-serialisable dict) atomically."""
     state = dict(model.state_dict())
+    if ema is not None:
+        state.update(ema.state_arrays())
     info = dict(info, model_config=model.config)
     if optimizer is not None:
         optimizer_state = optimizer.state_dict()
@@ -33,7 +38,15 @@ def save_checkpoint(path, model, info, optimizer=None):
 
 
 def read_checkpoint(path):
-    """(model_state, optimizer_arrays, info) from a minivit checkpoint."""
+    """(model_state, optimizer_arrays, info) from a minivit checkpoint; the averaged weights
+    (ema.*) are in neither state (see read_checkpoint_parts)."""
+    model_state, optimizer_arrays, _, info = read_checkpoint_parts(path)
+    return model_state, optimizer_arrays, info
+
+
+def read_checkpoint_parts(path):
+    """(model_state, optimizer_arrays, ema_arrays, info) from a minivit checkpoint; ema_arrays
+    keep their "ema." prefix (empty for a run without --ema)."""
     state, metadata = load_weights(path)
     if METADATA_KEY not in metadata:
         raise WeightsError(f"{path} is a weights file but not a minivit checkpoint (it has no "
@@ -41,19 +54,27 @@ def read_checkpoint(path):
                            f"`minivit predict --weights {path} --model NAME` reads such files, "
                            f"`minivit info NAME` shows a model's shapes")
     info = json.loads(metadata[METADATA_KEY])
-    model_state = {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    model_state = {k: v for k, v in state.items()
+                   if not k.startswith((OPTIMIZER_PREFIX, EMA_PREFIX))}
     optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in state.items()
                         if k.startswith(OPTIMIZER_PREFIX)}
-    return model_state, optimizer_arrays, info
+    ema_arrays = {k: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    return model_state, optimizer_arrays, ema_arrays, info
 
 
-def model_from_checkpoint(path):
+def model_from_checkpoint(path, ema=False):
     """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
-    loaded, in eval mode, on the current backend."""
+    loaded (with ema=True, the moving average of the weights), in eval mode, on the current
+    backend."""
     path = Path(path)
     if path.is_dir():
         path = find_checkpoint(path)
-    model_state, _, info = read_checkpoint(path)
+    model_state, _, ema_arrays, info = read_checkpoint_parts(path)
+    if ema:
+        if not ema_arrays:
+            raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
+                               f"without --ema; leave out --ema to use its weights")
+        model_state = {k[len(EMA_PREFIX):]: v for k, v in ema_arrays.items()}
     model = VisionTransformer(**info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info

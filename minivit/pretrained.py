@@ -31,10 +31,11 @@ from minivit.errors import WeightsError
 __all__ = ["PretrainedWarning", "load_pretrained", "read_state_dict", "save_torch_weights",
            "checkpoint_num_classes"]
 
-# The key training checkpoints keep their JSON metadata under, and their optimizer prefix
-# (minivit.checkpoint's constants; repeated to keep this module free of the training code).
+# The key training checkpoints keep their JSON metadata under, and the prefixes of their
+# optimizer buffers and averaged weights (minivit.checkpoint's constants; repeated to keep this
+# module free of the training code).
 _CHECKPOINT_METADATA_KEY = "minivit"
-_OPTIMIZER_PREFIX = "optimizer."
+_TRAINING_PREFIXES = ("optimizer.", "ema.")
 _TORCH_HINT = "pip install 'minivit[parity]' (or torch)"
 
 
@@ -50,7 +51,7 @@ def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str
     """(state, metadata, source) from a weights file or an in-memory state dict.
 
     Values may be NumPy/CuPy arrays, minivit or torch tensors. Wrapper prefixes are stripped,
-    and the optimizer buffers of a minivit training checkpoint are dropped.
+    and the optimizer buffers and averaged weights of a minivit training checkpoint are dropped.
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         state, metadata = io.load_weights(path_or_state)
@@ -62,7 +63,7 @@ def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str
         raise WeightsError(f"expected a weights file path or a state dict (name -> array), "
                            f"got a {type(path_or_state).__name__}")
     if _CHECKPOINT_METADATA_KEY in metadata:
-        state = {k: v for k, v in state.items() if not k.startswith(_OPTIMIZER_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(_TRAINING_PREFIXES)}
     return io.strip_prefixes(state), metadata, source
 
 

@@ -17,6 +17,7 @@ another run unless ``overwrite=True``, which removes that run's checkpoints and 
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -25,16 +26,22 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend, cuda
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
-                                save_checkpoint)
-from minivit.data import DATASETS, DataLoader, default_augmentation, load_dataset
+                                read_checkpoint_parts, save_checkpoint)
+from minivit.data import DATASETS
+from minivit.data.folder import skipped_files_report
+from minivit.data.pipeline import build_loaders
+from minivit.ema import ModelEma
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
-from minivit.models import create_model
+from minivit.finetune import (LayerwiseOptimizer, describe_trainable, freeze_all_but_head,
+                              layer_scales, load_pretrained_weights)
+from minivit.models import create_model, model_config
 from minivit.optim import AdamW, SGD, warmup_cosine
 from minivit.tensor import no_grad
 
 DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist": "vit_mnist",
-                  "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar"}
+                  "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar",
+                  "folder": "vit_cifar"}
 # The files of a run, in the order --overwrite removes them: the checkpoints --resume would
 # continue from first, config.json last.
 RUN_FILES = (*(f"{name}{suffix}" for name in ("last", "best") for suffix in CHECKPOINT_SUFFIXES),
@@ -75,6 +82,22 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
+    # image folders and the input pipeline (minivit.data.pipeline, minivit.data.folder)
+    img_size: int = None  # folder / fine-tuning: the model's input size (default: its own)
+    val_fraction: float = None  # folder without train/ and val/: the seeded share for val
+    strict: bool = False  # folder: refuse unreadable image files instead of skipping them
+    norm: str = None  # folder: "imagenet" or "inception" mean/std (default: by model size)
+    workers: int = None  # loader threads (default: 0 for in-memory data, up to 4 for folders)
+    # the DeiT recipe (0: off); timm's values: 9, 0.25, 0.8, 1.0, 0.99996
+    randaugment: float = 0.0  # RandAugment magnitude (2 ops per image)
+    reprob: float = 0.0  # random erasing probability
+    mixup: float = 0.0  # Mixup alpha
+    cutmix: float = 0.0  # CutMix alpha
+    ema: float = 0.0  # decay of the moving average of the weights
+    # fine-tuning (minivit.finetune)
+    pretrained: str = None  # timm or minivit weights to start from
+    freeze: bool = False  # train only the head
+    layer_decay: float = None  # layer-wise learning-rate decay, e.g. 0.75
 
     def model_name(self):
         return self.model or DEFAULT_MODELS[self.dataset]
@@ -158,15 +181,32 @@ def _check_run_folder(config, run_dir):
                            f"OTHER; --overwrite starts this run again and deletes them")
 
 
-def build_model(config, num_classes, image_size, channels):
+def model_input(config):
+    """(image size, channels) an image folder is read at: --img-size, else the model's."""
+    settings = model_config(config.model_name())
+    return config.img_size or settings["img_size"], settings["in_chans"]
+
+
+def build_model(config, num_classes, image_size, channels, notify=print):
+    """The run's model; with config.pretrained, its weights loaded (and the provenance the run
+    records returned as the second value, else None)."""
     backend.manual_seed(config.seed)
     model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
                          in_chans=channels, drop_path_rate=config.drop_path)
-    return model.to(dtype=config.dtype)
+    provenance = None
+    if config.pretrained and not config.resume:  # a resumed run has the weights it made
+        provenance = load_pretrained_weights(model, config.pretrained, notify)
+    if config.freeze:
+        freeze_all_but_head(model)
+    return model.to(dtype=config.dtype), provenance
 
 
 def build_optimizer(config, model):
     optimizer = {"adamw": AdamW, "sgd": SGD}[config.optimizer]  # names checked by train()
+    if config.layer_decay is not None:
+        return LayerwiseOptimizer(optimizer, model.named_parameters(),
+                                  layer_scales(model, config.layer_decay), config.lr,
+                                  config.weight_decay)
     return optimizer(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -177,7 +217,9 @@ def training_step(model, optimizer, config):
     last batch runs eagerly. The graph's outputs are overwritten by its next replay."""
     def step(x, y):
         logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        # Mixup/CutMix targets (B, K) come with the smoothing folded in
+        smoothing = config.label_smoothing if y.ndim == 1 else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(max_grad_norm=config.clip_grad)
@@ -196,6 +238,16 @@ def training_step(model, optimizer, config):
             return graph.warmup_outputs
         return graph(x, y)
     return replay
+
+
+def hard_labels(targets):
+    """Class indices of a batch's targets: labels (B,) as they are, soft targets (B, K) by
+    their largest entry."""
+    return targets if targets.ndim == 1 else targets.argmax(axis=1)
+
+
+def _notice(message):
+    print(f"minivit train: {message}", file=sys.stderr)
 
 
 def evaluate(model, loader, dtype="float32"):
@@ -269,8 +321,9 @@ def _train(config, on_epoch_end):
     backend.set_backend(config.backend)
     run_dir = Path(config.out)
     _check_run_folder(config, run_dir)
-    if config.dataset not in DATASETS:
-        raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    if config.dataset not in DATASETS and config.dataset != "folder":
+        raise MinivitError(f"unknown dataset {config.dataset!r}; known: "
+                           f"{', '.join(DATASETS)}, folder")
     if config.cuda_graph and config.backend != "cupy":
         raise MinivitError(f"--cuda-graph records the training step on the GPU: it needs "
                            f"--backend cupy, got {config.backend}")
@@ -288,25 +341,33 @@ def _train(config, on_epoch_end):
             ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
             ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
             ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"),
-            ("seed", config.seed >= 0, "at least 0")):
+            ("seed", config.seed >= 0, "at least 0"),
+            ("ema", 0 <= config.ema < 1, "in [0, 1) (0: off)"),
+            ("reprob", 0 <= config.reprob <= 1, "in [0, 1] (0: off)"),
+            ("mixup", config.mixup >= 0, "at least 0 (0: off)"),
+            ("cutmix", config.cutmix >= 0, "at least 0 (0: off)"),
+            ("randaugment", 0 <= config.randaugment <= 10, "in [0, 10] (0: off)"),
+            ("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1,
+             "in (0, 1]"),
+            ("img_size", config.img_size is None or config.img_size >= 1, "at least 1"),
+            ("workers", config.workers is None or config.workers >= 0, "at least 0")):
         if not ok:
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")
-    train_set = load_dataset(config.dataset, "train", config.data_dir)
-    test_set = load_dataset(config.dataset, "test", config.data_dir)
-    channels, image_size = train_set.images.shape[1], train_set.images.shape[2]
-    model = build_model(config, train_set.num_classes, image_size, channels)
+    train_loader, test_loader, data = build_loaders(config, *model_input(config))
+    for line in skipped_files_report(data.skipped):
+        _notice(line)
+    model, provenance = build_model(config, data.num_classes, data.image_size, data.channels,
+                                    notify=_notice)
     optimizer = build_optimizer(config, model)
-    augment = default_augmentation(config.dataset) if config.augment else None
-    config = dataclasses.replace(config, augment=augment is not None)  # record what is applied
-    train_loader = DataLoader(train_set, config.batch_size, shuffle=True, seed=config.seed,
-                              augment=augment)
-    test_loader = DataLoader(test_set, 256, shuffle=False)
+    if config.progress and (config.freeze or config.pretrained):
+        _notice(describe_trainable(model))
     train_step = training_step(model, optimizer, config)
     steps_per_epoch = len(train_loader)
     total_steps = config.epochs * steps_per_epoch
-    info = {"dataset": config.dataset, "mean": train_set.mean, "std": train_set.std,
-            "class_names": train_set.class_names, "train_config": dataclasses.asdict(config)}
+    info = {"dataset": config.dataset, "mean": data.mean, "std": data.std,
+            "class_names": data.class_names, "train_config": dataclasses.asdict(config),
+            "pretrained": provenance, "skipped_files": len(data.skipped)}
 
     start_epoch, best_accuracy = 0, -1.0
     try:
@@ -316,15 +377,23 @@ def _train(config, on_epoch_end):
                            f"pass --out a folder that can be created") from None
     suffix = "." + config.checkpoint_format
     last_path = run_dir / f"last{suffix}"
+    ema = None
     if config.resume:
-        model_state, optimizer_arrays, saved = read_checkpoint(find_checkpoint(run_dir, "last"))
+        last = find_checkpoint(run_dir, "last")
+        model_state, optimizer_arrays, ema_arrays, saved = read_checkpoint_parts(last)
+        info["pretrained"] = saved.get("pretrained")
         model.load_state_dict(model_state)
         optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
+        if config.ema:
+            ema = ModelEma(model, config.ema)
+            ema.load_state_arrays(ema_arrays, last)
         start_epoch, best_accuracy = saved["epoch"], saved["best_accuracy"]
         if start_epoch >= config.epochs:
             raise MinivitError(f"--resume: {run_dir} has already trained "
                                f"{epochs_text(start_epoch)}; pass --epochs greater than "
                                f"{start_epoch} to train further")
+    if config.ema and ema is None:  # the average starts at the (pretrained) initial weights
+        ema = ModelEma(model, config.ema)
     if config.overwrite:  # nothing of the old run may be resumed under the new config
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
@@ -347,9 +416,11 @@ def _train(config, on_epoch_end):
                                          config.warmup * steps_per_epoch, config.min_lr)
             x = backend.to_backend(images.astype(config.dtype, copy=False))
             y = backend.to_backend(labels)
-            log_grads_now = config.log_grads and epoch_count + len(labels) >= len(train_set)
+            log_grads_now = config.log_grads and epoch_count + len(labels) >= data.train_size
             params_before = optimizer.flat.copy() if log_grads_now else None
             loss, logits = train_step(x, y)
+            if ema is not None:
+                ema.update(model)
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
@@ -361,7 +432,7 @@ def _train(config, on_epoch_end):
                     f"--clip-grad on")
             step += 1
             epoch_loss += loss_value * len(labels)
-            epoch_correct += int((logits.argmax(axis=1) == y).sum())
+            epoch_correct += int((logits.argmax(axis=1) == hard_labels(y)).sum())
             epoch_count += len(labels)
             elapsed = time.perf_counter() - epoch_start
             bar.set_postfix(loss=f"{epoch_loss / epoch_count:.3f}",
@@ -370,6 +441,9 @@ def _train(config, on_epoch_end):
         bar.close()
         train_time = time.perf_counter() - epoch_start
         test_loss, test_accuracy = evaluate(model, test_loader, config.dtype)
+        if ema is not None:
+            with ema.applied(model):
+                ema_loss, ema_accuracy = evaluate(model, test_loader, config.dtype)
         is_best = test_accuracy > best_accuracy
         best_accuracy = max(best_accuracy, test_accuracy)
         checkpoint_info = dict(info, epoch=epoch + 1, step=step, best_accuracy=best_accuracy,
@@ -379,6 +453,9 @@ def _train(config, on_epoch_end):
                            accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
                            images_per_s=epoch_count / train_time))
         metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
+        if ema is not None:
+            metrics.write(dict(common, split="test_ema", loss=ema_loss, accuracy=ema_accuracy))
+            summary["ema_accuracy"] = ema_accuracy
         if params_before is not None:
             grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
             metrics.write(dict(common, split="grads", grad_norms=grad_norms,
@@ -386,13 +463,14 @@ def _train(config, on_epoch_end):
         # metrics, then best, then last: whatever an interruption cuts short, resuming from
         # `last` redoes (a resumed run drops metrics records past its checkpoint)
         if is_best:
-            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info)
-        save_checkpoint(last_path, model, checkpoint_info, optimizer)
+            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info, ema=ema)
+        save_checkpoint(last_path, model, checkpoint_info, optimizer, ema=ema)
         if config.progress:
             tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  train loss "
                        f"{epoch_loss / epoch_count:.4f} acc {epoch_correct / epoch_count:.4f}  "
                        f"test loss {test_loss:.4f} acc {test_accuracy:.4f}  "
-                       f"{epoch_count / train_time:.0f} img/s")
+                       + (f"ema acc {ema_accuracy:.4f}  " if ema is not None else "")
+                       + f"{epoch_count / train_time:.0f} img/s")
         summary.update(best_accuracy=best_accuracy, test_accuracy=test_accuracy,
                        test_loss=test_loss, epoch=epoch + 1, seconds=time.perf_counter() - started)
         if on_epoch_end is not None:

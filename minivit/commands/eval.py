@@ -12,6 +12,8 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--data-dir", default=None, metavar="DIR")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--ema", action="store_true",
+                   help="evaluate the moving average of the weights (runs trained with --ema)")
     add_backend_flags(p)
 
 
@@ -22,8 +24,10 @@ def run(args):
     from minivit.train import evaluate
 
     apply_backend(args)
-    model, info = model_from_checkpoint(args.checkpoint)
+    model, info = model_from_checkpoint(args.checkpoint, ema=args.ema)
     model.to(dtype=args.dtype)
+    if (args.dataset or info["dataset"]) == "folder":
+        return _evaluate_folder(model, info, args)
     dataset = load_dataset(args.dataset or info["dataset"], args.split, args.data_dir)
     expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
     if tuple(dataset.images.shape[1:]) != expected:
@@ -37,6 +41,17 @@ def run(args):
     loader = DataLoader(dataset, args.batch_size, shuffle=False)
     loss, accuracy = evaluate(model, loader, args.dtype)
     print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
+    return 0
+
+
+def _evaluate_folder(model, info, args):
+    """Evaluate a checkpoint on the image folder (and split) it was trained on."""
+    from minivit.data.pipeline import folder_eval_loader
+    from minivit.train import evaluate
+
+    loader, split = folder_eval_loader(info, args.split, args.data_dir, args.batch_size)
+    loss, accuracy = evaluate(model, loader, args.dtype)
+    print(f"{split.name}: {len(split)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
     return 0
 
 
