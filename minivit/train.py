@@ -355,6 +355,7 @@ def _train(config, on_epoch_end):
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")
     train_loader, test_loader, data = build_loaders(config, *model_input(config))
+    config = dataclasses.replace(config, augment=data.augmented)  # record what is applied
     for line in skipped_files_report(data.skipped):
         _notice(line)
     model, provenance = build_model(config, data.num_classes, data.image_size, data.channels,
@@ -397,7 +398,9 @@ def _train(config, on_epoch_end):
     if config.overwrite:  # nothing of the old run may be resumed under the new config
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-    config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    # the class names (an image folder's sorted folder names) beside the options
+    config_text = json.dumps(dict(dataclasses.asdict(config), class_names=data.class_names),
+                             indent=2) + "\n"
     metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
     atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
 

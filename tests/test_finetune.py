@@ -61,6 +61,7 @@ def test_finetune_from_another_class_count_and_image_size(tmp_path, source_run, 
     assert len(info["pretrained"]["sha256"]) == 64 and len(info["pretrained"]["notes"]) == 2
     config = json.loads((out / "config.json").read_text())
     assert config["pretrained"] == str(source_run) and config["img_size"] == 16
+    assert config["class_names"] == info["class_names"]
     # evaluation reads the run's folder and split, with the averaged weights too
     assert main(["eval", "--checkpoint", str(out), "--ema"]) == 0
     assert "data-test: 18 images" in capsys.readouterr().out

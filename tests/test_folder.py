@@ -64,6 +64,12 @@ def test_reader_on_a_hostile_tree(tmp_path):
     assert report[0].startswith("skipping 3 unreadable") and report[-1] == "  ... and 1 more"
     with pytest.raises(DatasetError, match=r"3 image file\(s\) cannot be read: .*truncated.png"):
         load_image_folder(tmp_path, strict=True)
+    for path in (tmp_path / "val" / "dög").iterdir():  # only unreadable files left in a class
+        if path.suffix == ".png" and path.stat().st_size:
+            path.write_bytes(b"broken")
+    with pytest.raises(DatasetError, match=r"class folder\(s\) dög of the test split .* no "
+                                           r"readable image"):
+        load_image_folder(tmp_path)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -197,8 +197,12 @@ def load_image_folder(data_dir, val_fraction=None, split_seed=0, strict=False, w
                                f"remove or fix them, or leave out --strict to skip them")
         unreadable = {path for path, _ in bad}
         keep = [i for i, path in enumerate(paths) if str(path) not in unreadable]
-        if not keep:
-            raise DatasetError(f"no readable image in the {split} split of {root}")
+        counts = np.bincount(labels[keep], minlength=len(classes))
+        if not counts.all():
+            empty = [name for name, count in zip(classes, counts) if not count]
+            raise DatasetError(f"class folder(s) {', '.join(empty)} of the {split} split of "
+                               f"{root} hold no readable image (all were skipped as "
+                               f"unreadable): add images or remove the folder(s)")
         splits[split] = ImageFolderSplit([paths[i] for i in keep], labels[keep], classes,
                                          f"{root.name}-{split}", bad)
     return splits

@@ -46,6 +46,7 @@ class DataFacts:
     class_names: list
     train_size: int
     skipped: list  # (path, reason) of the unreadable image files left out
+    augmented: bool  # whether the source augments (the built-in datasets: their default)
 
 
 def folder_normalization(norm, image_size, channels):
@@ -177,6 +178,7 @@ def build_loaders(config, model_image_size, model_channels):
         class_names = train_split.class_names
         train_labels, test_labels = train_split.labels, test_split.labels
         skipped = train_split.skipped + test_split.skipped
+        augmented = config.augment
     else:
         train_set = load_dataset(config.dataset, "train", config.data_dir)
         test_set = load_dataset(config.dataset, "test", config.data_dir)
@@ -185,7 +187,7 @@ def build_loaders(config, model_image_size, model_channels):
         augment = default_augmentation(config.dataset) if config.augment else None
         train_source, test_source = ArrayImages(train_set.images, augment), \
             ArrayImages(test_set.images, None)
-        class_names, skipped = train_set.class_names, []
+        class_names, skipped, augmented = train_set.class_names, [], augment is not None
         train_labels, test_labels = train_set.labels, test_set.labels
     num_classes = len(class_names)
     mixup = None
@@ -202,7 +204,7 @@ def build_loaders(config, model_image_size, model_channels):
     test_loader = WorkerLoader(len(test_labels), EVAL_BATCH_SIZE, test_batches, shuffle=False,
                                workers=workers)
     facts = DataFacts(num_classes, channels, size, tuple(mean), tuple(std), class_names,
-                      len(train_labels), skipped)
+                      len(train_labels), skipped, augmented)
     return train_loader, test_loader, facts
 
 
