@@ -29,7 +29,7 @@ from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_check
                                 read_checkpoint_parts, save_checkpoint)
 from minivit.data import DATASETS
 from minivit.data.folder import skipped_files_report
-from minivit.data.pipeline import build_loaders
+from minivit.data.pipeline import build_loaders, recipe_defaults
 from minivit.ema import ModelEma
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
@@ -88,12 +88,13 @@ class TrainConfig:
     strict: bool = False  # folder: refuse unreadable image files instead of skipping them
     norm: str = None  # folder: "imagenet" or "inception" mean/std (default: by model size)
     workers: int = None  # loader threads (default: 0 for in-memory data, up to 4 for folders)
-    # the DeiT recipe (0: off); timm's values: 9, 0.25, 0.8, 1.0, 0.99996
-    randaugment: float = 0.0  # RandAugment magnitude (2 ops per image)
-    reprob: float = 0.0  # random erasing probability
-    mixup: float = 0.0  # Mixup alpha
-    cutmix: float = 0.0  # CutMix alpha
-    ema: float = 0.0  # decay of the moving average of the weights
+    # the DeiT recipe (0: off; None: the dataset's default, RECIPE_DEFAULTS); timm's values:
+    # 9, 0.25, 0.8, 1.0, 0.99996
+    randaugment: float = None  # RandAugment magnitude (2 ops per image)
+    reprob: float = None  # random erasing probability
+    mixup: float = None  # Mixup alpha
+    cutmix: float = None  # CutMix alpha
+    ema: float = None  # decay of the moving average of the weights
     # fine-tuning (minivit.finetune)
     pretrained: str = None  # timm or minivit weights to start from
     freeze: bool = False  # train only the head
@@ -327,12 +328,17 @@ def _train(config, on_epoch_end):
     if config.cuda_graph and config.backend != "cupy":
         raise MinivitError(f"--cuda-graph records the training step on the GPU: it needs "
                            f"--backend cupy, got {config.backend}")
+    if config.layer_decay is not None and (config.log_grads or config.cuda_graph):
+        raise MinivitError("--layer-decay steps one optimizer per learning rate, and "
+                           "--log-grads and --cuda-graph work with a single one: leave out "
+                           "--layer-decay or them")
     if config.optimizer not in OPTIMIZER_DEFAULTS:
         raise MinivitError(f"unknown optimizer {config.optimizer!r}; known: "
                            f"{', '.join(OPTIMIZER_DEFAULTS)}")
+    defaults = dict(OPTIMIZER_DEFAULTS[config.optimizer],
+                    **recipe_defaults(config.dataset, config.augment, config.resume))
     config = dataclasses.replace(config, **{  # what the run trains with, as config.json says
-        name: value for name, value in OPTIMIZER_DEFAULTS[config.optimizer].items()
-        if getattr(config, name) is None})
+        name: value for name, value in defaults.items() if getattr(config, name) is None})
     for field, ok, expected in (
             ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
             ("min_lr", config.min_lr >= 0, "at least 0"),

@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--recipe", action="store_true", help="RandAugment, erasing, Mixup/CutMix")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="training steps timed (0: none)")
     parser.add_argument("--backend", default="numpy")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -80,6 +80,8 @@ def main():
             rate, count = loader_rate(config)
             print(f"loader   {workers} worker(s): {rate:8.0f} images/s  ({count} images, "
                   f"{'with' if args.recipe else 'without'} the recipe)")
+    if not args.steps:
+        return
     config = TrainConfig(model=args.model, batch_size=args.batch_size, backend=args.backend,
                          lr=1e-3, weight_decay=0.05)
     print(f"training {args.model}, batch {args.batch_size}, {args.backend}: "

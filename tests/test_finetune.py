@@ -10,7 +10,7 @@ import minivit
 from minivit.checkpoint import read_checkpoint, read_checkpoint_parts
 from minivit.cli import main
 from minivit.data import load_dataset
-from minivit.errors import WeightsError
+from minivit.errors import MinivitError, WeightsError
 from minivit.finetune import LayerwiseOptimizer, layer_index, layer_scales
 from minivit.models import create_model
 from minivit.optim import AdamW
@@ -147,3 +147,9 @@ def test_layer_decay_slows_the_early_layers(tmp_path, source_run):
     # resuming a layer-decay run restores each group's buffers
     train(TrainConfig(dataset="digits", pretrained=str(source_run), layer_decay=0.1, epochs=2,
                       out=str(out), resume=True, **QUICK))
+
+
+def test_layer_decay_refuses_options_that_need_one_optimizer(tmp_path):
+    with pytest.raises(MinivitError, match="--layer-decay steps one optimizer per learning rate"):
+        train(TrainConfig(dataset="digits", layer_decay=0.5, log_grads=True,
+                          out=str(tmp_path / "x"), **QUICK))

@@ -188,3 +188,26 @@ def test_resume_restores_ema_loader_and_augmentation_exactly(tmp_path):
               for line in lines if '"split": "train"' not in line] for lines in records]
     assert strip[0] == strip[1]
     assert any('"test_ema"' in line for line in strip[0])
+
+
+def test_recipe_defaults_are_recorded_and_stay_off_for_older_runs():
+    from minivit.data.pipeline import RECIPE_DEFAULTS, recipe_defaults
+
+    assert recipe_defaults("digits") == dict(
+        {"randaugment": 0.0, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0},
+        **RECIPE_DEFAULTS["digits"])
+    assert not any(recipe_defaults("digits", augment=False).values())
+    assert not any(recipe_defaults("digits", resume=True).values())  # saved before the recipe
+    assert not any(recipe_defaults("cifar10").values())
+
+
+def test_a_default_digits_run_records_its_recipe(tmp_path):
+    import json
+
+    train(TrainConfig(epochs=1, out=str(tmp_path / "a"), progress=False, batch_size=256))
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["cutmix"] == 1.0 and saved["mixup"] == 0.0 and saved["ema"] == 0.0
+    train(TrainConfig(epochs=1, out=str(tmp_path / "b"), progress=False, batch_size=256,
+                      cutmix=0.0, ema=0.5))
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["cutmix"] == 0.0 and saved["ema"] == 0.5

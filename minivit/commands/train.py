@@ -57,7 +57,8 @@ def add_parser(subparsers, name, help_text):
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding the dataset files (default: ./data)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                      help="turn off the dataset's default augmentation")
+                      help="turn off the dataset's default augmentation (and its default "
+                           "recipe: CutMix for digits)")
     add_folder_flags(data)
     add_recipe_flags(p.add_argument_group("the DeiT recipe (timm's values in brackets; 0: off)"))
     add_finetune_flags(p.add_argument_group("fine-tuning"))
@@ -141,7 +142,8 @@ def add_recipe_flags(group):
     group.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                        help="Mixup alpha [0.8]; with --cutmix, each batch is one or the other")
     group.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
-                       help="CutMix alpha [1.0]; --label-smoothing is folded into the targets")
+                       help="CutMix alpha [1.0]; --label-smoothing is folded into the targets "
+                            "(default: 1.0 for digits, else 0)")
     group.add_argument("--ema", type=float, default=None, metavar="DECAY",
                        help="keep a moving average of the weights, evaluated each epoch and "
                             "saved in the checkpoints (minivit eval --ema) [0.99996 for "
