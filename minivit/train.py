@@ -404,9 +404,9 @@ def _train(config, on_epoch_end):
     if config.overwrite:  # nothing of the old run may be resumed under the new config
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
-    # the class names (an image folder's sorted folder names) beside the options
-    config_text = json.dumps(dict(dataclasses.asdict(config), class_names=data.class_names),
-                             indent=2) + "\n"
+    # beside the options: the class names (an image folder's sorted folder names), mean/std
+    config_text = json.dumps(dict(dataclasses.asdict(config), class_names=data.class_names,
+                                  mean=data.mean, std=data.std), indent=2) + "\n"
     metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
     atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
 

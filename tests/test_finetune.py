@@ -62,6 +62,7 @@ def test_finetune_from_another_class_count_and_image_size(tmp_path, source_run, 
     config = json.loads((out / "config.json").read_text())
     assert config["pretrained"] == str(source_run) and config["img_size"] == 16
     assert config["class_names"] == info["class_names"]
+    assert config["mean"] == list(info["mean"]) == [0.5] and config["std"] == [0.5]
     # evaluation reads the run's folder and split, with the averaged weights too
     assert main(["eval", "--checkpoint", str(out), "--ema"]) == 0
     assert "data-test: 18 images" in capsys.readouterr().out
