@@ -29,7 +29,7 @@ from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_check
                                 read_checkpoint_parts, save_checkpoint)
 from minivit.data import DATASETS
 from minivit.data.folder import skipped_files_report
-from minivit.data.pipeline import build_loaders, recipe_defaults
+from minivit.data.pipeline import build_loaders, pipeline_option_checks, recipe_defaults
 from minivit.ema import ModelEma
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
@@ -347,16 +347,9 @@ def _train(config, on_epoch_end):
             ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
             ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
             ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"),
-            ("seed", config.seed >= 0, "at least 0"),
-            ("ema", 0 <= config.ema < 1, "in [0, 1) (0: off)"),
-            ("reprob", 0 <= config.reprob <= 1, "in [0, 1] (0: off)"),
-            ("mixup", config.mixup >= 0, "at least 0 (0: off)"),
-            ("cutmix", config.cutmix >= 0, "at least 0 (0: off)"),
-            ("randaugment", 0 <= config.randaugment <= 10, "in [0, 10] (0: off)"),
+            ("seed", config.seed >= 0, "at least 0"), *pipeline_option_checks(config),
             ("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1,
-             "in (0, 1]"),
-            ("img_size", config.img_size is None or config.img_size >= 1, "at least 1"),
-            ("workers", config.workers is None or config.workers >= 0, "at least 0")):
+             "in (0, 1]")):
         if not ok:
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")

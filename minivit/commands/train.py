@@ -217,7 +217,8 @@ def run(args):
             print("minivit train: interrupted during the first epoch; no checkpoint was written",
                   file=sys.stderr)
         return 130
-    print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
-          f"after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
+    ema = f"; EMA weights {summary['ema_accuracy']:.4f}" if "ema_accuracy" in summary else ""
+    print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}"
+          f"{ema}) after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")
     return 0

@@ -61,6 +61,18 @@ def recipe_defaults(dataset, augment=True, resume=False):
     return {name: chosen.get(name, 0.0) for name in RECIPE_FIELDS}
 
 
+def pipeline_option_checks(config):
+    """(field, holds, expected) of the input pipeline's and the recipe's TrainConfig options,
+    for train's checks."""
+    return (("img_size", config.img_size is None or config.img_size >= 1, "at least 1"),
+            ("workers", config.workers is None or config.workers >= 0, "at least 0"),
+            ("randaugment", 0 <= config.randaugment <= 10, "in [0, 10] (0: off)"),
+            ("reprob", 0 <= config.reprob <= 1, "in [0, 1] (0: off)"),
+            ("mixup", config.mixup >= 0, "at least 0 (0: off)"),
+            ("cutmix", config.cutmix >= 0, "at least 0 (0: off)"),
+            ("ema", 0 <= config.ema < 1, "in [0, 1) (0: off)"))
+
+
 def folder_normalization(norm, image_size, channels):
     """(mean, std) of `channels` values: --norm's, else ImageNet's for models of 224 pixels or
     more (timm's ImageNet ViTs), else 0.5 / 0.5."""
