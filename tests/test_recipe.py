@@ -6,6 +6,7 @@ import pytest
 
 import minivit
 from minivit.checkpoint import read_checkpoint_parts
+from minivit.cli import main
 from minivit.data import Compose, DataLoader, RandomCrop, RandomHorizontalFlip, load_dataset
 from minivit.data.mixing import Mixup, RandomErasing, smooth_one_hot
 from minivit.data.pipeline import ArrayImages, BatchMaker
@@ -201,7 +202,7 @@ def test_recipe_defaults_are_recorded_and_stay_off_for_older_runs():
     assert not any(recipe_defaults("cifar10").values())
 
 
-def test_a_default_digits_run_records_its_recipe(tmp_path):
+def test_a_default_digits_run_records_its_recipe(tmp_path, capsys):
     import json
 
     train(TrainConfig(epochs=1, out=str(tmp_path / "a"), progress=False, batch_size=256))
@@ -211,3 +212,10 @@ def test_a_default_digits_run_records_its_recipe(tmp_path):
                       cutmix=0.0, ema=0.5))
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["cutmix"] == 0.0 and saved["ema"] == 0.5
+    # eval --ema evaluates the averaged weights the run evaluated
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    averaged = next(r["accuracy"] for r in records if r["split"] == "test_ema")
+    assert main(["eval", "--checkpoint", str(tmp_path / "b"), "--ema"]) == 0
+    assert f"accuracy {averaged:.4f}" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "a"), "--ema"]) == 1
+    assert "holds no averaged weights (ema.*)" in capsys.readouterr().err
