@@ -14,9 +14,9 @@ from pathlib import Path
 from minivit.ema import EMA_PREFIX
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
-from minivit.models import VisionTransformer
 
 OPTIMIZER_PREFIX = "optimizer."
+TRAINING_PREFIXES = (OPTIMIZER_PREFIX, EMA_PREFIX)  # the entries that are not the model's
 METADATA_KEY = "minivit"
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz")  # the formats of --format
 
@@ -55,29 +55,11 @@ def read_checkpoint_parts(path):
                            f"`minivit info NAME` shows a model's shapes")
     info = json.loads(metadata[METADATA_KEY])
     model_state = {k: v for k, v in state.items()
-                   if not k.startswith((OPTIMIZER_PREFIX, EMA_PREFIX))}
+                   if not k.startswith(TRAINING_PREFIXES)}
     optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in state.items()
                         if k.startswith(OPTIMIZER_PREFIX)}
     ema_arrays = {k: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
     return model_state, optimizer_arrays, ema_arrays, info
-
-
-def model_from_checkpoint(path, ema=False):
-    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
-    loaded (with ema=True, the moving average of the weights), in eval mode, on the current
-    backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
-    model_state, _, ema_arrays, info = read_checkpoint_parts(path)
-    if ema:
-        if not ema_arrays:
-            raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
-                               f"without --ema; leave out --ema to use its weights")
-        model_state = {k[len(EMA_PREFIX):]: v for k, v in ema_arrays.items()}
-    model = VisionTransformer(**info["model_config"])
-    model.load_state_dict(model_state)
-    return model.eval(), info
 
 
 def find_checkpoint(run_dir, name="best"):

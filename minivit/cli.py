@@ -4,6 +4,9 @@ import argparse
 import importlib
 import sys
 
+from minivit import __version__
+from minivit.errors import MinivitError
+
 # name -> one-line help; the module minivit.commands.<name> does the work.
 COMMANDS = {
     "train": "train a ViT (default: a tiny ViT on the embedded 8x8 digits, on the CPU)",
@@ -19,8 +22,6 @@ COMMANDS = {
 
 
 def build_parser():
-    from minivit import __version__
-
     parser = argparse.ArgumentParser(
         prog="minivit",
         description="Vision Transformers on a small hand-written autograd engine (NumPy/CuPy).",
@@ -49,8 +50,6 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    from minivit.errors import MinivitError
-
     try:
         return _command_module(args.command).run(args) or 0
     except MinivitError as error:

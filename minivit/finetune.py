@@ -16,18 +16,16 @@ import hashlib
 import math
 from pathlib import Path
 
+from minivit.checkpoint import find_checkpoint
 from minivit.errors import MinivitError
+from minivit.models import load_pretrained
 from minivit.optim import clip_grad_norm
 
 
 def load_pretrained_weights(model, path, notify=print):
     """Load `path` into `model`; {"path", "sha256", "notes"} of what was loaded."""
-    from minivit.pretrained import load_pretrained
-
     path = Path(path).expanduser()
     if path.is_dir():  # a minivit run folder: its best checkpoint
-        from minivit.checkpoint import find_checkpoint
-
         path = find_checkpoint(path)
     if not path.is_file():
         raise MinivitError(f"--pretrained {path}: no such file (expected timm or minivit "
@@ -83,6 +81,7 @@ class LayerwiseOptimizer:
         self.groups = [(scale, make(pairs, lr=lr * scale, weight_decay=weight_decay))
                        for scale, pairs in sorted(groups.items())]
         self._lr = lr
+        self.reduce_gradients = None  # data parallel: as FlatOptimizer's, applied to each group
 
     @property
     def lr(self):
@@ -104,6 +103,8 @@ class LayerwiseOptimizer:
         for _, optimizer in self.groups:
             optimizer._check_views()
             grads.append(optimizer.gather_grads())
+            if self.reduce_gradients is not None:
+                self.reduce_gradients(grads[-1])
         norm = math.sqrt(sum(float(clip_grad_norm(g)) ** 2 for g in grads))
         factor = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm else 1.0
         for (_, optimizer), g in zip(self.groups, grads):

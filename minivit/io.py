@@ -1,6 +1,8 @@
-"""Weight files: atomic saving, loading, timm key checks and position-embedding resampling.
+"""Weight files: atomic saving and loading of state dicts, and wrapper-prefix stripping.
 
-Everything here works on plain state dicts (``dict[str, numpy.ndarray]``) with timm's names.
+Everything here works on plain state dicts (``dict[str, numpy.ndarray]``) with timm's names;
+checking them against a ViT and resampling position embeddings live with the models
+(``minivit.models.timm_keys``, ``minivit.models.pos_embed``).
 
 Formats:
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import secrets
 import struct
 import zipfile
@@ -36,13 +37,10 @@ from minivit.errors import WeightsError
 __all__ = [
     "SAVE_SUFFIXES",
     "LOAD_SUFFIXES",
-    "UNSUPPORTED_TIMM_KEYS",
     "atomic_write",
     "save_weights",
     "load_weights",
     "strip_prefixes",
-    "check_state_dict",
-    "resample_abs_pos_embed",
 ]
 
 SAVE_SUFFIXES = (".safetensors", ".npz")
@@ -344,29 +342,11 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
-# timm names
+# Wrapper prefixes
 
 
+# Prefixes that training wrappers put before every key: DistributedDataParallel, EMA/Lightning.
 TIMM_PREFIXES = ("module.", "model.")
-
-# Keys a timm VisionTransformer state dict may carry for options minivit does not implement.
-# Such a checkpoint needs that module to give the right logits, so it is refused, with the
-# reason. Stateless modules (pos_drop, patch_drop, head_drop, norm_pre / fc_norm / ls1 / ls2 /
-# q_norm / k_norm when they are Identity) leave no keys and need nothing. minivit supports:
-# patch_embed.proj, cls_token, pos_embed, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2,
-# mlp.fc1, mlp.fc2}, norm, head.
-UNSUPPORTED_TIMM_KEYS = (
-    (r"fc_norm\.", "global-average-pool head (global_pool='avg', fc_norm)"),
-    (r"reg_token$", "register tokens (reg_tokens > 0)"),
-    (r"dist_token$|head_dist\.", "distillation token (DeiT distilled)"),
-    (r"patch_embed\.norm\.", "LayerNorm after the patch embedding"),
-    (r"norm_pre\.", "LayerNorm before the blocks (pre_norm=True, CLIP)"),
-    (r"blocks\.\d+\.ls[12]\.", "LayerScale (init_values, DeiT III)"),
-    (r"blocks\.\d+\.attn\.[qk]_norm\.", "query/key normalisation (qk_norm=True)"),
-    (r"blocks\.\d+\.(attn|mlp)\.norm\.", "norm inside attention/MLP (scale_attn/mlp_norm)"),
-    (r"attn_pool\.", "attention-pool head (global_pool='map')"),
-    (r"pre_logits\.", "pre-logits layer (representation_size)"),
-)
 
 
 def strip_prefixes(
@@ -384,138 +364,3 @@ def strip_prefixes(
             break
         state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
-
-
-def _unsupported_reason(key: str) -> str | None:
-    return next((why for pattern, why in UNSUPPORTED_TIMM_KEYS if re.match(pattern, key)), None)
-
-
-def check_state_dict(
-    expected: Mapping[str, tuple], state: Mapping[str, np.ndarray], *, source: str = "checkpoint"
-) -> None:
-    """Check ``state``'s names and shapes against ``expected`` (name -> shape).
-
-    Raises one :class:`~minivit.errors.WeightsError` listing every missing, unexpected and
-    mis-shaped key (unexpected keys of timm options minivit lacks say which option), or, when
-    no expected key is present at all, saying that ``state`` does not look like a timm ViT.
-    """
-    if not any(k in state for k in expected):
-        raise WeightsError(
-            f"{source} does not look like a timm ViT state dict: expected keys like "
-            f"{', '.join(list(expected)[:5])}, ...; found keys like "
-            f"{', '.join(list(state)[:5]) or '(none)'} ({len(state)} in all). "
-            "Check that the file holds ViT weights; wrapper prefixes such as 'module.' or "
-            "'model.' can be removed with minivit.io.strip_prefixes"
-        )
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [
-        (k, tuple(shape), tuple(state[k].shape))
-        for k, shape in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(shape)
-    ]
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [
-        f"{source} does not fit the model: {len(missing)} missing, {len(unexpected)} "
-        f"unexpected, {len(misshaped)} mis-shaped key(s)"
-    ]
-    lines += _first(f"  missing: {k}" for k in missing)
-    lines += _first(f"  unexpected: {k}" + (f" ({reason}: not supported)" if reason else "")
-                    for k, reason in ((k, _unsupported_reason(k)) for k in unexpected))
-    lines += _first(f"  mis-shaped: {k}: expected {want}, got {got}" for k, want, got in misshaped)
-    names = {k for k, _, _ in misshaped}
-    # the hints fit when only the image size or the classes differ, not another architecture
-    hinted = names <= {"pos_embed", "head.weight", "head.bias"}
-    if hinted and "pos_embed" in names:
-        lines.append(
-            "  hint: another image size changes pos_embed; resample it with "
-            "minivit.io.resample_abs_pos_embed"
-        )
-    if hinted and names & {"head.weight", "head.bias"}:
-        lines.append("  hint: another num_classes changes head.*; drop them to train a new head")
-    lines.append(
-        "Build the model with the checkpoint's configuration (patch size, embed_dim, depth, "
-        "num_heads, num_classes, image size)."
-    )
-    raise WeightsError("\n".join(lines))
-
-
-def _first(lines, limit=12):
-    """At most `limit` of `lines`, then how many more there were."""
-    lines = list(lines)
-    if len(lines) <= limit:
-        return lines
-    return lines[:limit] + [f"  ... and {len(lines) - limit} more like these"]
-
-
-# --------------------------------------------------------------------------------------------
-# Position-embedding resampling
-
-
-def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
-    """Cubic-convolution weights (Keys, A = -0.75 as PyTorch) of taps -1, 0, 1, 2 at offset t."""
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float64 matrix of 1-D bicubic resizing, as torch's interpolate with
-    align_corners=False, antialias=False: source x = (i + 0.5) * n_in / n_out - 0.5, taps at
-    floor(x) - 1 .. floor(x) + 2 clamped to the border."""
-    x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    x0 = np.floor(x)
-    weights = _cubic_weights(x - x0)
-    taps = np.clip(x0[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
-    matrix = np.zeros((n_out, n_in))
-    np.add.at(matrix, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
-    return matrix
-
-
-def resample_abs_pos_embed(
-    pos_embed: np.ndarray,
-    new_size: tuple[int, int],
-    old_size: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 1,
-) -> np.ndarray:
-    """Resize a learned position embedding to another patch grid, as timm's function does.
-
-    ``pos_embed`` is (1, num_prefix_tokens + H*W, D). The prefix (class) tokens are kept; the
-    patch part, as a (D, H, W) grid, is resized to ``new_size`` (h, w) exactly like
-    ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)``, computed in
-    float64 and returned in the input's dtype. ``old_size`` (H, W) defaults to a square grid.
-    """
-    pos_embed = np.asarray(pos_embed)
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise WeightsError(
-            f"pos_embed must have shape (1, tokens, dim), got {pos_embed.shape}"
-        )
-    n_patches = pos_embed.shape[1] - num_prefix_tokens
-    if old_size is None:
-        side = math.isqrt(max(n_patches, 0))
-        if side * side != n_patches:
-            raise WeightsError(
-                f"pos_embed has {pos_embed.shape[1]} tokens = {num_prefix_tokens} prefix + "
-                f"{n_patches} patches, not a square grid; pass old_size=(H, W) or the right "
-                "num_prefix_tokens"
-            )
-        old_size = (side, side)
-    (old_h, old_w), (new_h, new_w) = tuple(old_size), tuple(new_size)
-    if old_h * old_w != n_patches or min(old_h, old_w, new_h, new_w) < 1:
-        raise WeightsError(
-            f"cannot resample pos_embed of {pos_embed.shape[1]} tokens ({num_prefix_tokens} "
-            f"prefix + {n_patches} patches) from grid {old_size} to {new_size}: expected "
-            "positive grid sizes with H*W equal to the number of patches"
-        )
-    dim = pos_embed.shape[2]
-    grid = pos_embed[0, num_prefix_tokens:].astype(np.float64).reshape(old_h, old_w, dim)
-    grid = np.einsum("ia,abd->ibd", _bicubic_matrix(old_h, new_h), grid)
-    grid = np.einsum("jb,ibd->ijd", _bicubic_matrix(old_w, new_w), grid)
-    patches = grid.reshape(1, new_h * new_w, dim).astype(pos_embed.dtype)
-    return np.concatenate([pos_embed[:, :num_prefix_tokens], patches], axis=1)

@@ -53,6 +53,9 @@ class FlatOptimizer:
             p.data = self.flat[start:stop].reshape(p.shape)
             self.decay_mask[start:stop] = 1.0 if decays(name, p) else 0.0
         self.views = [p.data for p in self.parameters]  # what step() updates, checked there
+        # grads -> None, in place, between gathering and clipping: data-parallel training sets
+        # it to average the gradients over processes (minivit.distributed.average_gradients)
+        self.reduce_gradients = None
 
     def _check_views(self):
         """Each parameter's .data must still be its slice of the flat buffer: an update would
@@ -103,6 +106,8 @@ class FlatOptimizer:
         (see clip_grad_norm)."""
         self._check_views()
         grads = self.gather_grads()
+        if self.reduce_gradients is not None:
+            self.reduce_gradients(grads)
         norm = clip_grad_norm(grads, max_grad_norm)
         self.step_count += 1
         self.update(self.flat, grads)

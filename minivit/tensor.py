@@ -21,6 +21,23 @@ from minivit.errors import BackendError, DTypeError, GraphError
 
 _grad_mode = threading.local()
 
+# The engine's hook point (set by op_hook); while None it costs one check per forward/backward.
+_op_hook = None
+
+
+@contextlib.contextmanager
+def op_hook(hook):
+    """Inside this block (process-wide) every Function's forward and backward runs as
+    ``hook(function, phase, method, arrays, options)``, phase "forward" or "backward" (arrays
+    = (grad,)), which must return ``method(*arrays, **options)``. The per-op profiler
+    (minivit.bench.profile) times the ops so."""
+    global _op_hook
+    previous, _op_hook = _op_hook, hook
+    try:
+        yield hook
+    finally:
+        _op_hook = previous
+
 
 def is_grad_enabled():
     return getattr(_grad_mode, "enabled", True)
@@ -250,7 +267,10 @@ class Function:
         backend.array_module(*arrays)  # raises on mixed numpy/cupy inputs
         arrays = self._same_float_dtype(tensors, arrays)
         self.needs_input_grad = tuple(t is not None and t.requires_grad for t in tensors)
-        output = Tensor(self.forward(*arrays, **options))
+        if _op_hook is None:
+            output = Tensor(self.forward(*arrays, **options))
+        else:
+            output = Tensor(_op_hook(self, "forward", self.forward, arrays, options))
         if is_grad_enabled() and any(self.needs_input_grad):
             output.requires_grad = True
             output._creator = self
@@ -362,7 +382,10 @@ def _run_backward(root, root_grad):
             raise GraphError("backward through a graph that was already freed: a previous "
                              "backward() released its saved arrays. Run the forward pass again "
                              "(or add the losses and call backward() once).")
-        input_grads = creator.backward(grad)
+        if _op_hook is None:
+            input_grads = creator.backward(grad)
+        else:
+            input_grads = _op_hook(creator, "backward", creator.backward, (grad,), {})
         name = type(creator).__name__
         for index, (parent, parent_grad) in enumerate(zip(creator.inputs, input_grads)):
             if parent is None or not parent.requires_grad or parent_grad is None:

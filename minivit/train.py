@@ -25,6 +25,7 @@ import numpy as np
 
 import minivit.functional as F
 from minivit import backend, cuda
+from minivit import distributed as dist
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 read_checkpoint_parts, save_checkpoint)
 from minivit.data import DATASETS
@@ -263,6 +264,7 @@ def evaluate(model, loader, dtype="float32"):
             total_loss += F.cross_entropy(logits, targets).item() * len(labels)
             correct += int((logits.data.argmax(axis=1) == targets).sum())
             count += len(labels)
+    total_loss, correct, count = dist.sum_over_ranks(total_loss, correct, count)  # data parallel
     model.train(was_training)
     return total_loss / count, correct / count
 
@@ -312,7 +314,7 @@ def train(config, on_epoch_end=None):
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():
         return _train(config, on_epoch_end)
 
 
@@ -320,8 +322,10 @@ def _train(config, on_epoch_end):
     from tqdm import tqdm
 
     backend.set_backend(config.backend)
+    dist.init()  # under mpiexec: join the other processes (each on its own GPU)
     run_dir = Path(config.out)
-    _check_run_folder(config, run_dir)
+    if dist.is_main():  # rank 0 keeps the run folder; the others only read a resumed one
+        _check_run_folder(config, run_dir)
     if config.dataset not in DATASETS and config.dataset != "folder":
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: "
                            f"{', '.join(DATASETS)}, folder")
@@ -353,13 +357,19 @@ def _train(config, on_epoch_end):
         if not ok:
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")
-    train_loader, test_loader, data = build_loaders(config, *model_input(config))
+    # data parallel: each process evaluates its part of the test set, and trains on its part
+    # of every (global, --batch-size) batch
+    train_loader, test_loader, data = build_loaders(
+        config, *model_input(config), test_part=dist.shard_bounds if dist.world_size() > 1
+        else None)
+    train_loader = dist.shard_loader(train_loader)
     config = dataclasses.replace(config, augment=data.augmented)  # record what is applied
     for line in skipped_files_report(data.skipped):
         _notice(line)
     model, provenance = build_model(config, data.num_classes, data.image_size, data.channels,
                                     notify=_notice)
     optimizer = build_optimizer(config, model)
+    dist.average_gradients(optimizer)
     if config.progress and (config.freeze or config.pretrained):
         _notice(describe_trainable(model))
     train_step = training_step(model, optimizer, config)
@@ -370,11 +380,13 @@ def _train(config, on_epoch_end):
             "pretrained": provenance, "skipped_files": len(data.skipped)}
 
     start_epoch, best_accuracy = 0, -1.0
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MinivitError(f"cannot create the run folder {run_dir}: {error.strerror or error}; "
-                           f"pass --out a folder that can be created") from None
+    if dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MinivitError(f"cannot create the run folder {run_dir}: "
+                               f"{error.strerror or error}; pass --out a folder that can be "
+                               f"created") from None
     suffix = "." + config.checkpoint_format
     last_path = run_dir / f"last{suffix}"
     ema = None
@@ -394,31 +406,36 @@ def _train(config, on_epoch_end):
                                f"{start_epoch} to train further")
     if config.ema and ema is None:  # the average starts at the (pretrained) initial weights
         ema = ModelEma(model, config.ema)
-    if config.overwrite:  # nothing of the old run may be resumed under the new config
+    dist.broadcast_parameters(model)
+    config = dataclasses.replace(config, progress=config.progress and dist.is_main())
+    if config.overwrite and dist.is_main():  # nothing of the old run may be resumed now
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     # beside the options: the class names (an image folder's sorted folder names), mean/std
     config_text = json.dumps(dict(dataclasses.asdict(config), class_names=data.class_names,
                                   mean=data.mean, std=data.std), indent=2) + "\n"
-    metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
-    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
+    if dist.is_main():
+        metrics = _MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
+        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "best_accuracy": best_accuracy}
+    if config.progress and dist.world_size() > 1:
+        tqdm.write(f"data parallel: {dist.describe()}")
     step = start_epoch * steps_per_epoch
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         model.train()
         train_loader.set_epoch(epoch)
-        backend.manual_seed([config.seed, epoch])  # dropout/drop-path numbers of this epoch
+        backend.manual_seed(dist.rank_seed([config.seed, epoch]))  # this epoch's dropout numbers
         epoch_loss, epoch_correct, epoch_count, epoch_start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not config.progress, unit="batch")
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar):
             optimizer.lr = warmup_cosine(step, total_steps, config.lr,
                                          config.warmup * steps_per_epoch, config.min_lr)
             x = backend.to_backend(images.astype(config.dtype, copy=False))
             y = backend.to_backend(labels)
-            log_grads_now = config.log_grads and epoch_count + len(labels) >= data.train_size
+            log_grads_now = config.log_grads and batch == steps_per_epoch - 1
             params_before = optimizer.flat.copy() if log_grads_now else None
             loss, logits = train_step(x, y)
             if ema is not None:
@@ -442,6 +459,8 @@ def _train(config, on_epoch_end):
                             img_s=f"{epoch_count / elapsed:.0f}")
         bar.close()
         train_time = time.perf_counter() - epoch_start
+        epoch_loss, epoch_correct, epoch_count = dist.sum_over_ranks(epoch_loss, epoch_correct,
+                                                                     epoch_count)
         test_loss, test_accuracy = evaluate(model, test_loader, config.dtype)
         if ema is not None:
             with ema.applied(model):
@@ -450,23 +469,26 @@ def _train(config, on_epoch_end):
         best_accuracy = max(best_accuracy, test_accuracy)
         checkpoint_info = dict(info, epoch=epoch + 1, step=step, best_accuracy=best_accuracy,
                                test_accuracy=test_accuracy)
-        common = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started}
-        metrics.write(dict(common, split="train", loss=epoch_loss / epoch_count,
-                           accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
-                           images_per_s=epoch_count / train_time))
-        metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
+        if dist.is_main():  # the other processes hold the same weights and numbers
+            common = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started}
+            metrics.write(dict(common, split="train", loss=epoch_loss / epoch_count,
+                               accuracy=epoch_correct / epoch_count, lr=optimizer.lr,
+                               images_per_s=epoch_count / train_time))
+            metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
+            if ema is not None:
+                metrics.write(dict(common, split="test_ema", loss=ema_loss,
+                                   accuracy=ema_accuracy))
+            if params_before is not None:
+                grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
+                metrics.write(dict(common, split="grads", grad_norms=grad_norms,
+                                   update_ratios=update_ratios))
+            # metrics, then best, then last: whatever an interruption cuts short, resuming from
+            # `last` redoes (a resumed run drops metrics records past its checkpoint)
+            if is_best:
+                save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info, ema=ema)
+            save_checkpoint(last_path, model, checkpoint_info, optimizer, ema=ema)
         if ema is not None:
-            metrics.write(dict(common, split="test_ema", loss=ema_loss, accuracy=ema_accuracy))
             summary["ema_accuracy"] = ema_accuracy
-        if params_before is not None:
-            grad_norms, update_ratios = _gradient_statistics(model, optimizer, params_before)
-            metrics.write(dict(common, split="grads", grad_norms=grad_norms,
-                               update_ratios=update_ratios))
-        # metrics, then best, then last: whatever an interruption cuts short, resuming from
-        # `last` redoes (a resumed run drops metrics records past its checkpoint)
-        if is_best:
-            save_checkpoint(run_dir / f"best{suffix}", model, checkpoint_info, ema=ema)
-        save_checkpoint(last_path, model, checkpoint_info, optimizer, ema=ema)
         if config.progress:
             tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  train loss "
                        f"{epoch_loss / epoch_count:.4f} acc {epoch_correct / epoch_count:.4f}  "

@@ -5,9 +5,9 @@
 #
 #   bash scripts/gpu_check.sh          # from anywhere; the log goes to $OUT/gpu_check.log
 #
-# Steps (each under its own `timeout`; the limits add up to 9.5 minutes, an H100 took under 2.5; a
-# failed step does not stop the ones after it, and the summary at the end gives every step's
-# exit status):
+# Steps (each under its own `timeout`; the limits add up to 9.5 minutes, 11 with dist-nccl; an
+# H100 took under 2.5; a failed step does not stop the ones after it, and the summary at the end
+# gives every step's exit status):
 #   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
 #   cuda-tests    pytest -k "cuda or cupy" (-n 12 with pytest-xdist): tests/test_cuda.py (fused
 #                 kernels against NumPy, gradcheck on cupy, AdamW kernel, training run, TF32,
@@ -17,6 +17,10 @@
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)
 #   train-graph   minivit train on the digits, 3 epochs, eager then --cuda-graph: images/s
 #                 per epoch from each run's metrics.jsonl
+#   dist-nccl     tests/test_distributed.py -k cupy: 1 rank (NCCL) and 2 ranks (NCCL with a GPU
+#                 each, MPI over host copies on one GPU) train the weights of one process; only
+#                 with mpi4py installed or its wheels in $DIST_WHEELS (default shared/dist-wheels,
+#                 for Python 3.12: see the README's data-parallel section), else skipped
 #   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps
 # minivit runs from this checkout through PYTHONPATH (python -m minivit.cli), so nothing is
 # installed; PYTHON=... picks another interpreter.
@@ -83,6 +87,19 @@ for record in map(json.loads, open(sys.argv[1])):
 export -f train_both
 export PY
 step train-graph 60 bash -c train_both
+
+dist_nccl() {  # data parallel on the GPU: needs mpi4py + mpich, from $DIST_WHEELS when missing
+  if ! "$PY" -c "import mpi4py" 2>/dev/null; then
+    [ -d "$DIST_WHEELS" ] || { echo "skipped: no mpi4py and no wheels in $DIST_WHEELS"; return 0; }
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --no-index --find-links "$DIST_WHEELS" mpi4py mpich || return 1
+  fi
+  "$PY" -c 'from cupy.cuda import nccl; print("NCCL", nccl.get_version(), "available", getattr(nccl, "available", True))' ||
+    echo "cupy.cuda.nccl does not load: the ranks use MPI over host copies"
+  "$PY" -m pytest tests/test_distributed.py -q -s -k cupy -p no:cacheprovider -o addopts="-rs"
+}
+export -f dist_nccl
+export DIST_WHEELS="${DIST_WHEELS:-$PWD/shared/dist-wheels}"
+step dist-nccl 90 bash -c dist_nccl
 
 step kernel-profile 60 "$PY" scripts/gpu_kernel_profile.py --config vit_s16 --tf32
 

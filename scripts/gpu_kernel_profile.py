@@ -12,7 +12,8 @@ gives the wall time). Needs a GPU, CuPy and PyTorch; scripts/gpu_check.sh runs i
 import argparse
 
 from minivit import backend, cuda
-from minivit.bench import CONFIGS, MinivitRunner, TorchRunner, import_torch
+from minivit.bench import CONFIGS, MinivitRunner, TorchRunner, config_model_args
+from minivit.torch_reference import import_torch
 
 
 def kernel_table(step, steps, rows):
@@ -40,7 +41,7 @@ def main():
     backend.set_backend("cupy")
     cuda.set_tf32(args.tf32)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    model_args = CONFIGS[args.config]["model"]
+    model_args = config_model_args(args.config)
     batch = args.batch or CONFIGS[args.config]["batch"]
     mini = MinivitRunner(model_args, batch)
     reference = TorchRunner(torch, model_args, mini.model.state_dict(), mini.images, mini.labels,

@@ -1,12 +1,18 @@
 """`minivit bench`: it runs and reports its fields. No wall-clock assertions here, ever: the
 numbers are checked for presence and sanity (positive, consistent), not for speed."""
 
+import gc
 import json
 import sys
 
 import pytest
+from threadpoolctl import threadpool_info
 
+import minivit
 from minivit import bench, cli, cpu
+from minivit.errors import MinivitError
+from minivit.models import VisionTransformer, model_config
+from minivit.torch_reference import reference_vit
 
 
 def run_cli(capsys, *argv):
@@ -83,6 +89,7 @@ def test_profile_shows_where_the_time_goes(capsys):
     assert "SelfAttention.backward" in profile["ops"]
     assert "engine + Python (the rest)" in profile["groups"]
     assert "optimizer (AdamW)" in profile["groups"]
+    assert minivit.tensor._op_hook is None  # the profiler's hook is gone afterwards
 
 
 def test_float64(capsys):
@@ -126,8 +133,6 @@ def test_tf32_is_refused_on_the_cpu(capsys):
 @pytest.mark.parametrize("option, value", [("batch", 0), ("threads", 0), ("steps", 0),
                                            ("rounds", 0), ("warmup_steps", -1)])
 def test_run_benchmark_refuses_out_of_range_counts(option, value):
-    from minivit.errors import MinivitError
-
     flag = "--" + option.replace("_", "-")
     with pytest.raises(MinivitError, match=f"{flag} must be at least"):
         bench.run_benchmark(config="tiny", **{option: value})
@@ -140,28 +145,32 @@ def test_cuda_graph_is_refused_on_the_cpu(capsys):
 
 
 def test_torch_vit_has_minivits_parameter_names():
-    torch = pytest.importorskip("torch")
-    from minivit.models import VisionTransformer
-
-    args = bench.CONFIGS["tiny"]["model"]
+    pytest.importorskip("torch")
+    args = bench.config_model_args("tiny")
     ours = VisionTransformer(**args).state_dict()
-    theirs = bench.build_torch_vit(torch, args).state_dict()
+    theirs = reference_vit(args).state_dict()
     assert sorted(ours) == sorted(theirs)
     assert all(tuple(theirs[k].shape) == ours[k].shape for k in ours)
 
 
-def test_configurations_match_the_issue():
+def test_configurations_are_named_models():
+    digits = bench.config_model_args("digits")
+    assert {k: digits[k] for k in ("img_size", "patch_size", "in_chans", "num_classes",
+                                   "embed_dim", "depth", "num_heads")} == \
+        dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4,
+             num_heads=4)
     c = bench.CONFIGS
-    assert c["digits"]["model"] == dict(img_size=8, patch_size=2, in_chans=1, num_classes=10,
-                                        embed_dim=64, depth=4, num_heads=4)
-    assert c["cifar"]["model"]["embed_dim"] == 192 and c["cifar"]["batch"] == 128
-    assert c["vit_s16"]["model"]["embed_dim"] == 384 and c["vit_s16"]["batch"] == 64
-    assert c["vit_b16"]["model"]["embed_dim"] == 768 and c["vit_b16"]["batch"] == 64
+    for name, model in (("digits", "vit_digits"), ("cifar", "vit_cifar"),
+                        ("vit_s16", "vit_small_patch16_224"),
+                        ("vit_b16", "vit_base_patch16_224")):
+        assert c[name]["model"] == model and bench.config_model_args(name) == model_config(model)
+    assert c["cifar"]["batch"] == 128 and c["vit_s16"]["batch"] == c["vit_b16"]["batch"] == 64
+    assert bench.config_model_args("tiny")["embed_dim"] == 16
+    with pytest.raises(MinivitError, match="unknown bench configuration 'huge'; known: digits"):
+        bench.config_model_args("huge")
 
 
 def test_with_the_fast_paths_off_the_report_says_so_and_leaves_blas_alone(capsys):
-    from threadpoolctl import threadpool_info
-
     def blas_threads():
         return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
 
@@ -174,17 +183,15 @@ def test_with_the_fast_paths_off_the_report_says_so_and_leaves_blas_alone(capsys
     assert blas_threads() == before
 
 
-
 def test_timed_steps_run_with_the_garbage_collector_paused_and_restore_it():
-    import gc
     seen = []
     assert gc.isenabled()
-    times = bench._time_steps(lambda: seen.append(gc.isenabled()), 3)
+    times = bench.run._time_steps(lambda: seen.append(gc.isenabled()), 3)
     assert seen == [False, False, False] and len(times) == 3
     assert gc.isenabled()
     gc.disable()
     try:  # a caller that had it off keeps it off
-        bench._time_steps(lambda: None, 1)
+        bench.run._time_steps(lambda: None, 1)
         assert not gc.isenabled()
     finally:
         gc.enable()

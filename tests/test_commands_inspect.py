@@ -11,7 +11,8 @@ import minivit
 import minivit.functional.activation as activation
 import minivit.functional.attention as attention_module
 import minivit.functional.normalization as normalization
-import minivit.inspect
+import minivit.commands.attention as attention_command
+import minivit.commands.plot as plot_command
 from minivit.checkpoint import save_checkpoint
 from minivit.cli import main
 from minivit.inspect import attention_rollout
@@ -274,8 +275,9 @@ def figures(monkeypatch):
             return figure
         return wrapper
 
-    for name in ("plot_runs", "plot_grads", "save_attention_figure"):
-        monkeypatch.setattr(minivit.inspect, name, recording(getattr(minivit.inspect, name)))
+    for command, name in ((plot_command, "plot_runs"), (plot_command, "plot_grads"),
+                          (attention_command, "save_attention_figure")):
+        monkeypatch.setattr(command, name, recording(getattr(command, name)))
     return drawn
 
 

@@ -178,6 +178,54 @@ def test_detach_cuts_the_graph(backend):
     assert not y.requires_grad and y.is_leaf
 
 
+# -- the op hook (the profiler's) ---------------------------------------------------------------
+def test_op_hook_sees_every_forward_and_backward_and_changes_nothing():
+    rng = np.random.default_rng(0)
+    x0, w0 = rng.standard_normal((3, 4)), rng.standard_normal((4,))
+
+    def run():
+        x, w = Tensor(x0, requires_grad=True), Tensor(w0, requires_grad=True)
+        loss = F.gelu(x * w).sum()
+        loss.backward()
+        return loss.item(), x.grad, w.grad
+
+    calls = []
+
+    def hook(function, phase, method, arrays, options):
+        calls.append((type(function).__name__, phase))
+        return method(*arrays, **options)
+
+    plain = run()
+    with minivit.tensor.op_hook(hook) as given_hook:
+        hooked = run()
+    assert given_hook is hook
+    assert calls[:3] == [("Mul", "forward"), ("GELU", "forward"), ("Sum", "forward")]
+    assert sorted(calls[3:]) == sorted((name, "backward") for name, _ in calls[:3])
+    assert hooked[0] == plain[0]
+    for ours, theirs in zip(hooked[1:], plain[1:]):
+        np.testing.assert_array_equal(ours, theirs)
+    run()  # after the block the hook is gone
+    assert len(calls) == 6
+
+
+def test_op_hook_is_restored_after_an_error_and_when_nested():
+    outer = []
+
+    def hook(function, phase, method, arrays, options):
+        outer.append(phase)
+        return method(*arrays, **options)
+
+    def failing(function, phase, method, arrays, options):
+        raise RuntimeError("from the hook")
+
+    with minivit.tensor.op_hook(hook):
+        with pytest.raises(RuntimeError, match="from the hook"):
+            with minivit.tensor.op_hook(failing):
+                Tensor([1.0], requires_grad=True) * 2
+        Tensor([1.0], requires_grad=True) * 2  # the outer hook again
+    assert outer == ["forward"] and minivit.tensor._op_hook is None
+
+
 # -- backward misuse ----------------------------------------------------------------------------
 def test_backward_twice_through_a_freed_graph_raises(backend):
     x = leaf([1.0, 2.0])
@@ -549,6 +597,7 @@ def test_manual_seed_makes_dropout_repeatable(backend):
 
 
 def test_the_engine_does_not_import_torch():
-    code = ("import sys, minivit, minivit.functional, minivit.gradcheck; "
+    code = ("import sys, minivit, minivit.functional, minivit.gradcheck, minivit.cli, "
+            "minivit.bench, minivit.models, minivit.torch_reference; "
             "assert 'torch' not in sys.modules, 'minivit imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -7,6 +7,7 @@ import minivit
 import minivit.functional as F
 from minivit.errors import DTypeError, MinivitError, ShapeError, WeightsError
 from minivit.models import MODEL_CONFIGS, VisionTransformer, create_model
+from minivit.nn import Linear
 
 TIMM_PARAMETER_COUNTS = {
     "vit_tiny_patch16_224": 5_717_416,
@@ -120,6 +121,7 @@ def test_load_state_dict_strict_reports_every_problem():
         model.load_state_dict(state)
     text = str(error.value)
     assert "norm.weight" in text and "extra.weight" in text and "head.weight" in text
+    assert "does not fit the model" in text and "another num_classes" in text  # timm's check
 
 
 def test_non_strict_load_still_refuses_a_mis_shaped_key():
@@ -135,6 +137,23 @@ def test_non_strict_load_still_refuses_a_mis_shaped_key():
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert missing == ["head.weight"] and unexpected == []
     np.testing.assert_array_equal(model.pos_embed.numpy(), np.ones_like(before))
+
+
+def test_any_module_strict_load_names_every_problem_and_loads_nothing():
+    """A module other than the ViT gets the generic check (no timm hints)."""
+    layer = Linear(3, 2)
+    before = layer.weight.numpy()
+    state = {"weight": np.ones((2, 4), np.float32), "extra": np.zeros(1, np.float32)}
+    with pytest.raises(WeightsError) as error:
+        layer.load_state_dict(state)
+    text = str(error.value)
+    assert text.startswith("load_state_dict: 1 mis-shaped key(s), 1 missing, 1 unexpected")
+    assert "missing bias" in text and "unexpected extra" in text
+    assert "weight: expected (2, 3), got (2, 4)" in text and "timm" not in text
+    np.testing.assert_array_equal(layer.weight.numpy(), before)
+    state = {"weight": np.ones((2, 3), np.float32), "extra": np.zeros(1, np.float32)}
+    assert layer.load_state_dict(state, strict=False) == (["bias"], ["extra"])
+    np.testing.assert_array_equal(layer.weight.numpy(), np.ones((2, 3)))
 
 
 def test_load_state_dict_copies_in_place():

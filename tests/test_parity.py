@@ -1,5 +1,5 @@
 """Parity with PyTorch: the same weights give the same logits and gradients as a timm-layout
-ViT written in PyTorch (tests/reference_vit.py), and weights move between the two exactly.
+ViT written in PyTorch (minivit.torch_reference), and weights move between the two exactly.
 
 Relative errors are measured against the reference's scale: max|ours - ref| / max|ref|, per
 array (per parameter gradient). Weights are redrawn so that nothing is trivially zero or one:
@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 import minivit  # noqa: E402
 import minivit.functional as F  # noqa: E402
 from minivit import Tensor  # noqa: E402
-from minivit.io import load_weights, resample_abs_pos_embed, save_weights  # noqa: E402
-from minivit.models import VisionTransformer  # noqa: E402
-from minivit.pretrained import load_pretrained, save_torch_weights  # noqa: E402
-from reference_vit import reference_from_config, resample_pos_embed_torch  # noqa: E402
+from minivit.io import load_weights, save_weights  # noqa: E402
+from minivit.models import (VisionTransformer, load_pretrained, resample_abs_pos_embed,  # noqa: E402
+                            save_torch_weights)
+from minivit.torch_reference import reference_vit, resample_pos_embed_torch  # noqa: E402
 
 CONFIGS = {
     "p4-32x32-rgb": dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48,
@@ -78,7 +78,7 @@ def make_pair(config, dtype, seed=0):
     minivit.manual_seed(seed)
     model = VisionTransformer(**config).to(dtype=dtype)
     randomize(model, seed)
-    reference = reference_from_config(model.config).to(getattr(torch, dtype))
+    reference = reference_vit(model.config).to(getattr(torch, dtype))
     reference.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()},
                               strict=True)
     return model, reference
@@ -163,7 +163,7 @@ def test_minivit_weights_load_into_reference_and_back(tmp_path, suffix, dtype):
         save_weights(state, path)
         torch_state = {k: torch.from_numpy(v) for k, v in load_weights(path)[0].items()}
     # minivit -> file -> PyTorch
-    reference = reference_from_config(model.config).to(getattr(torch, dtype))
+    reference = reference_vit(model.config).to(getattr(torch, dtype))
     reference.load_state_dict(torch_state, strict=True)
     assert _bits({k: v.numpy() for k, v in reference.state_dict().items()}) == _bits(state)
     x = images(config, dtype)
@@ -199,7 +199,7 @@ def test_file_round_trip_is_bit_exact(tmp_path, suffix):
 
 
 def test_reference_keys_are_timms():
-    reference = reference_from_config(dict(CONFIGS["p4-32x32-rgb"], qkv_bias=True))
+    reference = reference_vit(dict(CONFIGS["p4-32x32-rgb"], qkv_bias=True))
     keys = list(reference.state_dict())
     assert keys[:4] == ["cls_token", "pos_embed", "patch_embed.proj.weight",
                         "patch_embed.proj.bias"]
@@ -252,7 +252,7 @@ def test_model_at_another_size_matches_reference(tmp_path, new_size):
     grid = new_size // 4
     ref_state = {k: torch.from_numpy(v) for k, v in model.state_dict().items()}
     ref_state["pos_embed"] = resample_pos_embed_torch(ref_state["pos_embed"], (grid, grid), (8, 8))
-    reference = reference_from_config(resized.config).double()
+    reference = reference_vit(resized.config).double()
     reference.load_state_dict(ref_state, strict=True)
     x = images(dict(config, img_size=new_size), "float64")
     with minivit.no_grad():

@@ -14,8 +14,7 @@ from minivit.checkpoint import save_checkpoint
 from minivit.cli import main
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
-from minivit.models import VisionTransformer, create_model
-from minivit.pretrained import PretrainedWarning, load_pretrained
+from minivit.models import PretrainedWarning, VisionTransformer, create_model, load_pretrained
 
 SMALL = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=1,
              num_heads=2)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import minivit
-from minivit.checkpoint import find_checkpoint, model_from_checkpoint, read_checkpoint
+from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.cli import main
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import load_weights
+from minivit.models import model_from_checkpoint
 from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, train
 
 # A small, quick configuration: 2-block digits model, a few epochs.
@@ -267,9 +268,9 @@ def test_nothing_left_to_train_is_a_clear_cli_error(tmp_path, capsys):
 
 
 def test_ctrl_c_names_the_kept_checkpoint_and_how_to_resume(tmp_path, capsys, monkeypatch):
-    import minivit.train as train_module
+    import minivit.commands.train as train_command
 
-    real_train = train_module.train
+    real_train = train_command.train
 
     def interrupted_in_second_epoch(config, on_epoch_end=None):
         def end(epoch, summary):
@@ -278,7 +279,7 @@ def test_ctrl_c_names_the_kept_checkpoint_and_how_to_resume(tmp_path, capsys, mo
 
         return real_train(config, on_epoch_end=end)
 
-    monkeypatch.setattr(train_module, "train", interrupted_in_second_epoch)
+    monkeypatch.setattr(train_command, "train", interrupted_in_second_epoch)
     run_dir = tmp_path / "run"
     argv = ["train", "--epochs", "3", "--batch-size", "256", "--out", str(run_dir), "--quiet"]
     assert main(argv) == 130

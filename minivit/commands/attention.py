@@ -6,6 +6,20 @@ averaged, identity added for the residual path, rows renormalised, layers multip
 laid over the input. Prints the predicted class.
 """
 
+from pathlib import Path
+
+import numpy as np
+
+import minivit.functional as F
+from minivit import backend
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.data import load_dataset
+from minivit.errors import MinivitError
+from minivit.images import image_names, read_images
+from minivit.inspect import attention_rollout, cls_attention_maps, save_attention_figure
+from minivit.models import model_from_checkpoint
+from minivit.tensor import Tensor, no_grad
+
 EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), channels first or
 last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
 PNG/JPEG. Images are converted to the model's channels and resized (bicubic) to its image size;
@@ -22,8 +36,6 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    from minivit.commands.common import add_backend_flags, command_parser
-
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
                    help="a checkpoint file, or a run folder (its best checkpoint)")
@@ -47,16 +59,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    import numpy as np
-
-    import minivit.functional as F
-    from minivit import backend
-    from minivit.checkpoint import model_from_checkpoint
-    from minivit.commands.common import apply_backend
-    from minivit.errors import MinivitError
-    from minivit.inspect import attention_rollout, cls_attention_maps, save_attention_figure
-    from minivit.tensor import Tensor, no_grad
-
     if bool(args.images) == bool(args.index):
         raise MinivitError("give image files or --index N (one of the two)")
     if not 0.0 <= args.discard_ratio < 1.0:
@@ -98,9 +100,6 @@ def run(args):
 def _dataset_samples(info, args):
     """(images (B, C, H, W) in [0, 1], labels, tags, stems) of --index from the checkpoint's
     dataset."""
-    from minivit.data import load_dataset
-    from minivit.errors import MinivitError
-
     if not info.get("dataset"):
         raise MinivitError("the checkpoint names no dataset: give image files instead of --index")
     dataset = load_dataset(info["dataset"], args.split, args.data_dir)
@@ -118,12 +117,6 @@ def _dataset_samples(info, args):
 def _file_samples(model, args):
     """(images (B, C, H, W) in [0, 1], labels, tags, stems) of the image files; a batch file
     gives one of each per image."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from minivit.images import image_names, read_images
-
     channels, size = model.patch_embed.in_chans, model.patch_embed.img_size
     batches = [read_images(path, channels, size) for path in args.images]
     tags = [tag for path, batch in zip(args.images, batches)
@@ -137,8 +130,6 @@ def _unique_stems(paths, counts):
     """One output-name stem per image (b_0, b_1, ... for a batch), unique: from each file's stem
     (img), else its name (img_npy for img.npy and img.png), else its folder and name (in_img_npy
     for in/img.npy and out/img.npy), else its name and the image's number (img_npy_3)."""
-    from minivit.images import image_names
-
     def name(path):
         return path.name.replace(".", "_")
 
@@ -158,10 +149,6 @@ def _unique_stems(paths, counts):
 
 def _output_paths(args, stems):
     """One PNG path per image: --out (with _<stem> added for several), else a default name."""
-    from pathlib import Path
-
-    from minivit.errors import MinivitError
-
     if args.out is None:
         if args.index:
             return [Path(f"attention_{args.split}_{stem}.png") for stem in stems]

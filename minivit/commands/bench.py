@@ -1,15 +1,17 @@
 """minivit bench: training/inference images/s, FLOP/s and peak memory, optionally side by side
 with PyTorch."""
 
+import sys
 
+from minivit.bench import CONFIGS, format_report, main_json, run_benchmark
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
 
-EPILOG = """configurations (--config):
-  digits   8x8x1 images, patch 2, D 64, depth 4, 4 heads, batch 128, 10 classes
-  cifar    32x32x3, patch 4, D 192, depth 6, 3 heads, batch 128, 10 classes
-  vit_s16  ViT-S/16 at 224, batch 64, 1000 classes
-  vit_b16  ViT-B/16 at 224, batch 64, 1000 classes
-  tiny     a few-millisecond model, for smoke tests
+EPILOG = """configurations (--config), each a model of `minivit info --list`:
+  digits   vit_digits: 8x8x1 images, patch 2, D 64, depth 4, 4 heads, 10 classes; batch 128
+  cifar    vit_cifar: 32x32x3, patch 4, D 192, depth 6, 3 heads, 10 classes; batch 128
+  vit_s16  vit_small_patch16_224 (ViT-S/16 at 224, 1000 classes); batch 64
+  vit_b16  vit_base_patch16_224 (ViT-B/16 at 224, 1000 classes); batch 64
+  tiny     vit_digits at patch 4, D 16, depth 1, 2 heads, 5 classes: for smoke tests; batch 8
 
 A training step is forward + cross-entropy + backward + AdamW step; inference is a no-grad
 forward in eval mode; both on one fixed random batch. FLOP/s counts 2 x MACs per image forward
@@ -45,8 +47,6 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    from minivit.bench import CONFIGS
-
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--config", choices=tuple(CONFIGS), default="digits",
                    help="named configuration (default: %(default)s)")
@@ -82,10 +82,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    import sys
-
-    from minivit.bench import format_report, main_json, run_benchmark
-
     backend_name = apply_backend(args)
     modes = ("train", "infer") if args.mode == "both" else (args.mode,)
     log = None if args.quiet or args.json else (lambda message: print(message, file=sys.stderr,

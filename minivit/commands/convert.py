@@ -1,7 +1,11 @@
 """minivit convert: weights between .safetensors, .npz and PyTorch .pth/.pt/.bin."""
 
-from minivit.commands.common import command_parser
+from pathlib import Path
 
+from minivit import io
+from minivit.commands.common import command_parser
+from minivit.errors import WeightsError
+from minivit.models import save_torch_weights
 
 EPILOG = """examples:
   minivit convert vit_base_patch16_224.pth vit_base_patch16_224.safetensors
@@ -24,12 +28,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from pathlib import Path
-
-    from minivit import io
-    from minivit.errors import WeightsError
-    from minivit.pretrained import save_torch_weights
-
     src, dst = Path(args.src), Path(args.dst)
     suffix = dst.suffix.lower()
     if suffix not in io.SAVE_SUFFIXES + io.TORCH_SUFFIXES:

@@ -1,6 +1,11 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.data import DataLoader, load_dataset
+from minivit.data.pipeline import folder_eval_loader
+from minivit.errors import MinivitError
+from minivit.models import model_from_checkpoint
+from minivit.train import evaluate
 
 
 def add_parser(subparsers, name, help_text):
@@ -18,11 +23,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from minivit.checkpoint import model_from_checkpoint
-    from minivit.data import DataLoader, load_dataset
-    from minivit.errors import MinivitError
-    from minivit.train import evaluate
-
     apply_backend(args)
     model, info = model_from_checkpoint(args.checkpoint, ema=args.ema)
     model.to(dtype=args.dtype)
@@ -46,9 +46,6 @@ def run(args):
 
 def _evaluate_folder(model, info, args):
     """Evaluate a checkpoint on the image folder (and split) it was trained on."""
-    from minivit.data.pipeline import folder_eval_loader
-    from minivit.train import evaluate
-
     loader, split = folder_eval_loader(info, args.split, args.data_dir, args.batch_size)
     loss, accuracy = evaluate(model, loader, args.dtype)
     print(f"{split.name}: {len(split)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")

@@ -1,7 +1,10 @@
 """minivit gradcheck: every hand-written backward against central finite differences."""
 
+import time
+
 from minivit import backend
-from minivit.commands.common import command_parser, number
+from minivit.commands.common import apply_backend, command_parser, number
+from minivit.inspect.opchecks import OP_CHECKS, get_check, run_check
 
 EPILOG = """Each op gets random inputs and a random upstream gradient (float64, drawn from --seed);
 its analytic vector-Jacobian product is compared with central differences of <v, f(x)>,
@@ -32,11 +35,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    import time
-
-    from minivit.commands.common import apply_backend
-    from minivit.inspect.opchecks import OP_CHECKS, get_check, run_check
-
     if args.list:
         width = max(map(len, OP_CHECKS))
         for name, check in OP_CHECKS.items():

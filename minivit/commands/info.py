@@ -1,7 +1,13 @@
 """minivit info: parameters, tokens, attention size, MACs/FLOPs and activation memory of a
 named model or a checkpoint, computed from the configuration (nothing is run)."""
 
+from pathlib import Path
+
+from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.commands.common import command_parser, number
+from minivit.errors import MinivitError
+from minivit.inspect import format_cost, model_cost
+from minivit.models import MODEL_CONFIGS, model_config
 
 EPILOG = """MACs count the matrix products only (fvcore/timm convention; see minivit.inspect.cost);
 FLOPs = 2 x MACs; a training step ~ 3 x the forward FLOPs. Activation memory is what a float32
@@ -27,9 +33,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from minivit.errors import MinivitError
-    from minivit.inspect import format_cost, model_cost
-
     if args.list:
         print(list_models())
         return 0
@@ -49,19 +52,12 @@ def run(args):
 def resolve_config(name_or_path):
     """(VisionTransformer arguments, a header line or None) for a model name, a checkpoint file
     or a run folder."""
-    from pathlib import Path
-
-    from minivit.errors import MinivitError
-    from minivit.models import MODEL_CONFIGS, model_config
-
     if name_or_path in MODEL_CONFIGS:
         return model_config(name_or_path), None
     path = Path(name_or_path)
     if not path.exists():
         raise MinivitError(f"{name_or_path!r} is neither a model name nor a checkpoint or run "
                            f"folder; known models: {', '.join(MODEL_CONFIGS)}")
-    from minivit.checkpoint import find_checkpoint, read_checkpoint
-
     if path.is_dir():
         path = find_checkpoint(path)
     state, _, info = read_checkpoint(path)
@@ -77,9 +73,6 @@ def resolve_config(name_or_path):
 
 def list_models():
     """A table of the named models: image size, patch, width, depth, heads, classes, params."""
-    from minivit.inspect import model_cost
-    from minivit.models import MODEL_CONFIGS, model_config
-
     rows = [("model", "image", "patch", "dim", "depth", "heads", "classes", "params", "GMACs")]
     for name in MODEL_CONFIGS:
         config = model_config(name)

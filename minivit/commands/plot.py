@@ -1,6 +1,10 @@
 """minivit plot: loss/accuracy/learning-rate curves of run folders, or their gradient norms."""
 
+from pathlib import Path
+
 from minivit.commands.common import command_parser
+from minivit.errors import MinivitError
+from minivit.inspect import plot_grads, plot_runs
 
 EPILOG = """Reads RUN_DIR/metrics.jsonl (written by minivit train). Several runs go on one figure,
 one colour per run, one line style per split (train, test). --grads draws instead the
@@ -28,11 +32,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    from pathlib import Path
-
-    from minivit.errors import MinivitError
-    from minivit.inspect import plot_grads, plot_runs
-
     for run_dir in args.runs:
         if not Path(run_dir).exists():
             raise MinivitError(f"no such run folder: {run_dir}")
@@ -60,15 +59,11 @@ def run(args):
 
 def _folder(run_dir):
     """The run folder of RUN_DIR or of RUN_DIR/metrics.jsonl."""
-    from pathlib import Path
-
     path = Path(run_dir)
     return path.parent if path.is_file() else path
 
 
 def _prepare(out):
-    from minivit.errors import MinivitError
-
     if out.suffix.lower() != ".png":
         raise MinivitError(f"--out must name a .png file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)

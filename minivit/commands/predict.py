@@ -1,7 +1,16 @@
 """minivit predict: classify image files with a minivit checkpoint or timm/ImageNet weights."""
 
+import sys
 
+import numpy as np
+
+from minivit import backend
 from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
+from minivit.errors import MinivitError
+from minivit.images import image_names, read_images
+from minivit.models import (checkpoint_num_classes, create_model, load_pretrained,
+                            model_from_checkpoint, read_state_dict)
+from minivit.tensor import no_grad
 
 EPILOG = """examples:
   minivit predict --checkpoint runs/latest digit.npy batch.npy photo.png
@@ -48,11 +57,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def run(args):
-    import sys
-
-    from minivit.errors import MinivitError
-    from minivit.images import image_names, read_images
-
     if args.weights is not None and args.model is None:
         raise MinivitError("--weights needs --model NAME (the configuration the weights were "
                            "trained with, e.g. vit_base_patch16_224)")
@@ -93,8 +97,6 @@ def run(args):
 
 # -- models --------------------------------------------------------------------------------------
 def _from_checkpoint(args, note):
-    from minivit.checkpoint import model_from_checkpoint
-
     model, info = model_from_checkpoint(args.checkpoint)
     if args.img_size is not None and (args.img_size,) * 2 != model.patch_embed.img_size:
         model.resample_pos_embed(args.img_size)
@@ -108,9 +110,6 @@ def _from_checkpoint(args, note):
 
 
 def _from_weights(args, note):
-    from minivit.models import create_model
-    from minivit.pretrained import checkpoint_num_classes, load_pretrained, read_state_dict
-
     state, metadata, source = read_state_dict(args.weights)
     num_classes = args.num_classes
     if num_classes is None:
@@ -128,8 +127,6 @@ def _from_weights(args, note):
 
 
 def _read_labels(path, num_classes):
-    from minivit.errors import MinivitError
-
     try:
         with open(path, encoding="utf-8") as file:
             names = [line.strip() for line in file.read().splitlines()]
@@ -149,12 +146,6 @@ def _read_labels(path, num_classes):
 # -- inference -----------------------------------------------------------------------------------
 def _predict(model, images, mean, std, dtype, batch_size):
     """Softmax probabilities (N, classes), float64 on the host."""
-    import numpy as np
-
-    from minivit import backend
-    from minivit.errors import MinivitError
-    from minivit.tensor import no_grad
-
     channels = images[0].shape[0]
     if len(mean) != channels or len(std) != channels:
         raise MinivitError(f"normalisation has {len(mean)} mean / {len(std)} std values for "

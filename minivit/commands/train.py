@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit import distributed as dist
+from minivit.commands.common import add_backend_flags, apply_backend, command_parser, number
+from minivit.errors import MinivitError
+from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, saved_config, train
 
 EPILOG = """examples:
   minivit train                                   tiny ViT on the embedded 8x8 digits (CPU)
@@ -33,15 +37,11 @@ FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest
 
 def _per_optimizer(option):
     """'0.002 with adamw, 0.1 with sgd': an option's default for each optimizer."""
-    from minivit.train import OPTIMIZER_DEFAULTS
-
     return ", ".join(f"{values[option]:g} with {name}"
                      for name, values in OPTIMIZER_DEFAULTS.items())
 
 
 def add_parser(subparsers, name, help_text):
-    from minivit.train import TrainConfig
-
     defaults = TrainConfig()
     p = command_parser(subparsers, name, help_text, EPILOG)
     data = p.add_argument_group("data")
@@ -115,8 +115,6 @@ def add_parser(subparsers, name, help_text):
 
 
 def add_folder_flags(group):
-    from minivit.commands.common import number
-
     group.add_argument("--val-fraction", type=float, default=None, metavar="F",
                        help="folder without train/ and val/: hold out this seeded share of "
                             "each class folder for validation")
@@ -175,8 +173,6 @@ def _check_resumed_options(run_dir, saved, given):
         else:
             differing.append(f"{flag} {value} (saved: {kept})")
     if differing:
-        from minivit.errors import MinivitError
-
         raise MinivitError(f"--resume continues {run_dir} with the configuration saved in its "
                            f"config.json, and these options differ from it: "
                            f"{', '.join(differing)}. Leave them out to continue the run as it "
@@ -185,9 +181,6 @@ def _check_resumed_options(run_dir, saved, given):
 
 
 def run(args):
-    from minivit.errors import MinivitError
-    from minivit.train import TrainConfig, epochs_text, saved_config, train
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items()
              if k in fields - RUN_CONTROL and v is not None}  # before apply_backend fills it
@@ -207,8 +200,8 @@ def run(args):
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
     except KeyboardInterrupt:
-        import sys
-
+        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
+            return 130
         if finished or config.resume:
             kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
@@ -217,6 +210,8 @@ def run(args):
             print("minivit train: interrupted during the first epoch; no checkpoint was written",
                   file=sys.stderr)
         return 130
+    if not dist.is_main():  # under mpiexec: rank 0 reports
+        return 0
     ema = f"; EMA weights {summary['ema_accuracy']:.4f}" if "ema_accuracy" in summary else ""
     print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}"
           f"{ema}) after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "

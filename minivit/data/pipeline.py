@@ -139,6 +139,10 @@ class FolderImages:
     def __call__(self, indices, rng):
         return np.stack([self.read(self.paths[i], rng) for i in indices])
 
+    def part(self, start, stop):
+        return FolderImages(self.paths[start:stop], self.channels, self.size, self.train,
+                            self.crop_pct, self.min_scale)
+
 
 class ArrayImages:
     """`source(indices, rng)` from an in-memory ArrayDataset, with its augmentation."""
@@ -151,6 +155,9 @@ class ArrayImages:
         if self.augment is not None:
             x = np.ascontiguousarray(self.augment(x, rng), np.float32)
         return x
+
+    def part(self, start, stop):
+        return ArrayImages(self.images[start:stop], self.augment)
 
 
 class BatchMaker:
@@ -186,9 +193,10 @@ def default_workers(dataset):
     return min(4, os.cpu_count() or 1) if dataset == "folder" else 0
 
 
-def build_loaders(config, model_image_size, model_channels):
+def build_loaders(config, model_image_size, model_channels, test_part=None):
     """(train_loader, test_loader, DataFacts) for a TrainConfig. Image folders are read at the
-    model's size and channels; the built-in datasets at their own."""
+    model's size and channels; the built-in datasets at their own. test_part: a function
+    (count) -> (start, stop) choosing this process's part of the test set (data parallel)."""
     workers = default_workers(config.dataset) if config.workers is None else config.workers
     if config.dataset == "folder":
         splits = load_image_folder(config.data_dir, config.val_fraction, config.seed,
@@ -214,6 +222,9 @@ def build_loaders(config, model_image_size, model_channels):
         class_names, skipped, augmented = train_set.class_names, [], augment is not None
         train_labels, test_labels = train_set.labels, test_set.labels
     num_classes = len(class_names)
+    if test_part is not None:
+        start, stop = test_part(len(test_labels))
+        test_source, test_labels = test_source.part(start, stop), test_labels[start:stop]
     mixup = None
     if config.mixup or config.cutmix:
         mixup = Mixup(num_classes, config.mixup, config.cutmix,

@@ -39,6 +39,7 @@ class WorkerLoader:
         self.make_batch, self.shuffle, self.seed = make_batch, shuffle, int(seed)
         self.drop_last, self.workers, self.prefetch = drop_last, int(workers), max(1, prefetch)
         self.epoch = 0
+        self.dataset = range(self.num_samples)  # the sample indices (data parallel checks len)
 
     def set_epoch(self, epoch):
         """Make the next pass epoch `epoch`."""

@@ -5,8 +5,16 @@ position embedding, pre-norm blocks, final LayerNorm and a linear head on the cl
 timm weights load by name.
 """
 
+from pathlib import Path
+
 import minivit.functional as F
-from minivit.errors import MinivitError, ShapeError
+from minivit import backend
+from minivit.checkpoint import find_checkpoint, read_checkpoint_parts
+from minivit.ema import EMA_PREFIX
+from minivit.errors import MinivitError, ShapeError, WeightsError
+from minivit.models.pos_embed import resample_abs_pos_embed
+from minivit.models.pretrained import load_pretrained
+from minivit.models.timm_keys import check_state_dict
 from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
 
@@ -96,9 +104,6 @@ class VisionTransformer(Module):
         """Change the input image size in place: the patch grid becomes img_size / patch_size
         and pos_embed's patch part is resized to it (bicubic, as timm; the class token's entry
         is kept). Make the optimizer afterwards: pos_embed gets a new array."""
-        from minivit import backend
-        from minivit.io import resample_abs_pos_embed
-
         patch_embed = self.patch_embed
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         patch = patch_embed.patch_size
@@ -115,6 +120,14 @@ class VisionTransformer(Module):
         patch_embed.num_patches = grid[0] * grid[1]
         self.config["img_size"] = img_size if isinstance(img_size, int) else list(size)
         return self
+
+    def load_state_dict(self, state, strict=True):
+        """Module.load_state_dict; strict, a state dict that does not fit is reported against
+        timm's names (options minivit lacks named, hints for another image size or head)."""
+        if strict:
+            check_state_dict({name: tuple(p.shape) for name, p in self.named_parameters()},
+                             state)
+        return super().load_state_dict(state, strict)
 
     def extra_repr(self):
         return ", ".join(f"{key}={value}" for key, value in self.config.items())
@@ -163,11 +176,27 @@ def create_model(name, pretrained=None, **overrides):
     """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
     num_classes=10). Seed with minivit.manual_seed for reproducible weights.
     pretrained=PATH (or a state dict) loads timm/minivit weights with
-    minivit.pretrained.load_pretrained (pos_embed resampled to img_size, head kept fresh when
+    minivit.models.load_pretrained (pos_embed resampled to img_size, head kept fresh when
     num_classes differs, with a warning)."""
     model = VisionTransformer(**model_config(name, **overrides))
     if pretrained is not None:
-        from minivit.pretrained import load_pretrained
-
         load_pretrained(model, pretrained)
     return model
+
+
+def model_from_checkpoint(path, ema=False):
+    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
+    loaded (with ema=True, the moving average of the weights), in eval mode, on the current
+    backend."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path)
+    model_state, _, ema_arrays, info = read_checkpoint_parts(path)
+    if ema:
+        if not ema_arrays:
+            raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
+                               f"without --ema; leave out --ema to use its weights")
+        model_state = {k[len(EMA_PREFIX):]: v for k, v in ema_arrays.items()}
+    model = VisionTransformer(**info["model_config"])
+    model.load_state_dict(model_state)
+    return model.eval(), info

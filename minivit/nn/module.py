@@ -4,9 +4,20 @@ from collections import OrderedDict
 
 import numpy as np
 
-from minivit import backend
+from minivit import backend as backends
 from minivit.errors import WeightsError
 from minivit.tensor import Tensor
+
+
+def state_dict_mismatch(expected, state):
+    """(missing, unexpected, misshaped) of a state dict against ``expected`` (name -> shape):
+    key lists, and (name, expected shape, shape found) for each key of the wrong shape."""
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    misshaped = [(name, tuple(shape), tuple(np.shape(state[name])))
+                 for name, shape in expected.items()
+                 if name in state and tuple(np.shape(state[name])) != tuple(shape)]
+    return missing, unexpected, misshaped
 
 
 class Parameter(Tensor):
@@ -76,8 +87,6 @@ class Module:
     def to(self, backend=None, dtype=None):
         """Move every parameter to another backend ("numpy"/"cupy") and/or dtype, in place.
         Do this before creating the optimizer (it keeps views of the parameters)."""
-        from minivit import backend as backends
-
         for parameter in self.parameters():
             data = backends.to_backend(parameter.data, backend)
             parameter.data = data.astype(dtype, copy=False) if dtype is not None else data
@@ -87,7 +96,7 @@ class Module:
     # -- state dict -----------------------------------------------------------------------------
     def state_dict(self):
         """An ordered dict of host NumPy copies, keyed by parameter path (timm's names)."""
-        return OrderedDict((name, np.array(backend.to_numpy(p.data)))
+        return OrderedDict((name, np.array(backends.to_numpy(p.data)))
                            for name, p in self.named_parameters())
 
     def load_state_dict(self, state, strict=True):
@@ -97,24 +106,21 @@ class Module:
         WeightsError. strict=False: missing and unexpected keys are allowed and returned as
         (missing, unexpected); a mis-shaped key is still a WeightsError (as in PyTorch), and
         nothing is loaded then."""
-        from minivit.io import check_state_dict
-
         parameters = dict(self.named_parameters())
         expected = {name: tuple(p.shape) for name, p in parameters.items()}
-        if strict:
-            check_state_dict(expected, state)
-        misshaped = [f"{name}: expected {expected[name]}, got {tuple(np.shape(state[name]))}"
-                     for name in parameters
-                     if name in state and tuple(np.shape(state[name])) != expected[name]]
-        if misshaped:
-            raise WeightsError(f"load_state_dict: {len(misshaped)} mis-shaped key(s), nothing "
-                               f"loaded: {'; '.join(misshaped)}")
-        missing = [name for name in parameters if name not in state]
-        unexpected = [name for name in state if name not in parameters]
+        missing, unexpected, misshaped = state_dict_mismatch(expected, state)
+        if strict and (missing or unexpected) or misshaped:
+            problems = [f"missing {', '.join(missing)}"] if strict and missing else []
+            problems += [f"unexpected {', '.join(unexpected)}"] if strict and unexpected else []
+            problems += [f"{name}: expected {want}, got {got}" for name, want, got in misshaped]
+            raise WeightsError(f"load_state_dict: {len(misshaped)} mis-shaped key(s)"
+                               + (f", {len(missing)} missing, {len(unexpected)} unexpected"
+                                  if strict else "")
+                               + f", nothing loaded: {'; '.join(problems)}")
         for name, parameter in parameters.items():
             if name in state:
-                value = backend.to_backend(np.asarray(backend.to_numpy(state[name])),
-                                           parameter.backend)
+                value = backends.to_backend(np.asarray(backends.to_numpy(state[name])),
+                                            parameter.backend)
                 parameter.data[...] = value.astype(parameter.dtype, copy=False)
         return missing, unexpected
 

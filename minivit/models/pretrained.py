@@ -18,6 +18,7 @@ Every other difference (missing, unexpected or mis-shaped keys, options minivit 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -26,16 +27,15 @@ from typing import Callable, Mapping
 import numpy as np
 
 from minivit import io
+from minivit.checkpoint import METADATA_KEY, TRAINING_PREFIXES
 from minivit.errors import WeightsError
+from minivit.models.pos_embed import resample_abs_pos_embed
+from minivit.models.timm_keys import check_state_dict
+from minivit.tensor import Tensor
 
 __all__ = ["PretrainedWarning", "load_pretrained", "read_state_dict", "save_torch_weights",
            "checkpoint_num_classes"]
 
-# The key training checkpoints keep their JSON metadata under, and the prefixes of their
-# optimizer buffers and averaged weights (minivit.checkpoint's constants; repeated to keep this
-# module free of the training code).
-_CHECKPOINT_METADATA_KEY = "minivit"
-_TRAINING_PREFIXES = ("optimizer.", "ema.")
 _TORCH_HINT = "pip install 'minivit[parity]' (or torch)"
 
 
@@ -62,14 +62,12 @@ def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str
     else:
         raise WeightsError(f"expected a weights file path or a state dict (name -> array), "
                            f"got a {type(path_or_state).__name__}")
-    if _CHECKPOINT_METADATA_KEY in metadata:
-        state = {k: v for k, v in state.items() if not k.startswith(_TRAINING_PREFIXES)}
+    if METADATA_KEY in metadata:
+        state = {k: v for k, v in state.items() if not k.startswith(TRAINING_PREFIXES)}
     return io.strip_prefixes(state), metadata, source
 
 
 def _to_numpy(name, value) -> np.ndarray:
-    from minivit.tensor import Tensor
-
     if isinstance(value, Tensor):  # minivit's own (it has .detach too, but no .cpu)
         return value.numpy()
     if hasattr(value, "detach"):  # a torch tensor
@@ -115,7 +113,7 @@ def load_pretrained(model, path_or_state, strict: bool = True,
     source = file_source if source is None else source
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     if not any(k in state for k in expected):
-        io.check_state_dict(expected, state, source=source)  # "does not look like a timm ViT"
+        check_state_dict(expected, state, source=source)  # "does not look like a timm ViT"
     notes = []
     state = dict(state)
 
@@ -127,7 +125,7 @@ def load_pretrained(model, path_or_state, strict: bool = True,
         old_grid = _checkpoint_grid(pos.shape[1] - 1, metadata)
         if old_grid is not None:
             new_grid = tuple(model.patch_embed.grid_size)
-            state["pos_embed"] = io.resample_abs_pos_embed(pos, new_grid, old_grid)
+            state["pos_embed"] = resample_abs_pos_embed(pos, new_grid, old_grid)
             notes.append(f"resampled pos_embed from a {old_grid[0]}x{old_grid[1]} to a "
                          f"{new_grid[0]}x{new_grid[1]} patch grid (bicubic) for image size "
                          f"{_size_text(model.patch_embed.img_size)}")
@@ -151,7 +149,7 @@ def load_pretrained(model, path_or_state, strict: bool = True,
                          "no head (num_classes=0)")
 
     if strict:
-        io.check_state_dict(expected, state, source=source)
+        check_state_dict(expected, state, source=source)
     else:
         skipped = [k for k in state
                    if k not in expected or tuple(np.shape(state[k])) != expected[k]]
@@ -176,11 +174,9 @@ def _checkpoint_grid(num_patches: int, metadata: Mapping[str, str]) -> tuple[int
     for s in (side - 1, side, side + 1):
         if s > 0 and s * s == num_patches:
             return (s, s)
-    if _CHECKPOINT_METADATA_KEY in metadata:
-        import json
-
+    if METADATA_KEY in metadata:
         try:
-            config = json.loads(metadata[_CHECKPOINT_METADATA_KEY])["model_config"]
+            config = json.loads(metadata[METADATA_KEY])["model_config"]
             size, patch = config["img_size"], config["patch_size"]
             size = (size, size) if isinstance(size, int) else tuple(size)
             grid = (size[0] // patch, size[1] // patch)

@@ -1,0 +1,73 @@
+"""`minivit train` for tests/test_distributed.py, run by mpiexec: python distributed_runner.py ARGS.
+
+On every rank but 0 an audit hook refuses (and reports) any write under --out: only rank 0
+may write the run folder. MINIVIT_TEST_FAIL="RANK:STEP:KIND" makes rank RANK fail at its
+STEP-th training step (counted from 1 over the whole run): KIND "raise" raises an exception,
+"nan" returns a NaN loss as a diverged step would. Rank 0 ends by printing the transport.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import minivit.train
+from minivit import distributed as dist
+from minivit.cli import main
+
+RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def refuse_writes_under(folder):
+    def hook(event, args):
+        if event == "open" and args[0] is not None:
+            mode, flags = args[1], args[2]
+            writes = any(c in mode for c in "wxa+") if mode else bool(flags & WRITE_FLAGS)
+            paths = [args[0]] if writes else []
+        elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate"):
+            paths = [args[0], args[1]] if event == "os.rename" else [args[0]]
+        else:
+            return
+        for path in paths:
+            if isinstance(path, (str, bytes, os.PathLike)) and Path(os.fsdecode(path)).resolve(
+                    ).is_relative_to(folder):
+                raise PermissionError(f"rank {RANK} wrote {path} ({event}): only rank 0 may "
+                                      f"write the run folder")
+
+    sys.addaudithook(hook)
+
+
+def fail_at(step_number, kind):
+    make_step = minivit.train.training_step
+
+    def failing_training_step(model, optimizer, config):
+        step, calls = make_step(model, optimizer, config), []
+
+        def maybe_failing(x, y):
+            calls.append(1)
+            loss, logits = step(x, y)
+            if len(calls) == step_number:
+                if kind == "raise":
+                    raise RuntimeError(f"injected failure at step {step_number}")
+                loss = np.float64("nan")
+            return loss, logits
+        return maybe_failing
+
+    minivit.train.training_step = failing_training_step
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if RANK != 0:
+        refuse_writes_under(Path(argv[argv.index("--out") + 1]).resolve())
+    failing = os.environ.get("MINIVIT_TEST_FAIL")
+    if failing:
+        rank, step_number, kind = failing.split(":")
+        if int(rank) == RANK:
+            fail_at(int(step_number), kind)
+    status = main(["train", *argv])
+    if dist.is_main():
+        print(f"data parallel: {dist.describe()}")  # which transport ran, for the GPU test
+    sys.exit(status)
