@@ -87,6 +87,25 @@ def backend_of(array):
     return name
 
 
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def one_float_dtype(arrays, belongs):
+    """True when at least one of `arrays` is not None and every non-None one `belongs(array)`
+    and has one float32/float64 dtype: the question each device's fast kernels ask."""
+    dtype = None
+    for array in arrays:
+        if array is None:
+            continue
+        if not belongs(array) or array.dtype not in _FLOAT_DTYPES:
+            return False
+        if dtype is None:
+            dtype = array.dtype
+        elif array.dtype != dtype:
+            return False
+    return dtype is not None
+
+
 def array_module(*arrays):
     """The array module all `arrays` belong to; BackendError naming both when they are mixed."""
     names = {backend_of(a) for a in arrays if a is not None}

@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-from minivit import __version__
+from minivit import __version__, cpu
 from minivit.errors import MinivitError
 
 # name -> one-line help; the module minivit.commands.<name> does the work.
@@ -18,6 +18,9 @@ COMMANDS = {
     "plot": "plot loss/accuracy/learning-rate curves of one or more run folders",
     "attention": "save a PNG of a trained model's attention maps and attention rollout",
     "convert": "convert weights between .safetensors, .npz and PyTorch .pth/.bin",
+    "pretrain": "self-supervised pretraining of a ViT encoder: MAE or DINO",
+    "probe": "k-NN and linear-probe accuracy of a (pretrained, supervised or random) encoder",
+    "reconstruct": "draw an MAE run's reconstructions of test images",
 }
 
 
@@ -50,6 +53,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    cpu.configure()  # BLAS threads and malloc for the CPU kernels (see minivit.cpu.runtime)
     try:
         return _command_module(args.command).run(args) or 0
     except MinivitError as error:

@@ -16,6 +16,7 @@ import hashlib
 import math
 from pathlib import Path
 
+from minivit import cuda
 from minivit.checkpoint import find_checkpoint
 from minivit.errors import MinivitError
 from minivit.models import load_pretrained
@@ -110,8 +111,10 @@ class LayerwiseOptimizer:
         for (_, optimizer), g in zip(self.groups, grads):
             if factor < 1.0:
                 g *= factor
-            optimizer.step_count += 1
-            optimizer.update(optimizer.flat, g)
+            # the rest of FlatOptimizer.step: advance the step count, update with its numbers
+            scalars = cuda.per_step(optimizer.flat, optimizer.step_scalars,
+                                    optimizer.scalar_count, advance=optimizer._advance)
+            optimizer.update(optimizer.flat, g, scalars)
         return norm
 
     def state_dict(self):

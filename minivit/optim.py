@@ -9,10 +9,10 @@ refuses to run once a parameter's ``.data`` has been replaced.)
 
 import math
 
-import numpy as np
 
-from minivit import backend, cpu, cuda
+from minivit import backend, cuda
 from minivit.errors import MinivitError
+from minivit.functional import optimizer_update
 
 # Parameters that get no weight decay, as in timm: biases, norm weights, embeddings.
 _NO_DECAY_NAMES = ("cls_token", "pos_embed")
@@ -24,7 +24,12 @@ def decays(name, parameter):
 
 
 class FlatOptimizer:
-    """Base class: the flat buffers (parameters, gradients, decay mask) and the step protocol."""
+    """Base class: the flat buffers (parameters, gradients, decay mask) and the step protocol.
+    A subclass gives its per-step numbers as step_scalars() (a tuple of `scalar_count`
+    numbers) and applies them in update(params, grads, scalars); step() hands them over
+    through minivit.cuda.per_step, so a replayed CUDA graph reads each replay's numbers."""
+
+    scalar_count = 0
 
     def __init__(self, named_parameters, lr, weight_decay):
         pairs = list(named_parameters)
@@ -71,12 +76,8 @@ class FlatOptimizer:
         """Copy each parameter's gradient into the flat gradient buffer (None counts as 0):
         one concatenate call when every gradient is there (one kernel on the GPU)."""
         grads = [p.grad for p in self.parameters]
-        # not while a CUDA graph records: CuPy's concatenate of many arrays copies their
-        # addresses from the host, which a capture forbids (the copies below are kernels)
-        every = all(g is not None and g.shape == p.shape for g, p in zip(grads, self.parameters))
-        if every and not cuda.recording(self.flat_grad):
-            self.xp.concatenate([grad.reshape(-1) for grad in grads], out=self.flat_grad)
-            return self.flat_grad
+        if all(g is not None and g.shape == p.shape for g, p in zip(grads, self.parameters)):
+            return cuda.concatenate([grad.reshape(-1) for grad in grads], out=self.flat_grad)
         for p, start, stop in zip(self.parameters, self.offsets, self.offsets[1:]):
             if p.grad is None:
                 self.flat_grad[start:stop] = 0.0
@@ -88,17 +89,8 @@ class FlatOptimizer:
         for p in self.parameters:
             p.grad = None
 
-    def _per_replay(self, values, shape):
-        """While a CUDA graph records step(): a device array that holds `values()` (of the
-        step count and learning rate then current) in each replay; a number given to a kernel
-        would stay at its captured value. Recording runs nothing, so the step count goes back;
-        each replay advances it before `values()` is read, as an eager step() does."""
-        def refill():
-            self.step_count += 1
-            return values()
-
-        self.step_count -= 1
-        return cuda.replay_input(refill, shape, self.flat.dtype)
+    def _advance(self):
+        self.step_count += 1
 
     def step(self, max_grad_norm=None):
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
@@ -109,11 +101,16 @@ class FlatOptimizer:
         if self.reduce_gradients is not None:
             self.reduce_gradients(grads)
         norm = clip_grad_norm(grads, max_grad_norm)
-        self.step_count += 1
-        self.update(self.flat, grads)
+        scalars = cuda.per_step(self.flat, self.step_scalars, self.scalar_count,
+                                advance=self._advance)
+        self.update(self.flat, grads, scalars)
         return norm
 
-    def update(self, params, grads):
+    def step_scalars(self):
+        """This step's numbers for update() (the step count already advanced)."""
+        raise NotImplementedError
+
+    def update(self, params, grads, scalars):
         raise NotImplementedError
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -144,9 +141,11 @@ class FlatOptimizer:
             buffer[...] = backend.to_backend(arrays[name], backend.backend_of(buffer))
 
 
-# -- AdamW (Loshchilov & Hutter): m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
-#    θ ← θ − lr·λ·mask·θ − lr·m̂/(√v̂ + ε),  m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
+# -- AdamW (Loshchilov & Hutter): the math and its implementations are in
+#    minivit.functional.optimizer_update
 class AdamW(FlatOptimizer):
+    scalar_count = len(optimizer_update.ADAMW_SCALARS)
+
     def __init__(self, named_parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.05):
         super().__init__(named_parameters, lr, weight_decay)
@@ -155,42 +154,18 @@ class AdamW(FlatOptimizer):
         self.v = self.xp.zeros_like(self.flat)
         self.scratch = None  # the plain NumPy/CuPy update's temporary, made on first use
 
-    def update(self, params, grads):
-        xp, (beta1, beta2), t = self.xp, self.betas, self.step_count
-        m, v = self.m, self.v
-        if cuda.handles(params, grads, m, v, self.decay_mask):  # the whole update: one kernel
-            def scalars():
-                return cuda.adamw_scalars(self.lr, beta1, beta2, self.eps, self.weight_decay,
-                                          self.step_count)
+    def step_scalars(self):
+        return optimizer_update.adamw_scalars(self.lr, self.betas, self.eps, self.weight_decay,
+                                              self.step_count)
 
-            cuda.adamw_update(params, grads, m, v, self.decay_mask,
-                              self._per_replay(scalars, (len(cuda.ADAMW_SCALARS),))
-                              if cuda.recording(params) else scalars())
-            return
-        if cpu.handles(params, grads, m, v):  # the same steps in cache-sized chunks, threaded
-            cpu.adamw_update(params, grads, m, v, self.decay_mask, self.lr, beta1, beta2,
-                             self.eps, self.weight_decay, t)
-            return
+    def update(self, params, grads, scalars):
+        optimizer_update.adamw_update(params, grads, self.m, self.v, self.decay_mask, scalars,
+                                      self._scratch)
+
+    def _scratch(self):
         if self.scratch is None:
-            self.scratch = xp.empty_like(self.flat)
-        scratch = self.scratch
-        m *= beta1
-        m += (1.0 - beta1) * grads
-        v *= beta2
-        xp.multiply(grads, grads, out=scratch)
-        scratch *= 1.0 - beta2
-        v += scratch
-        if self.weight_decay:
-            xp.multiply(params, self.decay_mask, out=scratch)
-            scratch *= self.lr * self.weight_decay
-            params -= scratch
-        step_size = self.lr / (1.0 - beta1 ** t)
-        xp.sqrt(v, out=scratch)
-        scratch *= 1.0 / math.sqrt(1.0 - beta2 ** t)
-        scratch += self.eps
-        xp.divide(m, scratch, out=scratch)
-        scratch *= step_size
-        params -= scratch
+            self.scratch = self.xp.empty_like(self.flat)
+        return self.scratch
 
     def state_arrays(self):
         return {"m": self.m, "v": self.v}
@@ -198,20 +173,23 @@ class AdamW(FlatOptimizer):
 
 # -- SGD with momentum: b ← μb + g + λ·mask·θ;  θ ← θ − lr·b --------------------------------------
 class SGD(FlatOptimizer):
+    scalar_count = 1
+
     def __init__(self, named_parameters, lr=0.01, momentum=0.9, weight_decay=0.0):
         super().__init__(named_parameters, lr, weight_decay)
         self.momentum = momentum
         self.buffer = self.xp.zeros_like(self.flat)
 
-    def update(self, params, grads):
+    def step_scalars(self):
+        return (self.lr,)
+
+    def update(self, params, grads, scalars):
         buffer = self.buffer
         buffer *= self.momentum
         buffer += grads
         if self.weight_decay:
             buffer += self.weight_decay * self.decay_mask * params
-        # in a CUDA graph the learning rate is a device value, refilled before each replay
-        lr = self._per_replay(lambda: self.lr, ()) if cuda.recording(params) else self.lr
-        params -= lr * buffer
+        params -= scalars[0] * buffer
 
     def state_arrays(self):
         return {"momentum": self.buffer}
@@ -224,10 +202,8 @@ def clip_grad_norm(grads, max_norm=None):
     makes every entry NaN). Nothing here reads a value on the host, so a GPU step never waits
     for the GPU (float(norm) would)."""
     xp = backend.array_module(grads)
-    # dot: no temporary the size of the model; not while a CUDA graph records (dot is cuBLAS
-    # through CuPy, which refuses to run then)
-    norm = xp.sqrt(xp.dot(grads, grads)) if grads.ndim == 1 and not cuda.recording(grads) else \
-        xp.sqrt((grads * grads).sum())
+    # dot: no temporary the size of the model (cuda.dot: also while a CUDA graph records)
+    norm = xp.sqrt(cuda.dot(grads, grads)) if grads.ndim == 1 else xp.sqrt((grads * grads).sum())
     if max_norm:
         grads *= xp.minimum(1.0, max_norm / (norm + 1e-6))
     return norm

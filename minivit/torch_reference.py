@@ -39,6 +39,12 @@ def reference_vit(config):
     return _modules().ReferenceViT(**{k: config[k] for k in ARCHITECTURE_KEYS if k in config})
 
 
+def reference_layers():
+    """The reference's torch.nn.Module classes (PatchEmbed, Block, ReferenceViT), for PyTorch
+    twins of other reference models built from timm's blocks (tests/reference_ssl.py)."""
+    return _modules()
+
+
 def resample_pos_embed_torch(pos_embed, new_grid, old_grid, num_prefix_tokens=1):
     """timm's resample_abs_pos_embed on a torch tensor: the patch part as a (1, D, H, W) grid
     through torch.nn.functional.interpolate(mode="bicubic", align_corners=False)."""
@@ -125,4 +131,4 @@ def _modules():
         def forward(self, x):
             return self.head(self.forward_features(x)[:, 0])
 
-    return types.SimpleNamespace(ReferenceViT=ReferenceViT)
+    return types.SimpleNamespace(ReferenceViT=ReferenceViT, Block=Block, PatchEmbed=PatchEmbed)

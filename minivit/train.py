@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import minivit.functional as F
-from minivit import backend, cuda
+from minivit import backend, cpu, cuda
 from minivit import distributed as dist
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
                                 read_checkpoint_parts, save_checkpoint)
@@ -32,6 +32,7 @@ from minivit.data import DATASETS
 from minivit.data.folder import skipped_files_report
 from minivit.data.pipeline import build_loaders, pipeline_option_checks, recipe_defaults
 from minivit.ema import ModelEma
+from minivit.encoders import load_encoder
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
 from minivit.finetune import (LayerwiseOptimizer, describe_trainable, freeze_all_but_head,
@@ -81,6 +82,8 @@ class TrainConfig:
     checkpoint_format: str = "safetensors"
     log_grads: bool = False
     progress: bool = True
+    init: str = None  # a pretrained encoder (run folder or weights) to fine-tune from
+    train_fraction: float = 1.0  # a stratified fraction of the training labels
     resume: bool = False  # continue from RUN/last.* instead of starting afresh
     overwrite: bool = False  # start afresh in an `out` that holds a run, removing that run
     # image folders and the input pipeline (minivit.data.pipeline, minivit.data.folder)
@@ -198,6 +201,8 @@ def build_model(config, num_classes, image_size, channels, notify=print):
     provenance = None
     if config.pretrained and not config.resume:  # a resumed run has the weights it made
         provenance = load_pretrained_weights(model, config.pretrained, notify)
+    if config.init:
+        load_encoder(model, config.init)  # its head stays fresh
     if config.freeze:
         freeze_all_but_head(model)
     return model.to(dtype=config.dtype), provenance
@@ -227,19 +232,7 @@ def training_step(model, optimizer, config):
         optimizer.step(max_grad_norm=config.clip_grad)
         return loss.data, logits.data
 
-    if not config.cuda_graph:
-        return step
-    graph = None
-
-    def replay(x, y):
-        nonlocal graph
-        if len(y) != config.batch_size:
-            return step(x, y)
-        if graph is None:
-            graph = cuda.capture_step(step, x, y)
-            return graph.warmup_outputs
-        return graph(x, y)
-    return replay
+    return cuda.replayed(step, config.batch_size) if config.cuda_graph else step
 
 
 def hard_labels(targets):
@@ -312,6 +305,7 @@ def _gradient_statistics(model, optimizer, params_before):
 def train(config, on_epoch_end=None):
     """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
     after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    cpu.configure()  # BLAS threads and malloc, as the command line sets them up
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():
@@ -332,6 +326,9 @@ def _train(config, on_epoch_end):
     if config.cuda_graph and config.backend != "cupy":
         raise MinivitError(f"--cuda-graph records the training step on the GPU: it needs "
                            f"--backend cupy, got {config.backend}")
+    if config.pretrained and config.init:
+        raise MinivitError("--pretrained (a classifier's weights) and --init (a pretrained "
+                           "encoder) both choose the starting weights: pass one of them")
     if config.layer_decay is not None and (config.log_grads or config.cuda_graph):
         raise MinivitError("--layer-decay steps one optimizer per learning rate, and "
                            "--log-grads and --cuda-graph work with a single one: leave out "

@@ -6,13 +6,16 @@ PyTorch's profiler (CUPTI) records every kernel the process launches, CuPy's inc
 table per framework and mode lists where the GPU's time goes: GEMMs, elementwise kernels,
 minivit's fused kernels. The sum of the kernel times against the wall time of a step tells
 whether a step is bound by the GPU or by the host launching its kernels (`minivit bench`
-gives the wall time). Needs a GPU, CuPy and PyTorch; scripts/gpu_check.sh runs it last.
+gives the wall time). A last table says which minivit/cuda/<family>.py module holds each of
+minivit's kernels (RawKernels by name, ElementwiseKernels as minivit_<name>). Needs a GPU,
+CuPy and PyTorch; scripts/gpu_check.sh runs it last.
 """
 
 import argparse
 
 from minivit import backend, cuda
 from minivit.bench import CONFIGS, MinivitRunner, TorchRunner, config_model_args
+from minivit.cuda import device
 from minivit.torch_reference import import_torch
 
 
@@ -52,6 +55,9 @@ def main():
             print(f"==== {args.config} batch {batch}{' TF32' if args.tf32 else ''}: {runner.name} "
                   f"{mode}, GPU kernel times over {args.steps} steps", flush=True)
             print(kernel_table(step, args.steps, args.rows), flush=True)
+    print("==== minivit's kernels and their modules")
+    for name, module in sorted(device.KERNEL_MODULES.items(), key=lambda item: item[::-1]):
+        print(f"{name:<40} {module}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ from hypothesis.extra import numpy as hnp
 
 import minivit
 from minivit import backend as mb
+from minivit import cpu
+
+cpu.configure()  # the process set-up the command line and train() make (BLAS threads, malloc)
 
 settings.register_profile("default", max_examples=15, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -74,22 +74,25 @@ def test_gradcheck_command_passes_on_the_real_ops(capsys):
 
 
 def _softmax_without_the_sum_term(self, grad):
-    return (self.probs * grad,)  # p ⊙ dp: drops − p Σ dp ⊙ p
+    probs, _ = self.saved  # every softmax implementation saves (p, axis)
+    return (probs * grad,)  # p ⊙ dp: drops − p Σ dp ⊙ p
 
 
 def _layer_norm_without_the_projection_term(self, grad):
-    grad_normalized = grad * self.weight
-    grad_x = self.rstd * (grad_normalized - grad_normalized.mean(axis=-1, keepdims=True))
+    normalized, rstd, weight = self.saved  # every layer_norm implementation saves (x̂, r, w)
+    grad_normalized = grad * weight
+    grad_x = rstd * (grad_normalized - grad_normalized.mean(axis=-1, keepdims=True))
     leading = tuple(range(grad.ndim - 1))
-    return grad_x, (grad * self.normalized).sum(axis=leading), grad.sum(axis=leading)
+    return grad_x, (grad * normalized).sum(axis=leading), grad.sum(axis=leading)
 
 
 def _layer_norm_without_the_mean_term(self, grad):
-    grad_normalized = grad * self.weight
-    dot = (grad_normalized * self.normalized).mean(axis=-1, keepdims=True)
-    grad_x = self.rstd * (grad_normalized - self.normalized * dot)
+    normalized, rstd, weight = self.saved
+    grad_normalized = grad * weight
+    dot = (grad_normalized * normalized).mean(axis=-1, keepdims=True)
+    grad_x = rstd * (grad_normalized - normalized * dot)
     leading = tuple(range(grad.ndim - 1))
-    return grad_x, (grad * self.normalized).sum(axis=leading), grad.sum(axis=leading)
+    return grad_x, (grad * normalized).sum(axis=leading), grad.sum(axis=leading)
 
 
 @pytest.mark.parametrize("target, broken, ops, failing_input", [

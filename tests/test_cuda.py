@@ -2,8 +2,10 @@
 
 Everywhere (no GPU needed):
 - importing minivit.cuda (and the ops that dispatch to it) does not import CuPy;
-- NumPy arrays never reach the CUDA code (every kernel entry point is made to raise);
-- the kernel sources compile with nvcc, for float and double (skipped where nvcc is missing).
+- NumPy arrays never reach the CUDA code: every "cuda" implementation in the registry is made
+  to raise while every op of the catalogue (minivit.inspect.opchecks) and AdamW run;
+- every kernel source (minivit.cuda.device.ROW_SOURCES and ELEMENTWISE, which each family
+  module fills) compiles with nvcc, for float and double (skipped where nvcc is missing).
 
 On a GPU (skipped where CuPy or a GPU is missing):
 - each fused kernel against the plain NumPy path on the same data, forward and backward
@@ -28,15 +30,15 @@ import minivit
 import minivit.functional as F
 from minivit import Tensor, cpu, cuda
 from minivit import backend as mb
+from minivit.cuda import capture, device, gemm
+from minivit.cuda import attention as cuda_attention
+from minivit.functional import registry
+from minivit.inspect.opchecks import OP_CHECKS
 from minivit.optim import AdamW
 
 GPU = pytest.mark.skipif(not mb.cupy_available(),
                          reason="fused CUDA kernels: CuPy or a CUDA GPU is not available")
 TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
-KERNEL_ENTRY_POINTS = ("layer_norm_forward", "layer_norm_backward", "gelu_forward",
-                       "gelu_backward", "softmax", "softmax_backward", "cross_entropy_forward",
-                       "cross_entropy_backward", "adamw_update", "column_sums",
-                       "attention_forward", "attention_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -88,41 +90,40 @@ def test_a_bad_minivit_backend_is_an_error_on_use_not_on_import():
     assert "error: MINIVIT_BACKEND=foo: unknown backend 'foo'" in cli.stderr
 
 
-def _ops_forward_and_backward(dtype):
-    """Every op with a CUDA branch, forward and backward, on NumPy arrays of `dtype`."""
+def _every_op_forward_and_backward(dtype):
+    """Every op of the catalogue, forward and backward, on NumPy arrays of `dtype`, and an
+    AdamW step; returns the dtypes of the outputs."""
     rng = np.random.default_rng(0)
-    x = Tensor(rng.standard_normal((2, 3, 8)).astype(dtype), requires_grad=True)
-    w = Tensor(rng.standard_normal(8).astype(dtype), requires_grad=True)
-    b = Tensor(rng.standard_normal(8).astype(dtype), requires_grad=True)
-    h = F.layer_norm(x, w, b)
-    h = F.gelu(h) + F.gelu(h, approximate="tanh")
-    h = F.softmax(h) + F.log_softmax(h)
-    q = Tensor(rng.standard_normal((2, 1, 3, 8)).astype(dtype), requires_grad=True)
-    h = h + F.scaled_dot_product_attention(q, q, q).reshape(2, 3, 8)
-    h = h + F.self_attention(F.linear(h, Tensor(rng.standard_normal((24, 8)).astype(dtype)),
-                                      Tensor(rng.standard_normal(24).astype(dtype),
-                                             requires_grad=True)), 2)
-    logits = h.reshape(6, 8)
-    soft = Tensor(rng.uniform(0, 1, (6, 8)).astype(dtype), requires_grad=True)
-    loss = (F.cross_entropy(logits, np.arange(6) % 8, label_smoothing=0.1)
-            + F.cross_entropy(logits, soft))
-    loss.backward()
-    optimizer = AdamW([("x", x), ("w", w), ("b", b)], lr=1e-3)
-    optimizer.step()
-    return loss
+    dtypes = []
+    for check in OP_CHECKS.values():
+        if check.whole_model is not None:
+            continue
+        inputs = [Tensor(a.astype(dtype), requires_grad=True) if a.dtype.kind == "f" else a
+                  for a in check.build(rng).values()]
+        out = check.fn(*inputs)
+        out.backward(rng.standard_normal(out.shape).astype(dtype))
+        dtypes.append(out.dtype)
+    weights = Tensor(rng.standard_normal((4, 3)).astype(dtype), requires_grad=True)
+    weights.grad = rng.standard_normal((4, 3)).astype(dtype)
+    AdamW([("w", weights)], lr=1e-3).step()
+    return dtypes
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cpu_fast_paths", [True, False])
 def test_numpy_arrays_never_reach_the_cuda_kernels(monkeypatch, dtype, cpu_fast_paths):
     def refuse(*args, **kwargs):
-        raise AssertionError("a NumPy computation reached minivit.cuda")
+        raise AssertionError("a NumPy computation reached a cuda implementation")
 
-    for name in KERNEL_ENTRY_POINTS:
-        monkeypatch.setattr(cuda, name, refuse)
-    with cpu.fast_paths(cpu_fast_paths):  # off: the plain code, where the cuda branches sit
-        loss = _ops_forward_and_backward(dtype)
-    assert loss.dtype == dtype
+    fused = [impl for impls in registry.implementations().values() for impl in impls
+             if impl.device == "cuda"]
+    assert {impl.op for impl in fused} >= {"gelu", "softmax", "log_softmax", "layer_norm",
+                                          "linear", "self_attention", "cross_entropy", "adamw"}
+    for impl in fused:
+        monkeypatch.setattr(impl, "forward", refuse)
+        monkeypatch.setattr(impl, "backward", refuse, raising=False)
+    with cpu.fast_paths(cpu_fast_paths):  # off: the plain code, where the CuPy arrays go too
+        assert set(_every_op_forward_and_backward(dtype)) == {np.dtype(dtype)}
     assert not cuda.handles(np.ones(3, dtype))
     assert not cuda.handles(None)
 
@@ -151,12 +152,12 @@ def _nvcc_check_source(c_type):
     """One .cu file with every kernel for element type `c_type`: the RawKernel sources as they
     are, each ElementwiseKernel body inside a stand-in kernel (non-raw arguments as values at
     i, outputs as references, raw arguments as pointers), as CuPy would wrap it."""
-    common = cuda._ROW_COMMON
+    common = device.ROW_COMMON
     parts = [f"typedef {c_type} T;", common]
-    for source in dict.fromkeys(cuda._ROW_SOURCES.values()):  # each file once, in order
+    for source in dict.fromkeys(device.ROW_SOURCES.values()):  # each file once, in order
         parts.append(source[len(common):] if source.startswith(common) else source)
     c_types = {"T": "T", "int32": "int", "int64": "long long", "uint64": "unsigned long long"}
-    for name, (in_params, out_params, operation) in cuda._ELEMENTWISE.items():
+    for name, (in_params, out_params, operation) in device.ELEMENTWISE.items():
         signature, locals_ = ["long long n"], []
         for raw, kind, arg in _params(in_params):
             signature.append(f"const {c_types[kind]}* {arg}{'' if raw else '_at'}")
@@ -228,15 +229,42 @@ def _assert_fused_matches_numpy(fn, host_inputs, kernel, dtype, seed=0):
     with minivit.no_grad():
         shape = fn(*[Tensor(a) if a.dtype.kind == "f" else a for a in host_inputs]).shape
     upstream = rng.standard_normal(shape).astype(dtype)
-    cuda._kernels.pop(kernel, None)
+    device.kernels.pop(kernel, None)
     out_gpu, grads_gpu = _run(fn, host_inputs, upstream, on_gpu=True)
-    assert kernel in cuda._kernels, f"the fused kernel {kernel} was not used"
+    assert kernel in device.kernels, f"the fused kernel {kernel} was not used"
     out_cpu, grads_cpu = _run(fn, host_inputs, upstream, on_gpu=False)
     assert out_gpu.dtype == dtype
     np.testing.assert_allclose(out_gpu, out_cpu, **TOLERANCE[dtype])
     for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
         assert g_gpu.dtype == dtype
         np.testing.assert_allclose(g_gpu, g_cpu, **TOLERANCE[dtype])
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_op_with_a_cuda_implementation_picks_it_for_cupy_arrays(cp, monkeypatch, dtype):
+    """The registry on the GPU: every catalogue op, forward and backward on CuPy arrays,
+    runs its "cuda" implementation where it has one (and a NumPy twin the same op never)."""
+    minivit.set_backend("cupy")
+    chosen, original = {}, registry.choose
+
+    def recording_choose(op, *arrays, **options):
+        impl = original(op, *arrays, **options)
+        chosen.setdefault(op, set()).add(impl.device)
+        return impl
+
+    monkeypatch.setattr(registry, "choose", recording_choose)
+    rng = np.random.default_rng(0)
+    for check in OP_CHECKS.values():
+        if check.whole_model is None:
+            inputs = [Tensor(cp.asarray(a, dtype), requires_grad=True) if a.dtype.kind == "f"
+                      else cp.asarray(a) for a in check.build(rng).values()]
+            out = check.fn(*inputs)
+            out.backward(cp.asarray(rng.standard_normal(out.shape), dtype))
+    fused = {impl.op for impls in registry.implementations().values() for impl in impls
+             if impl.device == "cuda"}
+    assert "cpu" not in set().union(*chosen.values())
+    assert {op for op in fused if op in chosen and "cuda" not in chosen[op]} == set()
 
 
 COLUMNS = [1, 5, 32, 33, 65, 200, 257, 1000]  # 1 to 8 warps per row block, strided loops
@@ -255,7 +283,7 @@ def test_layer_norm_kernel_matches_numpy(dtype, cols, affine):
         fn = F.layer_norm
         inputs = [x, rng.standard_normal(cols).astype(dtype), rng.standard_normal(cols).astype(dtype)]
     _assert_fused_matches_numpy(fn, inputs, ("layer_norm_forward", np.dtype(dtype).name), dtype)
-    assert ("layer_norm_backward", np.dtype(dtype).name) in cuda._kernels
+    assert ("layer_norm_backward", np.dtype(dtype).name) in device.kernels
 
 
 @GPU
@@ -318,16 +346,16 @@ def test_self_attention_gemms_match_numpy(dtype, batch, tokens, heads, head_dim,
     backward gets the probabilities kept (return_attention) or rebuilds them from lse."""
     queries = min(queries, tokens) if queries else None
     qkv = np.random.default_rng(tokens).standard_normal((batch, tokens, 3 * heads * head_dim))
-    cuda._pointer_cache.clear()
-    cuda._kernels.pop(("attention_probs", None), None)
+    gemm.pointer_cache.clear()
+    device.kernels.pop(("attention_probs", None), None)
 
     def attention(x):
         out = F.self_attention(x, heads, queries=queries, return_attention=keep_probs)
         return out[0] if keep_probs else out
     _assert_fused_matches_numpy(attention, [qkv.astype(dtype)],
                                 ("softmax_forward", np.dtype(dtype).name), dtype)
-    assert cuda._pointer_cache, "the batched-GEMM attention path did not run"
-    rebuilt = ("attention_probs", None) in cuda._kernels
+    assert gemm.pointer_cache, "the batched-GEMM attention path did not run"
+    rebuilt = ("attention_probs", None) in device.kernels
     assert rebuilt != keep_probs, "backward rebuilt P though it was kept, or kept it unasked"
     if keep_probs:  # the probabilities handed out equal NumPy's
         host = qkv.astype(dtype)
@@ -349,8 +377,8 @@ def test_batched_gemms_use_tf32_only_when_it_is_on(cp):
         errors = {}
         for enabled in (False, True):
             cuda.set_tf32(enabled)
-            got = cuda.attention_forward(qkv, 1, 16, 1.0 / 16)[0]
-            want = cuda.attention_forward(exact, 1, 16, 1.0 / 16)[0]
+            got = cuda_attention.attention_forward(qkv, 1, 16, 1.0 / 16)[0]
+            want = cuda_attention.attention_forward(exact, 1, 16, 1.0 / 16)[0]
             errors[enabled] = float(cp.abs(got - want).max())
         assert errors[False] < 1e-5
         if int(cp.cuda.Device().compute_capability[0]) >= 8:
@@ -424,14 +452,14 @@ def _adamw_pair(dtype, on_gpu):
 def test_adamw_kernel_matches_numpy_over_five_steps(dtype):
     (gpu_named, gpu_opt), (cpu_named, cpu_opt) = _adamw_pair(dtype, True), _adamw_pair(dtype, False)
     rng = np.random.default_rng(5)
-    cuda._kernels.pop(("adamw", None), None)
+    device.kernels.pop(("adamw", None), None)
     for _ in range(5):
         for (_, p_gpu), (_, p_cpu) in zip(gpu_named, cpu_named):
             grad = rng.standard_normal(p_cpu.shape).astype(dtype)
             p_cpu.grad, p_gpu.grad = grad, mb.to_backend(grad, "cupy")
         gpu_opt.step(max_grad_norm=1.0)
         cpu_opt.step(max_grad_norm=1.0)
-    assert ("adamw", None) in cuda._kernels, "the fused AdamW kernel was not used"
+    assert ("adamw", None) in device.kernels, "the fused AdamW kernel was not used"
     for gpu_buffer, cpu_buffer in [(gpu_opt.flat, cpu_opt.flat), (gpu_opt.m, cpu_opt.m),
                                    (gpu_opt.v, cpu_opt.v)]:
         assert gpu_buffer.dtype == dtype
@@ -548,10 +576,10 @@ def test_captured_forward_backward_replays_like_eager(cp):
 @pytest.fixture
 def capture_path(cp, monkeypatch):
     """Run the code a CUDA graph records, eagerly: minivit.cuda believes a capture is on."""
-    monkeypatch.setattr(cuda, "capturing", lambda: True)
-    cuda._pointer_cache.clear()
+    monkeypatch.setattr(capture, "capturing", lambda: True)
+    gemm.pointer_cache.clear()
     yield
-    cuda._pointer_cache.clear()
+    gemm.pointer_cache.clear()
 
 
 @GPU
@@ -585,13 +613,13 @@ def test_attention_on_the_capture_path_matches_the_eager_path(cp, monkeypatch, d
     grad = cp.asarray(rng.standard_normal((3, queries or 7, 8)), dtype)
 
     def run():
-        cuda._pointer_cache.clear()
-        out, probs, lse = cuda.attention_forward(qkv, 2, queries or 7, 0.5)
-        return out, probs, cuda.attention_backward(grad, qkv, None, lse, 2, 0.5)
+        gemm.pointer_cache.clear()
+        out, probs, lse = cuda_attention.attention_forward(qkv, 2, queries or 7, 0.5)
+        return out, probs, cuda_attention.attention_backward(grad, qkv, None, lse, 2, 0.5)
 
     eager = run()
-    monkeypatch.setattr(cuda, "capturing", lambda: True)
-    monkeypatch.setitem(cuda._capture, "pointers", {})  # the cache a CapturedStep would give
+    monkeypatch.setattr(capture, "capturing", lambda: True)
+    monkeypatch.setitem(capture.state, "pointers", {})  # the cache a CapturedStep would give
     captured_path = run()
     for got, want in zip(captured_path, eager):
         np.testing.assert_allclose(mb.to_numpy(got), mb.to_numpy(want), **TOLERANCE[dtype])

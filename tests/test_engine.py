@@ -346,12 +346,13 @@ def test_memory_is_released_after_each_step(backend):
         loss, inter = _step(params, x, labels)
         creators = {name: t._creator for name, t in inter.items()}
         attn_fn, norm_fn = inter["attn"]._creator, inter["h"]._creator
-        saved = [weakref.ref(attn_fn.probs), weakref.ref(attn_fn.q),
-                 weakref.ref(norm_fn.normalized), weakref.ref(norm_fn.rstd)]
+        probs, q = attn_fn.saved[:2]  # every implementation saves (P, q, k, v, s, ...)
+        normalized, rstd, _ = norm_fn.saved  # and layer_norm's (x̂, r, w)
+        saved = [weakref.ref(a) for a in (probs, q, normalized, rstd)]
         tensor_refs = [weakref.ref(t) for t in inter.values()] + [weakref.ref(loss)]
         function_refs = [weakref.ref(f) for f in creators.values()]
         function_refs.append(weakref.ref(loss._creator))
-        del attn_fn, norm_fn
+        del attn_fn, norm_fn, probs, q, normalized, rstd
 
         loss.backward()
         # saved arrays are dropped as soon as their Function's backward has run ...

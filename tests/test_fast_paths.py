@@ -1,7 +1,7 @@
 """Every fast CPU path (minivit.cpu) against the plain or exact computation.
 
-- every test twice: with the compiled numba kernels (minivit.kernels) and with the chunked
-  NumPy code used without numba;
+- every test twice: with the compiled numba kernels (minivit.cpu.compiled) and with the
+  chunked NumPy code used without numba;
 - float32 GELU (erfc-based Φ, chunked, threaded) against float64 exact GELU (scipy erf);
 - LayerNorm, softmax, attention, linear/patchify (split GEMMs) and AdamW: the chunked,
   threaded kernels against the plain whole-array NumPy code (``cpu.fast_paths(False)``), in
@@ -22,13 +22,15 @@ import pytest
 import minivit
 import minivit.functional as F
 from minivit import Tensor, cpu, gradcheck
+from minivit.cpu import activation as cpu_activation
+from minivit.cpu import gemm, pool, runtime
 from minivit.models import create_model
 from minivit.optim import AdamW
 
 
 @pytest.fixture(autouse=True, params=["numba", "numpy"])
 def kernels(request):
-    """Every test here runs twice: with the compiled kernels (minivit.kernels, numba) and with
+    """Every test here runs twice: with the compiled kernels (minivit.cpu.compiled) and with
     the chunked NumPy code that runs when numba is not installed."""
     if request.param == "numba":
         pytest.importorskip("numba", reason="numba (the 'fast' extra) is not installed")
@@ -37,7 +39,7 @@ def kernels(request):
         yield request.param
 
 
-_THRESHOLDS = ("_MIN_PARALLEL", "_MIN_PARALLEL_ROWS", "_MIN_SPLIT_MACS", "_MIN_BLOCK_ROWS")
+_THRESHOLDS = ("MIN_PARALLEL", "MIN_PARALLEL_ROWS", "MIN_SPLIT_MACS", "MIN_BLOCK_ROWS")
 
 
 @contextlib.contextmanager
@@ -45,22 +47,22 @@ def threads(n):
     """Run on `n` threads, with the size thresholds lowered so that test-sized inputs take the
     threaded code paths too."""
     previous = cpu.num_threads()
-    saved = {name: getattr(cpu, name) for name in _THRESHOLDS}
+    saved = {name: getattr(pool, name) for name in _THRESHOLDS}
     cpu.set_num_threads(n)
     for name in _THRESHOLDS:
-        setattr(cpu, name, 8 if name == "_MIN_BLOCK_ROWS" else 1)
+        setattr(pool, name, 8 if name == "MIN_BLOCK_ROWS" else 1)
     try:
         yield
     finally:
         cpu.set_num_threads(previous)
         for name, value in saved.items():
-            setattr(cpu, name, value)
+            setattr(pool, name, value)
 
 
 @contextlib.contextmanager
 def split_gemms():
     """Skip unless minivit splits GEMMs itself (it needs BLAS on one thread: threadpoolctl)."""
-    if not cpu.blas_info()["controlled"] and not cpu._blas_env_is_one():
+    if not cpu.blas_info()["controlled"] and not runtime.blas_env_is_one():
         pytest.skip("threadpoolctl is not installed: BLAS threads cannot be controlled, "
                     "so minivit does not split GEMMs itself")
     yield
@@ -108,7 +110,7 @@ def dense_grid():
 
 def test_float32_gelu_matches_exact_gelu_to_float32_rounding():
     x = dense_grid()
-    y, d = cpu.gelu_forward(x, "none", need_grad=True)
+    y, d = cpu_activation.gelu_forward(x, "none", need_grad=True)
     assert y.dtype == d.dtype == np.float32
     ref_y, ref_d = exact_gelu64(x)
     # Φ itself: y = max(x, 0) − |x|·e recovers Φ everywhere to ~2 float32 ulps of 1
@@ -128,7 +130,7 @@ def test_half_erfc_float32_relative_error_on_a_dense_grid():
 
     a = np.linspace(0, 14, 1_000_001).astype(np.float32)
     out, t, u = (np.empty_like(a) for _ in range(3))
-    cpu.half_erfc_float32(a, out, t, u)
+    cpu_activation.half_erfc_float32(a, out, t, u)
     ref = 0.5 * erfc(a.astype(np.float64) / np.sqrt(2.0))
     keep = ref > 1e-37  # float32's normal range
     rel = np.abs(out[keep] - ref[keep]) / ref[keep]
@@ -143,7 +145,7 @@ def test_float32_gelu_error_is_no_worse_than_plain_float32_with_exact_erf():
     """The plain float32 path (scipy erf, then x·½(1 + erf)) is the 'exact' float32 baseline."""
     x = dense_grid()
     ref_y, _ = exact_gelu64(x)
-    fast, _ = cpu.gelu_forward(x, "none", need_grad=False)
+    fast, _ = cpu_activation.gelu_forward(x, "none", need_grad=False)
     with cpu.fast_paths(False):
         plain = F.gelu(Tensor(x)).data
     assert plain.dtype == np.float32
@@ -174,7 +176,7 @@ def test_float64_gelu_keeps_the_exact_erf():
     x = np.linspace(-9, 9, 20_001)
     from scipy.special import erf
 
-    y, d = cpu.gelu_forward(x, "none", need_grad=True)
+    y, d = cpu_activation.gelu_forward(x, "none", need_grad=True)
     cdf = 0.5 * (1.0 + erf(x / np.sqrt(2.0)))
     np.testing.assert_allclose(y, x * cdf, rtol=1e-14, atol=1e-15)  # the plain formula
     ref_y, ref_d = exact_gelu64(x)
@@ -198,7 +200,7 @@ def test_gelu_without_grad_keeps_no_derivative():
     function = F.activation.GELU()
     with minivit.no_grad():
         function(Tensor(x, requires_grad=True))
-    assert function.derivative is None
+    assert function.impl.device == "cpu" and function.saved is None  # saved: dy/dx, not made
 
 
 # -- LayerNorm, softmax --------------------------------------------------------------------------
@@ -304,10 +306,10 @@ def test_self_attention_for_the_first_tokens_only(fast, queries):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("forward_fast", [True, False])
 @pytest.mark.parametrize("queries", [None, 2])
-def test_self_attention_backward_on_the_other_path_than_its_forward(dtype, forward_fast,
-                                                                    queries):
-    """Fast paths switched between forward and backward: the backward finds what the forward
-    saved in the other path's form (q unscaled views, or q·s contiguous) and still agrees."""
+def test_backward_runs_the_implementation_its_forward_chose(dtype, forward_fast, queries):
+    """Fast paths switched between forward and backward: the Function kept the
+    implementation its forward chose (and what that one saved), so backward runs it again and
+    gives what an unswitched backward gives, bit for bit."""
     rng = np.random.default_rng(12)
     qkv_data = rng.standard_normal((3, 6, 3 * 2 * 4)).astype(dtype)
     upstream = rng.standard_normal((3, queries or 6, 8)).astype(dtype)
@@ -316,11 +318,12 @@ def test_self_attention_backward_on_the_other_path_than_its_forward(dtype, forwa
         qkv = Tensor(qkv_data, requires_grad=True)
         with cpu.fast_paths(forward_fast):
             out = F.self_attention(qkv, 2, queries=queries)
+        assert out._creator.impl.device == ("cpu" if forward_fast else "plain")
         with cpu.fast_paths(backward_fast):
             out.backward(upstream)
         grads.append(qkv.grad)
     assert grads[1].dtype == dtype
-    np.testing.assert_allclose(grads[1], grads[0], **TOLERANCES[dtype])
+    np.testing.assert_array_equal(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("queries", [0, 7])
@@ -348,13 +351,13 @@ def test_linear_split_gemms_match_plain(dtype, n_threads):
 
 def test_large_gemms_really_are_split_into_several_tasks(monkeypatch):
     sizes = []
-    original = cpu.run_tasks
+    original = gemm.run_tasks
 
     def counting(tasks, parallel=True):
         sizes.append(len(tasks))
         return original(tasks, parallel)
 
-    monkeypatch.setattr(cpu, "run_tasks", counting)
+    monkeypatch.setattr(gemm, "run_tasks", counting)
     rng = np.random.default_rng(17)
     x = rng.standard_normal((64, 40)).astype(np.float32)
     w = rng.standard_normal((24, 40)).astype(np.float32)
@@ -454,6 +457,7 @@ def test_handles_only_numpy_float_arrays_of_one_dtype():
     assert cpu.handles(f32, None, f32) and cpu.handles(f64)
     assert not cpu.handles(f32, f64)
     assert not cpu.handles(np.zeros(3, np.int64))
+    assert not cpu.handles(None) and not cpu.handles()  # no array: nothing to run on
     with cpu.fast_paths(False):
         assert not cpu.handles(f32)
 
@@ -542,11 +546,11 @@ def test_one_training_step_keeps_every_array_float32(monkeypatch):
 def test_without_blas_control_gemms_are_not_split_but_still_right(monkeypatch):
     """Without threadpoolctl minivit cannot put BLAS on one thread, so it leaves the GEMMs
     whole (BLAS threads them) rather than run two threaded BLAS calls at once."""
-    monkeypatch.setitem(cpu._state, "blas", {"controlled": False, "threads": None,
+    monkeypatch.setitem(runtime.state, "blas", {"controlled": False, "threads": None,
                                              "libraries": []})
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
-    assert not cpu._split_gemms()
+    assert not runtime.split_gemms()
     rng = np.random.default_rng(18)
     x = rng.standard_normal((600, 40)).astype(np.float32)
     w = rng.standard_normal((30, 40)).astype(np.float32)
@@ -556,15 +560,18 @@ def test_without_blas_control_gemms_are_not_split_but_still_right(monkeypatch):
 
 
 def test_freed_large_arrays_are_kept_for_reuse_on_glibc():
-    """The first fast path raises glibc's mmap/trim thresholds (minivit.cpu explains why);
-    MINIVIT_KEEP_MEMORY=0 leaves malloc alone. Checked in fresh interpreters."""
+    """cpu.configure() (not importing minivit, nor asking cpu.handles) raises glibc's
+    mmap/trim thresholds (minivit.cpu.runtime explains why); MINIVIT_KEEP_MEMORY=0 leaves malloc
+    alone. Checked in fresh interpreters."""
     import os
     import platform
     import subprocess
     import sys
 
-    code = ("import numpy as np; from minivit import cpu; "
-            "cpu.handles(np.zeros(2, np.float32)); print(cpu._state['malloc'], cpu.memory_info())")
+    code = ("import numpy as np; from minivit import cpu; from minivit.cpu import runtime; "
+            "assert cpu.handles(np.zeros(2, np.float32)); "
+            "assert runtime.state['malloc'] is None and runtime.state['blas'] is None; "
+            "cpu.configure(); print(runtime.state['malloc'], cpu.memory_info())")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "MINIVIT_KEEP_MEMORY": "0"})
@@ -579,7 +586,7 @@ def test_bad_thread_counts_in_the_environment_warn_and_fall_back():
     import subprocess
     import sys
 
-    code = ("import numpy as np; from minivit import cpu; cpu.handles(np.zeros(2, np.float32)); "
+    code = ("from minivit import cpu; cpu.configure(); "
             "print(cpu.num_threads() >= 1, cpu.blas_info()['threads'])")
     env = {**os.environ, "MINIVIT_NUM_THREADS": "abc", "MINIVIT_BLAS_THREADS": "two"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -21,24 +21,26 @@ class SoftmaxMissingSumTerm(Softmax):
     dx = p ⊙ (dp − Σ dp ⊙ p)."""
 
     def backward(self, grad):
-        return (self.probs * grad,)
+        probs, _ = self.saved  # every softmax implementation saves (p, axis)
+        return (probs * grad,)
 
 
 class SoftmaxMissingProbsFactor(Softmax):
     """dx = dp − Σ dp ⊙ p: forgets the outer p ⊙. Zero for dp = 1, like the true gradient."""
 
     def backward(self, grad):
-        return (grad - (grad * self.probs).sum(axis=self.axis, keepdims=True),)
+        probs, axis = self.saved
+        return (grad - (grad * probs).sum(axis=axis, keepdims=True),)
 
 
 class LayerNormMissingTerm(LayerNorm):
     """dx = r (dx̂ − mean dx̂): drops the − x̂ mean(dx̂ ⊙ x̂) term."""
 
     def backward(self, grad):
-        normalized, weight = self.normalized, self.weight
+        normalized, rstd, weight = self.saved  # every layer_norm implementation saves (x̂, r, w)
         grad_normalized = grad * weight if weight is not None else grad
         mean_grad = grad_normalized.mean(axis=-1, keepdims=True)
-        grad_x = self.rstd * (grad_normalized - mean_grad)
+        grad_x = rstd * (grad_normalized - mean_grad)
         leading = tuple(range(grad.ndim - 1))
         grad_w = (grad * normalized).sum(axis=leading) if self.needs_input_grad[1] else None
         grad_b = grad.sum(axis=leading) if self.needs_input_grad[2] else None

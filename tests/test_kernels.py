@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (minivit.kernels, numba) on their own: the float32 exp they are built
+"""The compiled CPU kernels (minivit.cpu.compiled, numba) on their own: the float32 exp they are built
 on, special values (NaN must reach the loss so that training stops), and what happens without
 numba. Their agreement with the NumPy code on every op is in test_fast_paths.py, which runs
 all its tests with and without them."""
@@ -13,9 +13,12 @@ import pytest
 
 import minivit.functional as F
 from minivit import Tensor, cpu
+from minivit.cpu import activation as cpu_activation
+from minivit.cpu import normalization as cpu_normalization
 
 pytest.importorskip("numba", reason="numba (the 'fast' extra) is not installed")
-from minivit import kernels  # noqa: E402  (needs numba)
+from minivit.cpu import compiled as kernels  # noqa: E402  (needs numba)
+from minivit.cpu.compiled import common  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def exp_f32():
     @numba.njit
     def apply(x, out):
         for i in range(x.size):
-            out[i] = kernels._exp(x[i])
+            out[i] = common.exp(x[i])
 
     def run(x):
         out = np.empty_like(x)
@@ -64,15 +67,15 @@ def test_nan_and_inf_propagate_through_the_kernels(dtype):
     x[1, 3] = np.nan
     x[2, 5] = np.inf
     with cpu.compiled_kernels(True):
-        y, d = cpu.gelu_forward(x, "none", need_grad=True)
+        y, d = cpu_activation.gelu_forward(x, "none", need_grad=True)
         assert np.isnan(y[1, 3]) and np.isnan(d[1, 3])
         assert y[2, 5] == np.inf
         assert np.all(np.isfinite(y[0])) and np.all(np.isfinite(y[3]))
         weight, bias = np.ones(16, dtype), np.zeros(16, dtype)
-        out, _, _ = cpu.layer_norm_forward(x, weight, bias, 1e-6)
+        out, _, _ = cpu_normalization.layer_norm_forward(x, weight, bias, 1e-6)
         assert np.all(np.isnan(out[1])) and np.all(np.isnan(out[2]))  # (inf − inf in σ²)
         assert np.all(np.isfinite(out[0]))
-        probs = cpu.softmax_forward(x)
+        probs = cpu_activation.softmax_forward(x)
         assert np.all(np.isnan(probs[1])) and np.all(np.isnan(probs[2]))
         np.testing.assert_allclose(probs[0].sum(), 1.0, rtol=1e-6)
 
@@ -145,7 +148,7 @@ def test_when_numba_cannot_load_the_kernels_the_numpy_code_runs_and_says_why():
         "import sys\n"
         "class Refuse:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'minivit.kernels':\n"
+        "        if name == 'minivit.cpu.compiled':\n"
         "            raise RuntimeError('cannot cache function: no locator available')\n"
         "sys.meta_path.insert(0, Refuse())\n"
         "import numpy as np\n"
@@ -162,8 +165,8 @@ def test_when_numba_cannot_load_the_kernels_the_numpy_code_runs_and_says_why():
 def test_with_numba_disable_jit_the_numpy_code_runs():
     """NUMBA_DISABLE_JIT=1 would run the kernels as plain Python, where the typed helpers do
     not exist: minivit keeps its NumPy code instead."""
-    code = ("import numpy as np; from minivit import cpu\n"
-            "y, d = cpu.gelu_forward(np.linspace(-3, 3, 8, dtype=np.float32))\n"
+    code = ("import numpy as np; from minivit import cpu; from minivit.cpu import activation\n"
+            "y, d = activation.gelu_forward(np.linspace(-3, 3, 8, dtype=np.float32))\n"
             "assert y.dtype == np.float32 and not cpu.compiled_kernels_available()\n"
             "print(cpu.compiled_kernels_info())\n")
     assert "NUMBA_DISABLE_JIT is set" in run_python(code, NUMBA_DISABLE_JIT="1")

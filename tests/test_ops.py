@@ -21,6 +21,9 @@ from scipy.special import erf
 import minivit
 import minivit.functional as F
 from minivit import Tensor, cpu
+from minivit.functional import registry
+from minivit.inspect.opchecks import OP_CHECKS
+from minivit.optim import AdamW
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
 
@@ -514,71 +517,57 @@ def test_max_splits_the_gradient_between_ties():
     np.testing.assert_array_equal(x.grad, [[0.0, 0.5, 0.5], [4.0, 0.0, 0.0]])
 
 
-# -- the same values in any memory layout give the same results ---------------------------------
-class Spec:
-    """How to draw one input: a shape, a kind of values, or integer labels."""
-
-    def __init__(self, shape, kind="any", classes=None):
-        self.shape, self.kind, self.classes = shape, kind, classes
-
-    def strategy(self):
-        if self.kind == "labels":
-            return hnp.arrays(np.int64, self.shape, elements=st.integers(0, self.classes - 1))
-        if self.kind == "distinct":
-            return distinct_arrays(self.shape)
-        elements = {"any": floats(), "positive": floats(0.1, 3.0), "away": away_from_zero()}
-        return arrays(self.shape, elements=elements[self.kind])
+# -- every op of the catalogue (minivit.inspect.opchecks): layouts, the plain code, float32 ------
+OP_CASES = {name: check for name, check in OP_CHECKS.items() if check.whole_model is None}
 
 
-def _seeded(op, seed=1234, **options):
-    def fn(x):
-        minivit.manual_seed(seed)
-        return op(x, **options)
-    return fn
+def strategy(spec):
+    """Hypothesis values for one Input of the catalogue."""
+    if spec.kind == "index":
+        return st.just(np.array(spec.values))
+    if spec.kind == "labels":
+        return hnp.arrays(np.int64, spec.shape, elements=st.integers(0, spec.classes - 1))
+    if spec.kind == "distinct":
+        return distinct_arrays(spec.shape)
+    elements = {"normal": floats(), "positive": floats(0.1, 3.0), "away": away_from_zero(),
+                "probabilities": floats(0.1, 1.0)}
+    return arrays(spec.shape, elements=elements[spec.kind])
 
 
-def _fancy(x):
-    return x[on_backend(np.array([0, 2, 0, -1]))]
+def test_the_catalogue_runs_every_cpu_and_plain_implementation(monkeypatch):
+    """Every "cpu" and "plain" implementation in the registry runs, forward and backward,
+    when the catalogue's ops (and an AdamW step) run with the fast CPU paths on and off: the
+    tests that go through OP_CASES cover every implementation of every op (the "cuda" ones:
+    tests/test_cuda.py)."""
+    ran = set()
 
+    def recorded(impl, method):
+        original = getattr(impl, method)
 
-OP_CASES = {
-    "linear": (F.linear, [Spec((2, 3, 4)), Spec((5, 4)), Spec((5,))]),
-    "linear_no_bias": (F.linear, [Spec((3, 4)), Spec((2, 4))]),
-    "patchify": (lambda x, w, b: F.patchify(x, w, b, patch_size=2),
-                 [Spec((2, 3, 4, 6)), Spec((4, 3, 2, 2)), Spec((4,))]),
-    "attention": (F.scaled_dot_product_attention, [Spec((2, 2, 3, 4))] * 3),
-    "self_attention": (lambda qkv: F.self_attention(qkv, num_heads=2), [Spec((2, 3, 12))]),
-    "broadcast_to": (lambda x: F.broadcast_to(x, (2, 1, 3, 2)), [Spec((3, 2))]),
-    "softmax": (lambda x: F.softmax(x, axis=1), [Spec((3, 4, 2))]),
-    "log_softmax": (lambda x: F.log_softmax(x, axis=0), [Spec((3, 4, 2))]),
-    "layer_norm": (F.layer_norm, [Spec((3, 2, 5), "distinct"), Spec((5,)), Spec((5,))]),
-    "gelu": (F.gelu, [Spec((3, 4))]),
-    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), [Spec((3, 4))]),
-    "cross_entropy_labels": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1),
-                             [Spec((4, 5)), Spec((4,), "labels", classes=5)]),
-    "cross_entropy_soft": (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.2),
-                           [Spec((4, 5)), Spec((4, 5), "positive")]),
-    "dropout": (_seeded(F.dropout, p=0.4), [Spec((4, 5))]),
-    "drop_path": (_seeded(F.drop_path, p=0.4), [Spec((4, 3, 2))]),
-    "concat": (lambda a, b: F.concat([a, b], axis=1), [Spec((2, 3, 2)), Spec((2, 2, 2))]),
-    "stack": (lambda a, b: F.stack([a, b], axis=-1), [Spec((2, 3)), Spec((2, 3))]),
-    "getitem_basic": (lambda x: x[1:, ::-2, None], [Spec((3, 4, 2))]),
-    "getitem_fancy": (_fancy, [Spec((3, 4, 2))]),
-    "add": (lambda a, b: a + b, [Spec((3, 1, 4)), Spec((5, 4))]),
-    "sub": (lambda a, b: a - b, [Spec((3, 1, 4)), Spec((5, 4))]),
-    "mul": (lambda a, b: a * b, [Spec((3, 1, 4)), Spec((5, 4))]),
-    "div": (lambda a, b: a / b, [Spec((3, 1, 4)), Spec((5, 4), "away")]),
-    "matmul": (lambda a, b: a @ b, [Spec((2, 3, 4)), Spec((4, 2))]),
-    "pow": (lambda a: a ** 3, [Spec((3, 4))]),
-    "neg": (lambda a: -a, [Spec((3, 4))]),
-    "reshape": (lambda a: a.reshape(4, -1), [Spec((3, 4, 2))]),
-    "transpose": (lambda a: a.transpose(2, 0, 1), [Spec((3, 4, 2))]),
-    "sum": (lambda a: a.sum(axis=(0, 2)), [Spec((3, 4, 2))]),
-    "mean": (lambda a: a.mean(axis=1, keepdims=True), [Spec((3, 4, 2))]),
-    "max": (lambda a: a.max(axis=-1), [Spec((3, 4, 2), "distinct")]),
-    "exp": (lambda a: a.exp(), [Spec((3, 4))]),
-    "log": (lambda a: a.log(), [Spec((3, 4), "positive")]),
-}
+        def run(*args, **kwargs):
+            ran.add((impl.op, impl.device, method))
+            return original(*args, **kwargs)
+        return run
+
+    expected = set()
+    for impls in registry.implementations().values():
+        for impl in impls:
+            for method in ("forward", "backward"):
+                if impl.device != "cuda" and hasattr(impl, method):
+                    monkeypatch.setattr(impl, method, recorded(impl, method))
+                    expected.add((impl.op, impl.device, method))
+    rng = np.random.default_rng(0)
+    for fast in (True, False):
+        with cpu.fast_paths(fast):
+            for check in OP_CASES.values():
+                inputs = [Tensor(a, requires_grad=True) if a.dtype.kind == "f" else a
+                          for a in check.build(rng).values()]
+                out = check.fn(*inputs)
+                out.backward(rng.standard_normal(out.shape))
+            weights = Tensor(rng.standard_normal(4), requires_grad=True)
+            weights.grad = rng.standard_normal(4)
+            AdamW([("w", weights)]).step()
+    assert ran == expected, f"never ran: {sorted(expected - ran)}"
 
 
 def _run(fn, arrays, upstream):
@@ -594,8 +583,8 @@ def _run(fn, arrays, upstream):
 @FIXTURE_OK
 @given(data=st.data())
 def test_non_contiguous_inputs_match_contiguous_copies(backend, name, data):
-    fn, specs = OP_CASES[name]
-    host = [data.draw(spec.strategy(), label=f"input {i}") for i, spec in enumerate(specs)]
+    fn, specs = OP_CASES[name].fn, OP_CASES[name].inputs
+    host = [data.draw(strategy(spec), label=f"input {i}") for i, spec in enumerate(specs)]
     kinds = [data.draw(st.sampled_from(LAYOUTS[1:]), label=f"layout {i}") for i in range(len(host))]
     views = [layout(a, kind) if a.dtype.kind == "f" else on_backend(a)
              for a, kind in zip(host, kinds)]
@@ -614,11 +603,13 @@ def test_non_contiguous_inputs_match_contiguous_copies(backend, name, data):
 
 # -- the plain NumPy code behind the fast CPU paths -----------------------------------------------
 def case_arrays(specs, rng, floats, dtype=None):
-    """One array per input spec of an OP_CASES entry: integer labels, distinct values (of
-    `dtype`) where the spec asks for them, else floats(spec)."""
+    """One array per input spec of an OP_CASES entry: integer labels or indices, distinct
+    values (of `dtype`) where the spec asks for them, else floats(spec)."""
     arrays = []
     for spec in specs:
-        if spec.kind == "labels":
+        if spec.kind == "index":
+            arrays.append(on_backend(np.array(spec.values)))
+        elif spec.kind == "labels":
             arrays.append(on_backend(rng.integers(0, spec.classes, spec.shape)))
         elif spec.kind == "distinct":
             values = rng.permutation(np.prod(spec.shape)).reshape(spec.shape) / 7.0
@@ -633,9 +624,9 @@ def test_gradients_with_the_fast_cpu_paths_off(name):
     """The Hypothesis tests above run the default dispatch (minivit.cpu's chunked kernels for
     NumPy arrays); the whole-array NumPy code under them (MINIVIT_FAST_CPU=0, and the code
     the cupy backend shares) gets the same gradient check here, one drawn-once example per op."""
-    fn, specs = OP_CASES[name]
+    fn, specs = OP_CASES[name].fn, OP_CASES[name].inputs
     rng = np.random.default_rng(sorted(OP_CASES).index(name))
-    lowest = {"positive": 0.1, "away": 0.5}
+    lowest = {"positive": 0.1, "away": 0.5, "probabilities": 0.1}
     inputs = case_arrays(specs, rng, lambda spec: layout(
         rng.uniform(lowest.get(spec.kind, -3.0), 3.0, spec.shape), "transposed"))
     with cpu.fast_paths(False):
@@ -645,7 +636,7 @@ def test_gradients_with_the_fast_cpu_paths_off(name):
 # -- float32 stays float32 ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(OP_CASES))
 def test_float32_inputs_give_float32_outputs_and_gradients(backend, name):
-    fn, specs = OP_CASES[name]
+    fn, specs = OP_CASES[name].fn, OP_CASES[name].inputs
     rng = np.random.default_rng(0)
     arrays32 = case_arrays(specs, rng, lambda spec: on_backend(rng.uniform(0.5, 2.0, spec.shape),
                                                                np.float32), np.float32)

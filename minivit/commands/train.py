@@ -56,6 +56,9 @@ def add_parser(subparsers, name, help_text):
                            f"DIR/val/<class>/... (default: {defaults.dataset})")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding the dataset files (default: ./data)")
+    data.add_argument("--train-fraction", type=float, default=None, metavar="F",
+                      help="train on this stratified fraction of the training labels, in (0, 1] "
+                           "(the test split is unchanged; default: 1)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                       help="turn off the dataset's default augmentation (and its default "
                            "recipe: CutMix for digits)")
@@ -66,6 +69,10 @@ def add_parser(subparsers, name, help_text):
     model.add_argument("--model", default=None, metavar="NAME",
                        help="named configuration (see minivit info --list); default: the small "
                             "model that suits the dataset (vit_digits, vit_mnist, vit_cifar)")
+    model.add_argument("--init", default=None, metavar="RUN_OR_WEIGHTS",
+                       help="start from a pretrained encoder: a minivit pretrain (MAE, DINO) or "
+                            "train run folder, or a weights file (reference MAE/DINO, timm); "
+                            "its decoder or head is dropped and a new head trained")
     model.add_argument("--epochs", type=int, default=None,
                        help=f"default: {defaults.epochs}; with --resume, the run's own")
     model.add_argument("--batch-size", type=int, default=None,
@@ -97,21 +104,12 @@ def add_parser(subparsers, name, help_text):
                           "and replay it for every full batch (several times faster for small "
                           "models, whose steps are bound by Python's kernel launches)")
     run.add_argument("--seed", type=int, default=None, help=f"default: {defaults.seed}")
-    run.add_argument("--out", default=defaults.out, metavar="RUN_DIR",
-                     help="run folder (default: %(default)s)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last checkpoint, with its saved "
-                          "configuration (only --epochs and --data-dir may change)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start afresh in an --out that holds a run, removing that run's "
-                          "checkpoints and metrics")
+    add_run_folder_flags(run, defaults.out)
     run.add_argument("--format", dest="checkpoint_format", choices=("safetensors", "npz"),
                      default=None, help=f"checkpoint file format (default: "
                                         f"{defaults.checkpoint_format})")
     run.add_argument("--log-grads", action="store_true", default=None,
                      help="log per-layer gradient norms and update/weight ratios each epoch")
-    run.add_argument("--quiet", dest="progress", action="store_false",
-                     help="no progress bar or per-epoch lines")
 
 
 def add_folder_flags(group):
@@ -180,6 +178,35 @@ def _check_resumed_options(run_dir, saved, given):
                            f"replace this one)")
 
 
+def add_run_folder_flags(parser, default_out):
+    """--out, --resume, --overwrite and --quiet: the flags of a command that keeps a run folder
+    (train, pretrain)."""
+    parser.add_argument("--out", default=default_out, metavar="RUN_DIR",
+                        help="run folder (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint, with its saved "
+                             "configuration (only --epochs and --data-dir may change)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds a run, removing that run's "
+                             "checkpoints and metrics")
+    parser.add_argument("--quiet", dest="progress", action="store_false",
+                        help="no progress bar or per-epoch lines")
+
+
+def resumed_config(out, read_saved, command, given, run_control):
+    """The configuration saved in the run folder `out` (read by `read_saved(path)`), to
+    continue it with `run_control` and the options --resume may change; other `given` options
+    must equal the saved ones."""
+    saved_path = Path(out) / "config.json"
+    if not saved_path.exists():
+        raise MinivitError(f"--resume: {saved_path} does not exist; is {out} a run folder made "
+                           f"by {command}?")
+    saved = read_saved(saved_path)
+    _check_resumed_options(out, saved, given)
+    changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
+    return dataclasses.replace(saved, resume=True, **run_control, **changes)
+
+
 def run(args):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items()
@@ -188,14 +215,7 @@ def run(args):
                    "cuda_graph": args.cuda_graph}
     config = TrainConfig(**dict(given, backend=apply_backend(args), **run_control))
     if args.resume:
-        saved_path = Path(args.out) / "config.json"
-        if not saved_path.exists():
-            raise MinivitError(f"--resume: {saved_path} does not exist; is {args.out} a run "
-                               f"folder made by minivit train?")
-        saved = saved_config(saved_path)
-        _check_resumed_options(args.out, saved, given)
-        changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
-        config = dataclasses.replace(saved, resume=True, **run_control, **changes)
+        config = resumed_config(args.out, saved_config, "minivit train", given, run_control)
     finished = []  # epochs whose checkpoint has been written in this run
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))

@@ -25,6 +25,7 @@ from minivit.data.datasets import load_dataset
 from minivit.data.folder import load_image_folder, open_image
 from minivit.data.mixing import Mixup, RandomErasing
 from minivit.data.randaugment import RandAugment
+from minivit.data.subset import stratified_fraction
 from minivit.data.workers import WorkerLoader
 from minivit.errors import DatasetError
 
@@ -199,6 +200,9 @@ def build_loaders(config, model_image_size, model_channels, test_part=None):
     (count) -> (start, stop) choosing this process's part of the test set (data parallel)."""
     workers = default_workers(config.dataset) if config.workers is None else config.workers
     if config.dataset == "folder":
+        if config.train_fraction != 1:
+            raise DatasetError("--train-fraction subsamples the built-in datasets; for an image "
+                               "folder, put the images to train on in its train/ folder")
         splits = load_image_folder(config.data_dir, config.val_fraction, config.seed,
                                    config.strict, workers)
         train_split, test_split = splits["train"], splits["test"]
@@ -212,7 +216,8 @@ def build_loaders(config, model_image_size, model_channels, test_part=None):
         skipped = train_split.skipped + test_split.skipped
         augmented = config.augment
     else:
-        train_set = load_dataset(config.dataset, "train", config.data_dir)
+        train_set = stratified_fraction(load_dataset(config.dataset, "train", config.data_dir),
+                                        config.train_fraction, config.seed)
         test_set = load_dataset(config.dataset, "test", config.data_dir)
         channels, size = train_set.images.shape[1], train_set.images.shape[2]
         mean, std = train_set.mean, train_set.std

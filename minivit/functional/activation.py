@@ -1,120 +1,165 @@
-"""softmax, log_softmax and gelu."""
+"""softmax, log_softmax and gelu: the Functions, their plain code and their fast implementations
+(CPU: minivit.cpu.activation; GPU: minivit.cuda.activation)."""
 
-import math
-
-from minivit import backend, cpu, cuda
-from minivit.tensor import Function, is_grad_enabled
-
-
-def softmax_array(x, axis=-1):
-    """Max-subtracted softmax on a raw array (shared by softmax, attention, cross-entropy)."""
-    if cuda.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
-        return cuda.softmax(x)  # fused: one CUDA block per row
-    if cpu.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
-        return cpu.softmax_forward(x)  # row blocks on minivit's threads
-    xp = backend.array_module(x)
-    shifted = x - x.max(axis=axis, keepdims=True)
-    e = xp.exp(shifted)
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+from minivit import backend
+from minivit.cpu import activation as cpu_activation
+from minivit.cuda import activation as cuda_activation
+from minivit.functional.registry import DispatchedFunction, choose, implementation
+from minivit.mathconst import INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, TANH_COEFF
+from minivit.tensor import is_grad_enabled
 
 
-def log_softmax_array(x, axis=-1):
-    """Max-subtracted log-softmax on a raw array: x - max - log Σ exp(x - max)."""
-    if cuda.handles(x) and x.ndim and axis in (-1, x.ndim - 1):
-        return cuda.softmax(x, log=True)
-    xp = backend.array_module(x)
-    shifted = x - x.max(axis=axis, keepdims=True)
-    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
-    return shifted
+def _over_last_axis(x, *rest, axis=-1):
+    """The fused row kernels work along the last axis only."""
+    return x.ndim > 0 and axis in (-1, x.ndim - 1)
 
 
-def softmax_backward_array(probs, grad, axis=-1):
-    """dx = p ⊙ (dp − Σ dp ⊙ p) for p = softmax(x)."""
-    if cuda.handles(probs, grad) and probs.ndim and axis in (-1, probs.ndim - 1):
-        return cuda.softmax_backward(probs, grad)
-    if cpu.handles(probs, grad) and probs.ndim and axis in (-1, probs.ndim - 1):
-        return cpu.softmax_backward(probs, grad)
-    return probs * (grad - (grad * probs).sum(axis=axis, keepdims=True))
-
-
-# -- softmax: p = eˣ / Σ eˣ;  dx = p ⊙ (dp − Σ dp ⊙ p) ------------------------------------------
-class Softmax(Function):
+# -- softmax: p = eˣ / Σ eˣ;  dx = p ⊙ (dp − Σ dp ⊙ p)   (every implementation saves (p, axis))
+class Softmax(DispatchedFunction):
     def forward(self, x, axis=-1):
-        self.axis = axis
-        self.probs = softmax_array(x, axis)
-        return self.probs
-
-    def backward(self, grad):
-        return (softmax_backward_array(self.probs, grad, self.axis),)
+        return self.dispatch("softmax", (x,), x, axis=axis)
 
 
 def softmax(x, axis=-1):
     return Softmax()(x, axis=axis)
 
 
-# -- log_softmax: y = x − log Σ eˣ;  dx = dy − softmax(x) Σ dy ---------------------------------
-class LogSoftmax(Function):
-    def forward(self, x, axis=-1):
-        self.axis = axis
-        self.out = log_softmax_array(x, axis)
-        return self.out
+def row_softmax(x):
+    """softmax over the last axis of a raw array, by the implementation that runs on it:
+    (p, that implementation), whose backward((p, -1), dp, (True,)) gives dx (for attention,
+    which keeps both so that its backward runs the softmax its forward ran)."""
+    impl = choose("softmax", x, axis=-1)
+    return impl.forward(x, axis=-1)[0], impl
 
-    def backward(self, grad):
-        xp = backend.array_module(grad)
-        return (grad - xp.exp(self.out) * grad.sum(axis=self.axis, keepdims=True),)
+
+@implementation("softmax", "cuda", accepts=_over_last_axis)
+class _FusedSoftmax:  # one CUDA block per row
+    def forward(x, axis=-1):
+        p = cuda_activation.softmax(x)
+        return p, (p, axis)
+
+    def backward(saved, grad, needs):
+        return (cuda_activation.softmax_backward(saved[0], grad),)
+
+
+@implementation("softmax", "cpu", accepts=_over_last_axis)
+class _ChunkedSoftmax:  # row blocks on minivit's threads
+    def forward(x, axis=-1):
+        p = cpu_activation.softmax_forward(x)
+        return p, (p, axis)
+
+    def backward(saved, grad, needs):
+        return (cpu_activation.softmax_backward(saved[0], grad),)
+
+
+@implementation("softmax", "plain")
+class _PlainSoftmax:
+    def forward(x, axis=-1):
+        xp = backend.array_module(x)
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))
+        e /= e.sum(axis=axis, keepdims=True)
+        return e, (e, axis)
+
+    def backward(saved, grad, needs):
+        p, axis = saved
+        return (p * (grad - (grad * p).sum(axis=axis, keepdims=True)),)
+
+
+# -- log_softmax: y = x − log Σ eˣ;  dx = dy − softmax(x) Σ dy   (saved: (y, axis)) -------------
+class LogSoftmax(DispatchedFunction):
+    def forward(self, x, axis=-1):
+        return self.dispatch("log_softmax", (x,), x, axis=axis)
 
 
 def log_softmax(x, axis=-1):
     return LogSoftmax()(x, axis=axis)
 
 
+def log_softmax_array(x, axis=-1):
+    """log_softmax of a raw array (cross-entropy's)."""
+    return choose("log_softmax", x, axis=axis).forward(x, axis=axis)[0]
+
+
+@implementation("log_softmax", "plain")
+class _PlainLogSoftmax:
+    def forward(x, axis=-1):
+        xp = backend.array_module(x)
+        shifted = x - x.max(axis=axis, keepdims=True)
+        shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        return shifted, (shifted, axis)
+
+    def backward(saved, grad, needs):
+        y, axis = saved
+        xp = backend.array_module(grad)
+        return (grad - xp.exp(y) * grad.sum(axis=axis, keepdims=True),)
+
+
+@implementation("log_softmax", "cuda", accepts=_over_last_axis)
+class _FusedLogSoftmax(_PlainLogSoftmax):  # the forward in one CUDA block per row
+    def forward(x, axis=-1):
+        y = cuda_activation.softmax(x, log=True)
+        return y, (y, axis)
+
+
 # -- gelu, exact: y = x Φ(x), Φ(x) = ½(1 + erf(x/√2));  dy/dx = Φ(x) + x φ(x), φ = e^(−x²/2)/√(2π)
 # -- gelu, tanh:  y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³);
 #                dy/dx = ½(1 + tanh u) + ½x(1 − tanh²u) √(2/π)(1 + 3·0.044715x²)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TANH_COEFF = 0.044715
-
-
-class GELU(Function):
+class GELU(DispatchedFunction):
     def forward(self, x, approximate="none"):
-        xp = backend.array_module(x)
-        self.x, self.approximate, self.derivative = x, approximate, None
-        self.fused = cuda.handles(x)
-        if self.fused:  # one CUDA kernel (erff/erf, tanhf/tanh); backward recomputes from x
-            return cuda.gelu_forward(x, approximate)
-        if cpu.handles(x) and approximate in ("none", "tanh"):
-            # chunked on minivit's threads; keeps only dy/dx (float32: erfc-based Φ, see cpu.py)
-            need_grad = is_grad_enabled() and self.needs_input_grad[0]
-            out, self.derivative = cpu.gelu_forward(x, approximate, need_grad)
-            del self.x
-            return out
-        if approximate == "tanh":
-            self.t = xp.tanh(_SQRT_2_OVER_PI * (x + _TANH_COEFF * x ** 3))
-            return 0.5 * x * (1.0 + self.t)
-        if approximate != "none":
+        if approximate not in ("none", "tanh"):
             raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-        self.cdf = 0.5 * (1.0 + backend.erf(x * _INV_SQRT_2))
-        return x * self.cdf
-
-    def backward(self, grad):
-        if self.derivative is not None:
-            return (cpu.gelu_backward(grad, self.derivative),)
-        xp = backend.array_module(grad)
-        x = self.x
-        if self.fused:
-            return (cuda.gelu_backward(grad, x, self.approximate),)
-        if self.approximate == "tanh":
-            t = self.t
-            du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEFF * x * x)
-            return (grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
-        pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-        return (grad * (self.cdf + x * pdf),)
+        need_grad = is_grad_enabled() and self.needs_input_grad[0]
+        return self.dispatch("gelu", (x,), x, approximate=approximate, need_grad=need_grad)
 
 
 def gelu(x, approximate="none"):
     """GELU; approximate="none" is the exact erf form (timm/PyTorch default), "tanh" the
     tanh approximation."""
     return GELU()(x, approximate=approximate)
+
+
+@implementation("gelu", "cuda")
+class _FusedGELU:
+    """One CUDA kernel each way (erff/erf, tanhf/tanh). saved: (x, approximate); backward
+    recomputes Φ (or tanh u) from x."""
+
+    def forward(x, approximate, need_grad):
+        return cuda_activation.gelu_forward(x, approximate), (x, approximate)
+
+    def backward(saved, grad, needs):
+        x, approximate = saved
+        return (cuda_activation.gelu_backward(grad, x, approximate),)
+
+
+@implementation("gelu", "cpu")
+class _ChunkedGELU:
+    """Chunks on minivit's threads (float32: the erfc-based Φ of minivit.cpu.activation).
+    saved: dy/dx, computed in the same pass (None without a gradient); backward writes dx
+    over it."""
+
+    def forward(x, approximate, need_grad):
+        return cpu_activation.gelu_forward(x, approximate, need_grad)
+
+    def backward(derivative, grad, needs):
+        return (cpu_activation.gelu_backward(grad, derivative),)
+
+
+@implementation("gelu", "plain")
+class _PlainGELU:
+    """saved: (x, approximate, Φ(x) or tanh u)."""
+
+    def forward(x, approximate, need_grad):
+        xp = backend.array_module(x)
+        if approximate == "tanh":
+            t = xp.tanh(SQRT_2_OVER_PI * (x + TANH_COEFF * x ** 3))
+            return 0.5 * x * (1.0 + t), (x, approximate, t)
+        cdf = 0.5 * (1.0 + backend.erf(x * INV_SQRT_2))
+        return x * cdf, (x, approximate, cdf)
+
+    def backward(saved, grad, needs):
+        x, approximate, kept = saved
+        if approximate == "tanh":
+            du = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_COEFF * x * x)
+            return (grad * (0.5 * (1.0 + kept) + 0.5 * x * (1.0 - kept * kept) * du),)
+        pdf = INV_SQRT_2PI * backend.array_module(grad).exp(-0.5 * x * x)
+        return (grad * (kept + x * pdf),)

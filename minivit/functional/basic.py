@@ -6,8 +6,10 @@ NumPy; `_unbroadcast` sums a gradient back to the shape of the input it belongs 
 
 import numpy as np
 
-from minivit import backend, cpu
+from minivit import backend
+from minivit.cpu import pool as cpu_pool
 from minivit.errors import ShapeError
+from minivit.functional.registry import DispatchedFunction, implementation
 from minivit.tensor import Function, Tensor
 
 
@@ -28,16 +30,25 @@ class _Arithmetic(Function):
     casts_integer_constants = True
 
 
-# -- add / sub: d(a ± b) = da ± db ------------------------------------------------------------
-class Add(_Arithmetic):
+# -- add / sub: d(a ± b) = da ± db   (add saves the two shapes) --------------------------------
+class Add(_Arithmetic, DispatchedFunction):
     def forward(self, a, b):
-        self.shapes = a.shape, b.shape
-        if a.shape == b.shape and cpu.handles(a, b):  # residual adds: threaded chunks
-            return cpu.binary(np.add, a, b)
-        return a + b
+        return self.dispatch("add", (a, b), a, b)
 
-    def backward(self, grad):
-        return _unbroadcast(grad, self.shapes[0]), _unbroadcast(grad, self.shapes[1])
+
+@implementation("add", "plain")
+class _PlainAdd:
+    def forward(a, b):
+        return a + b, (a.shape, b.shape)
+
+    def backward(shapes, grad, needs):
+        return _unbroadcast(grad, shapes[0]), _unbroadcast(grad, shapes[1])
+
+
+@implementation("add", "cpu", accepts=lambda a, b: a.shape == b.shape)
+class _ChunkedAdd(_PlainAdd):  # residual adds: threaded chunks
+    def forward(a, b):
+        return cpu_pool.binary(np.add, a, b), (a.shape, b.shape)
 
 
 class Sub(_Arithmetic):

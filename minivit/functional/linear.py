@@ -1,51 +1,73 @@
-"""linear and patchify: the two GEMM layers."""
+"""linear and patchify: the two GEMM layers, both y = x Wᵀ + b over 2-D x (patchify's x is
+the image cut into patches). Fast implementations: minivit.cpu.gemm (GEMMs split over
+minivit's threads) and minivit.cuda (GEMMs a CUDA graph can record, column-sum bias gradients)."""
 
-from minivit import cpu, cuda
+from minivit import cuda
+from minivit.cpu import gemm as cpu_gemm
 from minivit.errors import ShapeError
-from minivit.tensor import Function
+from minivit.functional.registry import DispatchedFunction, implementation
 
 
-def _product(a, b):
-    """a @ b of 2-D arrays; on CuPy through cuda.matmul (which a CUDA graph can record)."""
-    return cuda.matmul(a, b) if cuda.handles(a, b) else a @ b
-
-
-def _bias_grad(grad2d):
-    """db = Σ dy over the rows. On CuPy one coalesced kernel (CuPy's own sum(axis=0) reads
-    each column with a row-sized stride)."""
-    return cuda.column_sums(grad2d)[0] if cuda.handles(grad2d) else grad2d.sum(axis=0)
-
-
-# -- linear: y = x Wᵀ + b;  dx = dy W,  dW = dyᵀ x,  db = Σ dy  (x flattened to 2-D) ------------
-class Linear(Function):
+# -- linear: y = x Wᵀ + b;  dx = dy W,  dW = dyᵀ x,  db = Σ dy  (x flattened to 2-D)
+#    Every implementation of the 2-D op "linear" saves (x, W).
+class Linear(DispatchedFunction):
     def forward(self, x, weight, bias=None):
         if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
             raise ShapeError(f"linear: input's last dimension must equal weight's in_features; "
                              f"got input {x.shape} and weight {weight.shape} (out, in)")
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-        self.x2d = x.reshape(-1, x.shape[-1])
-        self.weight = weight
-        if cpu.handles(x, weight, bias):  # row blocks of one GEMM on minivit's threads
-            y = cpu.linear_forward(self.x2d, weight, bias)
-        else:
-            y = _product(self.x2d, weight.T)
-            if bias is not None:
-                y += bias
+        self.in_features = weight.shape[1]
+        x2d = x.reshape(-1, x.shape[-1])
+        y = self.dispatch("linear", (x, weight, bias), x2d, weight, bias)
         return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
     def backward(self, grad):
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        if cpu.handles(grad2d, self.x2d, self.weight):
-            grad_x, grad_w, grad_b = cpu.linear_backward(grad2d, self.x2d, self.weight,
-                                                         self.needs_input_grad)
-            if grad_x is not None:
-                grad_x = grad_x.reshape(grad.shape[:-1] + (self.weight.shape[1],))
-            return grad_x, grad_w, grad_b
-        grad_x = _product(grad2d, self.weight).reshape(grad.shape[:-1] + (self.weight.shape[1],)) \
-            if self.needs_input_grad[0] else None
-        grad_w = _product(grad2d.T, self.x2d) if self.needs_input_grad[1] else None
-        grad_b = _bias_grad(grad2d) if self.needs_input_grad[2] else None
+        grad_x, grad_w, grad_b = super().backward(grad.reshape(-1, grad.shape[-1]))
+        if grad_x is not None:
+            grad_x = grad_x.reshape(grad.shape[:-1] + (self.in_features,))
+        return grad_x, grad_w, grad_b
+
+
+@implementation("linear", "cuda")
+class _FusedLinear:  # cuda.matmul: CuPy's GEMM, or cuBLAS through ctypes while a graph records
+    def forward(x2d, weight, bias):
+        y = cuda.matmul(x2d, weight.T)
+        if bias is not None:
+            y += bias
+        return y, (x2d, weight)
+
+    def backward(saved, grad2d, needs):
+        x2d, weight = saved
+        grad_x = cuda.matmul(grad2d, weight) if needs[0] else None
+        grad_w = cuda.matmul(grad2d.T, x2d) if needs[1] else None
+        grad_b = cuda.column_sums(grad2d)[0] if needs[2] else None  # one coalesced kernel
+        return grad_x, grad_w, grad_b
+
+
+@implementation("linear", "cpu")
+class _SplitLinear:  # row blocks of one GEMM on minivit's threads
+    def forward(x2d, weight, bias):
+        return cpu_gemm.linear_forward(x2d, weight, bias), (x2d, weight)
+
+    def backward(saved, grad2d, needs):
+        x2d, weight = saved
+        return cpu_gemm.linear_backward(grad2d, x2d, weight, needs)
+
+
+@implementation("linear", "plain")
+class _PlainLinear:
+    def forward(x2d, weight, bias):
+        y = x2d @ weight.T
+        if bias is not None:
+            y += bias
+        return y, (x2d, weight)
+
+    def backward(saved, grad2d, needs):
+        x2d, weight = saved
+        grad_x = grad2d @ weight if needs[0] else None
+        grad_w = grad2d.T @ x2d if needs[1] else None
+        grad_b = grad2d.sum(axis=0) if needs[2] else None
         return grad_x, grad_w, grad_b
 
 
@@ -71,7 +93,7 @@ def _from_patches(patches, image_shape, p):
     return tiles.reshape(image_shape)
 
 
-class Patchify(Function):
+class Patchify(DispatchedFunction):
     def forward(self, x, weight, bias, patch_size):
         p = patch_size
         if x.ndim != 4:
@@ -82,33 +104,17 @@ class Patchify(Function):
         if x.shape[2] % p or x.shape[3] % p:
             raise ShapeError(f"patchify: image size {x.shape[2]}x{x.shape[3]} is not a multiple "
                              f"of the patch size {p}: resize or crop to a multiple of {p}")
-        self.image_shape, self.patch_size, self.weight = x.shape, p, weight
-        self.patches = _to_patches(x, p)
+        self.image_shape, self.patch_size, self.weight_shape = x.shape, p, weight.shape
         weight2d = weight.reshape(weight.shape[0], -1)
-        if cpu.handles(x, weight, bias):
-            y = cpu.linear_forward(self.patches, weight2d, bias)
-        else:
-            y = _product(self.patches, weight2d.T)
-            if bias is not None:
-                y += bias
+        y = self.dispatch("linear", (x, weight, bias), _to_patches(x, p), weight2d, bias)
         grid = (x.shape[2] // p) * (x.shape[3] // p)
         return y.reshape(x.shape[0], grid, weight.shape[0])
 
     def backward(self, grad):
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        weight2d = self.weight.reshape(self.weight.shape[0], -1)
-        if cpu.handles(grad2d, self.patches, weight2d):
-            grad_p, grad_w, grad_b = cpu.linear_backward(grad2d, self.patches, weight2d,
-                                                         self.needs_input_grad)
-            grad_x = (_from_patches(grad_p, self.image_shape, self.patch_size)
-                      if grad_p is not None else None)
-            grad_w = grad_w.reshape(self.weight.shape) if grad_w is not None else None
-            return grad_x, grad_w, grad_b
-        grad_x = (_from_patches(_product(grad2d, weight2d), self.image_shape, self.patch_size)
-                  if self.needs_input_grad[0] else None)
-        grad_w = (_product(grad2d.T, self.patches).reshape(self.weight.shape)
-                  if self.needs_input_grad[1] else None)
-        grad_b = _bias_grad(grad2d) if self.needs_input_grad[2] else None
+        grad_p, grad_w, grad_b = super().backward(grad.reshape(-1, grad.shape[-1]))
+        grad_x = (_from_patches(grad_p, self.image_shape, self.patch_size)
+                  if grad_p is not None else None)
+        grad_w = grad_w.reshape(self.weight_shape) if grad_w is not None else None
         return grad_x, grad_w, grad_b
 
 

@@ -1,26 +1,23 @@
-"""cross_entropy: log-softmax and negative log-likelihood fused into one Function."""
+"""cross_entropy: log-softmax and negative log-likelihood fused into one Function; its GPU
+implementation is minivit.cuda.loss."""
 
 import numpy as np
 
 from minivit import backend, cuda
+from minivit.cuda import loss as cuda_loss
 from minivit.errors import DTypeError, ShapeError
 from minivit.functional.activation import log_softmax_array
-from minivit.tensor import Function
+from minivit.functional.registry import DispatchedFunction, implementation
 
 
-def _check_target(target, logits, check_range=True):
+def _check_target(target, logits):
     """Raise unless `target` is integer labels (B,) in [0, K) or float soft targets (B, K)."""
     batch, classes = logits.shape
     if target.dtype.kind in "iu":
         if target.shape != (batch,):
             raise ShapeError(f"cross_entropy: integer labels must have shape ({batch},) for "
                              f"logits {logits.shape}; got {target.shape}")
-        if not check_range:
-            return
-        low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= classes:
-            raise ValueError(f"cross_entropy: labels must lie in [0, {classes - 1}] for "
-                             f"{classes} classes; got values from {low} to {high}")
+        cuda.host_check(target, lambda: _check_label_range(target, classes))
     elif target.dtype.kind == "f":
         if target.shape != logits.shape:
             raise ShapeError(f"cross_entropy: soft targets must have the logits' shape "
@@ -30,9 +27,16 @@ def _check_target(target, logits, check_range=True):
                          f"got dtype {target.dtype}")
 
 
+def _check_label_range(target, classes):
+    """(reads the labels on the host: skipped while a CUDA graph records, see cuda.host_check)"""
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"cross_entropy: labels must lie in [0, {classes - 1}] for "
+                         f"{classes} classes; got values from {low} to {high}")
+
+
 def _target_distribution(target, logits, label_smoothing):
     """q (B, K): one-hot integer labels or soft targets, smoothed as (1 − ε) q + ε/K."""
-    _check_target(target, logits)
     xp = backend.array_module(logits)
     batch, classes = logits.shape
     if target.dtype.kind in "iu":
@@ -47,36 +51,45 @@ def _target_distribution(target, logits, label_smoothing):
 
 # -- cross_entropy: L = −(1/B) Σ_b Σ_k q_bk log p_bk, p = softmax(x)
 #    dx = (p Σ_k q − q)/B;  dq = −log p / B  (for soft targets that need a gradient)
-class CrossEntropy(Function):
+class CrossEntropy(DispatchedFunction):
     def forward(self, logits, target, label_smoothing=0.0):
         if logits.ndim != 2:
             raise ShapeError(f"cross_entropy: logits must be (batch, classes); got {logits.shape}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1); "
                              f"got {label_smoothing}")
-        self.cuda_saved = None
-        if cuda.handles(logits):  # one CUDA block per row: log-sum-exp and the row's loss
-            # the label range is read on the host, which a CUDA graph being recorded forbids
-            _check_target(target, logits, check_range=not cuda.recording(logits))
-            loss, self.cuda_saved = cuda.cross_entropy_forward(logits, target, label_smoothing)
-            return loss
-        self.log_probs = log_softmax_array(logits)
-        self.q = _target_distribution(target, logits, label_smoothing)
-        self.smoothing = label_smoothing
-        batch = logits.shape[0]
-        return -(self.q * self.log_probs).sum() / batch
+        _check_target(target, logits)
+        return self.dispatch("cross_entropy", (logits,), logits, target, label_smoothing)
 
-    def backward(self, grad):
-        if self.cuda_saved is not None:  # one elementwise kernel per gradient
-            return cuda.cross_entropy_backward(grad, self.cuda_saved, self.needs_input_grad[1])
+
+@implementation("cross_entropy", "cuda")
+class _FusedCrossEntropy:
+    """One CUDA block per row (log-sum-exp and the row's loss); backward one elementwise
+    kernel per gradient. saved (minivit.cuda.loss.cross_entropy_forward's): (x, labels or
+    None, soft targets or None, row max, row log Σ e^(x − max), row Σq or None, ε)."""
+
+    def forward(logits, target, label_smoothing):
+        return cuda_loss.cross_entropy_forward(logits, target, label_smoothing)
+
+    def backward(saved, grad, needs):
+        return cuda_loss.cross_entropy_backward(grad, saved, needs[1])
+
+
+@implementation("cross_entropy", "plain")
+class _PlainCrossEntropy:
+    """saved: (log p, q, ε)."""
+
+    def forward(logits, target, label_smoothing):
+        log_probs = log_softmax_array(logits)
+        q = _target_distribution(target, logits, label_smoothing)
+        return -(q * log_probs).sum() / logits.shape[0], (log_probs, q, label_smoothing)
+
+    def backward(saved, grad, needs):
+        log_probs, q, smoothing = saved
         xp = backend.array_module(grad)
-        batch = self.log_probs.shape[0]
-        scale = grad / batch
-        probs = xp.exp(self.log_probs)
-        grad_logits = (probs * self.q.sum(axis=1, keepdims=True) - self.q) * scale
-        grad_target = None
-        if self.needs_input_grad[1]:
-            grad_target = -self.log_probs * (scale * (1.0 - self.smoothing))
+        scale = grad / log_probs.shape[0]
+        grad_logits = (xp.exp(log_probs) * q.sum(axis=1, keepdims=True) - q) * scale
+        grad_target = -log_probs * (scale * (1.0 - smoothing)) if needs[1] else None
         return grad_logits, grad_target
 
 

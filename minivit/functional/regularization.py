@@ -1,7 +1,7 @@
 """dropout and drop_path (stochastic depth). Identity in eval mode; random numbers come from
 minivit's seeded generator (minivit.manual_seed)."""
 
-from minivit import backend, cuda
+from minivit import cuda
 from minivit.tensor import Function, Tensor
 
 
@@ -16,15 +16,10 @@ class MaskMultiply(Function):
 
 
 def _keep_mask(shape, p, dtype, like):
+    """1/(1 − p) with probability 1 − p, else 0, on x's backend (not the current one); the
+    draws are new in every replay of a recorded CUDA graph (cuda.uniforms)."""
     keep = 1.0 - p
-    array = like.data if isinstance(like, Tensor) else like
-    name = backend.backend_of(array)  # x's backend, not the current
-    if cuda.recording(array):
-        # each replay of a CUDA graph needs new numbers: drawn on the host before each replay
-        uniforms = cuda.replay_input(lambda: backend.random_generator("numpy").random(shape),
-                                     shape, dtype)
-    else:
-        uniforms = backend.random_generator(name).random(shape, dtype=dtype)
+    uniforms = cuda.uniforms(like.data if isinstance(like, Tensor) else like, shape, dtype)
     return (uniforms < keep) / dtype.type(keep)
 
 

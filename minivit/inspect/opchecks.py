@@ -1,9 +1,13 @@
-"""The gradient checks behind `minivit gradcheck`: every hand-written op, and a whole small ViT.
+"""The op catalogue: every hand-written op with the inputs it is checked on. `minivit gradcheck`,
+the op tests (tests/test_ops.py: values, layouts, float32, the plain code), and the CuPy
+tests (tests/test_cuda.py) all read OP_CHECKS; a new op gets one entry here.
 
-OP_CHECKS maps a name to an OpCheck: the function to check (`fn(*inputs) -> Tensor`) and a
-builder that draws its inputs (`build(rng) -> {input name: host array}`, float64; integer
-arrays such as class labels pass through gradcheck as they are). `run_check` moves the
-inputs to the current backend and runs `minivit.gradcheck` with a random upstream gradient.
+OP_CHECKS maps a name to an OpCheck: the function to check (`fn(*inputs) -> Tensor`), and its
+inputs as Input specs (shape, kind of values, memory layout), from which `build(rng)` draws
+host arrays (float64; integer arrays such as class labels pass through gradcheck as they
+are). `run_check` moves the inputs to the current backend and runs `minivit.gradcheck` with a
+random upstream gradient. The whole ViT at the end has no Input specs: it builds its inputs
+from the model (`whole_model`).
 
 Inputs are drawn where each op is smooth and well conditioned: no ties for max, positive
 values for log and non-integer powers, denominators away from zero, softmax/attention
@@ -22,34 +26,44 @@ from minivit import backend
 from minivit.errors import MinivitError
 from minivit.gradcheck import gradcheck
 
-
 DROPOUT_SEED = 1234
 VIT_CONFIG = dict(depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.0, drop_rate=0.0)
 
 
 @dataclass(frozen=True)
-class OpCheck:
+class Input:
+    """One input of an op: `kind` says which values it takes ("normal" N(shift, scale²),
+    "positive" in [0.5, 2), "away" ±[0.5, 2), "distinct" 0.05 apart, "labels" in
+    [0, classes), "probabilities" rows summing to 1, "index" the integers `values`); `layout`
+    its memory layout ("contiguous", "transposed" or "strided")."""
     name: str
-    fn: object  # fn(*inputs) -> Tensor
-    build: object  # build(rng) -> {input name: host array}, in fn's argument order
-    description: str
-    full_check_limit: int = 512  # inputs larger than this are checked along random directions
-    directions: int = 8
+    shape: tuple
+    kind: str = "normal"
+    scale: float = 1.0
+    shift: float = 0.0
+    layout: str = "contiguous"
+    classes: int = 0
+    values: tuple = ()
 
-
-OP_CHECKS = {}
-
-
-def _register(name, description, build, **options):
-    def decorate(fn):
-        OP_CHECKS[name] = OpCheck(name, fn, build, description, **options)
-        return fn
-    return decorate
-
-
-# -- drawing inputs -----------------------------------------------------------------------------
-def _normal(rng, *shape, scale=1.0):
-    return scale * rng.standard_normal(shape)
+    def draw(self, rng):
+        shape = self.shape
+        if self.kind == "index":
+            return np.array(self.values)
+        if self.kind == "labels":
+            return rng.integers(0, self.classes, size=shape)
+        if self.kind == "distinct":  # no ties, nor near-ties within the finite-difference step
+            grid = rng.permutation(np.arange(int(np.prod(shape)))).reshape(shape)
+            values = (grid - grid.size / 2) * 0.05 + rng.uniform(0, 0.01, size=shape)
+        elif self.kind == "positive":
+            values = rng.uniform(0.5, 2.0, size=shape)
+        elif self.kind == "away":
+            values = rng.uniform(0.5, 2.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+        elif self.kind == "probabilities":
+            values = rng.uniform(0.1, 1.0, size=shape)
+            values /= values.sum(axis=-1, keepdims=True)
+        else:
+            values = self.shift + self.scale * rng.standard_normal(shape)
+        return _LAYOUTS[self.layout](values)
 
 
 def _transposed(array):
@@ -64,234 +78,288 @@ def _strided(array):
     return big[..., ::2]
 
 
-def _distinct(rng, *shape):
-    """Values at least 0.05 apart (no ties, nor near-ties within the finite-difference step)."""
-    grid = rng.permutation(np.arange(int(np.prod(shape)))).reshape(shape)
-    return (grid - grid.size / 2) * 0.05 + rng.uniform(0, 0.01, size=shape)
+_LAYOUTS = {"contiguous": lambda array: array, "transposed": _transposed, "strided": _strided}
 
 
-def _positive(rng, *shape, low=0.5, high=2.0):
-    return rng.uniform(low, high, size=shape)
+@dataclass(frozen=True)
+class OpCheck:
+    name: str
+    fn: object  # fn(*inputs) -> Tensor
+    inputs: tuple  # Input specs, in fn's argument order (empty for the whole model)
+    description: str
+    full_check_limit: int = 512  # inputs larger than this are checked along random directions
+    directions: int = 8
+    whole_model: object = None  # build(rng) -> {input name: host array}, for the whole ViT
+
+    def build(self, rng):
+        """{input name: host array} drawn from `rng`, in fn's argument order."""
+        if self.whole_model is not None:
+            return self.whole_model(rng)
+        return {spec.name: spec.draw(rng) for spec in self.inputs}
 
 
-def _away_from_zero(rng, *shape):
-    return rng.uniform(0.5, 2.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+OP_CHECKS = {}
+
+
+def _register(name, description, *inputs, **options):
+    def decorate(fn):
+        OP_CHECKS[name] = OpCheck(name, fn, inputs, description, **options)
+        return fn
+    return decorate
 
 
 # -- the layers' ops ----------------------------------------------------------------------------
 @_register("linear", "x Wᵀ + b over leading dims (x transposed in memory)",
-           lambda rng: {"x": _transposed(_normal(rng, 2, 3, 4)),
-                        "weight": _normal(rng, 5, 4), "bias": _normal(rng, 5)})
+           Input("x", (2, 3, 4), layout="transposed"), Input("weight", (5, 4)),
+           Input("bias", (5,)))
 def _linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+@_register("linear_no_bias", "x Wᵀ without a bias", Input("x", (3, 4)), Input("weight", (2, 4)))
+def _linear_no_bias(x, weight):
+    return F.linear(x, weight)
+
+
 @_register("patchify", "stride-p convolution as one GEMM, (B, C, H, W) -> (B, N, D)",
-           lambda rng: {"x": _normal(rng, 2, 2, 4, 6), "weight": _normal(rng, 3, 2, 2, 2),
-                        "bias": _normal(rng, 3)})
+           Input("x", (2, 2, 4, 6)), Input("weight", (3, 2, 2, 2)), Input("bias", (3,)))
 def _patchify(x, weight, bias):
     return F.patchify(x, weight, bias, 2)
 
 
 @_register("scaled_dot_product_attention", "softmax(q kᵀ/√d) v, (B, heads, N, d)",
-           lambda rng: {"q": _normal(rng, 2, 2, 4, 3), "k": _normal(rng, 2, 2, 4, 3),
-                        "v": _normal(rng, 2, 2, 4, 3)})
+           Input("q", (2, 2, 4, 3)), Input("k", (2, 2, 4, 3)), Input("v", (2, 2, 4, 3)))
 def _attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-if hasattr(F, "self_attention"):  # the packed-qkv form, where this version of minivit has it
-    @_register("self_attention", "multi-head attention from packed qkv (B, N, 3·D) to (B, N, D)",
-               lambda rng: {"qkv": _normal(rng, 2, 5, 12)})
-    def _self_attention(qkv):
-        return F.self_attention(qkv, 2)
+@_register("self_attention", "multi-head attention from packed qkv (B, N, 3·D) to (B, N, D)",
+           Input("qkv", (2, 5, 12)))
+def _self_attention(qkv):
+    return F.self_attention(qkv, 2)
+
+
+@_register("self_attention_queries", "self-attention of the first 2 of 5 tokens (queries=2)",
+           Input("qkv", (2, 5, 12)))
+def _self_attention_queries(qkv):
+    return F.self_attention(qkv, 2, queries=2)
 
 
 @_register("softmax", "max-subtracted softmax over the last axis",
-           lambda rng: {"x": _normal(rng, 3, 5, scale=2.0)})
+           Input("x", (3, 5), scale=2.0))
 def _softmax(x):
     return F.softmax(x, axis=-1)
 
 
 @_register("softmax_axis0", "softmax over the first axis of a strided view",
-           lambda rng: {"x": _strided(_normal(rng, 4, 3, scale=2.0))})
+           Input("x", (4, 3), scale=2.0, layout="strided"))
 def _softmax_axis0(x):
     return F.softmax(x, axis=0)
 
 
-@_register("log_softmax", "x − log Σ eˣ over the last axis",
-           lambda rng: {"x": _normal(rng, 3, 5, scale=2.0)})
+@_register("log_softmax", "x − log Σ eˣ over the last axis", Input("x", (3, 5), scale=2.0))
 def _log_softmax(x):
     return F.log_softmax(x, axis=-1)
 
 
+@_register("log_softmax_axis0", "log_softmax over the first axis",
+           Input("x", (3, 4, 2), scale=2.0))
+def _log_softmax_axis0(x):
+    return F.log_softmax(x, axis=0)
+
+
 @_register("layer_norm", "normalise over the last dim, then scale and shift (eps 1e-6)",
-           lambda rng: {"x": _normal(rng, 2, 3, 6, scale=2.0) + 1.0,
-                        "weight": 1.0 + _normal(rng, 6, scale=0.5), "bias": _normal(rng, 6)})
+           Input("x", (2, 3, 6), scale=2.0, shift=1.0),
+           Input("weight", (6,), scale=0.5, shift=1.0), Input("bias", (6,)))
 def _layer_norm(x, weight, bias):
     return F.layer_norm(x, weight, bias)
 
 
-@_register("gelu", "exact GELU, x Φ(x)", lambda rng: {"x": _normal(rng, 3, 7, scale=2.0)})
+@_register("gelu", "exact GELU, x Φ(x)", Input("x", (3, 7), scale=2.0))
 def _gelu(x):
     return F.gelu(x, approximate="none")
 
 
-@_register("gelu_tanh", "GELU, tanh approximation",
-           lambda rng: {"x": _normal(rng, 3, 7, scale=2.0)})
+@_register("gelu_tanh", "GELU, tanh approximation", Input("x", (3, 7), scale=2.0))
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def _labels(rng, batch=4, classes=5):
-    return rng.integers(0, classes, size=batch)
+_LOGITS = Input("logits", (4, 5), scale=2.0)
 
 
 @_register("cross_entropy", "fused log-softmax + NLL, integer labels",
-           lambda rng: {"logits": _normal(rng, 4, 5, scale=2.0), "target": _labels(rng)})
+           _LOGITS, Input("target", (4,), kind="labels", classes=5))
 def _cross_entropy(logits, target):
     return F.cross_entropy(logits, target)
 
 
-def _soft_targets(rng):
-    target = rng.uniform(0.1, 1.0, size=(4, 5))
-    return target / target.sum(axis=1, keepdims=True)
-
-
-@_register("cross_entropy_soft", "cross-entropy with soft targets (gradient of both inputs)",
-           lambda rng: {"logits": _normal(rng, 4, 5, scale=2.0), "target": _soft_targets(rng)})
+@_register("cross_entropy_soft", "soft targets, label smoothing 0.2 (gradient of both inputs)",
+           _LOGITS, Input("target", (4, 5), kind="probabilities"))
 def _cross_entropy_soft(logits, target):
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, label_smoothing=0.2)
 
 
 @_register("cross_entropy_smoothed", "cross-entropy, integer labels, label smoothing 0.1",
-           lambda rng: {"logits": _normal(rng, 4, 5, scale=2.0), "target": _labels(rng)})
+           _LOGITS, Input("target", (4,), kind="labels", classes=5))
 def _cross_entropy_smoothed(logits, target):
     return F.cross_entropy(logits, target, label_smoothing=0.1)
 
 
-@_register("dropout", "dropout p=0.3, training, fixed seed", lambda rng: {"x": _normal(rng, 4, 6)})
+@_register("dropout", "dropout p=0.3, training, fixed seed", Input("x", (4, 6)))
 def _dropout(x):
     backend.manual_seed(DROPOUT_SEED)
     return F.dropout(x, 0.3, training=True)
 
 
-@_register("drop_path", "stochastic depth p=0.5, training, fixed seed",
-           lambda rng: {"x": _normal(rng, 6, 3, 4)})
+@_register("drop_path", "stochastic depth p=0.5, training, fixed seed", Input("x", (6, 3, 4)))
 def _drop_path(x):
     backend.manual_seed(DROPOUT_SEED)
     return F.drop_path(x, 0.5, training=True)
 
 
 # -- shape ops ------------------------------------------------------------------------------------
-@_register("concat", "join along an existing axis",
-           lambda rng: {"a": _normal(rng, 2, 1, 3), "b": _normal(rng, 2, 3, 3),
-                        "c": _transposed(_normal(rng, 2, 2, 3))})
+@_register("concat", "join along an existing axis", Input("a", (2, 1, 3)), Input("b", (2, 3, 3)),
+           Input("c", (2, 2, 3), layout="transposed"))
 def _concat(a, b, c):
     return F.concat([a, b, c], axis=1)
 
 
 @_register("stack", "join along a new axis",
-           lambda rng: {"a": _normal(rng, 2, 3), "b": _normal(rng, 2, 3), "c": _normal(rng, 2, 3)})
+           Input("a", (2, 3)), Input("b", (2, 3)), Input("c", (2, 3)))
 def _stack(a, b, c):
     return F.stack([a, b, c], axis=1)
 
 
 @_register("getitem", "fancy indexing with repeated indices (scatter-add backward)",
-           lambda rng: {"a": _normal(rng, 3, 5), "index": np.array([4, 0, 4, 2, 4])})
+           Input("a", (3, 5)), Input("index", (5,), kind="index", values=(4, 0, 4, 2, 4)))
 def _getitem(a, index):
     return F.getitem(a, (slice(1, None), index))
 
 
 @_register("getitem_slice", "basic indexing: a negative-step slice and an integer",
-           lambda rng: {"a": _normal(rng, 4, 3, 6)})
+           Input("a", (4, 3, 6)))
 def _getitem_slice(a):
     return F.getitem(a, (slice(None, None, -2), 1, slice(1, 5)))
 
 
-@_register("reshape", "reshape", lambda rng: {"a": _transposed(_normal(rng, 2, 3, 4))})
+@_register("reshape", "reshape", Input("a", (2, 3, 4), layout="transposed"))
 def _reshape(a):
     return F.reshape(a, (4, 6))
 
 
-@_register("transpose", "permute axes (negative axes)", lambda rng: {"a": _normal(rng, 2, 3, 4)})
+@_register("transpose", "permute axes (negative axes)", Input("a", (2, 3, 4)))
 def _transpose(a):
     return F.transpose(a, (-1, 0, 1))
 
 
-@_register("broadcast_to", "broadcast (3, 1) to (2, 3, 4)", lambda rng: {"a": _normal(rng, 3, 1)})
+@_register("broadcast_to", "broadcast (3, 1, 2) to (2, 3, 4, 2)", Input("a", (3, 1, 2)))
 def _broadcast_to(a):
-    return F.broadcast_to(a, (2, 3, 4))
+    return F.broadcast_to(a, (2, 3, 4, 2))
+
+
+# -- self-supervised pretraining's ops (MAE masking, DINO head, resized position embedding) -------
+@_register("gather_tokens", "MAE: keep tokens ids[b] of row b, (B, L, D) -> (B, K, D), a repeat",
+           Input("x", (2, 5, 3)), Input("ids", (2, 3), kind="index", values=((4, 0, 4), (1, 3, 2))))
+def _gather_tokens(x, ids):
+    return F.gather_tokens(x, ids)
+
+
+@_register("unshuffle_tokens", "MAE: visible tokens + mask tokens back in image order",
+           Input("visible", (2, 2, 3), layout="transposed"), Input("mask_token", (1, 1, 3)),
+           Input("ids_restore", (2, 5), kind="index", values=((3, 0, 4, 2, 1), (1, 4, 0, 3, 2))))
+def _unshuffle_tokens(visible, mask_token, ids_restore):
+    return F.unshuffle_tokens(visible, mask_token, ids_restore)
+
+
+@_register("l2_normalize", "DINO head: x / ‖x‖ over the last axis",
+           Input("x", (3, 4), kind="away", layout="strided"))
+def _l2_normalize(x):
+    return F.l2_normalize(x)
+
+
+@_register("weight_norm_linear", "DINO head: x (g v/‖v‖)ᵀ, weight-normalised rows",
+           Input("x", (2, 3, 4)), Input("v", (5, 4), kind="away"), Input("g", (5, 1), "positive"))
+def _weight_norm_linear(x, v, g):
+    return F.weight_norm_linear(x, v, g)
+
+
+@_register("resize_grid", "bicubic resize of a position embedding's patch grid, 3x3 -> 2x4",
+           Input("x", (2, 9, 3)))
+def _resize_grid(x):
+    return F.resize_grid(x, (3, 3), (2, 4))
 
 
 # -- arithmetic (with broadcasting) -------------------------------------------------------------
-@_register("add", "a + b, b broadcast",
-           lambda rng: {"a": _normal(rng, 2, 3, 4), "b": _normal(rng, 3, 1)})
+@_register("add", "a + b, b broadcast", Input("a", (2, 3, 4)), Input("b", (3, 1)))
 def _add(a, b):
     return F.add(a, b)
 
 
-@_register("sub", "a − b, a broadcast",
-           lambda rng: {"a": _normal(rng, 4), "b": _normal(rng, 3, 4)})
+@_register("add_same_shape", "a + b of one shape (the residual adds)",
+           Input("a", (3, 4)), Input("b", (3, 4), layout="transposed"))
+def _add_same_shape(a, b):
+    return F.add(a, b)
+
+
+@_register("sub", "a − b, a broadcast", Input("a", (4,)), Input("b", (3, 4)))
 def _sub(a, b):
     return F.sub(a, b)
 
 
-@_register("mul", "a ⊙ b, both broadcast",
-           lambda rng: {"a": _normal(rng, 2, 1, 4), "b": _normal(rng, 3, 1)})
+@_register("mul", "a ⊙ b, both broadcast", Input("a", (2, 1, 4)), Input("b", (3, 1)))
 def _mul(a, b):
     return F.mul(a, b)
 
 
-@_register("div", "a / b, b away from zero",
-           lambda rng: {"a": _normal(rng, 3, 4), "b": _away_from_zero(rng, 4)})
+@_register("div", "a / b, b away from zero", Input("a", (3, 4)), Input("b", (4,), kind="away"))
 def _div(a, b):
     return F.div(a, b)
 
 
-@_register("neg", "−a", lambda rng: {"a": _normal(rng, 3, 4)})
+@_register("neg", "−a", Input("a", (3, 4)))
 def _neg(a):
     return F.neg(a)
 
 
-@_register("power", "a ** 2.5, a > 0", lambda rng: {"a": _positive(rng, 3, 4)})
+@_register("power", "a ** 2.5, a > 0", Input("a", (3, 4), kind="positive"))
 def _power(a):
     return F.power(a, 2.5)
 
 
-@_register("exp", "eᵃ", lambda rng: {"a": _normal(rng, 3, 4)})
+@_register("exp", "eᵃ", Input("a", (3, 4)))
 def _exp(a):
     return F.exp(a)
 
 
-@_register("log", "ln a, a > 0", lambda rng: {"a": _positive(rng, 3, 4)})
+@_register("log", "ln a, a > 0", Input("a", (3, 4), kind="positive"))
 def _log(a):
     return F.log(a)
 
 
 @_register("matmul", "batched a @ b, b broadcast over the batch",
-           lambda rng: {"a": _normal(rng, 2, 3, 4), "b": _transposed(_normal(rng, 4, 5))})
+           Input("a", (2, 3, 4)), Input("b", (4, 5), layout="transposed"))
 def _matmul(a, b):
     return F.matmul(a, b)
 
 
 # -- reductions -----------------------------------------------------------------------------------
-@_register("sum", "sum over axes (0, 2), keepdims", lambda rng: {"a": _normal(rng, 2, 3, 4)})
+@_register("sum", "sum over axes (0, 2), keepdims", Input("a", (2, 3, 4)))
 def _sum(a):
     return F.sum(a, axis=(0, 2), keepdims=True)
 
 
-@_register("mean", "mean over the last axis", lambda rng: {"a": _normal(rng, 2, 3, 4)})
+@_register("mean", "mean over the last axis", Input("a", (2, 3, 4)))
 def _mean(a):
     return F.mean(a, axis=-1)
 
 
-@_register("mean_all", "mean of every element (a scalar)", lambda rng: {"a": _normal(rng, 3, 4)})
+@_register("mean_all", "mean of every element (a scalar)", Input("a", (3, 4)))
 def _mean_all(a):
     return F.mean(a)
 
 
-@_register("max", "max over axis 1, distinct values", lambda rng: {"a": _distinct(rng, 2, 5, 3)})
+@_register("max", "max over axis 1, distinct values", Input("a", (2, 5, 3), kind="distinct"))
 def _max(a):
     return F.max(a, axis=1)
 
@@ -319,9 +387,9 @@ def _vit_inputs(rng):
     """Images and every parameter of the ViT, drawn at scales where nothing saturates:
     LayerNorm weights around 1, other parameters N(0, 0.3²)."""
     _, slots = _vit()
-    inputs = {"images": _normal(rng, 2, 1, 8, 8)}
+    inputs = {"images": rng.standard_normal((2, 1, 8, 8))}
     for name, shape, _, _ in slots:
-        value = _normal(rng, *shape, scale=0.3)
+        value = 0.3 * rng.standard_normal(shape)
         if "norm" in name and name.endswith(".weight"):
             value += 1.0
         inputs[name] = value
@@ -329,8 +397,8 @@ def _vit_inputs(rng):
 
 
 @_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
-           "every parameter, along random directions", _vit_inputs,
-           full_check_limit=0, directions=4)
+           "every parameter, along random directions", full_check_limit=0, directions=4,
+           whole_model=_vit_inputs)
 def _vit_logits(images, *parameters):
     model, slots = _vit()
     for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):

@@ -1,5 +1,6 @@
-"""Position-embedding resampling: a learned (1, prefix + H*W, D) embedding to another patch
-grid, exactly as timm's ``resample_abs_pos_embed`` (torch's bicubic ``interpolate``), in NumPy.
+"""Position embeddings in NumPy: resampling a learned (1, prefix + H*W, D) embedding to another
+patch grid, exactly as timm's ``resample_abs_pos_embed`` (torch's bicubic ``interpolate``), and
+the fixed 2-D sine-cosine table of the MAE reference.
 """
 
 from __future__ import annotations
@@ -8,34 +9,10 @@ import math
 
 import numpy as np
 
-from minivit.errors import WeightsError
+from minivit.errors import ShapeError, WeightsError
+from minivit.functional.resize import bicubic_matrix
 
-__all__ = ["resample_abs_pos_embed"]
-
-
-def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
-    """Cubic-convolution weights (Keys, A = -0.75 as PyTorch) of taps -1, 0, 1, 2 at offset t."""
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float64 matrix of 1-D bicubic resizing, as torch's interpolate with
-    align_corners=False, antialias=False: source x = (i + 0.5) * n_in / n_out - 0.5, taps at
-    floor(x) - 1 .. floor(x) + 2 clamped to the border."""
-    x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    x0 = np.floor(x)
-    weights = _cubic_weights(x - x0)
-    taps = np.clip(x0[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
-    matrix = np.zeros((n_out, n_in))
-    np.add.at(matrix, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
-    return matrix
+__all__ = ["resample_abs_pos_embed", "sincos_2d"]
 
 
 def resample_abs_pos_embed(
@@ -75,7 +52,33 @@ def resample_abs_pos_embed(
         )
     dim = pos_embed.shape[2]
     grid = pos_embed[0, num_prefix_tokens:].astype(np.float64).reshape(old_h, old_w, dim)
-    grid = np.einsum("ia,abd->ibd", _bicubic_matrix(old_h, new_h), grid)
-    grid = np.einsum("jb,ibd->ijd", _bicubic_matrix(old_w, new_w), grid)
+    grid = np.einsum("ia,abd->ibd", bicubic_matrix(old_h, new_h), grid)
+    grid = np.einsum("jb,ibd->ijd", bicubic_matrix(old_w, new_w), grid)
     patches = grid.reshape(1, new_h * new_w, dim).astype(pos_embed.dtype)
     return np.concatenate([pos_embed[:, :num_prefix_tokens], patches], axis=1)
+
+
+def sincos_2d(dim, grid, class_token=True):
+    """MAE's fixed 2-D sine-cosine table (util/pos_embed.py's layout): (1 + H·W, D) float64,
+    without the first (class token, zeros) row when class_token=False; grid is (H, W) or a side.
+
+    Rows run over the patches row by row, as patch tokens do. The first D/2 channels encode the
+    patch's column x, the last D/2 its row y, each as [sin(p·ω_0..ω_{D/4−1}), cos(p·ω_0..)]
+    with ω_i = 1 / 10000^(i / (D/4)). (timm's build_sincos2d_pos_embed orders the channels
+    differently: [sin h, sin w, cos h, cos w].)"""
+    height, width = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if dim % 4:
+        raise ShapeError(f"a 2-D sine-cosine position embedding needs a width divisible by 4, "
+                         f"got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(height, dtype=np.float64),
+                             np.arange(width, dtype=np.float64), indexing="ij")
+
+    def encode(positions):
+        angles = positions.reshape(-1, 1) * omega
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(cols), encode(rows)], axis=1)
+    if class_token:
+        table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+    return table

@@ -192,6 +192,10 @@ def model_from_checkpoint(path, ema=False):
     if path.is_dir():
         path = find_checkpoint(path)
     model_state, _, ema_arrays, info = read_checkpoint_parts(path)
+    if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
+        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
+                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
+                           f"`minivit train --init {path.parent}` fine-tunes it")
     if ema:
         if not ema_arrays:
             raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "

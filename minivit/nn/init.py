@@ -43,3 +43,11 @@ def zeros(shape, dtype="float32"):
 
 def ones(shape, dtype="float32"):
     return backend.xp().ones(shape, dtype=dtype)
+
+
+def xavier_uniform(shape, dtype="float32"):
+    """U(−a, a), a = √(6 / (fan_in + fan_out)) of a (out, in, ...) weight (torch's
+    xavier_uniform_ on its 2-D view; MAE's initialisation of its linear layers)."""
+    fan_out, fan_in = shape[0], math.prod(shape[1:])
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return _place(_host_rng().uniform(-bound, bound, shape), dtype)

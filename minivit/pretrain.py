@@ -1,0 +1,324 @@
+"""Self-supervised pretraining: ``pretrain(PretrainConfig(method="mae" | "dino", ...))``.
+
+The run folder is the one ``minivit train`` keeps (config.json, metrics.jsonl, last.* written
+atomically every epoch, --resume, --overwrite, the NaN guard; the helpers are train.py's), but
+with no labels there is no test accuracy and so no best.* checkpoint. The checkpoint holds the
+whole pretraining state: MAE's encoder and decoder, or DINO's student, teacher and center
+(``student.*``, ``teacher.*``, ``center``), plus the optimizer's buffers.
+
+MAE (He et al.): AdamW with betas (0.9, 0.95), per-step warmup + cosine learning rate.
+DINO (Caron et al.): AdamW, per-parameter gradient clipping (3.0), the last layer of the
+student's head frozen during the first epoch(s), the teacher's EMA momentum cosine from 0.996
+to 1, the teacher's temperature warmed up linearly. Both log the loss per epoch; DINO also
+logs the teacher's mean entropy, the entropy of its mean output and the center's norm,
+which show collapse (entropy → 0: one dimension dominates; → log K: uniform output).
+"""
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from minivit import backend
+from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
+from minivit.data import DATASETS, DataLoader, load_dataset
+from minivit.data.multicrop import MultiCrop, flips_suit
+from minivit.errors import MinivitError, TrainingError
+from minivit.io import atomic_write
+from minivit.models import model_config
+from minivit.models.dino import DINO, DINOLoss, teacher_momentum, update_teacher
+from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
+from minivit.nn import Module, Parameter
+from minivit.optim import AdamW, warmup_cosine
+from minivit.tensor import no_grad
+# train.py's run-folder machinery (private there: one home for the rules of a run folder)
+from minivit.train import DEFAULT_MODELS, RUN_FILES, epochs_text
+from minivit.train import _check_run_folder as check_run_folder
+from minivit.train import _MetricsLog as MetricsLog
+
+METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0},
+                   "dino": {"lr": 5e-4, "weight_decay": 0.04, "clip_grad": 3.0}}
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    method: str = "mae"
+    dataset: str = "digits"
+    data_dir: str = None
+    model: str = None  # the encoder's configuration; default: DEFAULT_MODELS[dataset]
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = None  # None: METHOD_DEFAULTS
+    min_lr: float = 1e-6
+    weight_decay: float = None
+    warmup: int = 5
+    clip_grad: float = None  # MAE: global norm (0: off); DINO: per parameter, as the reference
+    drop_path: float = 0.0
+    # MAE
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    decoder_dim: int = None  # None: half the encoder's width
+    decoder_depth: int = 2
+    # DINO
+    out_dim: int = 1024
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    local_crops: int = 4
+    local_crop_size: int = None  # None: half the image, a multiple of the patch
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    momentum_teacher: float = 0.996
+    freeze_last_layer: int = 1
+    # the run
+    backend: str = "numpy"
+    dtype: str = "float32"
+    seed: int = 0
+    out: str = "runs/pretrain"
+    checkpoint_format: str = "safetensors"
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+    def model_name(self):
+        return self.model or DEFAULT_MODELS[self.dataset]
+
+
+class DINOPair(Module):
+    """What DINO trains and keeps: the student, the teacher (no gradients) and the center."""
+
+    def __init__(self, encoder_config, out_dim, hidden_dim, bottleneck_dim):
+        self.student = DINO(encoder_config, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher = DINO(dict(encoder_config, drop_path_rate=0.0), out_dim, hidden_dim,
+                            bottleneck_dim)
+        self.teacher.load_state_dict(self.student.state_dict())
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad = False
+        self.center = Parameter(backend.xp().zeros((1, out_dim), dtype="float32"),
+                                requires_grad=False)
+        self.config = self.student.config
+
+
+def _check_config(config):
+    if config.method not in METHOD_DEFAULTS:
+        raise MinivitError(f"unknown method {config.method!r}; known: "
+                           f"{', '.join(METHOD_DEFAULTS)}")
+    if config.dataset not in DATASETS:
+        raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    config = dataclasses.replace(config, **{
+        name: value for name, value in METHOD_DEFAULTS[config.method].items()
+        if getattr(config, name) is None})
+    for field, ok, expected in (
+            ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
+            ("batch_size", config.batch_size >= 1, "at least 1"),
+            ("weight_decay", config.weight_decay >= 0, "at least 0"),
+            ("warmup", config.warmup >= 0, "at least 0"),
+            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            ("mask_ratio", 0 < config.mask_ratio < 1, "in (0, 1)"),
+            ("momentum_teacher", 0 <= config.momentum_teacher <= 1, "in [0, 1]"),
+            ("teacher_temp", config.teacher_temp > 0, "positive"),
+            ("seed", config.seed >= 0, "at least 0")):
+        if not ok:
+            raise MinivitError(f"--{field.replace('_', '-')} must be {expected}, got "
+                               f"{getattr(config, field)}")
+    return config
+
+
+class _MAE:
+    """One MAE step: mask, encode, decode, loss on the masked patches, update."""
+
+    def __init__(self, config, encoder, data):
+        self.model = mae_for_encoder(encoder, config.decoder_dim, config.decoder_depth,
+                                     norm_pix_loss=config.norm_pix_loss,
+                                     mask_ratio=config.mask_ratio)
+        self.config, self.normalize = config, True
+
+    def step(self, optimizer, images, rng, epoch, step, total_steps):
+        loss, _, _ = self.model(images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(max_grad_norm=self.config.clip_grad or None)
+        return loss.data, {}
+
+    def resumed(self):
+        pass
+
+
+class _DINO:
+    """One DINO step: multi-crop, teacher on the global crops, student on all, loss, update,
+    then the teacher's EMA."""
+
+    def __init__(self, config, encoder, data):
+        patch = encoder["patch_size"]
+        local = config.local_crop_size or max(patch, encoder["img_size"] // 2 // patch * patch)
+        self.crops = MultiCrop(encoder["img_size"], patch, config.local_crops, local, data.mean,
+                               data.std, flips_suit(config.dataset))
+        self.model = DINOPair(encoder, config.out_dim, config.head_hidden_dim,
+                              config.head_bottleneck_dim)
+        self.loss = DINOLoss(config.out_dim, teacher_temp=config.teacher_temp,
+                             warmup_teacher_temp=config.warmup_teacher_temp,
+                             warmup_epochs=config.warmup_teacher_temp_epochs, dtype=config.dtype)
+        self.config, self.normalize = config, False
+
+    def resumed(self):
+        self.loss.center = self.model.center.data.copy()
+
+    def step(self, optimizer, images, rng, epoch, step, total_steps):
+        crops = [backend.to_backend(c.astype(self.config.dtype)) for c in
+                 self.crops(images, rng)]
+        student, teacher = self.model.student, self.model.teacher
+        with no_grad():
+            teacher_out = teacher(crops[:2]).data
+        loss, statistics = self.loss(student(crops), teacher_out, epoch)
+        optimizer.zero_grad()
+        loss.backward()
+        for parameter in optimizer.parameters:  # the reference clips each parameter's gradient
+            if parameter.grad is not None and self.config.clip_grad:
+                norm = float(backend.array_module(parameter.grad).linalg.norm(parameter.grad))
+                parameter.grad = parameter.grad * min(1.0, self.config.clip_grad / (norm + 1e-6))
+        if epoch < self.config.freeze_last_layer:
+            student.head.last_layer.weight_v.grad = None
+        optimizer.step()
+        update_teacher(teacher, student, teacher_momentum(step, total_steps,
+                                                          self.config.momentum_teacher))
+        self.model.center.data[...] = self.loss.center
+        return loss.data, statistics
+
+
+METHODS = {"mae": _MAE, "dino": _DINO}
+
+
+def build_method(config, encoder, data):
+    """The method object (its `model` is what the checkpoints hold) for a resolved config."""
+    backend.manual_seed(config.seed)
+    method = METHODS[config.method](config, encoder, data)
+    method.model.to(dtype=config.dtype)
+    return method
+
+
+def encoder_configuration(config, data):
+    channels, size = data.images.shape[1], data.images.shape[2]
+    return model_config(config.model_name(), num_classes=0, img_size=size, in_chans=channels,
+                        drop_path_rate=config.drop_path)
+
+
+def pretrain(config, on_epoch_end=None):
+    """Pretrain as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` runs
+    after each epoch's checkpoint is written."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _pretrain(config, on_epoch_end)
+
+
+def _pretrain(config, on_epoch_end):
+    from tqdm import tqdm
+
+    backend.set_backend(config.backend)
+    config = _check_config(config)
+    run_dir = Path(config.out)
+    check_run_folder(config, run_dir)
+    data = load_dataset(config.dataset, "train", config.data_dir)
+    encoder = encoder_configuration(config, data)
+    method = build_method(config, encoder, data)
+    optimizer = AdamW(method.model.named_parameters(), lr=config.lr,
+                      weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    loader = DataLoader(data, config.batch_size, shuffle=True, seed=config.seed,
+                        normalize=method.normalize)
+    steps_per_epoch = len(loader)
+    total_steps = config.epochs * steps_per_epoch
+    info = {"method": config.method, "dataset": config.dataset, "mean": data.mean,
+            "std": data.std, "class_names": data.class_names, "encoder_config": encoder,
+            "train_config": dataclasses.asdict(config)}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MinivitError(f"cannot create the run folder {run_dir}: {error.strerror or error}; "
+                           f"pass --out a folder that can be created") from None
+    last_path = run_dir / f"last.{config.checkpoint_format}"
+    start_epoch = 0
+    if config.resume:
+        model_state, optimizer_arrays, saved = read_checkpoint(find_checkpoint(run_dir, "last"))
+        method.model.load_state_dict(model_state)
+        optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
+        method.resumed()
+        start_epoch = saved["epoch"]
+        if start_epoch >= config.epochs:
+            raise MinivitError(f"--resume: {run_dir} has already trained "
+                               f"{epochs_text(start_epoch)}; pass --epochs greater than "
+                               f"{start_epoch} to train further")
+    if config.overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
+    config_text = json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(config_text))
+
+    summary = {"run_dir": str(run_dir), "epochs": config.epochs, "method": config.method}
+    step, started = start_epoch * steps_per_epoch, time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        method.model.train()
+        loader.set_epoch(epoch)
+        backend.manual_seed([config.seed, epoch])  # masking noise, drop-path of this epoch
+        totals, count, epoch_start = {}, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not config.progress, unit="batch")
+        for batch, (images, _) in enumerate(bar):
+            optimizer.lr = warmup_cosine(step, total_steps, config.lr,
+                                         config.warmup * steps_per_epoch, config.min_lr)
+            rng = np.random.default_rng([config.seed, epoch, batch])  # the crops of this batch
+            x = backend.to_backend(images.astype(config.dtype, copy=False))
+            loss, statistics = method.step(optimizer, x if method.normalize else images, rng,
+                                           epoch, step, total_steps)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
+                        else "No checkpoint was written (the first epoch had not ended)")
+                raise TrainingError(f"the loss became {loss} at epoch {epoch + 1}, step "
+                                    f"{step + 1} (lr {optimizer.lr:.3g}); pretraining stopped. "
+                                    f"{kept}: lower --lr")
+            step += 1
+            count += len(images)
+            for name, value in dict(statistics, loss=loss).items():
+                totals[name] = totals.get(name, 0.0) + value * len(images)
+            bar.set_postfix(loss=f"{totals['loss'] / count:.4f}", lr=f"{optimizer.lr:.2e}")
+        bar.close()
+        seconds = time.perf_counter() - epoch_start
+        record = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started,
+                  "split": "train", **{name: total / count for name, total in totals.items()},
+                  "lr": optimizer.lr, "images_per_s": count / seconds}
+        if config.method == "dino":
+            record["center_norm"] = float(np.linalg.norm(backend.to_numpy(method.loss.center)))
+        metrics.write(record)
+        save_checkpoint(last_path, method.model, dict(info, epoch=epoch + 1, step=step),
+                        optimizer)
+        if config.progress:
+            extra = "".join(f"  {name} {record[name]:.3f}" for name in
+                            ("teacher_entropy", "teacher_marginal_entropy", "center_norm")
+                            if name in record)
+            tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  loss {record['loss']:.4f}{extra}"
+                       f"  {record['images_per_s']:.0f} img/s")
+        summary.update(epoch=epoch + 1, loss=record["loss"], seconds=time.perf_counter() - started)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, summary)
+    return summary
+
+
+def model_from_run(path):
+    """(model, info) of a pretraining run folder or checkpoint: the MaskedAutoencoderViT or
+    DINOPair with its weights, in eval mode."""
+    path = Path(path)
+    checkpoint = find_checkpoint(path, "last") if path.is_dir() else path
+    state, _, info = read_checkpoint(checkpoint)
+    if info.get("method") not in METHODS:
+        raise MinivitError(f"{checkpoint} is not a minivit pretrain checkpoint (no MAE/DINO "
+                           f"method in its metadata)")
+    saved = info["train_config"]
+    if info["method"] == "mae":
+        model = MaskedAutoencoderViT(**info["model_config"])
+    else:
+        model = DINOPair(info["encoder_config"], saved["out_dim"], saved["head_hidden_dim"],
+                         saved["head_bottleneck_dim"])
+    model.load_state_dict(state)
+    return model.eval(), info

@@ -1,0 +1,170 @@
+"""minivit pretrain / probe / reconstruct / train --init on the digits: MAE's loss falls and its
+encoder beats a random one; DINO's loss falls without collapse; bad input is a clear error
+that writes nothing; runs resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minivit.cli import main
+from minivit.data import load_dataset
+from minivit.data.subset import stratified_fraction
+from minivit.pretrain import PretrainConfig, pretrain
+
+QUICK = dict(dataset="digits", model="vit_digits", batch_size=64, warmup=1, progress=False)
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("mae") / "run"
+    pretrain(PretrainConfig(method="mae", epochs=4, out=str(run), **QUICK))
+    return run
+
+
+def test_mae_reconstruction_loss_falls(mae_run):
+    losses = [r["loss"] for r in records(mae_run)]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+    assert (mae_run / "last.safetensors").exists() and not (mae_run / "best.safetensors").exists()
+
+
+def test_mae_resume_continues_the_run(mae_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(mae_run, run)
+    assert main(["pretrain", "--out", str(run), "--resume", "--epochs", "5", "--quiet"]) == 0
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4, 5]
+    assert main(["pretrain", "--out", str(run), "--resume", "--mask-ratio", "0.5"]) == 1
+    assert "--mask-ratio 0.5 (saved: 0.75)" in capsys.readouterr().err
+
+
+def test_probe_of_the_mae_encoder_beats_random_init(mae_run, capsys):
+    assert main(["probe", str(mae_run), "--linear-epochs", "20"]) == 0
+    trained = capsys.readouterr().out
+    assert main(["probe", "--random", "--dataset", "digits", "--linear-epochs", "20"]) == 0
+    random = capsys.readouterr().out
+
+    def accuracy(text, kind):
+        line = next(line for line in text.splitlines() if line.startswith(kind))
+        return float(line.split()[-1])
+
+    assert accuracy(trained, "k-NN") > accuracy(random, "k-NN") + 0.1
+    assert accuracy(trained, "linear") > accuracy(random, "linear") + 0.1
+
+
+def test_reconstruct_draws_a_png(mae_run, tmp_path, capsys):
+    out = tmp_path / "rec.png"
+    assert main(["reconstruct", str(mae_run), "--index", "0", "3", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["reconstruct", str(mae_run), "--index", "100000"]) == 1
+    assert "--index 100000 is outside" in capsys.readouterr().err
+
+
+def test_fine_tuning_from_the_mae_encoder_on_a_tenth_of_the_labels(mae_run, tmp_path):
+    run = tmp_path / "ft"
+    assert main(["train", "--init", str(mae_run), "--train-fraction", "0.1", "--epochs", "1",
+                 "--out", str(run), "--quiet"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["init"] == str(mae_run) and saved["train_fraction"] == 0.1
+
+
+def test_train_fraction_is_stratified():
+    digits = load_dataset("digits", "train")
+    part = stratified_fraction(digits, 0.1, seed=3)
+    full = np.bincount(digits.labels)
+    np.testing.assert_array_equal(np.bincount(part.labels), np.round(full * 0.1).astype(int))
+    assert stratified_fraction(digits, 1.0) is digits
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--method", "mae", "--mask-ratio", "1.5"], "--mask-ratio must be in (0, 1)"),
+    (["pretrain", "--method", "mae", "--mask-ratio", "0"], "--mask-ratio must be in (0, 1)"),
+    (["pretrain", "--method", "dino", "--local-crop-size", "5"],
+     "local crop size must be a positive multiple of the patch size 2, got 5"),
+    (["train", "--train-fraction", "0"], "--train-fraction must be in (0, 1]"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(argv + ["--out", str(out), "--quiet"]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_init_with_another_architecture_is_refused(mae_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(mae_run), "--model", "vit_mnist", "--out", str(out),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "its encoder does not fit the model being trained" in err
+    assert "patch_embed.proj.weight" in err
+    assert not out.exists()
+
+
+def test_a_nan_loss_stops_with_a_clear_message(tmp_path):
+    from minivit.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="the loss became nan at epoch 1.*No checkpoint"):
+        pretrain(PretrainConfig(**dict(QUICK, method="mae", epochs=2, lr=1e9, warmup=0,
+                                       out=str(tmp_path / "r"))))
+    assert not list((tmp_path / "r").glob("last.*"))
+
+
+DINO_SMALL = dict(QUICK, method="dino", out_dim=32, head_hidden_dim=64, head_bottleneck_dim=16,
+                  local_crops=2)
+
+
+@pytest.fixture(scope="module")
+def dino_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dino") / "run"
+    pretrain(PretrainConfig(**dict(DINO_SMALL, epochs=1, out=str(run))))
+    return run
+
+
+def test_dino_run_logs_collapse_metrics_freezes_the_last_layer_and_moves_the_teacher(
+        dino_run, tmp_path):
+    import shutil
+
+    from minivit.checkpoint import read_checkpoint
+
+    run = tmp_path / "dino"
+    shutil.copytree(dino_run, run)
+    state, _, info = read_checkpoint(run / "last.safetensors")
+    assert info["method"] == "dino" and info["epoch"] == 1
+    # epoch 0: the student's last layer is frozen (the decoupled weight decay only rescales
+    # its rows, which the weight normalisation divides out)
+    student_v = state["student.head.last_layer.weight_v"]
+    teacher_v = state["teacher.head.last_layer.weight_v"]
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(unit(student_v), unit(teacher_v), atol=1e-6)
+    # the teacher is an EMA of the student: it moved, but less than the student
+    s, t = state["student.backbone.blocks.0.attn.qkv.weight"], \
+        state["teacher.backbone.blocks.0.attn.qkv.weight"]
+    assert 0 < np.abs(t - s).max()
+    assert np.linalg.norm(state["center"]) > 0
+    record = records(run)[0]
+    log_k = np.log(32)
+    assert 0 < record["teacher_entropy"] <= record["teacher_marginal_entropy"] <= log_k + 1e-6
+    assert np.isfinite(record["loss"]) and record["center_norm"] > 0
+
+    pretrain(PretrainConfig(**dict(DINO_SMALL, epochs=2, out=str(run), resume=True)))
+    state2, _, _ = read_checkpoint(run / "last.safetensors")
+    assert not np.allclose(unit(state2["student.head.last_layer.weight_v"]), unit(student_v))
+    assert [r["epoch"] for r in records(run)] == [1, 2]
+
+
+def test_dino_encoder_loads_for_probe_and_fine_tuning(dino_run, tmp_path, capsys):
+    assert main(["probe", str(dino_run), "--linear-epochs", "0"]) == 0
+    assert "k-NN (k=20, T=0.07) test accuracy" in capsys.readouterr().out
+    assert main(["train", "--init", str(dino_run), "--epochs", "1", "--out", str(tmp_path / "ft"),
+                 "--quiet"]) == 0
+
+
+def test_commands_for_classifiers_refuse_a_pretraining_checkpoint(mae_run, capsys):
+    assert main(["eval", "--checkpoint", str(mae_run / "last.safetensors")]) == 1
+    assert "is a mae pretraining checkpoint, not a classifier: `minivit probe" in \
+        capsys.readouterr().err
