@@ -62,6 +62,9 @@ def layer_scales(model, decay):
     """{parameter name: learning-rate factor decay^(depth + 1 − layer)}."""
     if not 0 < decay <= 1:
         raise MinivitError(f"--layer-decay must lie in (0, 1], e.g. 0.75; got {decay}")
+    if not hasattr(model, "blocks"):
+        raise MinivitError(f"--layer-decay numbers the blocks of a plain ViT; "
+                           f"{type(model).__name__} has stages instead: leave it out")
     depth = len(model.blocks)
     return {name: decay ** (depth + 1 - layer_index(name, depth))
             for name, _ in model.named_parameters()}

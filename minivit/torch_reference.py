@@ -6,7 +6,7 @@ eps 1e-6, fused qkv, ``F.scaled_dot_product_attention`` as timm uses, exact GELU
 linear head on the class token) from a minivit ``model.config`` dict. Its ``state_dict()``
 keys and shapes are exactly timm's and minivit's, so weights move between the three by name.
 It is written out here so that the parity tests need torch but not timm; ``minivit bench
---against torch`` runs the same model.
+--against torch`` runs the same model. A Swin's reference is timm's own (``reference_swin``).
 
 PyTorch is an optional extra (``minivit[parity]``): it is imported when a reference is first
 built, never when this module is imported.
@@ -37,6 +37,18 @@ def reference_vit(config):
     """A reference ViT (a torch.nn.Module, float32, on the CPU) with the architecture of a
     minivit model configuration; other keys of the dict (drop rates) are ignored."""
     return _modules().ReferenceViT(**{k: config[k] for k in ARCHITECTURE_KEYS if k in config})
+
+
+def reference_swin(config):
+    """timm's own SwinTransformer (float32, CPU, without stochastic depth) of a minivit Swin
+    configuration: minivit's Swin has its names and computation. Needs timm."""
+    import_torch("the PyTorch reference Swin")
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+    except ImportError as error:
+        raise MinivitError(f"the reference Swin is timm's SwinTransformer, and timm is not "
+                           f"installed ({error}): pip install timm (or 'minivit[parity]')") from None
+    return SwinTransformer(**dict(config, drop_path_rate=0.0))
 
 
 def reference_layers():

@@ -50,7 +50,7 @@ REQUIRED_OPS = {
     "gelu", "gelu_tanh", "cross_entropy", "cross_entropy_soft", "cross_entropy_smoothed",
     "dropout", "drop_path", "concat", "stack", "getitem", "add", "sub", "mul", "div", "neg",
     "power", "exp", "log", "matmul", "sum", "mean", "max", "reshape", "transpose",
-    "broadcast_to", "vit",
+    "broadcast_to", "vit", "window_partition", "window_reverse", "roll", "patch_merge", "swin",
 }
 
 

@@ -154,3 +154,8 @@ def test_layer_decay_refuses_options_that_need_one_optimizer(tmp_path):
     with pytest.raises(MinivitError, match="--layer-decay steps one optimizer per learning rate"):
         train(TrainConfig(dataset="digits", layer_decay=0.5, log_grads=True,
                           out=str(tmp_path / "x"), **QUICK))
+
+
+def test_layer_decay_of_a_swin_is_refused():
+    with pytest.raises(MinivitError, match="--layer-decay numbers the blocks of a plain ViT"):
+        layer_scales(create_model("swin_digits"), 0.75)

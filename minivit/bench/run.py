@@ -30,6 +30,7 @@ from minivit.bench.profile import profile_ops
 from minivit.bench.runners import MinivitRunner, TorchRunner
 from minivit.errors import MinivitError
 from minivit.inspect.cost import model_cost
+from minivit.inspect.swin_cost import swin_cost
 from minivit.models import model_config
 from minivit.torch_reference import import_torch
 
@@ -92,7 +93,7 @@ def _measure_memory(runner, mode, on_gpu):
 def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=3,
                   backend_name="numpy", dtype="float32", against=None, threads=None, tf32=False,
                   modes=("train", "infer"), profile=False, log=None, full_last_block=False,
-                  cuda_graph=False):
+                  cuda_graph=False, model=None):
     """Benchmark one named configuration; returns a JSON-ready dict (see `format_report`).
 
     steps: timed steps per round, mode and framework; rounds: how many times minivit and
@@ -101,15 +102,20 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
     time every op of minivit's steps (profile_ops), after the timed runs; full_last_block:
     minivit computes every token in the last block, as PyTorch/timm do (like-for-like work);
     cuda_graph: minivit's steps are recorded once as CUDA graphs and replayed (GPU only,
-    experimental; PyTorch stays eager)."""
+    experimental; PyTorch stays eager); model: any named model (minivit info --list) instead of
+    a configuration, without stochastic depth, batch 32 by default (a Swin's reference is
+    timm's SwinTransformer)."""
     log = log or (lambda message: None)
     for name, value, lowest in (("--steps", steps, 1), ("--rounds", rounds, 1),
                                 ("--warmup-steps", warmup_steps, 0), ("--batch", batch, 1),
                                 ("--threads", threads, 1)):
         if value is not None and value < lowest:
             raise MinivitError(f"{name} must be at least {lowest}, got {value}")
-    model_args = config_model_args(config)
-    batch = batch or CONFIGS[config]["batch"]
+    if model is not None:
+        config, model_args, default_batch = model, model_config(model, drop_path_rate=0.0), 32
+    else:
+        model_args, default_batch = config_model_args(config), CONFIGS[config]["batch"]
+    batch = batch or default_batch
     backend.set_backend(backend_name)
     on_gpu = backend_name == "cupy"
     if threads is not None:
@@ -123,7 +129,7 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
             raise MinivitError("--tf32 applies to the GPU (--backend cupy) only")
         cuda.set_tf32(True)
 
-    cost = model_cost(model_args)
+    cost = swin_cost(model_args) if "depths" in model_args else model_cost(model_args)
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
               "backend": backend_name, "threads": threads, "tf32": bool(tf32),

@@ -9,10 +9,10 @@ import numpy as np
 import minivit
 import minivit.functional as F
 from minivit import backend, cuda
-from minivit.models import VisionTransformer
+from minivit.models import model_from_config
 from minivit.optim import AdamW
 from minivit.tensor import no_grad
-from minivit.torch_reference import reference_vit
+from minivit.torch_reference import reference_swin, reference_vit
 
 
 class MinivitRunner:
@@ -24,7 +24,7 @@ class MinivitRunner:
                  cuda_graph=False):
         self.backend = backend.get_backend()
         minivit.manual_seed(seed)
-        self.model = VisionTransformer(**model_args).to(dtype=dtype)
+        self.model = model_from_config(model_args).to(dtype=dtype)
         self.model.full_last_block = full_last_block
         self.optimizer = AdamW(self.model.named_parameters(), lr=1e-4, weight_decay=0.05)
         rng = np.random.default_rng(seed)
@@ -87,8 +87,9 @@ class MinivitRunner:
 
 
 class TorchRunner:
-    """The PyTorch reference ViT (minivit.torch_reference) with minivit's weights, a
-    torch.optim.AdamW and the same batch; train_step() / infer_step() as MinivitRunner's."""
+    """The PyTorch reference (minivit.torch_reference; timm's own for a Swin) with minivit's
+    weights, a torch.optim.AdamW and the same batch; train_step() / infer_step() as
+    MinivitRunner's."""
 
     name = "torch"
 
@@ -96,7 +97,8 @@ class TorchRunner:
                  dtype="float32"):
         self.torch, self.device = torch, device
         torch_dtype = getattr(torch, dtype)
-        self.model = reference_vit(model_args).to(device=device, dtype=torch_dtype)
+        reference = reference_swin if "depths" in model_args else reference_vit
+        self.model = reference(model_args).to(device=device, dtype=torch_dtype)
         self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                     for k, v in state_dict.items()})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05)

@@ -3,7 +3,9 @@
 Saves one PNG per image: the input, the class token's attention to each patch in every head
 of the last block, and the attention rollout over all blocks (Abnar & Zuidema 2020: heads
 averaged, identity added for the residual path, rows renormalised, layers multiplied),
-laid over the input. Prints the predicted class.
+laid over the input. Prints the predicted class. For a Swin Transformer (no class token,
+moving windows), the attention each token receives inside its window (minivit.inspect.
+window_maps).
 """
 
 from pathlib import Path
@@ -17,7 +19,8 @@ from minivit.data import load_dataset
 from minivit.errors import MinivitError
 from minivit.images import image_names, read_images
 from minivit.inspect import attention_rollout, cls_attention_maps, save_attention_figure
-from minivit.models import model_from_checkpoint
+from minivit.inspect.window_maps import SWIN_ATTENTION_NOTE, swin_attention_maps
+from minivit.models import SwinTransformer, model_from_checkpoint
 from minivit.tensor import Tensor, no_grad
 
 EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), channels first or
@@ -83,16 +86,23 @@ def run(args):
     attentions = [backend.to_numpy(a).astype(np.float64) for a in attentions]
 
     grid = model.patch_embed.grid_size
-    head_maps = cls_attention_maps(attentions[-1], grid)  # (B, heads, gh, gw)
-    rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
-    rollout_maps = rollout[:, 0, 1:].reshape((len(images),) + grid)
+    if isinstance(model, SwinTransformer):
+        print(SWIN_ATTENTION_NOTE)
+        head_maps, rollout_maps = swin_attention_maps(model, attentions, len(images))
+        last_panel = "stage 0 mean"
+    else:
+        head_maps = cls_attention_maps(attentions[-1], grid)  # (B, heads, gh, gw)
+        rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
+        rollout_maps = rollout[:, 0, 1:].reshape((len(images),) + grid)
+        last_panel = "rollout"
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
         predicted = int(probabilities[b].argmax())
         text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
         if label is not None:
             text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=f"{tag}: {text}")
+        save_attention_figure(images[b], head_maps[b], rollout_maps[b], out,
+                              title=f"{tag}: {text}", last_title=last_panel)
         print(f"{tag}: {text} -> {out}")
     return 0
 

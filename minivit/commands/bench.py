@@ -42,6 +42,7 @@ this process may use. MINIVIT_NUM_THREADS does the same for any minivit command.
 
 examples:
   minivit bench --config cifar --against torch
+  minivit bench --model swin_digits --against torch --steps 3 --rounds 1
   minivit bench --config vit_b16 --backend cupy --tf32 --against torch --json
 """
 
@@ -50,6 +51,9 @@ def add_parser(subparsers, name, help_text):
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--config", choices=tuple(CONFIGS), default="digits",
                    help="named configuration (default: %(default)s)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a named model instead of --config (minivit info --list; a Swin is "
+                        "compared with timm's SwinTransformer; default batch 32)")
     p.add_argument("--batch", type=number(int, 1), default=None,
                    help="batch size (default: the configuration's)")
     p.add_argument("--steps", type=number(int, 1), default=10,
@@ -91,6 +95,7 @@ def run(args):
                            backend_name=backend_name, dtype=args.dtype, against=args.against,
                            threads=args.threads, tf32=args.tf32, modes=modes,
                            profile=args.profile, log=log,
-                           full_last_block=args.full_last_block, cuda_graph=args.cuda_graph)
+                           full_last_block=args.full_last_block, cuda_graph=args.cuda_graph,
+                           model=args.model)
     print(main_json(result) if args.json else format_report(result))
     return 0

@@ -7,6 +7,8 @@ from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.commands.common import command_parser, number
 from minivit.errors import MinivitError
 from minivit.inspect import format_cost, model_cost
+from minivit.inspect.swin_cost import (cost_sweep, format_sweep, format_swin_cost, plot_sweep,
+                                       swin_cost)
 from minivit.models import MODEL_CONFIGS, model_config
 
 EPILOG = """MACs count the matrix products only (fvcore/timm convention; see minivit.inspect.cost);
@@ -18,6 +20,8 @@ examples:
   minivit info vit_base_patch16_224 --img-size 384 --num-classes 10
   minivit info runs/latest            the model of a run folder (or a checkpoint file)
   minivit info --list                 the named models and their parameter counts
+  minivit info swin_tiny_patch4_window7_224   per stage: map, windows, params, MACs
+  minivit info --sweep --plot cost.png        ViT-B/16 vs Swin-T from 224 to 1024 pixels
 """
 
 
@@ -30,11 +34,25 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--num-classes", type=number(int, 0), default=None, metavar="K",
                    help="classes of the head (default: the model's own)")
     p.add_argument("--list", action="store_true", help="list the named models and exit")
+    p.add_argument("--sweep", action="store_true",
+                   help="compare ViT-B/16 and Swin-T (MACs, attention-matrix memory) at image "
+                        "sizes 224 to 1024 and exit")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="with --sweep: also draw the comparison to this PNG file")
 
 
 def run(args):
     if args.list:
         print(list_models())
+        return 0
+    if args.plot is not None and not args.sweep:
+        raise MinivitError("--plot draws the --sweep comparison: pass --sweep too")
+    if args.sweep:
+        rows = cost_sweep()
+        print(format_sweep(rows))
+        if args.plot is not None:
+            plot_sweep(rows, args.plot)
+            print(f"wrote {args.plot}")
         return 0
     if args.model is None:
         raise MinivitError("give a model name, a checkpoint or a run folder (or --list)")
@@ -45,7 +63,8 @@ def run(args):
     config = dict(config, **overrides)
     if header:
         print(header)
-    print(format_cost(model_cost(config)))
+    print(format_swin_cost(swin_cost(config)) if "depths" in config
+          else format_cost(model_cost(config)))
     return 0
 
 
@@ -76,12 +95,16 @@ def list_models():
     rows = [("model", "image", "patch", "dim", "depth", "heads", "classes", "params", "GMACs")]
     for name in MODEL_CONFIGS:
         config = model_config(name)
-        cost = model_cost(config)
+        swin = "depths" in config  # per-stage depths and heads, as 2-2-6-2
+        cost = swin_cost(config) if swin else model_cost(config)
+        depth, heads = ((config["depths"], config["num_heads"]) if swin
+                        else ([config["depth"]], [config["num_heads"]]))
         channels = config["in_chans"]
         rows.append((name, f"{config['img_size']}x{config['img_size']}x{channels}",
-                     str(config["patch_size"]), str(config["embed_dim"]), str(config["depth"]),
-                     str(config["num_heads"]), str(config["num_classes"]),
-                     f"{cost.total_params:,}", f"{cost.total_macs / 1e9:.3f}"))
+                     str(config["patch_size"]), str(config["embed_dim"]),
+                     "-".join(map(str, depth)), "-".join(map(str, heads)),
+                     str(config["num_classes"]), f"{cost.total_params:,}",
+                     f"{cost.total_macs / 1e9:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths)))

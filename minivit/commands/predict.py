@@ -99,8 +99,12 @@ def run(args):
 def _from_checkpoint(args, note):
     model, info = model_from_checkpoint(args.checkpoint)
     if args.img_size is not None and (args.img_size,) * 2 != model.patch_embed.img_size:
-        model.resample_pos_embed(args.img_size)
-        note(f"resampled pos_embed to image size {args.img_size}")
+        if hasattr(model, "set_img_size"):  # Swin: relative positions, only masks change
+            model.set_img_size(args.img_size)
+            note(f"set the model's image size to {args.img_size}")
+        else:
+            model.resample_pos_embed(args.img_size)
+            note(f"resampled pos_embed to image size {args.img_size}")
     channels = model.patch_embed.in_chans
     mean, std = info.get("mean"), info.get("std")
     if mean is None or std is None:

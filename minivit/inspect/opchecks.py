@@ -6,8 +6,8 @@ OP_CHECKS maps a name to an OpCheck: the function to check (`fn(*inputs) -> Tens
 inputs as Input specs (shape, kind of values, memory layout), from which `build(rng)` draws
 host arrays (float64; integer arrays such as class labels pass through gradcheck as they
 are). `run_check` moves the inputs to the current backend and runs `minivit.gradcheck` with a
-random upstream gradient. The whole ViT at the end has no Input specs: it builds its inputs
-from the model (`whole_model`).
+random upstream gradient. The whole ViT and Swin at the end have no Input specs: they build
+their inputs from the model (`whole_model`).
 
 Inputs are drawn where each op is smooth and well conditioned: no ties for max, positive
 values for log and non-integer powers, denominators away from zero, softmax/attention
@@ -28,6 +28,7 @@ from minivit.gradcheck import gradcheck
 
 DROPOUT_SEED = 1234
 VIT_CONFIG = dict(depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.0, drop_rate=0.0)
+SWIN_CONFIG = dict(embed_dim=8, depths=(2, 1), num_heads=(2, 2), drop_path_rate=0.0)
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,31 @@ def _broadcast_to(a):
     return F.broadcast_to(a, (2, 3, 4, 2))
 
 
+# -- Swin's token moves ---------------------------------------------------------------------------
+@_register("window_partition", "(B, H, W, C) map into 2x3 windows (B·nW, 6, C), a transposed view",
+           Input("x", (2, 4, 6, 3), layout="transposed"))
+def _window_partition(x):
+    return F.window_partition(x, (2, 3))
+
+
+@_register("window_reverse", "2x3 windows (B·nW, 6, C) back into a 4x6 map",
+           Input("windows", (8, 6, 3)))
+def _window_reverse(windows):
+    return F.window_reverse(windows, (2, 3), 4, 6)
+
+
+@_register("roll", "cyclic shift by (-1, 2) along H and W (Swin's shifted windows)",
+           Input("x", (2, 3, 4, 2), layout="strided"))
+def _roll(x):
+    return F.roll(x, (-1, 2), (1, 2))
+
+
+@_register("patch_merge", "Swin's 2x2 gather, (B, H, W, C) -> (B, H/2, W/2, 4C)",
+           Input("x", (2, 4, 6, 3)))
+def _patch_merge(x):
+    return F.patch_merge(x)
+
+
 # -- self-supervised pretraining's ops (MAE masking, DINO head, resized position embedding) -------
 @_register("gather_tokens", "MAE: keep tokens ids[b] of row b, (B, L, D) -> (B, K, D), a repeat",
            Input("x", (2, 5, 3)), Input("ids", (2, 3), kind="index", values=((4, 0, 4), (1, 3, 2))))
@@ -364,15 +390,11 @@ def _max(a):
     return F.max(a, axis=1)
 
 
-# -- a whole small ViT ----------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _vit():
-    """A small ViT in eval mode (no dropout) and its parameter slots [(name, shape, module,
-    attribute)] in named_parameters order. The check swaps the parameters for gradcheck's
-    tensors, so their initial values do not matter (and the model is not for other use)."""
-    from minivit.models import create_model
-
-    model = create_model("vit_digits", **VIT_CONFIG).eval()
+# -- whole small models ---------------------------------------------------------------------------
+def _slots(model):
+    """(model, its parameter slots [(name, shape, module, attribute)] in named_parameters
+    order). The check swaps the parameters for gradcheck's tensors, so their initial values
+    do not matter (and the model is not for other use)."""
     slots = []
     for name, parameter in model.named_parameters():
         *path, attr = name.split(".")
@@ -383,10 +405,9 @@ def _vit():
     return model, slots
 
 
-def _vit_inputs(rng):
-    """Images and every parameter of the ViT, drawn at scales where nothing saturates:
+def _model_inputs(rng, slots):
+    """Images and every parameter of a model, drawn at scales where nothing saturates:
     LayerNorm weights around 1, other parameters N(0, 0.3²)."""
-    _, slots = _vit()
     inputs = {"images": rng.standard_normal((2, 1, 8, 8))}
     for name, shape, _, _ in slots:
         value = 0.3 * rng.standard_normal(shape)
@@ -396,14 +417,42 @@ def _vit_inputs(rng):
     return inputs
 
 
-@_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
-           "every parameter, along random directions", full_check_limit=0, directions=4,
-           whole_model=_vit_inputs)
-def _vit_logits(images, *parameters):
-    model, slots = _vit()
+def _logits(model_and_slots, images, parameters):
+    model, slots = model_and_slots
     for (_, _, module, attr), tensor in zip(slots, parameters, strict=True):
         setattr(module, attr, tensor)  # the model now computes with gradcheck's float64 tensors
     return model(images)
+
+
+@lru_cache(maxsize=None)
+def _vit():
+    """A small ViT in eval mode (no dropout) and its parameter slots (see _slots)."""
+    from minivit.models import create_model
+
+    return _slots(create_model("vit_digits", **VIT_CONFIG).eval())
+
+
+@_register("vit", "whole ViT (depth 2, dim 16, 2 heads, 8x8 images): logits w.r.t. images and "
+           "every parameter, along random directions", full_check_limit=0, directions=4,
+           whole_model=lambda rng: _model_inputs(rng, _vit()[1]))
+def _vit_logits(images, *parameters):
+    return _logits(_vit(), images, parameters)
+
+
+@lru_cache(maxsize=None)
+def _swin():
+    """A small Swin in eval mode: an 8x8 map in four 4x4 windows (the second block shifted,
+    with its mask), patch merging, then a 4x4 map in one window."""
+    from minivit.models import create_model
+
+    return _slots(create_model("swin_digits", **SWIN_CONFIG).eval())
+
+
+@_register("swin", "whole Swin (8x8 map, 4x4 windows, shifted, patch merging, dim 8): logits "
+           "w.r.t. images and every parameter, along random directions", full_check_limit=0,
+           directions=4, whole_model=lambda rng: _model_inputs(rng, _swin()[1]))
+def _swin_logits(images, *parameters):
+    return _logits(_swin(), images, parameters)
 
 
 # -- running ------------------------------------------------------------------------------------

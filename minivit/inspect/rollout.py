@@ -83,7 +83,8 @@ def _displayable(image):
     return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
-def save_attention_figure(image, head_maps, rollout_map, out_png, title=None):
+def save_attention_figure(image, head_maps, rollout_map, out_png, title=None,
+                          last_title="rollout"):
     """Save a PNG of the input, the class token's attention per head and the rollout.
 
     image: (C, H, W); head_maps: (H, gh, gw), e.g. `cls_attention_maps(...)[b]`;
@@ -113,7 +114,7 @@ def save_attention_figure(image, head_maps, rollout_map, out_png, title=None):
     overlay = rollout_ax.imshow(upsample_nearest(rollout_map, (height, width)), cmap="inferno",
                                 alpha=0.6, vmin=0.0, vmax=float(rollout_map.max()))
     fig.colorbar(overlay, ax=rollout_ax, fraction=0.046, pad=0.04)
-    rollout_ax.set_title("rollout")
+    rollout_ax.set_title(last_title)
     for ax in axes:
         ax.set_axis_off()
     if title:

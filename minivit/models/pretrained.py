@@ -84,10 +84,12 @@ def _to_numpy(name, value) -> np.ndarray:
 
 
 def checkpoint_num_classes(state: Mapping[str, np.ndarray]) -> int | None:
-    """The number of classes of a state dict's head, 0 without a head, None if unclear."""
-    weight = state.get("head.weight")
+    """The number of classes of a state dict's head (``head.`` as ViT, ``head.fc.`` as timm's
+    Swin), 0 without a head, None if unclear."""
+    head = "head.fc." if any(k.startswith("head.fc.") for k in state) else "head."
+    weight = state.get(head + "weight")
     if weight is None:
-        return 0 if "head.bias" not in state else None
+        return 0 if head + "bias" not in state else None
     return int(np.shape(weight)[0]) if np.ndim(weight) == 2 else None
 
 
@@ -112,9 +114,11 @@ def load_pretrained(model, path_or_state, strict: bool = True,
     metadata = file_metadata if metadata is None else metadata
     source = file_source if source is None else source
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    notes = []
+    if hasattr(model, "adapt_state_dict"):  # another key layout of the same architecture
+        state, notes = model.adapt_state_dict(state)
     if not any(k in state for k in expected):
         check_state_dict(expected, state, source=source)  # "does not look like a timm ViT"
-    notes = []
     state = dict(state)
 
     # another patch grid: resample the checkpoint's pos_embed to the model's
@@ -131,15 +135,17 @@ def load_pretrained(model, path_or_state, strict: bool = True,
                          f"{_size_text(model.patch_embed.img_size)}")
 
     # another number of classes (or no head in the file): keep the model's fresh head
-    model_classes = expected["head.weight"][0] if "head.weight" in expected else 0
+    head = getattr(model, "HEAD", "head.")  # the classifier's key prefix
+    model_classes = expected[head + "weight"][0] if head + "weight" in expected else 0
     ckpt_classes = checkpoint_num_classes(state)
-    ckpt_head = state.get("head.weight")
-    same_dim = ckpt_head is None or np.shape(ckpt_head)[1:] == (model.config["embed_dim"],)
+    ckpt_head = state.get(head + "weight")
+    features = getattr(model, "num_features", None) or model.config["embed_dim"]
+    same_dim = ckpt_head is None or np.shape(ckpt_head)[1:] == (features,)
     fresh_head = ckpt_classes is not None and ckpt_classes != model_classes and same_dim
     if fresh_head:
-        state.pop("head.weight", None)
-        state.pop("head.bias", None)
-        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+        state.pop(head + "weight", None)
+        state.pop(head + "bias", None)
+        expected = {k: v for k, v in expected.items() if not k.startswith(head)}
         if model_classes:
             what = f"has {ckpt_classes} classes" if ckpt_classes else "has no head"
             notes.append(f"{source} {what}, the model {model_classes}: keeping the model's "

@@ -5,15 +5,10 @@ position embedding, pre-norm blocks, final LayerNorm and a linear head on the cl
 timm weights load by name.
 """
 
-from pathlib import Path
-
 import minivit.functional as F
 from minivit import backend
-from minivit.checkpoint import find_checkpoint, read_checkpoint_parts
-from minivit.ema import EMA_PREFIX
-from minivit.errors import MinivitError, ShapeError, WeightsError
+from minivit.errors import MinivitError, ShapeError
 from minivit.models.pos_embed import resample_abs_pos_embed
-from minivit.models.pretrained import load_pretrained
 from minivit.models.timm_keys import check_state_dict
 from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
@@ -155,52 +150,3 @@ MODEL_CONFIGS = {
     "vit_cifar": dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192,
                       depth=6, num_heads=3),
 }
-
-
-def model_config(name, **overrides):
-    """The full VisionTransformer arguments of a named model, with overrides applied."""
-    if name not in MODEL_CONFIGS:
-        raise MinivitError(f"unknown model {name!r}; known models: {', '.join(MODEL_CONFIGS)}")
-    defaults = VisionTransformer.__init__.__defaults__
-    names = VisionTransformer.__init__.__code__.co_varnames[1:1 + len(defaults)]
-    config = dict(zip(names, defaults))
-    config.update(MODEL_CONFIGS[name])
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise MinivitError(f"unknown model options {sorted(unknown)}; known: {sorted(config)}")
-    config.update(overrides)
-    return config
-
-
-def create_model(name, pretrained=None, **overrides):
-    """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
-    num_classes=10). Seed with minivit.manual_seed for reproducible weights.
-    pretrained=PATH (or a state dict) loads timm/minivit weights with
-    minivit.models.load_pretrained (pos_embed resampled to img_size, head kept fresh when
-    num_classes differs, with a warning)."""
-    model = VisionTransformer(**model_config(name, **overrides))
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
-    return model
-
-
-def model_from_checkpoint(path, ema=False):
-    """(model, info): a VisionTransformer rebuilt from a checkpoint's configuration, weights
-    loaded (with ema=True, the moving average of the weights), in eval mode, on the current
-    backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
-    model_state, _, ema_arrays, info = read_checkpoint_parts(path)
-    if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
-        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
-                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
-                           f"`minivit train --init {path.parent}` fine-tunes it")
-    if ema:
-        if not ema_arrays:
-            raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
-                               f"without --ema; leave out --ema to use its weights")
-        model_state = {k[len(EMA_PREFIX):]: v for k, v in ema_arrays.items()}
-    model = VisionTransformer(**info["model_config"])
-    model.load_state_dict(model_state)
-    return model.eval(), info

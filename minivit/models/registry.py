@@ -1,0 +1,82 @@
+"""The named models of every architecture, and building a model from a name, a configuration
+or a checkpoint: the plain Vision Transformer (minivit.models.vit) and the Swin Transformer
+(minivit.models.swin)."""
+
+from pathlib import Path
+
+from minivit.checkpoint import find_checkpoint, read_checkpoint_parts
+from minivit.ema import EMA_PREFIX
+from minivit.errors import MinivitError, WeightsError
+from minivit.models import swin, vit
+from minivit.models.pretrained import load_pretrained
+from minivit.models.swin import SwinTransformer
+from minivit.models.vit import VisionTransformer
+
+# architecture class -> its named configurations
+ARCHITECTURES = {VisionTransformer: vit.MODEL_CONFIGS, SwinTransformer: swin.MODEL_CONFIGS}
+MODEL_CONFIGS = {name: args for configs in ARCHITECTURES.values() for name, args in configs.items()}
+
+
+def model_class(name_or_config):
+    """The architecture of a model name, or of a configuration (a Swin one has `depths`)."""
+    if isinstance(name_or_config, str):
+        for cls, configs in ARCHITECTURES.items():
+            if name_or_config in configs:
+                return cls
+        raise MinivitError(f"unknown model {name_or_config!r}; known models: "
+                           f"{', '.join(MODEL_CONFIGS)}")
+    return SwinTransformer if "depths" in name_or_config else VisionTransformer
+
+
+def model_config(name, **overrides):
+    """The full constructor arguments of a named model, with overrides applied."""
+    cls = model_class(name)
+    defaults = cls.__init__.__defaults__
+    names = cls.__init__.__code__.co_varnames[1:1 + len(defaults)]
+    config = dict(zip(names, defaults))
+    config.update(MODEL_CONFIGS[name])
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise MinivitError(f"unknown model options {sorted(unknown)} for {name}; known: "
+                           f"{sorted(config)}")
+    config.update(overrides)
+    return config
+
+
+def model_from_config(config):
+    """A freshly initialised model of a configuration (a model's .config, a checkpoint's)."""
+    return model_class(config)(**config)
+
+
+def create_model(name, pretrained=None, **overrides):
+    """A freshly initialised named model, e.g. create_model("vit_base_patch16_224",
+    num_classes=10) or create_model("swin_tiny_patch4_window7_224", img_size=448). Seed with
+    minivit.manual_seed for reproducible weights. pretrained=PATH (or a state dict) loads
+    timm/minivit weights with minivit.models.load_pretrained (a ViT's pos_embed resampled to
+    img_size, the head kept fresh when num_classes differs, with a warning)."""
+    model = model_from_config(model_config(name, **overrides))
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def model_from_checkpoint(path, ema=False):
+    """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration,
+    weights loaded (with ema=True, the moving average of the weights), in eval mode, on the
+    current backend."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path)
+    model_state, _, ema_arrays, info = read_checkpoint_parts(path)
+    if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
+        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
+                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
+                           f"`minivit train --init {path.parent}` fine-tunes it")
+    if ema:
+        if not ema_arrays:
+            raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
+                               f"without --ema; leave out --ema to use its weights")
+        model_state = {k[len(EMA_PREFIX):]: v for k, v in ema_arrays.items()}
+    model = model_from_config(info["model_config"])
+    model.load_state_dict(model_state)
+    return model.eval(), info
