@@ -52,10 +52,25 @@ def cupy_available():
     return True
 
 
+# The names a user may give set_backend and .to(): PyTorch's device names as well as the array
+# modules'.
+BACKEND_NAMES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
+
+
+def backend_name(name):
+    """"numpy" or "cupy" for a name in BACKEND_NAMES (any case); BackendError naming the
+    choices for anything else."""
+    key = name.lower() if isinstance(name, str) else None
+    if key not in BACKEND_NAMES:
+        raise BackendError(f"unknown backend {name!r}: expected numpy or cpu (the CPU), or "
+                           f"cupy, cuda or gpu (an NVIDIA GPU)")
+    return BACKEND_NAMES[key]
+
+
 def set_backend(name):
-    """Select "numpy" or "cupy" for new tensors, parameters and data."""
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    """Select "numpy" or "cupy" (or a BACKEND_NAMES alias) for new tensors, parameters and
+    data."""
+    name = backend_name(name)
     _current["xp"] = np if name == "numpy" else _import_cupy()
     _current["name"] = name
     _current["error"] = None
@@ -117,8 +132,9 @@ def array_module(*arrays):
 
 
 def to_backend(array, name=None):
-    """Copy (or pass through) `array` onto backend `name` (default: the current one)."""
-    name = name or get_backend()
+    """Copy (or pass through) `array` onto backend `name` (a BACKEND_NAMES name; default: the
+    current backend)."""
+    name = get_backend() if name is None else backend_name(name)
     if backend_of(array) == name:
         return array
     if name == "numpy":

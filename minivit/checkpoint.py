@@ -14,6 +14,8 @@ from pathlib import Path
 from minivit.ema import EMA_PREFIX
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
+from minivit.nn import Module
+from minivit.tensor import Tensor
 
 OPTIMIZER_PREFIX = "optimizer."
 TRAINING_PREFIXES = (OPTIMIZER_PREFIX, EMA_PREFIX)  # the entries that are not the model's
@@ -60,6 +62,32 @@ def read_checkpoint_parts(path):
                         if k.startswith(OPTIMIZER_PREFIX)}
     ema_arrays = {k: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
     return model_state, optimizer_arrays, ema_arrays, info
+
+
+def save(weights, path, metadata=None):
+    """Save a model's weights, or a dict of arrays or Tensors, to a .safetensors or .npz file,
+    atomically (as torch.save(model.state_dict(), path)); `metadata` maps str to str."""
+    state = weights.state_dict() if isinstance(weights, Module) else {
+        name: value.data if isinstance(value, Tensor) else value
+        for name, value in dict(weights).items()}
+    save_weights(state, path, metadata)
+
+
+def load(path):
+    """The weights of a file or run folder as a dict of NumPy arrays, ready for
+    model.load_state_dict (as torch.load): a minivit checkpoint gives its model's weights
+    (without the optimizer's state), a run folder those of its best checkpoint.
+    minivit.models.model_from_checkpoint rebuilds the model as well."""
+    state, metadata = load_weights(checkpoint_path(path))
+    checkpoint = METADATA_KEY in metadata
+    return {name: array for name, array in state.items()
+            if not (checkpoint and name.startswith(OPTIMIZER_PREFIX))}
+
+
+def checkpoint_path(path):
+    """`path` itself, or for a run folder its best checkpoint."""
+    path = Path(path)
+    return find_checkpoint(path) if path.is_dir() else path
 
 
 def find_checkpoint(run_dir, name="best"):

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import os
 import sys
 
 from minivit import __version__, cpu
@@ -11,7 +12,8 @@ from minivit.errors import MinivitError
 COMMANDS = {
     "train": "train a ViT (default: a tiny ViT on the embedded 8x8 digits, on the CPU)",
     "eval": "evaluate a checkpoint on a dataset's test split",
-    "predict": "classify image files (.npy, PNG/JPEG with Pillow) with a checkpoint or timm weights",
+    "predict": "classify image files (.npy; PNG, JPEG, ... with Pillow) with a checkpoint or "
+               "timm weights",
     "gradcheck": "check every hand-written backward against finite differences",
     "bench": "training/inference images/s, memory and FLOP/s, optionally side by side with PyTorch",
     "info": "parameters, tokens, MACs/FLOPs and activation memory of a model or checkpoint",
@@ -35,6 +37,7 @@ def build_parser():
         module = _command_module(name)
         if module is not None:
             module.add_parser(subparsers, name, help_text)
+    parser.set_defaults(command_parsers=subparsers.choices)
     return parser
 
 
@@ -49,15 +52,32 @@ def _command_module(name):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if unknown:  # the sub-command's own usage, not the top-level one
+        args.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     cpu.configure()  # BLAS threads and malloc for the CPU kernels (see minivit.cpu.runtime)
     try:
-        return _command_module(args.command).run(args) or 0
+        status = _command_module(args.command).run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
     except MinivitError as error:
         print(f"minivit {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader of our output went away (minivit info --list | head): stop quietly, as
+        # Python's documentation advises, with the status of a process killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    except OSError as error:  # a file the command writes or reads that the system refused
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"minivit {args.command}: error: {error.strerror or error}{where}: a file this "
+              f"command reads or writes; check the path, its permissions and the free space",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"minivit {args.command}: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Image files as model inputs: .npy arrays, and PNG/JPEG through Pillow (optional).
+"""Image files as model inputs: .npy arrays, and PNG/JPEG/GIF/BMP/... through Pillow (optional).
 
 `read_images` is the one reader behind `minivit predict` and `minivit attention`: it gives
 (N, C, H, W) float32 arrays in [0, 1] at a model's channels and image size.
@@ -7,7 +7,8 @@
   values in [0, 1], or uint8 in 0..255. Anything else is refused with the shape or range found.
   A stack of grey images is (N, 1, H, W): for a 1-channel model (3, H, W) could be three grey
   images or one RGB image, and is refused as ambiguous.
-- PNG/JPEG: one image, converted by Pillow to "L" (1-channel models) or "RGB" (3 channels);
+- PNG/JPEG/GIF/BMP/TIFF/WebP: one image (a GIF's first frame), converted by Pillow to "L"
+  (1-channel models) or "RGB" (3 channels);
   16-bit grey PNGs ("I;16", "I" in 0..65535) are read at their full range (/ 65535).
 - Channels: a grey image is repeated for an RGB model; an RGB array becomes grey (ITU-R 601
   luma, as Pillow's "L") for a 1-channel model.
@@ -24,7 +25,8 @@ from minivit.errors import MinivitError
 
 __all__ = ["IMAGE_SUFFIXES", "SUFFIXES", "CROP_PCT", "FITS", "read_images", "image_names"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# the image formats Pillow reads (a GIF: its first frame)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 SUFFIXES = (".npy",) + IMAGE_SUFFIXES
 CROP_PCT = 0.875
 FITS = ("resize", "center_crop")
@@ -128,7 +130,7 @@ def _match_channels(images, channels):
     return (images * luma).sum(axis=1, keepdims=True)
 
 
-# -- PNG/JPEG ------------------------------------------------------------------------------------
+# -- PNG, JPEG, GIF, BMP, ... -------------------------------------------------------------------
 def _pillow(path, doing, instead):
     """PIL.Image, or an error saying what needs it, how to install it and what to do instead."""
     try:
@@ -142,9 +144,9 @@ def _read_image(path, channels):
     """A Pillow image in mode "L" (1 channel) or "RGB" (3 channels); a 16-bit or 32-bit one
     (modes "I;16", "I", "F", which Pillow's "L" would clip at 255) as a (channels, H, W) array
     in [0, 1]."""
-    Image = _pillow(path, "reading PNG/JPEG", "give a .npy array")
+    Image = _pillow(path, f"reading {path.suffix} images", "give a .npy array")
     if channels not in (1, 3):
-        raise MinivitError(f"{path}: the model takes {channels} channels; PNG/JPEG inputs need "
+        raise MinivitError(f"{path}: the model takes {channels} channels; image files need "
                            "a 1- or 3-channel model (give .npy arrays instead)")
     try:
         with Image.open(path) as image:

@@ -125,10 +125,14 @@ def save_weights(
     arrays = {name: _host_array(name, value, path) for name, value in state.items()}
 
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         def write(tmp):
-            save_file(arrays, tmp, metadata=metadata or None)
+            try:
+                save_file(arrays, tmp, metadata=metadata or None)
+            except SafetensorError as err:  # how safetensors reports a failed write (full disk)
+                raise OSError(str(err)) from None
 
     else:
         if NPZ_METADATA_KEY in arrays:
@@ -142,10 +146,11 @@ def save_weights(
 
     try:
         atomic_write(path, write)
-    except OSError as err:
+    except OSError as err:  # the reason, not the temporary file's name
         raise WeightsError(
-            f"cannot write {path}: {err}; check that its folder exists, is writable and has room"
-        ) from err
+            f"cannot write {path}: {err.strerror or err}; check that its folder exists, is "
+            "writable and has room"
+        ) from None
 
 
 def _host_array(name: object, value: object, path: Path) -> np.ndarray:

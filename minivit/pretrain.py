@@ -34,10 +34,9 @@ from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
 from minivit.nn import Module, Parameter
 from minivit.optim import AdamW, warmup_cosine
 from minivit.tensor import no_grad
-# train.py's run-folder machinery (private there: one home for the rules of a run folder)
-from minivit.train import DEFAULT_MODELS, RUN_FILES, epochs_text
-from minivit.train import _check_run_folder as check_run_folder
-from minivit.train import _MetricsLog as MetricsLog
+# training's run-folder machinery: one home for the rules of a run folder
+from minivit.train.config import DEFAULT_MODELS, epochs_text
+from minivit.train.run_folder import RUN_FILES, MetricsLog, check_run_folder
 
 METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0},
                    "dino": {"lr": 5e-4, "weight_decay": 0.04, "clip_grad": 3.0}}

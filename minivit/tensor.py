@@ -72,6 +72,13 @@ def _as_array(value, dtype=None, like=None):
     return module.asarray(value, dtype=dtype)
 
 
+def _comparison(name):
+    """A Tensor comparison method: `name` is NumPy's ("less", "equal", ...)."""
+    def compare(self, other):
+        return _basic.compare(self, other, name)
+    return compare
+
+
 class Tensor:
     """An n-dimensional array with an optional gradient.
 
@@ -120,7 +127,8 @@ class Tensor:
         return Tensor(self.data)
 
     def to(self, backend_name=None, dtype=None):
-        """A copy on another backend and/or dtype (a new leaf; an integer dtype needs no grad)."""
+        """A copy on another backend ("numpy"/"cpu" or "cupy"/"cuda"/"gpu") and/or dtype (a
+        new leaf; an integer dtype needs no grad)."""
         data = backend.to_backend(self.data, backend_name)
         if dtype is not None:
             data = data.astype(dtype, copy=False)
@@ -234,20 +242,81 @@ class Tensor:
     def T(self):
         return _basic.transpose(self, None)
 
-    def sum(self, axis=None, keepdims=False):
-        return _basic.reduce_sum(self, axis, keepdims)
+    # reductions take NumPy's axis/keepdims or PyTorch's dim/keepdim
+    def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _basic.reduce_sum(self, *_axis(axis, dim, keepdims, keepdim))
 
-    def mean(self, axis=None, keepdims=False):
-        return _basic.reduce_mean(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _basic.reduce_mean(self, *_axis(axis, dim, keepdims, keepdim))
 
-    def max(self, axis=None, keepdims=False):
-        return _basic.reduce_max(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """The largest values (only the values: PyTorch's max(dim=) also returns indices,
+        which argmax gives here)."""
+        return _basic.reduce_max(self, *_axis(axis, dim, keepdims, keepdim))
+
+    def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """Indices of the largest values (an integer tensor, outside the graph)."""
+        return _basic.argmax(self, *_axis(axis, dim, keepdims, keepdim))
+
+    def softmax(self, axis=None, *, dim=None):
+        """Along `axis` (or `dim`), the last one by default."""
+        axis = _axis(axis, dim)[0]
+        return _activation.softmax(self, axis=-1 if axis is None else axis)
+
+    def log_softmax(self, axis=None, *, dim=None):
+        axis = _axis(axis, dim)[0]
+        return _activation.log_softmax(self, axis=-1 if axis is None else axis)
 
     def exp(self):
         return _basic.exp(self)
 
     def log(self):
         return _basic.log(self)
+
+    # -- the PyTorch names a newcomer reaches for -------------------------------------------
+    def view(self, *shape):
+        return self.reshape(*shape)
+
+    def permute(self, *dims):
+        return self.transpose(*dims)
+
+    def clone(self):
+        """A copy in new memory that stays in the graph (its gradient flows back to self)."""
+        return _basic.copy(self)
+
+    def requires_grad_(self, requires_grad=True):
+        """Set requires_grad of a leaf tensor in place; returns the tensor."""
+        if not self.is_leaf:
+            raise GraphError("requires_grad_ on a tensor computed by an op: only a leaf's flag can "
+                             "be set (use .detach() for a leaf with the same data)")
+        if requires_grad and self.data.dtype.kind != "f":
+            raise DTypeError(f"only floating-point tensors can require gradients; got dtype "
+                             f"{self.data.dtype}")
+        self.requires_grad = bool(requires_grad)
+        return self
+
+    def numel(self):
+        return self.size
+
+    def tolist(self):
+        """The data as (nested) Python numbers."""
+        return backend.to_numpy(self.data).tolist()
+
+    # comparisons give boolean tensors outside the graph; a tensor hashes by identity, as in
+    # PyTorch, so tensors can still key dicts and sets
+    __hash__ = object.__hash__
+
+    __eq__, __ne__ = _comparison("equal"), _comparison("not_equal")
+    __lt__, __le__ = _comparison("less"), _comparison("less_equal")
+    __gt__, __ge__ = _comparison("greater"), _comparison("greater_equal")
+
+
+def _axis(axis, dim, keepdims=False, keepdim=None):
+    """(axis, keepdims) from NumPy's names or PyTorch's (dim, keepdim)."""
+    if dim is not None and axis is not None:
+        raise TypeError(f"pass axis or dim (PyTorch's name for it), not both: got axis={axis}, "
+                        f"dim={dim}")
+    return (axis if dim is None else dim), (keepdims if keepdim is None else bool(keepdim))
 
 
 class Function:
@@ -397,4 +466,5 @@ def _run_backward(root, root_grad):
 
 
 # The operators above dispatch here; imported last because basic.py builds on Function.
+from minivit.functional import activation as _activation  # noqa: E402
 from minivit.functional import basic as _basic  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-import minivit.train
+import minivit.train.loop
 from minivit import distributed as dist
 from minivit.cli import main
 
@@ -40,7 +40,7 @@ def refuse_writes_under(folder):
 
 
 def fail_at(step_number, kind):
-    make_step = minivit.train.training_step
+    make_step = minivit.train.loop.training_step
 
     def failing_training_step(model, optimizer, config):
         step, calls = make_step(model, optimizer, config), []
@@ -55,7 +55,7 @@ def fail_at(step_number, kind):
             return loss, logits
         return maybe_failing
 
-    minivit.train.training_step = failing_training_step
+    minivit.train.loop.training_step = failing_training_step  # the Trainer's step
 
 
 if __name__ == "__main__":

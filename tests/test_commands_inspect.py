@@ -327,9 +327,9 @@ def test_plot_grads(tmp_path, capsys, figures):
     write_metrics(run_dir)
     assert main(["plot", str(run_dir), "--grads"]) == 0
     assert_png(run_dir / "grads.png")
-    norms, ratios = figures[0].axes[:2]
-    assert lines_by_label(norms)["head.weight"][1] == [0.5 / e for e in range(1, 5)]
-    assert lines_by_label(ratios)["head.weight"][1] == [2e-3 * e for e in range(1, 5)]
+    norms, ratios = figures[0].axes[:2]  # grouped by block: head.weight is the head's group
+    assert lines_by_label(norms)["head"][1] == [0.5 / e for e in range(1, 5)]
+    assert lines_by_label(ratios)["head"][1] == [2e-3 * e for e in range(1, 5)]
     assert norms.get_yscale() == "log"
     # a run without --log-grads says so
     (tmp_path / "plain" / "metrics.jsonl").parent.mkdir()
@@ -396,7 +396,8 @@ def test_attention_command_index(tmp_path, monkeypatch, capsys, tiny_checkpoint,
     # the figure shows the raw input, the last layer's class-token maps per head and the rollout
     (figure,) = figures
     panels = figure.axes
-    assert [ax.get_title() for ax in panels[:4]] == ["input", "head 0", "head 1", "rollout"]
+    assert [ax.get_title() for ax in panels[:4]] == ["input", "block 1, head 0",
+                                                     "block 1, head 1", "rollout, blocks 0-1"]
     np.testing.assert_allclose(panels[0].get_images()[0].get_array(),
                                (image[0] - image.min()) / np.ptp(image))
     for head in range(2):
@@ -435,7 +436,7 @@ def test_attention_command_image_files(tmp_path, monkeypatch, capsys, tiny_check
     (["--index", "100000"], "out of range"),
     (["wrong.npy"], "wrong.npy: no such file"),
     (["."], ".: is a folder, not an image file; name the image files in it (.npy, .png, .jpg, "
-            ".jpeg)"),
+            ".jpeg, .gif, .bmp, .tif, .tiff, .webp)"),
 ])
 def test_attention_command_errors(tmp_path, monkeypatch, capsys, tiny_checkpoint, argv, message):
     run_dir, _ = tiny_checkpoint

@@ -210,6 +210,24 @@ def test_cifar_bad_batch(tmp_path, corrupt, match):
     assert str(folder / "data_batch_3") in str(e.value)
 
 
+def test_cifar_batches_re_pickled_with_str_keys_load(tmp_path):
+    folder, batches = make_cifar10(tmp_path)
+    for name in ("test_batch", "batches.meta"):
+        batch = pickle.loads((folder / name).read_bytes(), encoding="bytes")
+        write_pickle(folder / name, {key.decode(): value for key, value in batch.items()})
+    test = load_dataset("cifar10", "test", data_dir=tmp_path)
+    np.testing.assert_array_equal(test.labels, batches["test_batch"][1])
+    assert test.class_names[3] == "c3"
+
+
+def test_a_cifar_batch_without_data_names_the_keys_it_has(tmp_path):
+    folder, _ = make_cifar10(tmp_path)
+    write_pickle(folder / "test_batch", {"labels": [0, 1], "filenames": []})
+    with pytest.raises(DatasetError, match=r"has no 'data' entry \(found: \['filenames', "
+                                           r"'labels'\]\)"):
+        load_dataset("cifar10", "test", data_dir=tmp_path)
+
+
 def test_cifar_pickle_cannot_run_code(tmp_path):
     class Evil:
         def __reduce__(self):

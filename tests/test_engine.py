@@ -573,8 +573,11 @@ def test_cupy_backend_without_cupy_explains_how_to_install(monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(BackendError, match=r"unknown backend 'jax': expected one of numpy, cupy"):
+    with pytest.raises(BackendError, match=r"unknown backend 'jax': expected numpy or cpu \(the "
+                                           r"CPU\), or cupy, cuda or gpu \(an NVIDIA GPU\)"):
         minivit.set_backend("jax")
+    assert minivit.get_backend() == "numpy"
+    minivit.set_backend("CPU")  # PyTorch's name for it
     assert minivit.get_backend() == "numpy"
 
 

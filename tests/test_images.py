@@ -91,12 +91,23 @@ def test_missing_and_unsupported_files(tmp_path):
         read_images(tmp_path / "none.npy", 1, (8, 8))
     (tmp_path / "run").mkdir()
     with pytest.raises(MinivitError, match=r"run: is a folder, not an image file; name the "
-                                           r"image files in it \(\.npy, \.png, \.jpg, \.jpeg\)"):
+                                           r"image files in it \(\.npy, \.png, \.jpg, \.jpeg, "
+                                           r"\.gif, \.bmp"):
         read_images(tmp_path / "run", 1, (8, 8))
-    (tmp_path / "x.gif").write_bytes(b"GIF89a")
-    with pytest.raises(MinivitError, match=r"x\.gif: unsupported file type '\.gif'; expected "
-                                           r"\.npy, \.png, \.jpg, \.jpeg"):
-        read_images(tmp_path / "x.gif", 1, (8, 8))
+    (tmp_path / "x.h5").write_bytes(b"HDF")
+    with pytest.raises(MinivitError, match=r"x\.h5: unsupported file type '\.h5'; expected "
+                                           r"\.npy, \.png, \.jpg, \.jpeg, \.gif"):
+        read_images(tmp_path / "x.h5", 1, (8, 8))
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".bmp", ".tif"])
+def test_other_formats_pillow_reads(tmp_path, suffix):
+    Image = pytest.importorskip("PIL.Image")
+    pixels = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    Image.fromarray(pixels).save(tmp_path / f"a{suffix}")
+    grey = read_images(tmp_path / f"a{suffix}", 1, (6, 8))
+    np.testing.assert_allclose(grey[0, 0], pixels / 255.0, rtol=1e-6)
+    assert read_images(tmp_path / f"a{suffix}", 3, (6, 8)).shape == (1, 3, 6, 8)
 
 
 @pytest.mark.parametrize("damage", [lambda data: data[:-10], lambda data: data[:40],
@@ -236,7 +247,7 @@ def test_bad_png(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(MinivitError, match=r"x\.png: cannot read the image \("):
         read_images(tmp_path / "x.png", 1, (8, 8))
-    with pytest.raises(MinivitError, match="PNG/JPEG inputs need a 1- or 3-channel model"):
+    with pytest.raises(MinivitError, match="image files need a 1- or 3-channel model"):
         read_images(tmp_path / "x.png", 2, (8, 8))
 
 
@@ -244,7 +255,7 @@ def test_without_pillow(tmp_path, monkeypatch):
     (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
     path = save(tmp_path, "big.npy", np.zeros((16, 16), np.float32))
     monkeypatch.setitem(sys.modules, "PIL", None)
-    with pytest.raises(MinivitError, match=r"x\.png: reading PNG/JPEG needs Pillow: "
+    with pytest.raises(MinivitError, match=r"x\.png: reading \.png images needs Pillow: "
                                            r"pip install 'minivit\[images\]' \(or give a "
                                            r"\.npy array\)"):
         read_images(tmp_path / "x.png", 1, (8, 8))

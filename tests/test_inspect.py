@@ -229,9 +229,10 @@ def test_plot_grads(tmp_path):
     out = tmp_path / "grads.png"
     fig = plot_grads(write_run(tmp_path / "run_a", RUN_A), out)
     assert png_size(out) == figure_pixels(fig)
-    norms, ratios = fig.axes
+    norms, ratios, norms_by_type, _ = fig.axes  # rows: by block, by layer type
     assert norms.get_yscale() == "log"
-    assert [line.get_label() for line in norms.get_lines()] == ["blocks.0.attn.qkv.weight", "head.weight"]
+    assert [line.get_label() for line in norms.get_lines()] == ["block 0", "head"]
+    assert [line.get_label() for line in norms_by_type.get_lines()] == ["attn.qkv", "head"]
     np.testing.assert_array_equal(norms.get_lines()[1].get_ydata(), [2.0, 1.0])
     np.testing.assert_array_equal(ratios.get_lines()[0].get_ydata(), [1e-3, 5e-4])
     with pytest.raises(MinivitError, match="no gradient records"):

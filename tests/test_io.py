@@ -113,6 +113,26 @@ def test_save_rejects_bad_suffix_metadata_and_reserved_name(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_while_saving_safetensors_is_a_weights_error(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError, not OSError."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    path = tmp_path / "w.safetensors"
+    save_weights({"x": np.arange(3.0)}, path)
+    before = path.read_bytes()
+
+    def disk_full(arrays, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(WeightsError, match=r"cannot write .*w\.safetensors: .*No space left on "
+                                           r"device.*has room"):
+        save_weights({"x": np.zeros(3)}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["w.safetensors"]
+
+
 # ------------------------------------------------------------------ atomic_write
 
 

@@ -422,6 +422,37 @@ def test_matmul_operator(backend, data):
 
 
 @FIXTURE_OK
+@given(data=st.data(), case=st.sampled_from(["vector @ matrix", "matrix @ vector",
+                                             "vector @ vector", "batched @ vector",
+                                             "vector @ batched"]))
+def test_matmul_with_a_1d_operand_as_numpy_defines_it(backend, data, case):
+    """A 1-D operand is a row on the left, a column on the right; its axis leaves the result."""
+    batch = data.draw(shapes(min_dims=1, max_dims=2, min_side=1, max_side=3), label="batch")
+    n, k, m = (data.draw(st.integers(1, 3)) for _ in range(3))
+    left, right = case.split(" @ ")
+    a_shape = {"vector": (k,), "matrix": (n, k), "batched": batch + (n, k)}[left]
+    b_shape = {"vector": (k,), "matrix": (k, m), "batched": batch + (k, m)}[right]
+    a, b = data.draw(arrays(a_shape)), data.draw(arrays(b_shape))
+    inputs = draw_inputs(data, a, b)
+    out = forward(lambda x, y: x @ y, *inputs)
+    assert out.shape == (a @ b).shape
+    np.testing.assert_allclose(out, a @ b, **EXACT)
+    check_gradients(lambda x, y: x @ y, *inputs, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
+@given(data=st.data())
+def test_clone(backend, data):
+    x = data.draw(arrays(data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))))
+    (inp,) = draw_inputs(data, x)
+    copy = Tensor(inp).clone()
+    np.testing.assert_array_equal(as_host(copy.data), x)
+    copy.data[...] = 7.0  # its own memory: the source keeps its values
+    np.testing.assert_array_equal(as_host(inp), x)
+    check_gradients(lambda t: t.clone() * t, inp, seed=data.draw(seeds))
+
+
+@FIXTURE_OK
 @given(data=st.data(), exponent=st.sampled_from([2, 3, 0, -1, 0.5, 1.5, -2.5, np.float64(2.0)]))
 def test_power_operator(backend, data, exponent):
     shape = data.draw(shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))

@@ -168,3 +168,22 @@ def test_commands_for_classifiers_refuse_a_pretraining_checkpoint(mae_run, capsy
     assert main(["eval", "--checkpoint", str(mae_run / "last.safetensors")]) == 1
     assert "is a mae pretraining checkpoint, not a classifier: `minivit probe" in \
         capsys.readouterr().err
+
+
+def test_reconstruct_into_an_unwritable_folder_is_one_clear_error(mae_run, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Root ignores permissions: matplotlib's write is refused as on a read-only filesystem."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def read_only(self, path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", read_only)
+    out = tmp_path / "rec.png"
+    assert main(["reconstruct", str(mae_run), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"minivit reconstruct: error: cannot write {out}: Read-only file "
+                          f"system") and "pass --out a .png file" in err
+    assert list(tmp_path.iterdir()) == []

@@ -315,7 +315,7 @@ def test_predict_without_pillow_says_how_to_install(tmp_path, checkpoint, capsys
     (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
     monkeypatch.setitem(sys.modules, "PIL", None)
     assert main(["predict", "--checkpoint", str(path), str(tmp_path / "x.png")]) == 1
-    assert "reading PNG/JPEG needs Pillow: pip install 'minivit[images]'" in \
+    assert "reading .png images needs Pillow: pip install 'minivit[images]'" in \
         capsys.readouterr().err
 
 
@@ -323,10 +323,12 @@ def test_predict_input_errors(tmp_path, checkpoint, capsys):
     path, _ = checkpoint
     np.save(tmp_path / "bad.npy", np.full((8, 8), 3.0))
     np.save(tmp_path / "flat.npy", np.zeros(64))
-    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")  # a header, no image
+    (tmp_path / "x.h5").write_bytes(b"HDF")
     for name, message in (("bad.npy", "pixel values must lie in [0, 1]"),
                           ("flat.npy", "expected an image array (H,W), (C,H,W) or (N,C,H,W)"),
-                          ("x.gif", "unsupported file type '.gif'"),
+                          ("x.gif", "x.gif: cannot read the image"),
+                          ("x.h5", "unsupported file type '.h5'"),
                           ("none.npy", "no such file")):
         assert main(["predict", "--checkpoint", str(path), str(tmp_path / name)]) == 1
         assert message in capsys.readouterr().err

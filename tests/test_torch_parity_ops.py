@@ -200,3 +200,17 @@ def test_optimizer_steps_with_gradient_clipping(backend, seed, max_norm, optimiz
         for name in host:
             assert_relative(as_host(ours[name].data), theirs[name].detach().numpy(),
                             f"{optimizer_name}: {name} after step {step}")
+
+
+@FIXTURE_OK
+@given(data=st.data(), left=st.integers(1, 4), right=st.integers(1, 4))
+def test_matmul_with_1d_and_batched_operands_matches_torch(backend, data, left, right):
+    """`@` for every pair of operand ranks 1..4 (1-D promoted as torch.matmul does), with
+    broadcast batch dimensions."""
+    batch_a, batch_b = data.draw(hnp.mutually_broadcastable_shapes(
+        num_shapes=2, min_dims=0, max_dims=2, max_side=3)).input_shapes
+    n, k, m = (data.draw(st.integers(1, 3)) for _ in range(3))
+    a_shape = (k,) if left == 1 else (batch_a + (n, k))[-left:] if left > 2 else (n, k)
+    b_shape = (k,) if right == 1 else (batch_b + (k, m))[-right:] if right > 2 else (k, m)
+    host = [data.draw(arrays(a_shape)), data.draw(arrays(b_shape))]
+    compare(lambda a, b: a @ b, torch.matmul, host, data)

@@ -153,9 +153,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     last = tmp_path / "run" / "last.safetensors"
     before = last.read_bytes()
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*The last good checkpoint "
-                                            r"is kept in .*last.safetensors"):
+                                            r"is kept in .*last.safetensors") as error:
         train(quick_config(tmp_path, epochs=2, resume=True, lr=1e30, clip_grad=0.0))
     assert last.read_bytes() == before
+    # a resume (which keeps --lr) would blow up again: the advice is a new start
+    assert "start again with a lower --lr (or with --clip-grad on) and --overwrite" in \
+        str(error.value)
     # blown up within the first epoch: there is no checkpoint, and the message says so
     with pytest.raises(TrainingError, match="No checkpoint was written") as error:
         train(quick_config(tmp_path, "first", epochs=1, lr=1e30, clip_grad=0.0))
@@ -384,18 +387,37 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--lr", "1e-3", "--out", str(run_dir),
                  "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert (f"{run_dir} already holds a run (epoch 2 of 2 done: last.safetensors, "
-            f"best.safetensors, metrics.jsonl, config.json): pass --resume to continue it, "
-            f"--out OTHER to keep it and start another run, or --overwrite to replace it") in err
+    # a finished run: --resume alone would be refused ("already trained 2 epochs")
+    assert (f"{run_dir} already holds a finished run (epoch 2 of 2 done: last.safetensors, "
+            f"best.safetensors, metrics.jsonl, config.json): pass --resume --epochs N (N > 2) "
+            f"to train it further, --out OTHER to keep it and start another run, or --overwrite "
+            f"to replace it") in err
     assert run_files(run_dir) == before  # config, metrics and checkpoints untouched
-    with pytest.raises(MinivitError, match="already holds a run"):  # the Python API too
+    with pytest.raises(MinivitError, match="already holds a finished run"):  # the Python API
         train(TrainConfig(**dict(QUICK, out=str(run_dir))))
     assert run_files(run_dir) == before
+    assert main(["train", "--resume", "--epochs", "3", "--out", str(run_dir), "--quiet"]) == 0
+
+
+def test_the_advice_for_an_unfinished_run_works(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+
+    def stop_after_epoch_1(epoch, summary):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(quick_config(tmp_path, "r", epochs=2), on_epoch_end=stop_after_epoch_1)
+    assert main(["train", "--epochs", "2", "--out", str(run_dir), "--quiet"]) == 1
+    assert (f"{run_dir} already holds a run (epoch 1 of 2 done: last.safetensors, "
+            f"best.safetensors, metrics.jsonl, config.json): pass --resume to continue it, "
+            f"--out OTHER to keep it and start another run, or --overwrite to replace it"
+            ) in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run_dir), "--quiet"]) == 0
 
 
 def test_an_overwritten_run_interrupted_in_its_first_epoch_cannot_resume_the_old_one(
         tmp_path, capsys, monkeypatch):
-    import minivit.train as train_module
+    import minivit.train.loop as loop_module
 
     run_dir = tmp_path / "mix"
     assert main(["train", "--epochs", "2", "--batch-size", "256", "--out", str(run_dir),
@@ -404,7 +426,7 @@ def test_an_overwritten_run_interrupted_in_its_first_epoch_cannot_resume_the_old
     def interrupt(*args, **kwargs):  # the first epoch's evaluation: before any checkpoint
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "evaluate", interrupt)
+    monkeypatch.setattr(loop_module, "evaluate", interrupt)
     assert main(["train", "--epochs", "3", "--lr", "1e-3", "--batch-size", "128", "--overwrite",
                  "--out", str(run_dir), "--quiet"]) == 130
     monkeypatch.undo()
@@ -414,9 +436,12 @@ def test_an_overwritten_run_interrupted_in_its_first_epoch_cannot_resume_the_old
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(run_dir), "--quiet"]) == 1
     assert (f"--resume: {run_dir} has no checkpoint to continue from (its run stopped before "
-            f"its first epoch ended): start it again with --overwrite") in capsys.readouterr().err
+            f"its first checkpoint was written): start it again with --overwrite"
+            ) in capsys.readouterr().err
     assert main(["train", "--epochs", "1", "--out", str(run_dir), "--quiet"]) == 1
-    assert "already holds a run (no epoch finished: config.json)" in capsys.readouterr().err
+    assert (f"{run_dir} already holds a run that stopped before its first checkpoint was written "
+            f"(no epoch finished: config.json): pass --overwrite to start it again, or --out "
+            f"OTHER to keep it and start another run") in capsys.readouterr().err  # no --resume
 
 
 def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, capsys):
@@ -457,8 +482,8 @@ def test_resume_refuses_training_options_that_differ_from_the_saved_ones(tmp_pat
     assert (f"--resume continues {run_dir} with the configuration saved in its config.json, and "
             f"these options differ from it: --lr 1.0 (saved: 0.002), --optimizer sgd (saved: "
             f"adamw), --log-grads (saved: log-grads false). Leave them out to continue the run "
-            f"as it was, or start a new run with --out OTHER (or --overwrite to replace this "
-            f"one)") in err
+            f"as it was, or start a new run with --out OTHER (or, without --resume, --overwrite "
+            f"to replace this one)") in err
     assert run_files(run_dir) == before
     # options equal to the saved ones (digits get no augmentation) are fine; the data may move
     assert main(["train", "--resume", "--epochs", "2", "--model", "vit_digits", "--no-augment",

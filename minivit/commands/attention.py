@@ -8,13 +8,15 @@ moving windows), the attention each token receives inside its window (minivit.in
 window_maps).
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 import minivit.functional as F
 from minivit import backend
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
+                                     run_data_dir, writing_figure)
 from minivit.data import load_dataset
 from minivit.errors import MinivitError
 from minivit.images import image_names, read_images
@@ -25,10 +27,11 @@ from minivit.tensor import Tensor, no_grad
 
 EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), channels first or
 last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
-PNG/JPEG. Images are converted to the model's channels and resized (bicubic) to its image size;
-resizing an array needs Pillow too. A batch gives one figure per image (b.npy:
-b_0_attention.png, b_1_attention.png, ...). Where output names would clash, they take the
-file's suffix (b_npy_attention.png), else its folder (in_b_npy_...), else a number. --index N
+PNG/JPEG/GIF/BMP/TIFF/WebP. Images are converted to the model's channels and resized
+(bicubic) to its image size; resizing an array needs Pillow too. A batch gives one figure per
+image (b.npy: b_0_attention.png, b_1_attention.png, ...). Where output names would clash, they
+take the file's suffix (b_npy_attention.png), else its folder (in_b_npy_...), else a number. A
+file that cannot be read is reported and the others drawn (exit status 1). --index N
 takes sample N of the checkpoint's dataset instead. The image is normalised with the
 checkpoint's mean/std before the forward pass.
 
@@ -48,7 +51,8 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--split", choices=("train", "test"), default="test",
                    help="the dataset split --index reads (default: test)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="where the dataset's files are (MNIST, CIFAR; default ./data)")
+                   help="where the dataset's files are (MNIST, CIFAR; default: the folder the "
+                        "checkpoint's run trained from, else ./data)")
     p.add_argument("--out", default=None, metavar="FILE.png",
                    help="output PNG (default ./attention_<split>_<N>.png or "
                         "./<image>_attention.png; with several images, _<N> or _<image> is "
@@ -71,6 +75,7 @@ def run(args):
     model.to(dtype=args.dtype)
     class_names = info.get("class_names") or [str(k) for k in range(model.num_classes)]
 
+    args.unreadable = []  # image files reported and skipped
     if args.index:
         images, labels, tags, stems = _dataset_samples(info, args)
     else:
@@ -89,21 +94,26 @@ def run(args):
     if isinstance(model, SwinTransformer):
         print(SWIN_ATTENTION_NOTE)
         head_maps, rollout_maps = swin_attention_maps(model, attentions, len(images))
-        last_panel = "stage 0 mean"
+        last_panel, block = "stage 0 mean", None
     else:
         head_maps = cls_attention_maps(attentions[-1], grid)  # (B, heads, gh, gw)
         rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
         rollout_maps = rollout[:, 0, 1:].reshape((len(images),) + grid)
-        last_panel = "rollout"
+        block = len(attentions) - 1  # the head panels' block, named in their titles
+        last_panel = f"rollout, blocks 0-{block}"
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
         predicted = int(probabilities[b].argmax())
         text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
         if label is not None:
             text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_attention_figure(images[b], head_maps[b], rollout_maps[b], out,
-                              title=f"{tag}: {text}", last_title=last_panel)
+        with writing_figure(out):
+            save_attention_figure(images[b], head_maps[b], rollout_maps[b], out,
+                                  title=f"{tag}: {text}", last_title=last_panel, block=block)
         print(f"{tag}: {text} -> {out}")
+    if args.unreadable:
+        print(f"minivit attention: {len(args.unreadable)} of {len(args.images)} files could not "
+              f"be read: {', '.join(map(str, args.unreadable))}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -112,7 +122,8 @@ def _dataset_samples(info, args):
     dataset."""
     if not info.get("dataset"):
         raise MinivitError("the checkpoint names no dataset: give image files instead of --index")
-    dataset = load_dataset(info["dataset"], args.split, args.data_dir)
+    dataset = load_dataset(info["dataset"], args.split,
+                           run_data_dir(args.data_dir, info, info["dataset"]))
     args.index = list(dict.fromkeys(args.index))  # one figure per image, however often named
     for index in args.index:
         if not 0 <= index < len(dataset):
@@ -128,11 +139,20 @@ def _file_samples(model, args):
     """(images (B, C, H, W) in [0, 1], labels, tags, stems) of the image files; a batch file
     gives one of each per image."""
     channels, size = model.patch_embed.in_chans, model.patch_embed.img_size
-    batches = [read_images(path, channels, size) for path in args.images]
-    tags = [tag for path, batch in zip(args.images, batches)
+    paths, batches = [], []  # a file that cannot be read is reported, the others still drawn
+    for path in args.images:
+        try:
+            batches.append(read_images(path, channels, size))
+            paths.append(path)
+        except MinivitError as error:
+            print(f"minivit attention: error: {error}", file=sys.stderr)
+            args.unreadable.append(path)
+    if not batches:
+        raise MinivitError(f"none of the {len(args.images)} file(s) could be read (see above)")
+    tags = [tag for path, batch in zip(paths, batches)
             for tag in image_names(str(path), len(batch))]
     images = np.concatenate(batches)
-    stems = _unique_stems([Path(path) for path in args.images], [len(b) for b in batches])
+    stems = _unique_stems([Path(path) for path in paths], [len(b) for b in batches])
     return images, [None] * len(images), tags, stems
 
 

@@ -1,8 +1,10 @@
 """What several sub-commands share: their parser's set-up and the backend flags."""
 
 import argparse
+import contextlib
 
 from minivit import backend
+from minivit.errors import MinivitError
 
 
 def command_parser(subparsers, name, help_text, epilog=None):
@@ -42,3 +44,35 @@ def apply_backend(args):
     if args.backend:
         backend.set_backend(args.backend)
     return backend.get_backend()
+
+
+@contextlib.contextmanager
+def writing_figure(out):
+    """Make the folder of the PNG `out` and turn a refused write (read-only folder, full disk)
+    into a MinivitError naming the file and what to do."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename not in (None, str(out)) else ""
+        raise MinivitError(f"cannot write {out}: {error.strerror or error}{where}; pass --out a "
+                           f".png file in a folder that can be written") from None
+
+
+def run_data_dir(data_dir, info, dataset):
+    """--data-dir, else (for the dataset the checkpoint was trained on) the data folder its
+    run read, as its training configuration records it."""
+    if data_dir is not None or dataset != info.get("dataset"):
+        return data_dir
+    return (info.get("train_config") or {}).get("data_dir")
+
+
+def describe_checkpoint(path, info):
+    """'runs/a/best.safetensors (epoch 3 of 10, test accuracy 0.9500)': which weights these are."""
+    details = []
+    if "epoch" in info:
+        planned = (info.get("train_config") or {}).get("epochs")
+        details.append(f"epoch {info['epoch']}" + (f" of {planned}" if planned else ""))
+    if info.get("test_accuracy") is not None:
+        details.append(f"test accuracy {info['test_accuracy']:.4f} when saved")
+    return f"{path} ({', '.join(details)})" if details else str(path)

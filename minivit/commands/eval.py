@@ -1,6 +1,8 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
-from minivit.commands.common import add_backend_flags, apply_backend, command_parser
+from minivit.checkpoint import checkpoint_path
+from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
+                                     describe_checkpoint, number, run_data_dir)
 from minivit.data import DataLoader, load_dataset
 from minivit.data.pipeline import folder_eval_loader
 from minivit.errors import MinivitError
@@ -14,9 +16,13 @@ def add_parser(subparsers, name, help_text):
                    help="a checkpoint file, or a run folder (its best checkpoint)")
     p.add_argument("--dataset", default=None,
                    help="dataset to evaluate on (default: the one the model was trained on)")
-    p.add_argument("--data-dir", default=None, metavar="DIR")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding the dataset's files (default: the one the checkpoint's "
+                        "run trained from, else ./data)")
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="which split to evaluate on (default: test)")
+    p.add_argument("--batch-size", type=number(int, 1), default=256,
+                   help="images per forward pass (default: 256; only speed and memory change)")
     p.add_argument("--ema", action="store_true",
                    help="evaluate the moving average of the weights (runs trained with --ema)")
     add_backend_flags(p)
@@ -24,15 +30,21 @@ def add_parser(subparsers, name, help_text):
 
 def run(args):
     apply_backend(args)
-    model, info = model_from_checkpoint(args.checkpoint, ema=args.ema)
+    path = checkpoint_path(args.checkpoint)
+    model, info = model_from_checkpoint(path, ema=args.ema)
     model.to(dtype=args.dtype)
-    if (args.dataset or info["dataset"]) == "folder":
-        return _evaluate_folder(model, info, args)
-    dataset = load_dataset(args.dataset or info["dataset"], args.split, args.data_dir)
+    name = args.dataset or info.get("dataset")
+    if name is None:
+        raise MinivitError(f"{path} names no dataset (it was not written by minivit train): "
+                           f"pass --dataset NAME")
+    if name == "folder":
+        return _evaluate_folder(model, path, info, args)
+    dataset = load_dataset(name, args.split, run_data_dir(args.data_dir, info, name))
     expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
     if tuple(dataset.images.shape[1:]) != expected:
+        trained_on = info.get("dataset", "another dataset")
         raise MinivitError(f"{dataset.name}'s images are {_size(dataset.images.shape[1:])}, the "
-                           f"model takes {_size(expected)} (it was trained on {info['dataset']}): "
+                           f"model takes {_size(expected)} (it was trained on {trained_on}): "
                            f"evaluate it on a dataset of that size")
     if dataset.num_classes > model.num_classes:
         raise MinivitError(f"{dataset.name} has {dataset.num_classes} classes, the model only "
@@ -40,14 +52,16 @@ def run(args):
                            f"{model.num_classes} classes")
     loader = DataLoader(dataset, args.batch_size, shuffle=False)
     loss, accuracy = evaluate(model, loader, args.dtype)
+    print(f"checkpoint {describe_checkpoint(path, info)}")
     print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
     return 0
 
 
-def _evaluate_folder(model, info, args):
-    """Evaluate a checkpoint on the image folder (and split) it was trained on."""
+def _evaluate_folder(model, path, info, args):
+    """Evaluate a checkpoint on the image folder (and split) it was trained on (or --data-dir)."""
     loader, split = folder_eval_loader(info, args.split, args.data_dir, args.batch_size)
     loss, accuracy = evaluate(model, loader, args.dtype)
+    print(f"checkpoint {describe_checkpoint(path, info)}")
     print(f"{split.name}: {len(split)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
     return 0
 

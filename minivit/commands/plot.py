@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from minivit.commands.common import command_parser
+from minivit.commands.common import command_parser, writing_figure
 from minivit.errors import MinivitError
 from minivit.inspect import plot_grads, plot_runs
 
@@ -41,8 +41,9 @@ def run(args):
                                "--out, or leave --out out (each run gets RUN_DIR/grads.png)")
         for run_dir in args.runs:
             out = Path(args.out) if args.out else _folder(run_dir) / "grads.png"
-            _prepare(out)
-            plot_grads(run_dir, out, x=args.x)
+            _check_suffix(out)
+            with writing_figure(out):
+                plot_grads(run_dir, out, x=args.x)
             print(f"wrote {out}")
         return 0
     if args.out:
@@ -51,8 +52,9 @@ def run(args):
         out = _folder(args.runs[0]) / "curves.png"
     else:
         out = Path("comparison.png")
-    _prepare(out)
-    plot_runs(args.runs, out, x=args.x)
+    _check_suffix(out)
+    with writing_figure(out):
+        plot_runs(args.runs, out, x=args.x)
     print(f"wrote {out}")
     return 0
 
@@ -63,7 +65,6 @@ def _folder(run_dir):
     return path.parent if path.is_file() else path
 
 
-def _prepare(out):
+def _check_suffix(out):
     if out.suffix.lower() != ".png":
         raise MinivitError(f"--out must name a .png file, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ EPILOG = """examples:
                   --labels imagenet_classes.txt cat.jpg
 
 Inputs: .npy arrays (H,W), (C,H,W) or (N,C,H,W), channels first or last, with values in [0,1]
-(or uint8 0..255; a stack of grey images as (N,1,H,W)), and PNG/JPEG files, 8- or 16-bit
-(needs Pillow: pip install 'minivit[images]'; so does resizing an array). Grey images are
-repeated for RGB models, RGB made grey for 1-channel ones.
+(or uint8 0..255; a stack of grey images as (N,1,H,W)), and PNG/JPEG/GIF/BMP/TIFF/WebP files
+(8- or 16-bit PNGs; needs Pillow: pip install 'minivit[images]'; so does resizing an array).
+Grey images are repeated for RGB models, RGB made grey for 1-channel ones. A file that cannot
+be read is reported and the others classified (exit status 1).
 --checkpoint: a minivit training checkpoint (or run folder); images are converted to the
   model's channels, resized to its image size and normalised with the training data's
   mean/std; class names come from the checkpoint.
@@ -35,7 +36,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def add_parser(subparsers, name, help_text):
     p = command_parser(subparsers, name, help_text, EPILOG)
-    p.add_argument("files", nargs="+", metavar="FILE", help=".npy, .png, .jpg or .jpeg files")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help=".npy arrays or image files (.png, .jpg, .gif, .bmp, .tif, .webp)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="RUN_OR_FILE",
                         help="a minivit checkpoint file, or a run folder (its best checkpoint)")
@@ -52,7 +54,8 @@ def add_parser(subparsers, name, help_text):
                    help="class names, one per line (default: the checkpoint's, else indices)")
     p.add_argument("--top-k", type=number(int, 1), default=5,
                    help="classes shown per image (default 5)")
-    p.add_argument("--batch-size", type=number(int, 1), default=64)
+    p.add_argument("--batch-size", type=number(int, 1), default=64,
+                   help="images per forward pass (default: 64; only speed and memory change)")
     add_backend_flags(p)
 
 
@@ -81,9 +84,18 @@ def run(args):
     model.to(dtype=args.dtype).eval()
 
     items = []  # (name, (C, H, W) float32 array in [0, 1] at the model's size)
+    failed = []  # a file that cannot be read is reported, and the others still classified
     for path in args.files:
-        images = read_images(path, model.patch_embed.in_chans, model.patch_embed.img_size, fit)
+        try:
+            images = read_images(path, model.patch_embed.in_chans, model.patch_embed.img_size,
+                                 fit)
+        except MinivitError as error:
+            print(f"minivit predict: error: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
         items += zip(image_names(str(path), len(images)), images)
+    if not items:
+        raise MinivitError(f"none of the {len(failed)} file(s) could be read (see above)")
     probs = _predict(model, [array for _, array in items], mean, std, args.dtype,
                      args.batch_size)
     k = min(args.top_k, probs.shape[1])
@@ -92,6 +104,10 @@ def run(args):
         for index in row.argsort(kind="stable")[::-1][:k]:
             label = class_names[index] if class_names else str(index)
             print(f"  {row[index]:.4f}  {label}")
+    if failed:
+        print(f"minivit predict: {len(failed)} of {len(args.files)} files could not be read: "
+              f"{', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,7 +22,9 @@ def add_parser(subparsers, name, help_text):
                    help="the encoder's configuration (default: the run's, or the dataset's "
                         "small model)")
     p.add_argument("--dataset", default=None, help="default: the run's")
-    p.add_argument("--data-dir", default=None, metavar="DIR")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding the dataset's files (default: the one the run trained "
+                        "from, else ./data)")
     p.add_argument("--pool", choices=("cls", "mean"), default="cls",
                    help="features: the class token or the mean of the patch tokens")
     p.add_argument("--k", type=number(int, 1), default=20, help="neighbours (default 20)")
@@ -58,7 +60,7 @@ def _encoder(args, dataset, dataset_name):
 def run(args):
     import numpy as np
 
-    from minivit.commands.common import apply_backend
+    from minivit.commands.common import apply_backend, run_data_dir
     from minivit.data import load_dataset
     from minivit.encoders import encoder_state
     from minivit.errors import MinivitError
@@ -67,14 +69,14 @@ def run(args):
     if bool(args.source) == bool(args.random):
         raise MinivitError("give one SOURCE (a run folder or weights file) or --random")
     apply_backend(args)
-    dataset_name = args.dataset
-    if dataset_name is None and args.source:
-        dataset_name = encoder_state(args.source)[1].get("dataset")
+    info = encoder_state(args.source)[1] if args.source else {}
+    dataset_name = args.dataset or info.get("dataset")
     if dataset_name is None:
         raise MinivitError("--dataset is needed: the weights do not say which dataset they "
                            "were trained on")
-    train = load_dataset(dataset_name, "train", args.data_dir)
-    test = load_dataset(dataset_name, "test", args.data_dir)
+    data_dir = run_data_dir(args.data_dir, info, dataset_name)
+    train = load_dataset(dataset_name, "train", data_dir)
+    test = load_dataset(dataset_name, "test", data_dir)
     model = _encoder(args, train, dataset_name).to(dtype=args.dtype)
 
     def features(split):

@@ -18,12 +18,16 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("run", metavar="RUN", help="a minivit pretrain --method mae run folder")
     p.add_argument("--index", type=int, nargs="+", default=[0], metavar="N",
                    help="images of the dataset split (default: 0)")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--data-dir", default=None, metavar="DIR")
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="the dataset split --index reads (default: test)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder holding the dataset's files (default: the one the run trained "
+                        "from, else ./data)")
     p.add_argument("--mask-ratio", type=float, default=None,
                    help="fraction of patches hidden (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    p.add_argument("--out", default="reconstruction.png", metavar="FILE.png")
+    p.add_argument("--out", default="reconstruction.png", metavar="FILE.png",
+                   help="the PNG to write (default: %(default)s)")
     add_backend_flags(p)
 
 
@@ -33,7 +37,7 @@ def run(args):
     import numpy as np
 
     from minivit import backend
-    from minivit.commands.common import apply_backend
+    from minivit.commands.common import apply_backend, run_data_dir, writing_figure
     from minivit.data import load_dataset
     from minivit.errors import MinivitError
     from minivit.inspect.plots import new_figure
@@ -48,7 +52,8 @@ def run(args):
         raise MinivitError(f"{args.run} is a {info['method']} run: reconstruct draws MAE runs")
     ratio = model.mask_ratio if args.mask_ratio is None else args.mask_ratio
     check_mask_ratio(ratio, model.patch_embed.num_patches)
-    dataset = load_dataset(info["dataset"], args.split, args.data_dir)
+    dataset = load_dataset(info["dataset"], args.split,
+                           run_data_dir(args.data_dir, info, info["dataset"]))
     bad = [i for i in args.index if not 0 <= i < len(dataset)]
     if bad:
         raise MinivitError(f"--index {bad[0]} is outside the {args.split} split's "
@@ -76,7 +81,8 @@ def run(args):
             ax.set_title(f"{title}" if row else f"{title}\n#{index}", fontsize=8)
             ax.set_axis_off()
     out = Path(args.out)
-    atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    with writing_figure(out):
+        atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     print(f"wrote {out}: {len(args.index)} image(s), {ratio:.0%} of the patches masked, "
           f"loss on them {float(loss.data):.4f}")
     return 0

@@ -174,8 +174,8 @@ def _check_resumed_options(run_dir, saved, given):
         raise MinivitError(f"--resume continues {run_dir} with the configuration saved in its "
                            f"config.json, and these options differ from it: "
                            f"{', '.join(differing)}. Leave them out to continue the run as it "
-                           f"was, or start a new run with --out OTHER (or --overwrite to "
-                           f"replace this one)")
+                           f"was, or start a new run with --out OTHER (or, without --resume, "
+                           f"--overwrite to replace this one)")
 
 
 def add_run_folder_flags(parser, default_out):
@@ -222,13 +222,17 @@ def run(args):
     except KeyboardInterrupt:
         if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
             return 130
-        if finished or config.resume:
+        if finished and finished[-1] == config.epochs:
+            print(f"minivit train: interrupted after the last epoch's checkpoint; the run in "
+                  f"{config.out} is complete", file=sys.stderr)
+        elif finished or config.resume:
             kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
                   f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
         else:
-            print("minivit train: interrupted during the first epoch; no checkpoint was written",
-                  file=sys.stderr)
+            print(f"minivit train: interrupted during the first epoch; no checkpoint was "
+                  f"written in {config.out}: start again by adding --overwrite to the same "
+                  f"command", file=sys.stderr)
         return 130
     if not dist.is_main():  # under mpiexec: rank 0 reports
         return 0

@@ -193,7 +193,8 @@ def _find_file(name, dirs, dataset, source):
     raise DatasetError(
         f"{dataset}: file {name} not found; looked at {looked}. "
         f"minivit cannot download datasets: get the original files from {source} "
-        "and place them in one of these folders, or pass another data_dir."
+        "and place them in one of these folders, or name their folder with --data-dir "
+        "(data_dir= in Python)."
     )
 
 

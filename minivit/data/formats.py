@@ -113,12 +113,16 @@ def read_pickle(path):
 
 
 def _entry(batch, key, path):
-    if key not in batch:
-        raise DatasetError(
-            f"{path} has no {key!r} entry (found: {sorted(batch)}). "
-            "Use the files of the original 'python version' archive."
-        )
-    return batch[key]
+    """batch[key], under bytes keys (the original files) or str keys (a batch re-pickled by
+    Python 3 code); `key` is given as bytes."""
+    for name in (key, key.decode()):
+        if name in batch:
+            return batch[name]
+    found = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
+    raise DatasetError(
+        f"{path} has no {key.decode()!r} entry (found: {found}). "
+        "Use the files of the original 'python version' archive."
+    )
 
 
 def read_cifar_batch(path, label_key, num_classes):

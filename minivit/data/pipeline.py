@@ -43,7 +43,8 @@ RECIPE_DEFAULTS = {"digits": {"cutmix": 1.0}}
 
 @dataclasses.dataclass
 class DataFacts:
-    """What the model and the checkpoints need to know about a run's data."""
+    """What the model, the checkpoints and the run's header need to know about its data."""
+    name: str  # the training split's, e.g. "digits-train"
     num_classes: int
     channels: int
     image_size: int
@@ -51,6 +52,7 @@ class DataFacts:
     std: tuple
     class_names: list
     train_size: int
+    test_size: int  # the whole test split's, before a data-parallel process takes its part
     skipped: list  # (path, reason) of the unreadable image files left out
     augmented: bool  # whether the source augments (the built-in datasets: their default)
 
@@ -211,7 +213,7 @@ def build_loaders(config, model_image_size, model_channels, test_part=None):
         crop_pct = IMAGENET_CROP_PCT if size >= 224 else 1.0
         train_source = FolderImages(train_split.paths, channels, size, config.augment, crop_pct)
         test_source = FolderImages(test_split.paths, channels, size, False, crop_pct)
-        class_names = train_split.class_names
+        class_names, name = train_split.class_names, train_split.name
         train_labels, test_labels = train_split.labels, test_split.labels
         skipped = train_split.skipped + test_split.skipped
         augmented = config.augment
@@ -224,9 +226,10 @@ def build_loaders(config, model_image_size, model_channels, test_part=None):
         augment = default_augmentation(config.dataset) if config.augment else None
         train_source, test_source = ArrayImages(train_set.images, augment), \
             ArrayImages(test_set.images, None)
-        class_names, skipped, augmented = train_set.class_names, [], augment is not None
+        class_names, name = train_set.class_names, train_set.name
+        skipped, augmented = [], augment is not None
         train_labels, test_labels = train_set.labels, test_set.labels
-    num_classes = len(class_names)
+    num_classes, test_size = len(class_names), len(test_labels)
     if test_part is not None:
         start, stop = test_part(len(test_labels))
         test_source, test_labels = test_source.part(start, stop), test_labels[start:stop]
@@ -243,8 +246,8 @@ def build_loaders(config, model_image_size, model_channels, test_part=None):
                                 shuffle=True, seed=config.seed, workers=workers)
     test_loader = WorkerLoader(len(test_labels), EVAL_BATCH_SIZE, test_batches, shuffle=False,
                                workers=workers)
-    facts = DataFacts(num_classes, channels, size, tuple(mean), tuple(std), class_names,
-                      len(train_labels), skipped, augmented)
+    facts = DataFacts(name, num_classes, channels, size, tuple(mean), tuple(std), class_names,
+                      len(train_labels), test_size, skipped, augmented)
     return train_loader, test_loader, facts
 
 

@@ -4,6 +4,8 @@ Each op is one Function: forward on raw arrays, backward right below it. Broadca
 NumPy; `_unbroadcast` sums a gradient back to the shape of the input it belongs to.
 """
 
+import numbers
+
 import numpy as np
 
 from minivit import backend
@@ -133,18 +135,39 @@ class Log(Function):
 
 
 # -- matmul: C = A B, dA = dC Bᵀ, dB = Aᵀ dC (batched over leading dims) ------------------------
+# A 1-D operand is promoted as NumPy and PyTorch do: a vector a (k,) on the left is the matrix
+# (1, k), one on the right (k, 1); the promoted axis is dropped from C (and added back to dC).
 class MatMul(_Arithmetic):
     def forward(self, a, b):
-        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
-            raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m); got {a.shape} @ {b.shape}")
-        self.a, self.b = backend.matmul_operand(a), backend.matmul_operand(b)
-        return self.a @ self.b
+        if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            raise ShapeError(f"matmul needs (..., n, k) @ (..., k, m), where a 1-D operand is "
+                             f"(k,); got {a.shape} @ {b.shape}")
+        self.shapes = a.shape, b.shape
+        self.a = backend.matmul_operand(a[None, :] if a.ndim == 1 else a)
+        self.b = backend.matmul_operand(b[:, None] if b.ndim == 1 else b)
+        out = self.a @ self.b
+        self.out_shape = out.shape
+        squeezed = out.shape[:-2] + out.shape[-2:-1] * (a.ndim > 1) + out.shape[-1:] * (b.ndim > 1)
+        return out.reshape(squeezed)
 
     def backward(self, grad):
-        a, b, grad = self.a, self.b, backend.matmul_operand(grad)
-        grad_a = _unbroadcast(grad @ b.swapaxes(-1, -2), a.shape) if self.needs_input_grad[0] else None
-        grad_b = _unbroadcast(a.swapaxes(-1, -2) @ grad, b.shape) if self.needs_input_grad[1] else None
+        a, b = self.a, self.b
+        grad = backend.matmul_operand(grad.reshape(self.out_shape))
+        grad_a = grad_b = None
+        if self.needs_input_grad[0]:
+            grad_a = _unbroadcast(grad @ b.swapaxes(-1, -2), a.shape).reshape(self.shapes[0])
+        if self.needs_input_grad[1]:
+            grad_b = _unbroadcast(a.swapaxes(-1, -2) @ grad, b.shape).reshape(self.shapes[1])
         return grad_a, grad_b
+
+
+# -- copy: d copy(a) = da (Tensor.clone: new memory, still in the graph) -----------------------
+class Copy(Function):
+    def forward(self, a):
+        return a.copy()
+
+    def backward(self, grad):
+        return (grad,)
 
 
 # -- sum: the gradient of a sum is its upstream gradient, broadcast back ------------------------
@@ -273,6 +296,28 @@ class Stack(Function):
         return tuple(xp.take(grad, i, axis=self.axis) for i in range(count))
 
 
+# -- comparisons: boolean results outside the graph (they have no gradient) --------------------
+def compare(a, b, name):
+    """The Tensor a <name> b elementwise, `name` a NumPy comparison ("less", "equal", ...);
+    NotImplemented when b is no number, array or tensor (None, a string), so that == is then
+    False and < a TypeError, as Python does for objects that cannot be compared."""
+    if not isinstance(b, (Tensor, numbers.Number, list, tuple)) and not hasattr(b, "dtype"):
+        return NotImplemented
+    a_data = a.data
+    b_data = b.data if isinstance(b, Tensor) else b if hasattr(b, "dtype") else \
+        backend.array_module(a_data).asarray(b)
+    return Tensor(getattr(backend.array_module(a_data, b_data), name)(a_data, b_data))
+
+
+def argmax(a, axis=None, keepdims=False):
+    """Indices of the largest values of Tensor `a`: an integer Tensor, outside the graph."""
+    indices = a.data.argmax(axis=axis)
+    if keepdims:
+        indices = backend.array_module(indices).expand_dims(
+            indices, tuple(range(a.ndim)) if axis is None else axis)
+    return Tensor(indices)
+
+
 # -- the functional API ---------------------------------------------------------------------------
 def add(a, b):
     return Add()(a, b)
@@ -312,6 +357,10 @@ def log(a):
 
 def matmul(a, b):
     return MatMul()(a, b)
+
+
+def copy(a):
+    return Copy()(a)
 
 
 def reduce_sum(a, axis=None, keepdims=False):

@@ -369,6 +369,17 @@ def _matmul(a, b):
     return F.matmul(a, b)
 
 
+@_register("matmul_vector", "vector @ batched matrices, the 1-D operand promoted as NumPy does",
+           Input("a", (4,)), Input("b", (2, 4, 3), layout="transposed"))
+def _matmul_vector(a, b):
+    return F.matmul(a, b)
+
+
+@_register("clone", "Tensor.clone: a copy in new memory", Input("a", (3, 4), layout="strided"))
+def _clone(a):
+    return a.clone()
+
+
 # -- reductions -----------------------------------------------------------------------------------
 @_register("sum", "sum over axes (0, 2), keepdims", Input("a", (2, 3, 4)))
 def _sum(a):

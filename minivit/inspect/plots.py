@@ -110,6 +110,13 @@ def _run_name(run_dir):
     return path.parent.name if path.is_file() else path.name
 
 
+# what each logged quantity and x axis is, for axis labels
+X_LABELS = {"step": "training step", "epoch": "epoch", "time": "training time (s)"}
+Y_LABELS = {"loss": "cross-entropy loss", "accuracy": "accuracy (fraction correct)",
+            "lr": "learning rate", "images_per_s": "training speed (images/s)",
+            "grad_norms": "gradient norm ‖g‖₂", "update_ratios": "update / weight ‖Δθ‖/‖θ‖"}
+
+
 def plot_runs(run_dirs, out_png, what=("loss", "accuracy", "lr"), x="step"):
     """Draw several runs on one figure and save it as a PNG; returns the Figure.
 
@@ -126,7 +133,7 @@ def plot_runs(run_dirs, out_png, what=("loss", "accuracy", "lr"), x="step"):
                 style = styles.setdefault(label, ["-", "--", ":", "-."][len(styles) % 4])
                 ax.plot(xs, ys, style, color=f"C{colour % 10}", label=f"{name} {label}")
         ax.set_title(quantity)
-        ax.set_xlabel(x)
+        _label_axes(ax, x, quantity)
         if ax.get_lines():
             ax.legend(fontsize="small")
         else:
@@ -136,29 +143,85 @@ def plot_runs(run_dirs, out_png, what=("loss", "accuracy", "lr"), x="step"):
     return fig
 
 
-def plot_grads(run_dir, out_png, x="step"):
-    """Per-parameter gradient norms and update ratios of one run (train with --log-grads).
+def _label_axes(ax, x, quantity):
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_ylabel(Y_LABELS.get(quantity, quantity))
 
-    One panel per quantity present, one line per parameter, coloured from the input
-    (dark) to the head (bright); log y axis. Returns the Figure.
+
+def parameter_group(name):
+    """(where, kind) of a parameter for --grads: where is "embedding", "block N" or "head";
+    kind its layer type ("attn.qkv", "mlp.fc1", "norms", "patch_embed", "head", ...)."""
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 2:
+        where, layer = f"block {parts[1]}", parts[2:-1] or parts[2:]
+    elif parts[0] in ("patch_embed", "cls_token", "pos_embed"):
+        where, layer = "embedding", parts[:1] if parts[0] == "patch_embed" else ["tokens"]
+    else:
+        where, layer = "head", parts[:-1] or parts
+    kind = ".".join(layer)
+    return where, "norms" if kind.startswith("norm") or kind.endswith("_norm") else kind
+
+
+def grouped_curves(lines, quantity):
+    """Per-parameter series {name: (xs, ys)} combined into {"by block": {where: (xs, ys)},
+    "by layer type": {kind: (xs, ys)}}: a group's gradient norm is the norm of all its
+    gradients, √Σ‖g‖²; its update ratio the mean of its parameters' ratios."""
+    grouped = {}
+    for index, axis in enumerate(("by block", "by layer type")):
+        members = {}
+        for name, series in lines.items():
+            members.setdefault(parameter_group(name)[index], []).append(series)
+        grouped[axis] = {}
+        for group, series in members.items():
+            columns = list(zip(*(ys for _, ys in series)))
+            if quantity == "grad_norms":
+                values = [math.sqrt(sum(v * v for v in column)) for column in columns]
+            else:
+                values = [sum(column) / len(column) for column in columns]
+            grouped[axis][group] = (series[0][0][:len(values)], values)
+    return grouped
+
+
+def plot_grads(run_dir, out_png, x="step"):
+    """Gradient norms and update ratios of one run (train with --log-grads), grouped.
+
+    Columns: one per quantity present; rows: the parameters grouped by block (the embedding,
+    each block, the head; coloured from the input, dark, to the head, bright) and by layer
+    type. Each line is labelled; log y axis. Returns the Figure.
     """
     series = curves(read_metrics(run_dir), x=x)
     present = [q for q in ("grad_norms", "update_ratios") if q in series]
     if not present:
         raise MinivitError(f"{_metrics_path(run_dir)} has no gradient records (train with --log-grads)")
-    fig, axes = new_figure(1, len(present))
+    fig, axes = new_figure(2, len(present), panel_inches=(6.0, 4.0))
     from matplotlib import colormaps
 
-    for ax, quantity in zip(axes, present):
+    for column, quantity in enumerate(present):
         lines = series[quantity]
-        for i, (name, (xs, ys)) in enumerate(lines.items()):
-            ax.plot(xs, ys, color=colormaps["viridis"](i / max(len(lines) - 1, 1)), lw=1, label=name)
-        if all(y > 0 and math.isfinite(y) for _, ys in lines.values() for y in ys):
-            ax.set_yscale("log")
-        if len(lines) <= 12:
-            ax.legend(fontsize="x-small")
-        ax.set_title(f"{quantity} ({len(lines)} parameters)")
-        ax.set_xlabel(x)
+        for row, (axis, groups) in enumerate(grouped_curves(lines, quantity).items()):
+            ax = axes[row * len(present) + column]
+            ordered = sorted(groups, key=_depth_order) if axis == "by block" else sorted(groups)
+            for i, group in enumerate(ordered):
+                xs, ys = groups[group]
+                colour = (colormaps["viridis"](i / max(len(ordered) - 1, 1))
+                          if axis == "by block" else f"C{i % 10}")
+                ax.plot(xs, ys, color=colour, lw=1.2, label=group)
+            if all(y > 0 and math.isfinite(y) for _, ys in groups.values() for y in ys):
+                ax.set_yscale("log")
+            ax.legend(fontsize="x-small", ncol=2 if len(groups) > 8 else 1)
+            how = "√Σ‖g‖² of the group" if quantity == "grad_norms" else "mean over the group"
+            ax.set_title(f"{quantity} {axis} ({how}; {len(lines)} parameters)", fontsize="small")
+            _label_axes(ax, x, quantity)
     fig.tight_layout()
     fig.savefig(out_png)
     return fig
+
+
+def _depth_order(where):
+    """embedding, block 0, block 1, ..., head."""
+    if where == "embedding":
+        return -1, ""
+    if where.startswith("block "):
+        number = where.split(" ", 1)[1]
+        return (int(number), "") if number.isdigit() else (10**6, number)
+    return 10**7, where

@@ -84,10 +84,11 @@ def _displayable(image):
 
 
 def save_attention_figure(image, head_maps, rollout_map, out_png, title=None,
-                          last_title="rollout"):
+                          last_title="rollout", block=None):
     """Save a PNG of the input, the class token's attention per head and the rollout.
 
-    image: (C, H, W); head_maps: (H, gh, gw), e.g. `cls_attention_maps(...)[b]`;
+    image: (C, H, W); head_maps: (H, gh, gw), e.g. `cls_attention_maps(...)[b]`, of block
+    number `block` (named in the head panels' titles when given);
     rollout_map: (gh, gw), e.g. `rollout[b, 0, 1:].reshape(gh, gw)`. Head maps are drawn
     over the image's extent; the rollout is upsampled to the image size and laid over it.
     Returns the Figure: axes 0 is the input, 1..H the heads, H+1 the rollout.
@@ -107,14 +108,15 @@ def save_attention_figure(image, head_maps, rollout_map, out_png, title=None,
     axes[0].set_title("input")
     for i, head_map in enumerate(head_maps):
         axes[1 + i].imshow(head_map, cmap="inferno", interpolation="nearest", extent=(0, width, height, 0))
-        axes[1 + i].set_title(f"head {i}")
+        axes[1 + i].set_title(f"head {i}" if block is None else f"block {block}, head {i}",
+                              fontsize="medium" if block is None else "small")
     rollout_ax = axes[panels - 1]
     rollout_ax.imshow(picture, cmap=gray)
     # colour range from 0, with a scale: a near-uniform rollout must look near-uniform
     overlay = rollout_ax.imshow(upsample_nearest(rollout_map, (height, width)), cmap="inferno",
                                 alpha=0.6, vmin=0.0, vmax=float(rollout_map.max()))
     fig.colorbar(overlay, ax=rollout_ax, fraction=0.046, pad=0.04)
-    rollout_ax.set_title(last_title)
+    rollout_ax.set_title(last_title, fontsize="medium" if block is None else "small")
     for ax in axes:
         ax.set_axis_off()
     if title:

@@ -218,10 +218,13 @@ def save_torch_weights(state: Mapping[str, object], path) -> None:
         tensors[str(name)] = torch.from_numpy(array.copy())
 
     def write(tmp):
-        torch.save(tensors, tmp)
+        try:
+            torch.save(tensors, tmp)
+        except RuntimeError as err:  # how torch.save reports a failed write (a full disk)
+            raise OSError(str(err)) from None
 
     try:
         io.atomic_write(path, write)
     except OSError as err:
-        raise WeightsError(f"cannot write {path}: {err}; check that its folder exists, is "
-                           "writable and has room") from None
+        raise WeightsError(f"cannot write {path}: {err.strerror or err}; check that its folder "
+                           "exists, is writable and has room") from None

@@ -2,9 +2,8 @@
 or a checkpoint: the plain Vision Transformer (minivit.models.vit) and the Swin Transformer
 (minivit.models.swin)."""
 
-from pathlib import Path
 
-from minivit.checkpoint import find_checkpoint, read_checkpoint_parts
+from minivit.checkpoint import checkpoint_path, read_checkpoint_parts
 from minivit.ema import EMA_PREFIX
 from minivit.errors import MinivitError, WeightsError
 from minivit.models import swin, vit
@@ -64,9 +63,7 @@ def model_from_checkpoint(path, ema=False):
     """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration,
     weights loaded (with ema=True, the moving average of the weights), in eval mode, on the
     current backend."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_checkpoint(path)
+    path = checkpoint_path(path)
     model_state, _, ema_arrays, info = read_checkpoint_parts(path)
     if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
         raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "

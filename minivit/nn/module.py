@@ -85,8 +85,10 @@ class Module:
         return self.train(False)
 
     def to(self, backend=None, dtype=None):
-        """Move every parameter to another backend ("numpy"/"cupy") and/or dtype, in place.
+        """Move every parameter to another backend ("numpy"/"cpu" or "cupy"/"cuda"/"gpu";
+        any other name is refused) and/or dtype, in place.
         Do this before creating the optimizer (it keeps views of the parameters)."""
+        backend = None if backend is None else backends.backend_name(backend)
         for parameter in self.parameters():
             data = backends.to_backend(parameter.data, backend)
             parameter.data = data.astype(dtype, copy=False) if dtype is not None else data
