@@ -86,6 +86,7 @@ class LayerwiseOptimizer:
                        for scale, pairs in sorted(groups.items())]
         self._lr = lr
         self.reduce_gradients = None  # data parallel: as FlatOptimizer's, applied to each group
+        self.loss_scaler = None  # fp16 loss scaling is refused with --layer-decay (config)
 
     @property
     def lr(self):

@@ -240,7 +240,7 @@ def _pretrain(config, on_epoch_end):
     last_path = run_dir / f"last.{config.checkpoint_format}"
     start = RunStart()
     if config.resume:
-        start = resume_from_last(run_dir, method.model, optimizer, config)
+        start = resume_from_last(run_dir, method.model, optimizer, None, config)
         method.resumed()
     metrics = prepare_run_folder(config, run_dir, start.epoch, command="pretrain")
 

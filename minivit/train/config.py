@@ -94,6 +94,10 @@ def checked_config(config):
     if config.pretrained and config.init:
         raise MinivitError("--pretrained (a classifier's weights) and --init (a pretrained "
                            "encoder) both choose the starting weights: pass one of them")
+    if config.layer_decay is not None and config.precision == "fp16":
+        raise MinivitError("--layer-decay steps one optimizer per learning rate, and fp16's loss "
+                           "scaling works with a single one: use --precision bf16 or leave out "
+                           "--layer-decay")
     if config.layer_decay is not None and (config.log_grads or config.cuda_graph):
         raise MinivitError("--layer-decay steps one optimizer per learning rate, and "
                            "--log-grads and --cuda-graph work with a single one: leave out "

@@ -212,8 +212,8 @@ def kept_checkpoint_text(run_dir, last_path, command="train"):
     if last_path.exists():
         return (f"The last good checkpoint is kept in {last_path}: continue with minivit "
                 f"{command} --resume --out {run_dir}")
-    return (f"No checkpoint was kept (the run had written none yet): start again by adding "
-            f"--overwrite to the same command")
+    return ("No checkpoint was kept (the run had written none yet): start again by adding "
+            "--overwrite to the same command")
 
 
 def write_failure(error, run_dir, last_path, command="train"):
