@@ -1,7 +1,8 @@
 """Training checkpoints: one .safetensors (or .npz) file, written atomically.
 
 The file holds the model's weights under timm's names, the optimizer's buffers under
-``optimizer.<name>`` (only in ``last``), and JSON metadata under the key "minivit": the model
+``optimizer.<name>`` (only in ``last``), the moving average of the weights under ``ema.<name>``
+(runs with --ema), and JSON metadata under the key "minivit": the model
 configuration, the dataset's name/normalisation/class names, the epoch and step reached, and
 the training configuration. ``best`` checkpoints carry no optimizer state, so they load into
 timm/PyTorch as they are.
@@ -10,19 +11,24 @@ timm/PyTorch as they are.
 import json
 from pathlib import Path
 
+from minivit.ema import EMA_PREFIX
 from minivit.errors import WeightsError
 from minivit.io import load_weights, save_weights
 from minivit.nn import Module
 from minivit.tensor import Tensor
 
 OPTIMIZER_PREFIX = "optimizer."
+TRAINING_PREFIXES = (OPTIMIZER_PREFIX, EMA_PREFIX)  # the entries that are not the model's
 METADATA_KEY = "minivit"
 CHECKPOINT_SUFFIXES = (".safetensors", ".npz")  # the formats of --format
 
 
-def save_checkpoint(path, model, info, optimizer=None):
-    """Write model weights (+ optimizer buffers) and `info` (JSON-serialisable dict) atomically."""
+def save_checkpoint(path, model, info, optimizer=None, ema=None):
+    """Write model weights (+ optimizer buffers, + the ModelEma's averages) and `info`
+    (JSON-serialisable dict) atomically."""
     state = dict(model.state_dict())
+    if ema is not None:
+        state.update(ema.state_arrays())
     info = dict(info, model_config=model.config)
     if optimizer is not None:
         optimizer_state = optimizer.state_dict()
@@ -34,7 +40,15 @@ def save_checkpoint(path, model, info, optimizer=None):
 
 
 def read_checkpoint(path):
-    """(model_state, optimizer_arrays, info) from a minivit checkpoint."""
+    """(model_state, optimizer_arrays, info) from a minivit checkpoint; the averaged weights
+    (ema.*) are in neither state (see read_checkpoint_parts)."""
+    model_state, optimizer_arrays, _, info = read_checkpoint_parts(path)
+    return model_state, optimizer_arrays, info
+
+
+def read_checkpoint_parts(path):
+    """(model_state, optimizer_arrays, ema_arrays, info) from a minivit checkpoint; ema_arrays
+    keep their "ema." prefix (empty for a run without --ema)."""
     state, metadata = load_weights(path)
     if METADATA_KEY not in metadata:
         raise WeightsError(f"{path} is a weights file but not a minivit checkpoint (it has no "
@@ -42,10 +56,12 @@ def read_checkpoint(path):
                            f"`minivit predict --weights {path} --model NAME` reads such files, "
                            f"`minivit info NAME` shows a model's shapes")
     info = json.loads(metadata[METADATA_KEY])
-    model_state = {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    model_state = {k: v for k, v in state.items()
+                   if not k.startswith(TRAINING_PREFIXES)}
     optimizer_arrays = {k[len(OPTIMIZER_PREFIX):]: v for k, v in state.items()
                         if k.startswith(OPTIMIZER_PREFIX)}
-    return model_state, optimizer_arrays, info
+    ema_arrays = {k: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+    return model_state, optimizer_arrays, ema_arrays, info
 
 
 def save(weights, path, metadata=None):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -40,3 +42,16 @@ def test_family_experiments_script_writes_its_table_and_plot(tmp_path):
     assert all(0.0 <= arm["mean"] <= 1.0 for arm in summary["arms"].values())
     assert (tmp_path / "docs" / "position_ablation.png").read_bytes().startswith(b"\x89PNG")
     assert "| relative bias |" in (tmp_path / "docs" / "position_ablation.md").read_text()
+
+
+def test_digits_folder_example_trains_fine_tunes_and_predicts(tmp_path):
+    pytest.importorskip("PIL")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "digits_folder.py"), "--epochs", "1",
+                             "--work-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("skipping 3 unreadable image file(s)") == 2
+    assert "has 6 classes, the model 4" in result.stderr  # the new head
+    assert sorted(p.name for p in (tmp_path / "second" / "val").iterdir()) == ["6", "7", "8", "9"]
+    predictions = result.stdout.split("$ minivit predict")[1].splitlines()[2:4]
+    assert all(line.split()[1] in "6789" for line in predictions)  # the folder's class names

@@ -4,6 +4,7 @@ from minivit.checkpoint import checkpoint_path
 from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
                                      command_parser, describe_checkpoint, number, run_data_dir)
 from minivit.data import DataLoader, load_dataset
+from minivit.data.pipeline import folder_eval_loader
 from minivit.errors import MinivitError
 from minivit.models import model_from_checkpoint
 from minivit.train import evaluate
@@ -22,6 +23,8 @@ def add_parser(subparsers, name, help_text):
                    help="which split to evaluate on (default: test)")
     p.add_argument("--batch-size", type=number(int, 1), default=256,
                    help="images per forward pass (default: 256; only speed and memory change)")
+    p.add_argument("--ema", action="store_true",
+                   help="evaluate the moving average of the weights (runs trained with --ema)")
     add_backend_flags(p)
     add_precision_flag(p)
 
@@ -29,12 +32,14 @@ def add_parser(subparsers, name, help_text):
 def run(args):
     apply_backend(args)
     path = checkpoint_path(args.checkpoint)
-    model, info = model_from_checkpoint(path)
+    model, info = model_from_checkpoint(path, ema=args.ema)
     model.to(dtype=args.dtype)
     name = args.dataset or info.get("dataset")
     if name is None:
         raise MinivitError(f"{path} names no dataset (it was not written by minivit train): "
                            f"pass --dataset NAME")
+    if name == "folder":
+        return _evaluate_folder(model, path, info, args)
     dataset = load_dataset(name, args.split, run_data_dir(args.data_dir, info, name))
     expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
     if tuple(dataset.images.shape[1:]) != expected:
@@ -50,6 +55,15 @@ def run(args):
     loss, accuracy = evaluate(model, loader, args.dtype)
     print(f"checkpoint {describe_checkpoint(path, info)}")
     print(f"{dataset.name}: {len(dataset)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
+    return 0
+
+
+def _evaluate_folder(model, path, info, args):
+    """Evaluate a checkpoint on the image folder (and split) it was trained on (or --data-dir)."""
+    loader, split = folder_eval_loader(info, args.split, args.data_dir, args.batch_size)
+    loss, accuracy = evaluate(model, loader, args.dtype)
+    print(f"checkpoint {describe_checkpoint(path, info)}")
+    print(f"{split.name}: {len(split)} images, loss {loss:.4f}, accuracy {accuracy:.4f}")
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from minivit import distributed as dist
 from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
-                                     command_parser)
+                                     command_parser, number)
 from minivit.commands.family_flags import add_family_flags
 from minivit.errors import MinivitError
 from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, saved_config, train
@@ -22,6 +22,11 @@ EPILOG = """examples:
   minivit train --pos-embed 2d --out runs/2d      the digits ViT with row + column positions
   minivit train --model deit_digits --teacher runs/a --distillation hard
                                                   DeiT: a distillation token learns from runs/a
+  minivit train --dataset folder --data-dir photos --img-size 64      your own images
+  minivit train --dataset folder --data-dir photos --model vit_small_patch16_224 \\
+                --pretrained vit_small.safetensors --layer-decay 0.75 --ema 0.999
+  minivit train --dataset cifar10 --data-dir ~/data --randaugment 9 --mixup 0.8 --cutmix 1 \\
+                --reprob 0.25 --ema 0.9998                            the DeiT recipe
 
 The run folder (--out) gets config.json, metrics.jsonl (one JSON record per epoch and split),
 last.safetensors (weights + optimizer, every epoch) and best.safetensors (best test accuracy).
@@ -32,7 +37,7 @@ refuses a folder that holds another run: --resume it, pick another --out, or --o
 # Options that are not part of what a run trains: never compared with a resumed run's config.
 RUN_CONTROL = {"out", "resume", "overwrite", "progress", "cuda_graph"}
 # Training options --resume takes from the command line instead of the run's config.json.
-RESUME_MAY_CHANGE = {"epochs", "data_dir"}
+RESUME_MAY_CHANGE = {"epochs", "data_dir", "workers"}
 FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest: --name-like-this
 
 
@@ -50,17 +55,22 @@ def add_parser(subparsers, name, help_text):
     # refuses those that differ from the run's); the help texts name TrainConfig's defaults.
     data.add_argument("--dataset", default=None,
                       choices=("digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
-                               "synthetic"),
+                               "synthetic", "folder"),
                       help="digits is embedded; mnist/fashion_mnist (IDX files) and "
-                           "cifar10/cifar100 (python pickle batches) are read from --data-dir "
-                           f"(default: {defaults.dataset})")
+                           "cifar10/cifar100 (python pickle batches) are read from --data-dir; "
+                           "folder: your images, --data-dir DIR with DIR/train/<class>/... and "
+                           f"DIR/val/<class>/... (default: {defaults.dataset})")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding the dataset files (default: ./data)")
     data.add_argument("--train-fraction", type=float, default=None, metavar="F",
                       help="train on this stratified fraction of the training labels, in (0, 1] "
                            "(the test split is unchanged; default: 1)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                      help="turn off the dataset's default augmentation")
+                      help="turn off the dataset's default augmentation (and its default "
+                           "recipe: CutMix for digits)")
+    add_folder_flags(data)
+    add_recipe_flags(p.add_argument_group("the DeiT recipe (timm's values in brackets; 0: off)"))
+    add_finetune_flags(p.add_argument_group("fine-tuning"))
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", default=None, metavar="NAME",
                        help="named configuration (see minivit info --list); default: the small "
@@ -108,6 +118,52 @@ def add_parser(subparsers, name, help_text):
                                         f"{defaults.checkpoint_format})")
     run.add_argument("--log-grads", action="store_true", default=None,
                      help="log per-layer gradient norms and update/weight ratios each epoch")
+
+
+def add_folder_flags(group):
+    group.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                       help="folder without train/ and val/: hold out this seeded share of "
+                            "each class folder for validation")
+    group.add_argument("--img-size", type=number(int, 1), default=None, metavar="PIXELS",
+                       help="folder / fine-tuning: the model's input size (default: the "
+                            "model's); pos_embed of pretrained weights is resampled to it")
+    group.add_argument("--strict", action="store_true", default=None,
+                       help="folder: refuse unreadable image files instead of skipping them")
+    group.add_argument("--norm", choices=("imagenet", "inception"), default=None,
+                       help="folder: mean/std to normalise with (default: imagenet for the "
+                            "224-pixel models, inception (0.5/0.5) for the small ones)")
+    group.add_argument("--workers", type=number(int, 0), default=None, metavar="N",
+                       help="threads decoding and augmenting batches ahead of the training "
+                            "step (default: 0 for in-memory datasets, up to 4 for folders); "
+                            "the batches do not depend on it")
+
+
+def add_recipe_flags(group):
+    group.add_argument("--randaugment", type=float, default=None, metavar="MAGNITUDE",
+                       help="RandAugment: 2 operations per image at this magnitude, 0..10 [9]")
+    group.add_argument("--reprob", type=float, default=None, metavar="P",
+                       help="random erasing probability per image [0.25]")
+    group.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                       help="Mixup alpha [0.8]; with --cutmix, each batch is one or the other")
+    group.add_argument("--cutmix", type=float, default=None, metavar="ALPHA",
+                       help="CutMix alpha [1.0]; --label-smoothing is folded into the targets "
+                            "(default: 1.0 for digits, else 0)")
+    group.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                       help="keep a moving average of the weights, evaluated each epoch and "
+                            "saved in the checkpoints (minivit eval --ema) [0.99996 for "
+                            "ImageNet; about 1 - 10/steps for short runs]")
+
+
+def add_finetune_flags(group):
+    group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                       help="start from timm or minivit weights (a file or a run folder): a new "
+                            "head where the class count differs, pos_embed resampled to "
+                            "--img-size")
+    group.add_argument("--freeze", action="store_true", default=None,
+                       help="train only the head (a linear probe)")
+    group.add_argument("--layer-decay", type=float, default=None, metavar="DECAY",
+                       help="layer-wise learning-rate decay (e.g. 0.75): block i of L trains at "
+                            "lr * DECAY^(L - i)")
 
 
 def _check_resumed_options(run_dir, saved, given):
@@ -188,7 +244,8 @@ def run(args):
         return 130
     if not dist.is_main():  # under mpiexec: rank 0 reports
         return 0
-    print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
-          f"after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
+    ema = f"; EMA weights {summary['ema_accuracy']:.4f}" if "ema_accuracy" in summary else ""
+    print(f"test accuracy {summary['test_accuracy']:.4f} (best {summary['best_accuracy']:.4f}"
+          f"{ema}) after {epochs_text(summary['epoch'])}, {summary['seconds']:.1f} s; run folder "
           f"{summary['run_dir']}")
     return 0

@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from minivit import io
-from minivit.checkpoint import METADATA_KEY, OPTIMIZER_PREFIX
+from minivit.checkpoint import METADATA_KEY, TRAINING_PREFIXES
 from minivit.errors import WeightsError
 from minivit.models.pos_embed import resample_abs_pos_embed
 from minivit.models.timm_keys import check_state_dict
@@ -56,7 +56,7 @@ def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str
     """(state, metadata, source) from a weights file or an in-memory state dict.
 
     Values may be NumPy/CuPy arrays, minivit or torch tensors. Wrapper prefixes are stripped,
-    and the optimizer buffers of a minivit training checkpoint are dropped.
+    and the optimizer buffers and averaged weights of a minivit training checkpoint are dropped.
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         state, metadata = io.load_weights(path_or_state)
@@ -68,7 +68,7 @@ def read_state_dict(path_or_state) -> tuple[dict[str, np.ndarray], dict[str, str
         raise WeightsError(f"expected a weights file path or a state dict (name -> array), "
                            f"got a {type(path_or_state).__name__}")
     if METADATA_KEY in metadata:
-        state = {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(TRAINING_PREFIXES)}
     return io.strip_prefixes(state), metadata, source
 
 

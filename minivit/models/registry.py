@@ -4,7 +4,8 @@ deit.py, BEiT in beit.py) and the Swin Transformer (minivit.models.swin). create
 timm's keyword arguments."""
 
 
-from minivit.checkpoint import checkpoint_path, read_checkpoint
+from minivit.checkpoint import checkpoint_path, read_checkpoint_parts
+from minivit.ema import EMA_PREFIX
 from minivit.errors import MinivitError, WeightsError
 from minivit.models import swin
 from minivit.models.beit import BEIT_CONFIGS
@@ -84,15 +85,21 @@ def create_model(name, pretrained=None, **overrides):
     return model
 
 
-def model_from_checkpoint(path):
+def model_from_checkpoint(path, ema=False):
     """(model, info): the model (ViT or Swin) rebuilt from a checkpoint's configuration,
-    weights loaded, in eval mode, on the current backend."""
+    weights loaded (with ema=True, the moving average of the weights), in eval mode, on the
+    current backend."""
     path = checkpoint_path(path)
-    model_state, _, info = read_checkpoint(path)
+    model_state, _, ema_arrays, info = read_checkpoint_parts(path)
     if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
         raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
                            f"classifier: `minivit probe {path.parent}` measures its encoder, "
                            f"`minivit train --init {path.parent}` fine-tunes it")
+    if ema:
+        if not ema_arrays:
+            raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
+                               f"without --ema; leave out --ema to use its weights")
+        model_state = {k[len(EMA_PREFIX):]: v for k, v in ema_arrays.items()}
     model = model_from_config(info["model_config"])
     model.load_state_dict(model_state)
     return model.eval(), info

@@ -4,9 +4,10 @@
 schedule, evaluates every epoch and keeps a run folder:
 
     RUN/config.json        the training configuration
-    RUN/metrics.jsonl      one JSON record per epoch and split (train, test, grads)
-    RUN/last.safetensors   weights + optimizer state at the end of the last finished epoch
-    RUN/best.safetensors   weights of the epoch with the best test accuracy
+    RUN/metrics.jsonl      one JSON record per epoch and split (train, test, test_ema, grads)
+    RUN/last.safetensors   weights + optimizer state (+ the weights' moving average, with
+                           --ema) at the end of the last finished epoch
+    RUN/best.safetensors   weights (+ average) of the epoch with the best test accuracy
 
 Checkpoints are written atomically; a run stopped at any point (Ctrl-C, NaN loss, a crash)
 keeps the last good checkpoint, and ``resume=True`` continues from it with exactly the batches
@@ -27,7 +28,9 @@ import numpy as np
 
 from minivit import backend, cpu
 from minivit import distributed as dist
+from minivit.data.folder import skipped_files_report
 from minivit.distill import distillation_criterion
+from minivit.ema import ModelEma
 from minivit.precision import prepare_training
 from minivit.train.config import (DEFAULT_MODELS, OPTIMIZER_DEFAULTS, TrainConfig, checked_config,
                                   config_notes, epochs_text, saved_config)
@@ -62,26 +65,32 @@ def _train(config, on_epoch_end):
     config = checked_config(config)
     # 2. data, model, optimizer
     data, config = load_training_data(config)
-    train_set = data.train_set
-    model = build_model(config, train_set.num_classes, train_set.images.shape[2],
-                        train_set.images.shape[1])
+    facts = data.facts
+    note = Progress.note if dist.is_main() else lambda message: None  # rank 0 speaks
+    if facts.skipped:
+        note("\n".join(skipped_files_report(facts.skipped)))
+    model, pretrained = build_model(config, facts.num_classes, facts.image_size, facts.channels,
+                                    notify=note)
     criterion = distillation_criterion(config, model)  # checked before anything is written
     optimizer = build_optimizer(config, model)
     prepare_training(config.precision, config.backend, config.dtype, optimizer)
     dist.average_gradients(optimizer)
+    # the average starts at the (pretrained) initial weights; a resume restores it
+    ema = ModelEma(model, config.ema) if config.ema else None
     # 3. the run folder: a resume's checkpoint loaded, config.json and metrics made ready (only
     # rank 0 writes; the other processes hold the same weights and numbers)
     if dist.is_main():
         make_run_folder(run_dir)
-    start = resume_from_last(run_dir, model, optimizer, config) if config.resume else RunStart()
+    start = (resume_from_last(run_dir, model, optimizer, ema, config) if config.resume else
+             RunStart(pretrained=pretrained))
     dist.broadcast_parameters(model)
-    metrics = prepare_run_folder(config, run_dir, start.epoch) if dist.is_main() else None
+    metrics = prepare_run_folder(config, run_dir, start.epoch, facts) if dist.is_main() else None
     # 4. say what is trained (rank 0), then train
     progress = Progress(config.progress and dist.is_main())
     if dist.is_main():
-        for note in (*config_notes(config), *model_notes(config, train_set)):
-            progress.note(note)
+        for message in (*config_notes(config), *model_notes(config, facts)):
+            progress.note(message)
     progress.header(config, model, data, start, len(data.train_loader))
     trainer = Trainer(config, run_dir, data, model, optimizer, metrics, progress, start,
-                      criterion)
+                      criterion, ema)
     return trainer.run(on_epoch_end)

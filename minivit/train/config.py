@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 from minivit.data import DATASETS
+from minivit.data.pipeline import pipeline_option_checks, recipe_defaults
 from minivit.errors import MinivitError
 from minivit.precision import check_precision
 
 DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist": "vit_mnist",
-                  "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar"}
+                  "cifar10": "vit_cifar", "cifar100": "vit_cifar", "synthetic": "vit_cifar",
+                  "folder": "vit_cifar"}
 
 # What --lr and --weight-decay default to, per optimizer. AdamW's decay is decoupled
 # (θ ← θ − lr·λ·θ); SGD's is an L2 term added to the gradient (as torch.optim.SGD's), so
@@ -56,27 +58,53 @@ class TrainConfig:
     distillation: str = None  # "hard" or "soft", with teacher
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
+    # image folders and the input pipeline (minivit.data.pipeline, minivit.data.folder)
+    img_size: int = None  # folder / fine-tuning: the model's input size (default: its own)
+    val_fraction: float = None  # folder without train/ and val/: the seeded share for val
+    strict: bool = False  # folder: refuse unreadable image files instead of skipping them
+    norm: str = None  # folder: "imagenet" or "inception" mean/std (default: by model size)
+    workers: int = None  # loader threads (default: 0 for in-memory data, up to 4 for folders)
+    # the DeiT recipe (0: off; None: the dataset's default, RECIPE_DEFAULTS); timm's values:
+    # 9, 0.25, 0.8, 1.0, 0.99996
+    randaugment: float = None  # RandAugment magnitude (2 ops per image)
+    reprob: float = None  # random erasing probability
+    mixup: float = None  # Mixup alpha
+    cutmix: float = None  # CutMix alpha
+    ema: float = None  # decay of the moving average of the weights
+    # fine-tuning (minivit.finetune)
+    pretrained: str = None  # timm or minivit weights to start from
+    freeze: bool = False  # train only the head
+    layer_decay: float = None  # layer-wise learning-rate decay, e.g. 0.75
 
     def model_name(self):
         return self.model or DEFAULT_MODELS[self.dataset]
 
 
 def checked_config(config):
-    """`config` as the run trains with it (and config.json records it): the optimizer's
-    defaults and the dataset's model filled in. MinivitError naming the option for an unknown
-    name or a value out of range."""
-    if config.dataset not in DATASETS:
-        raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    """`config` as the run trains with it (and config.json records it): the optimizer's and the
+    dataset's recipe defaults and the dataset's model filled in. MinivitError naming the option
+    for an unknown name, a value out of range or options that exclude each other."""
+    if config.dataset not in DATASETS and config.dataset != "folder":
+        raise MinivitError(f"unknown dataset {config.dataset!r}; known: "
+                           f"{', '.join(DATASETS)}, folder")
     if config.cuda_graph and config.backend != "cupy":
         raise MinivitError(f"--cuda-graph records the training step on the GPU: it needs "
                            f"--backend cupy, got {config.backend}")
     check_precision(config.precision, config.backend, config.dtype)
+    if config.pretrained and config.init:
+        raise MinivitError("--pretrained (a classifier's weights) and --init (a pretrained "
+                           "encoder) both choose the starting weights: pass one of them")
+    if config.layer_decay is not None and (config.log_grads or config.cuda_graph):
+        raise MinivitError("--layer-decay steps one optimizer per learning rate, and "
+                           "--log-grads and --cuda-graph work with a single one: leave out "
+                           "--layer-decay or them")
     if config.optimizer not in OPTIMIZER_DEFAULTS:
         raise MinivitError(f"unknown optimizer {config.optimizer!r}; known: "
                            f"{', '.join(OPTIMIZER_DEFAULTS)}")
+    defaults = dict(OPTIMIZER_DEFAULTS[config.optimizer],
+                    **recipe_defaults(config.dataset, config.augment, config.resume))
     config = dataclasses.replace(config, model=config.model_name(), **{
-        name: value for name, value in OPTIMIZER_DEFAULTS[config.optimizer].items()
-        if getattr(config, name) is None})
+        name: value for name, value in defaults.items() if getattr(config, name) is None})
     for field, ok, expected in (
             ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
             ("min_lr", config.min_lr >= 0, "at least 0"),
@@ -85,7 +113,9 @@ def checked_config(config):
             ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
             ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
             ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"),
-            ("seed", config.seed >= 0, "at least 0")):
+            ("seed", config.seed >= 0, "at least 0"), *pipeline_option_checks(config),
+            ("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1,
+             "in (0, 1]")):
         if not ok:
             raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
                                f"{getattr(config, field)}")
@@ -128,9 +158,13 @@ def saved_config(path):
     return TrainConfig(**values)
 
 
-def config_json(config):
-    """The text of a run's config.json."""
-    return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+def config_json(config, data=None):
+    """The text of a run's config.json: the options, and beside them the data's class names
+    (an image folder's sorted folder names) and mean/std (`data`: the run's DataFacts; a
+    pretraining run has none)."""
+    extra = {} if data is None else dict(class_names=data.class_names, mean=data.mean,
+                                         std=data.std)
+    return json.dumps(dict(dataclasses.asdict(config), **extra), indent=2) + "\n"
 
 
 def epochs_text(count):

@@ -8,10 +8,11 @@ import time
 import minivit.functional as F
 from minivit import backend, cuda, loss_scale
 from minivit import distributed as dist
-from minivit.data import DataLoader, default_augmentation, load_dataset
-from minivit.data.subset import stratified_fraction
+from minivit.data.pipeline import DataFacts, build_loaders
 from minivit.encoders import load_encoder
 from minivit.errors import MinivitError, TrainingError
+from minivit.finetune import (LayerwiseOptimizer, freeze_all_but_head, layer_scales,
+                              load_pretrained_weights)
 from minivit.models import create_model, model_config
 from minivit.optim import SGD, AdamW, warmup_cosine
 from minivit.tensor import no_grad
@@ -20,53 +21,66 @@ from minivit.train.run_folder import save_epoch_checkpoints, write_failure
 
 @dataclasses.dataclass
 class TrainingData:
-    train_set: object
-    test_set: object
-    train_loader: DataLoader
-    test_loader: DataLoader
+    train_loader: object  # a WorkerLoader (this process's part of each batch, data parallel)
+    test_loader: object
+    facts: DataFacts
+
+
+def model_input(config):
+    """(image size, channels) an image folder is read at: --img-size, else the model's."""
+    settings = model_config(config.model_name())
+    return config.img_size or settings["img_size"], settings["in_chans"]
 
 
 def load_training_data(config):
-    """The run's datasets and loaders, and `config` recording whether augmentation applies."""
-    train_set = stratified_fraction(load_dataset(config.dataset, "train", config.data_dir),
-                                    config.train_fraction, config.seed)
-    test_set = load_dataset(config.dataset, "test", config.data_dir)
-    augment = default_augmentation(config.dataset) if config.augment else None
-    config = dataclasses.replace(config, augment=augment is not None)
-    # --batch-size is the global batch: each process trains on its part of every batch
-    train_loader = dist.shard_loader(DataLoader(train_set, config.batch_size, shuffle=True,
-                                                seed=config.seed, augment=augment))
-    test_loader = DataLoader(dist.shard_dataset(test_set), 256, shuffle=False)
-    return TrainingData(train_set, test_set, train_loader, test_loader), config
+    """The run's loaders and DataFacts, and `config` recording whether augmentation applies."""
+    # data parallel: each process evaluates its part of the test set, and trains on its part
+    # of every (global, --batch-size) batch
+    train_loader, test_loader, facts = build_loaders(
+        config, *model_input(config),
+        test_part=dist.shard_bounds if dist.world_size() > 1 else None)
+    config = dataclasses.replace(config, augment=facts.augmented)
+    return TrainingData(dist.shard_loader(train_loader), test_loader, facts), config
 
 
-def build_model(config, num_classes, image_size, channels):
+def build_model(config, num_classes, image_size, channels, notify=print):
+    """The run's model; with config.pretrained, its weights loaded (and the provenance the run
+    records returned as the second value, else None)."""
     backend.manual_seed(config.seed)
     options = {"pos_embed": config.pos_embed} if config.pos_embed else {}
     if config.rel_pos_bias:
         options["rel_pos_bias"] = True
     model = create_model(config.model_name(), num_classes=num_classes, img_size=image_size,
                          in_chans=channels, drop_path_rate=config.drop_path, **options)
+    provenance = None
+    if config.pretrained and not config.resume:  # a resumed run has the weights it made
+        provenance = load_pretrained_weights(model, config.pretrained, notify)
     if config.init:
         load_encoder(model, config.init)  # its head stays fresh
-    return model.to(dtype=config.dtype)
+    if config.freeze:
+        freeze_all_but_head(model)
+    return model.to(dtype=config.dtype), provenance
 
 
-def model_notes(config, dataset):
-    """A named model configured for other images than the dataset's is built for the
-    dataset's: say so."""
+def model_notes(config, facts):
+    """A named model configured for other images than the data's is built for the data's:
+    say so."""
     named = model_config(config.model_name())
-    _, channels, height, _ = dataset.images.shape
+    height, channels = facts.image_size, facts.channels
     wanted = (named["img_size"], named["in_chans"])
     if wanted != (height, channels):
         yield (f"{config.model_name()} is configured for {named['img_size']}x{named['img_size']}"
-               f"x{named['in_chans']} images; it is built for {dataset.name}'s "
+               f"x{named['in_chans']} images; it is built for {facts.name}'s "
                f"{height}x{height}x{channels} ({(height // named['patch_size']) ** 2} patches "
                f"of {named['patch_size']}x{named['patch_size']})")
 
 
 def build_optimizer(config, model):
     optimizer = {"adamw": AdamW, "sgd": SGD}[config.optimizer]  # names checked by train()
+    if config.layer_decay is not None:
+        return LayerwiseOptimizer(optimizer, model.named_parameters(),
+                                  layer_scales(model, config.layer_decay), config.lr,
+                                  config.weight_decay)
     return optimizer(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -78,7 +92,9 @@ def training_step(model, optimizer, config, criterion=None):
     def step(x, y):  # criterion(outputs, x, y) -> (loss, logits): e.g. DeiT distillation
         if criterion is None:
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            # Mixup/CutMix targets (B, K) come with the smoothing folded in
+            smoothing = config.label_smoothing if y.ndim == 1 else 0.0
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         else:
             loss, logits = criterion(model(x), x, y)
         optimizer.zero_grad()
@@ -88,6 +104,12 @@ def training_step(model, optimizer, config, criterion=None):
 
     run = cuda.replayed(step, config.batch_size) if config.cuda_graph else step
     return loss_scale.updating_scale(run, optimizer)
+
+
+def hard_labels(targets):
+    """Class indices of a batch's targets: labels (B,) as they are, soft targets (B, K) by
+    their largest entry."""
+    return targets if targets.ndim == 1 else targets.argmax(axis=1)
 
 
 def evaluate(model, loader, dtype="float32"):
@@ -132,9 +154,9 @@ class Trainer:
     """The epoch loop of one run: `run()` trains from `start` to config.epochs."""
 
     def __init__(self, config, run_dir, data, model, optimizer, metrics, progress, start,
-                 criterion=None):
+                 criterion=None, ema=None):
         self.config, self.run_dir, self.data = config, run_dir, data
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.ema = model, optimizer, ema
         self.metrics, self.progress = metrics, progress
         self.start, self.best_accuracy = start, start.best_accuracy
         self.train_step = training_step(model, optimizer, config, criterion)
@@ -142,9 +164,10 @@ class Trainer:
         self.step = start.epoch * self.steps_per_epoch
         self.suffix = "." + config.checkpoint_format
         self.last_path = run_dir / f"last{self.suffix}"
-        self.info = {"dataset": config.dataset, "mean": data.train_set.mean,
-                     "std": data.train_set.std, "class_names": data.train_set.class_names,
-                     "train_config": dataclasses.asdict(config)}
+        facts = data.facts
+        self.info = {"dataset": config.dataset, "mean": facts.mean, "std": facts.std,
+                     "class_names": facts.class_names, "train_config": dataclasses.asdict(config),
+                     "pretrained": start.pretrained, "skipped_files": len(facts.skipped)}
 
     def run(self, on_epoch_end=None):
         summary = {"run_dir": str(self.run_dir), "epochs": self.config.epochs,
@@ -152,9 +175,14 @@ class Trainer:
         self.started = time.perf_counter() - self.start.seconds  # time goes on from a resume
         for epoch in range(self.start.epoch, self.config.epochs):
             result = self.train_epoch(epoch)
-            test_loss, test_accuracy = evaluate(self.model, self.data.test_loader,
-                                                self.config.dtype)
-            self.end_epoch(epoch, result, test_loss, test_accuracy)
+            test = evaluate(self.model, self.data.test_loader, self.config.dtype)
+            test_ema = None
+            if self.ema is not None:
+                with self.ema.applied(self.model):
+                    test_ema = evaluate(self.model, self.data.test_loader, self.config.dtype)
+                summary["ema_accuracy"] = test_ema[1]
+            self.end_epoch(epoch, result, test, test_ema)
+            test_loss, test_accuracy = test
             summary.update(best_accuracy=self.best_accuracy, test_accuracy=test_accuracy,
                            test_loss=test_loss, epoch=epoch + 1, seconds=self.elapsed())
             if on_epoch_end is not None:
@@ -182,6 +210,8 @@ class Trainer:
             log_grads_now = config.log_grads and batch == self.steps_per_epoch - 1
             params_before = optimizer.flat.copy() if log_grads_now else None
             loss, logits = self.train_step(x, y)
+            if self.ema is not None:
+                self.ema.update(self.model)
             loss_value = float(loss)
             if not math.isfinite(loss_value):
                 raise self.diverged(loss_value, epoch)
@@ -189,7 +219,7 @@ class Trainer:
                 grads = gradient_statistics(optimizer, params_before)
             self.step += 1
             loss_sum += loss_value * len(labels)
-            correct += int((logits.argmax(axis=1) == y).sum())
+            correct += int((logits.argmax(axis=1) == hard_labels(y)).sum())
             count += len(labels)
             self.progress.update(batches, loss_sum / count, correct / count, optimizer.lr,
                                  count / (time.perf_counter() - began))
@@ -209,9 +239,11 @@ class Trainer:
             f"same steps: start again with a lower --lr (or with --clip-grad on) and "
             f"--overwrite, or --out OTHER to keep this run")
 
-    def end_epoch(self, epoch, result, test_loss, test_accuracy):
+    def end_epoch(self, epoch, result, test, test_ema=None):
         """Metrics, then best, then last: whatever an interruption cuts short, resuming from
-        `last` redoes (a resumed run drops metrics records past its checkpoint)."""
+        `last` redoes (a resumed run drops metrics records past its checkpoint). `test`,
+        `test_ema`: (loss, accuracy) of the weights and (with --ema) of their average."""
+        test_loss, test_accuracy = test
         is_best = test_accuracy > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, test_accuracy)
         images_per_s = result.images / result.seconds
@@ -223,15 +255,18 @@ class Trainer:
                                     accuracy=result.accuracy, lr=self.optimizer.lr,
                                     images_per_s=images_per_s))
             self.metrics.write(dict(common, split="test", loss=test_loss, accuracy=test_accuracy))
+            if test_ema is not None:
+                self.metrics.write(dict(common, split="test_ema", loss=test_ema[0],
+                                        accuracy=test_ema[1]))
             if result.grads is not None:
                 grad_norms, update_ratios = result.grads
                 self.metrics.write(dict(common, split="grads", grad_norms=grad_norms,
                                         update_ratios=update_ratios))
             info = dict(self.info, epoch=epoch + 1, step=self.step, time=common["time"],
                         best_accuracy=self.best_accuracy, test_accuracy=test_accuracy)
-            save_epoch_checkpoints(self.run_dir, self.model, self.optimizer, info, self.suffix,
-                                   is_best)
+            save_epoch_checkpoints(self.run_dir, self.model, self.optimizer, self.ema, info,
+                                   self.suffix, is_best)
         except (OSError, MinivitError) as error:
             raise write_failure(error, self.run_dir, self.last_path) from None
         self.progress.epoch_line(epoch, self.config.epochs, (result.loss, result.accuracy),
-                                 (test_loss, test_accuracy), images_per_s)
+                                 test, images_per_s, test_ema)

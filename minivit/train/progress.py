@@ -10,6 +10,7 @@ import sys
 from tqdm import tqdm
 
 from minivit import distributed as dist
+from minivit.finetune import describe_trainable
 from minivit.train.config import epochs_text
 
 
@@ -26,16 +27,18 @@ class Progress:
         """What is trained, on what, where: printed before the first step."""
         if not self.enabled:
             return
-        images = data.train_set.images
-        size = "x".join(map(str, (images.shape[2], images.shape[3], images.shape[1])))
+        facts = data.facts
+        size = f"{facts.image_size}x{facts.image_size}x{facts.channels}"
         begin = (f"resuming {config.out} after epoch {start.epoch} of {config.epochs}"
                  if start.epoch else f"run folder {config.out}")
         print(f"minivit train: {config.model} ({model.num_parameters():,} parameters) on "
-              f"{config.dataset}: {len(data.train_set):,} train / {len(data.test_set):,} test "
-              f"images of {size}, {data.train_set.num_classes} classes\n"
+              f"{config.dataset}: {facts.train_size:,} train / {facts.test_size:,} test "
+              f"images of {size}, {facts.num_classes} classes\n"
               f"  {config.backend} {config.dtype}, {config.optimizer} lr {config.lr:g}, batch "
               f"{config.batch_size}, {epochs_text(config.epochs)} of {steps_per_epoch} steps; "
               f"{begin}", flush=True)
+        if config.freeze or config.pretrained:
+            print(f"  {describe_trainable(model)}", flush=True)
         if dist.world_size() > 1:
             print(f"  data parallel: {dist.describe()}", flush=True)
 
@@ -54,12 +57,14 @@ class Progress:
         if self.bars:
             batches.close()
 
-    def epoch_line(self, epoch, epochs, train, test, images_per_s):
-        """The line of a finished epoch; `train`, `test`: (loss, accuracy)."""
+    def epoch_line(self, epoch, epochs, train, test, images_per_s, test_ema=None):
+        """The line of a finished epoch; `train`, `test`, `test_ema` (the averaged weights',
+        with --ema): (loss, accuracy)."""
         if not self.enabled:
             return
+        ema = f"ema acc {test_ema[1]:.4f}  " if test_ema is not None else ""
         line = (f"epoch {epoch + 1:>3}/{epochs}  train loss {train[0]:.4f} acc {train[1]:.4f}  "
-                f"test loss {test[0]:.4f} acc {test[1]:.4f}  {images_per_s:.0f} img/s")
+                f"test loss {test[0]:.4f} acc {test[1]:.4f}  {ema}{images_per_s:.0f} img/s")
         if self.bars:
             tqdm.write(line)
         else:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from minivit.checkpoint import (CHECKPOINT_SUFFIXES, find_checkpoint, read_checkpoint,
-                                save_checkpoint)
+                                read_checkpoint_parts, save_checkpoint)
 from minivit.errors import MinivitError, TrainingError
 from minivit.io import atomic_write
 from minivit.train.config import config_json, epochs_text
@@ -98,18 +98,24 @@ def make_run_folder(run_dir):
 
 @dataclasses.dataclass
 class RunStart:
-    """Where the epoch loop starts: epochs done, the best test accuracy so far and the
-    seconds the run has trained (its `time` continues across resumes)."""
+    """Where the epoch loop starts: epochs done, the best test accuracy so far, the seconds
+    the run has trained (its `time` continues across resumes) and where its starting weights
+    came from (--pretrained's provenance, which a resumed run carries over)."""
     epoch: int = 0
     best_accuracy: float = -1.0
     seconds: float = 0.0
+    pretrained: dict = None
 
 
-def resume_from_last(run_dir, model, optimizer, config):
-    """Load the last checkpoint into `model` and `optimizer`; its RunStart."""
-    model_state, optimizer_arrays, saved = read_checkpoint(find_checkpoint(run_dir, "last"))
+def resume_from_last(run_dir, model, optimizer, ema, config):
+    """Load the last checkpoint into `model`, `optimizer` and `ema` (a ModelEma, or None for a
+    run without --ema); its RunStart."""
+    last = find_checkpoint(run_dir, "last")
+    model_state, optimizer_arrays, ema_arrays, saved = read_checkpoint_parts(last)
     model.load_state_dict(model_state)
     optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
+    if ema is not None:
+        ema.load_state_arrays(ema_arrays, last)
     if saved["epoch"] >= config.epochs:
         raise MinivitError(f"--resume: {run_dir} has already trained "
                            f"{epochs_text(saved['epoch'])}; pass --epochs greater than "
@@ -119,7 +125,8 @@ def resume_from_last(run_dir, model, optimizer, config):
     if seconds is None:
         seconds = _metrics_time(run_dir / "metrics.jsonl", saved["epoch"])
     # a pretraining run (no labels) keeps no best accuracy
-    return RunStart(saved["epoch"], saved.get("best_accuracy", -1.0), float(seconds))
+    return RunStart(saved["epoch"], saved.get("best_accuracy", -1.0), float(seconds),
+                    saved.get("pretrained"))
 
 
 def _metrics_time(path, epoch):
@@ -131,16 +138,17 @@ def _metrics_time(path, epoch):
         return 0.0
 
 
-def prepare_run_folder(config, run_dir, start_epoch, command="train"):
+def prepare_run_folder(config, run_dir, start_epoch, data=None, command="train"):
     """Before the first epoch: remove an overwritten run's files, cut metrics.jsonl back to the
-    epoch a resume starts from and write config.json; the MetricsLog to append to. A folder
-    that cannot be written is a MinivitError saying what to do (with `minivit COMMAND`)."""
+    epoch a resume starts from and write config.json (with `data`, the run's DataFacts, where
+    there is one); the MetricsLog to append to. A folder that cannot be written is a
+    MinivitError saying what to do (with `minivit COMMAND`)."""
     try:
         if config.overwrite:  # nothing of the old run may be resumed under the new config
             for name in RUN_FILES + PLOT_FILES:
                 (run_dir / name).unlink(missing_ok=True)
         metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_epoch=start_epoch)
-        text = config_json(config)
+        text = config_json(config, data)
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     except OSError as error:
         where = error.filename or run_dir
@@ -180,8 +188,9 @@ class MetricsLog:
             file.write(json.dumps(record) + "\n")
 
 
-def save_epoch_checkpoints(run_dir, model, optimizer, info, suffix, is_best):
-    """Write `best` (when this epoch is the best) and then `last`. Whatever an interruption
+def save_epoch_checkpoints(run_dir, model, optimizer, ema, info, suffix, is_best):
+    """Write `best` (when this epoch is the best) and then `last`, each with the ModelEma's
+    averages when `ema` is not None. Whatever an interruption
     cuts short, resuming from `last` redoes. But in a run's first epoch there is no `last` to
     resume from: if it cannot be written, the new `best` goes too, so that the folder reads as
     a run that stopped before its first epoch ended (start again with --overwrite) rather than
@@ -189,9 +198,9 @@ def save_epoch_checkpoints(run_dir, model, optimizer, info, suffix, is_best):
     best, last = run_dir / f"best{suffix}", run_dir / f"last{suffix}"
     first = not any((run_dir / f"last{other}").exists() for other in CHECKPOINT_SUFFIXES)
     if is_best:
-        save_checkpoint(best, model, info)
+        save_checkpoint(best, model, info, ema=ema)
     try:
-        save_checkpoint(last, model, info, optimizer)
+        save_checkpoint(last, model, info, optimizer, ema=ema)
     except BaseException:
         if first and is_best:
             best.unlink(missing_ok=True)
