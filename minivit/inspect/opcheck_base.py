@@ -80,6 +80,14 @@ class OpCheck:
         return {spec.name: spec.draw(rng) for spec in self.inputs}
 
 
+def register(name, description, *inputs, **options):
+    """Enter the decorated function in OP_CHECKS, checked on `inputs`."""
+    def decorate(fn):
+        OP_CHECKS[name] = OpCheck(name, fn, inputs, description, **options)
+        return fn
+    return decorate
+
+
 # -- whole small models ---------------------------------------------------------------------------
 def model_slots(model):
     """(model, its parameter slots [(name, shape, module, attribute)] in named_parameters

@@ -16,7 +16,7 @@ import numpy as np
 
 import minivit.functional as F
 from minivit import backend
-from minivit.errors import MinivitError, ShapeError
+from minivit.errors import MinivitError
 from minivit.functional.position import relative_position_index  # (Swin's layout: no class token)
 from minivit.nn import LayerNorm, Linear, Mlp, Module, ModuleList, Parameter, PatchEmbed
 from minivit.nn import init
@@ -45,32 +45,24 @@ def shift_mask(size, window, shift):
     return np.where(windows[:, None, :] != windows[:, :, None], MASKED, 0.0)
 
 
-def window_attention(qkv, num_heads, scale, bias_table, bias_index, mask=None):
+def window_attention(qkv, num_heads, scale, bias_table, bias_index, mask=None,
+                     return_attention=False):
     """Multi-head attention inside each window, with relative position bias and the shift mask.
 
     qkv (B·nW, N, 3D) in timm's (N, 3, heads, head_dim) layout; bias_table ((2w−1)², heads);
     bias_index (N, N) integer array; mask (nW, N, N) array or None. Returns the merged heads
-    (B·nW, N, D) and the probabilities (B·nW, heads, N, N) as a Tensor.
+    (B·nW, N, D), and with return_attention the probabilities (B·nW, heads, N, N) as an array.
 
         S = q kᵀ·scale + B[h, i, j] (= table[index[i, j], h]) + mask[w, i, j];  O = softmax(S) v
 
-    Composed of existing ops (getitem's scatter-add backward gathers the table's gradient).
-    At merge with the ViT-family ops: B = F.relative_position_bias(bias_table, bias_index),
-    and the lines from `scores` to `probs @ v` become one
-    F.scaled_dot_product_attention(q, k, v, scale=scale, bias=B + mask tiled to (B·nW, 1, N, N))."""
-    windows, tokens, width = qkv.shape
-    head_dim = width // (3 * num_heads)
-    parts = qkv.reshape(windows, tokens, 3, num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = parts[0], parts[1], parts[2]
-    relative_bias = bias_table[bias_index.reshape(-1)].reshape(tokens, tokens, num_heads)
-    scores = (q * scale) @ k.transpose(0, 1, 3, 2) + relative_bias.transpose(2, 0, 1)
+    The mask is tiled over the batch (B·nW, 1, N, N, no heads axis) so that B + mask is the
+    one bias the packed self-attention takes; its gradient sums back to B's (heads, N, N)."""
+    bias = F.relative_position_bias(bias_table, bias_index)
     if mask is not None:
-        count = mask.shape[0]
-        scores = (scores.reshape(windows // count, count, num_heads, tokens, tokens)
-                  + mask[:, None]).reshape(windows, num_heads, tokens, tokens)
-    probs = F.softmax(scores, axis=-1)
-    out = (probs @ v).transpose(0, 2, 1, 3).reshape(windows, tokens, num_heads * head_dim)
-    return out, probs
+        xp = backend.array_module(mask)
+        bias = bias + xp.tile(mask[:, None], (qkv.shape[0] // mask.shape[0], 1, 1, 1))
+    return F.self_attention(qkv, num_heads, scale=scale, return_attention=return_attention,
+                            bias=bias)
 
 
 class _Constants:
@@ -107,10 +99,11 @@ class WindowAttention(Module):
     def forward(self, windows, mask=None):
         """(B·nW, N, D) → (B·nW, N, D); mask (nW, N, N) array or None."""
         index = self.constants.get("index", windows)
-        out, probs = window_attention(self.qkv(windows), self.num_heads, self.scale,
-                                      self.relative_position_bias_table, index, mask)
+        out = window_attention(self.qkv(windows), self.num_heads, self.scale,
+                               self.relative_position_bias_table, index, mask,
+                               return_attention=self.keep_attention)
         if self.keep_attention:
-            self.attention = probs.data
+            out, self.attention = out
         return self.proj(out)
 
     def extra_repr(self):
