@@ -109,7 +109,7 @@ def checked_config(config):
                     **recipe_defaults(config.dataset, config.augment, config.resume))
     config = dataclasses.replace(config, model=config.model_name(), **{
         name: value for name, value in defaults.items() if getattr(config, name) is None})
-    for field, ok, expected in (
+    refuse_out_of_range(config, (
             ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
             ("min_lr", config.min_lr >= 0, "at least 0"),
             ("weight_decay", config.weight_decay >= 0, "at least 0"),
@@ -119,11 +119,17 @@ def checked_config(config):
             ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"),
             ("seed", config.seed >= 0, "at least 0"), *pipeline_option_checks(config),
             ("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1,
-             "in (0, 1]")):
-        if not ok:
-            raise MinivitError(f"{field.replace('_', '-')} must be {expected}, got "
-                               f"{getattr(config, field)}")
+             "in (0, 1]")))
     return config
+
+
+def refuse_out_of_range(config, checks):
+    """Raise a MinivitError naming the flag of the first (field, ok, expected) check that
+    fails: `--FIELD must be EXPECTED, got VALUE` (for train and pretrain alike)."""
+    for field, ok, expected in checks:
+        if not ok:
+            raise MinivitError(f"--{field.replace('_', '-')} must be {expected}, got "
+                               f"{getattr(config, field)}")
 
 
 def config_notes(config):
