@@ -16,7 +16,6 @@ import hashlib
 import math
 from pathlib import Path
 
-from minivit import cuda
 from minivit.checkpoint import find_checkpoint
 from minivit.errors import MinivitError
 from minivit.models import load_pretrained
@@ -106,8 +105,7 @@ class LayerwiseOptimizer:
         """One update of every group; the global gradient norm (before clipping)."""
         grads = []
         for _, optimizer in self.groups:
-            optimizer._check_views()
-            grads.append(optimizer.gather_grads())
+            grads.append(optimizer.step_grads())  # the groups' own reduce_gradients is None
             if self.reduce_gradients is not None:
                 self.reduce_gradients(grads[-1])
         norm = math.sqrt(sum(float(clip_grad_norm(g)) ** 2 for g in grads))
@@ -115,10 +113,7 @@ class LayerwiseOptimizer:
         for (_, optimizer), g in zip(self.groups, grads):
             if factor < 1.0:
                 g *= factor
-            # the rest of FlatOptimizer.step: advance the step count, update with its numbers
-            scalars = cuda.per_step(optimizer.flat, optimizer.step_scalars,
-                                    optimizer.scalar_count, advance=optimizer._advance)
-            optimizer.update(optimizer.flat, g, scalars)
+            optimizer.apply(g)
         return norm
 
     def state_dict(self):

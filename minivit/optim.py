@@ -100,19 +100,29 @@ class FlatOptimizer:
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
         is clipped to it first. Returns the gradient norm before clipping, on the device
         (see clip_grad_norm)."""
-        self._check_views()
-        grads = self.gather_grads()
-        if self.reduce_gradients is not None:
-            self.reduce_gradients(grads)
+        grads = self.step_grads()
         found = False if self.loss_scaler is None else self.loss_scaler.unscale(grads)
         if found is True:  # an eager step whose gradient overflowed: skipped, nothing changes
             return clip_grad_norm(grads)
         norm = clip_grad_norm(grads, max_grad_norm)
+        # while a CUDA graph records, `found` is a device flag that the update itself obeys
+        self.apply(grads, skip=None if found is False else found)
+        return norm
+
+    def step_grads(self):
+        """This step's flat gradient: the parameters' .grad gathered (their views checked) and,
+        with several processes, averaged (reduce_gradients)."""
+        self._check_views()
+        grads = self.gather_grads()
+        if self.reduce_gradients is not None:
+            self.reduce_gradients(grads)
+        return grads
+
+    def apply(self, grads, skip=None):
+        """Advance the step count and update the parameters from the flat gradient `grads`."""
         scalars = cuda.per_step(self.flat, self.step_scalars, self.scalar_count,
                                 advance=self._advance)
-        # while a CUDA graph records, `found` is a device flag that the update itself obeys
-        self.update(self.flat, grads, scalars, skip=None if found is False else found)
-        return norm
+        self.update(self.flat, grads, scalars, skip=skip)
 
     def step_scalars(self):
         """This step's numbers for update() (the step count already advanced)."""
