@@ -1,7 +1,7 @@
 """The encoder (a VisionTransformer's weights, timm's names, no classifier) inside a run folder
 or weights file, whatever trained it: `minivit pretrain --method mae|dino`, `minivit train`,
-or a reference MAE / DINO / timm checkpoint. `minivit train --init` fine-tunes from it and
-`minivit probe` evaluates it.
+or a reference MAE / DINO / timm checkpoint. `minivit train --init` fine-tunes from it,
+`minivit probe` evaluates it and `minivit attention` draws what it attends to.
 
 What is dropped: MAE's decoder (``decoder_*``, ``mask_token``); DINO's projection head and
 student (the teacher's backbone is the encoder, as the reference evaluates it); a supervised
@@ -15,6 +15,7 @@ from pathlib import Path
 from minivit.checkpoint import METADATA_KEY, find_checkpoint
 from minivit.errors import MinivitError, WeightsError
 from minivit.models.pretrained import load_pretrained, read_state_dict
+from minivit.models.vit import VisionTransformer
 
 DECODER_KEYS = ("decoder_", "mask_token")
 # where an encoder sits inside the state of a pretraining method, most specific first
@@ -65,6 +66,19 @@ def encoder_config(info):
     if "model_config" in info:
         return dict(info["model_config"])
     return None
+
+
+def encoder_model(path):
+    """(model, info): the encoder of a minivit run or checkpoint as it was trained, a
+    VisionTransformer without a classifier (num_classes 0), weights loaded, in eval mode."""
+    state, info, source = encoder_state(path)
+    config = encoder_config(info)
+    if config is None:
+        raise MinivitError(f"{source} is not a minivit checkpoint: its encoder's configuration "
+                           f"is unknown")
+    model = VisionTransformer(**dict(config, num_classes=0))
+    model.load_state_dict(state)
+    return model.eval(), info
 
 
 def load_encoder(model, path, notify=None):

@@ -29,5 +29,9 @@ class WeightsError(MinivitError, ValueError):
     """A weights file is unreadable, or its keys/shapes do not fit the model."""
 
 
+class PretrainingCheckpointError(WeightsError):
+    """A pretraining checkpoint (an encoder, no classifier) where a classifier was expected."""
+
+
 class TrainingError(MinivitError, RuntimeError):
     """Training cannot go on (NaN/inf loss, ...); the last good checkpoint is kept."""

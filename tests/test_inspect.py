@@ -13,11 +13,13 @@ from minivit.inspect import (
     cls_attention_maps,
     curves,
     format_cost,
+    map_statistics,
     model_cost,
     parameter_shapes,
     plot_grads,
     plot_runs,
     read_metrics,
+    save_attention_comparison,
     save_attention_figure,
     upsample_nearest,
 )
@@ -331,3 +333,38 @@ def test_save_attention_figure(tmp_path, channels):
     assert "digit 3" in [text.get_text() for text in fig.findobj(pytest.importorskip("matplotlib.text").Text)]
     with pytest.raises(ShapeError):
         save_attention_figure(image, heads, rollout_map[:2], out)
+
+
+def test_map_statistics_of_uniform_peaked_and_ink_shaped_maps():
+    rng = np.random.default_rng(3)
+    images = rng.uniform(size=(1, 1, 4, 6))  # a 2x3 grid of 2x2 patches
+    ink = images[0, 0].reshape(2, 2, 3, 2).mean(axis=(1, 3))
+    peaked = np.zeros((2, 3))
+    peaked[1, 2] = 1.0
+    maps = np.stack([np.ones((2, 3)), peaked, 3 * ink + 1, -ink + 2])[None]  # (1, 4, 2, 3)
+    entropy, correlation = map_statistics(maps, images)
+    assert entropy.shape == correlation.shape == (1, 4)
+    np.testing.assert_allclose(entropy[0, :2], [1.0, 0.0], atol=1e-12)
+    assert 0 < entropy[0, 2] < 1
+    np.testing.assert_allclose(correlation[0, [0, 2, 3]], [0.0, 1.0, -1.0], atol=1e-12)
+
+
+def test_save_attention_comparison_draws_a_row_per_model_and_image(tmp_path):
+    rng = np.random.default_rng(4)
+    images = rng.uniform(size=(2, 1, 8, 8))
+    rows = {}
+    for name, heads in (("a", 2), ("b", 3)):
+        attn = random_attention(rng, (2, heads, 17, 17))
+        rows[name] = (cls_attention_maps(attn, 4),
+                      cls_attention_maps(attention_rollout([attn])[:, None], 4)[:, 0])
+    out = tmp_path / "compare.png"
+    fig = save_attention_comparison(images, rows, out, titles=["#0", "#1"])
+    assert png_size(out) == figure_pixels(fig)
+    ncols = 3 + 3  # input, mean, the most heads (3), rollout
+    assert len(fig.axes) == 2 * 2 * ncols
+    row = fig.axes[3 * ncols:4 * ncols]  # image 1, model b
+    np.testing.assert_array_equal(row[1].get_images()[0].get_array(), rows["b"][0][1].mean(axis=0))
+    np.testing.assert_array_equal(row[4].get_images()[0].get_array(), rows["b"][0][1, 2])
+    assert row[1].get_images()[0].get_clim() == (0.0, rows["b"][0][1].max())
+    assert [t.get_text() for t in row[0].texts] == ["#1\nb"]
+    assert not fig.axes[4].get_images()  # model a has 2 heads: its third head panel is empty

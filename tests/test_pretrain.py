@@ -180,6 +180,29 @@ def test_dino_encoder_loads_for_probe_and_fine_tuning(dino_run, tmp_path, capsys
                  "--quiet"]) == 0
 
 
+def test_attention_draws_the_dino_teacher_backbone_and_compares_with_another_run(
+        dino_run, mae_run, tmp_path, capsys):
+    from minivit.checkpoint import read_checkpoint
+    from minivit.commands.attention import load_attention_model
+
+    model, _, name = load_attention_model(dino_run)
+    state, _, _ = read_checkpoint(dino_run / "last.safetensors")
+    key = "blocks.3.attn.qkv.weight"
+    np.testing.assert_array_equal(model.state_dict()[key], state[f"teacher.backbone.{key}"])
+    assert name == "DINO teacher backbone" and model.num_classes == 0
+    assert main(["attention", "--checkpoint", str(dino_run), "--index", "0",
+                 "--out", str(tmp_path / "dino.png")]) == 0
+    assert capsys.readouterr().out.startswith("digits-test #0: DINO teacher backbone (no "
+                                              "classifier); true ")
+    out = tmp_path / "compare.png"
+    assert main(["attention", "--checkpoint", str(dino_run), "--compare", str(mae_run),
+                 "--index", "0", "1", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"DINO teacher backbone ({dino_run}): last block, class token")
+    assert lines[3].startswith(f"MAE encoder ({mae_run}): ") and "of uniform" in lines[3]
+    assert out.read_bytes().startswith(b"\x89PNG") and lines[-1] == f"-> {out}"
+
+
 def test_commands_for_classifiers_refuse_a_pretraining_checkpoint(mae_run, capsys):
     assert main(["eval", "--checkpoint", str(mae_run / "last.safetensors")]) == 1
     assert "is a mae pretraining checkpoint, not a classifier: `minivit probe" in \

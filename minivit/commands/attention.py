@@ -5,7 +5,10 @@ of the last block, and the attention rollout over all blocks (Abnar & Zuidema 20
 averaged, identity added for the residual path, rows renormalised, layers multiplied),
 laid over the input. Prints the predicted class. For a Swin Transformer (no class token,
 moving windows), the attention each token receives inside its window (minivit.inspect.
-window_maps).
+window_maps). A pretraining run's encoder (MAE's encoder, DINO's teacher backbone, as DINO's
+paper draws it) has no classifier: its maps are drawn without a prediction. --compare draws
+two models side by side in one figure and prints how spread out (entropy) and how much on the
+ink (correlation with the patches' mean intensity) their last block's maps are.
 """
 
 import sys
@@ -18,13 +21,17 @@ from minivit import backend
 from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
                                      run_data_dir, writing_figure)
 from minivit.data import load_dataset
-from minivit.errors import MinivitError
+from minivit.encoders import encoder_model, weights_file
+from minivit.errors import MinivitError, PretrainingCheckpointError
 from minivit.images import image_names, read_images
 from minivit.inspect import (attention_map_subject, attention_rollout, cls_attention_maps,
-                             save_attention_figure)
+                             map_statistics, save_attention_comparison, save_attention_figure)
 from minivit.inspect.window_maps import SWIN_ATTENTION_NOTE, swin_attention_maps
 from minivit.models import SwinTransformer, model_from_checkpoint
 from minivit.tensor import Tensor, no_grad
+
+# what a pretraining run's encoder is called in titles and output (it has no classifier)
+ENCODER_NAMES = {"dino": "DINO teacher backbone", "mae": "MAE encoder"}
 
 EPILOG = """IMAGE is a .npy array ((H, W), (C, H, W) or a batch (N, C, H, W), channels first or
 last; float values in [0, 1] as the datasets hold them, uint8 in 0..255) or, with Pillow, a
@@ -38,6 +45,7 @@ checkpoint's mean/std before the forward pass.
 
 examples:
   minivit attention --checkpoint runs/latest --index 0 1 2 3
+  minivit attention --checkpoint runs/dino --compare runs/latest --index 0 1 2 --out cmp.png
   minivit attention --checkpoint runs/latest/best.safetensors digit.png --out digit_attn.png
 """
 
@@ -45,7 +53,11 @@ examples:
 def add_parser(subparsers, name, help_text):
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
-                   help="a checkpoint file, or a run folder (its best checkpoint)")
+                   help="a checkpoint file, or a run folder (its best checkpoint); a pretraining "
+                        "run's encoder (MAE's; DINO's teacher backbone) has no classifier")
+    p.add_argument("--compare", default=None, metavar="RUN_OR_FILE",
+                   help="a second model: one figure (--out) with a row of maps per model for "
+                        "each image (the mean over heads, each head of the last block, rollout)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (.npy, PNG, JPEG)")
     p.add_argument("--index", type=int, nargs="+", metavar="N",
                    help="sample(s) of the checkpoint's dataset instead of image files")
@@ -72,8 +84,7 @@ def run(args):
     if not 0.0 <= args.discard_ratio < 1.0:
         raise MinivitError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
     apply_backend(args)
-    model, info = model_from_checkpoint(args.checkpoint)
-    model.to(dtype=args.dtype)
+    model, info, encoder_name = load_attention_model(args.checkpoint)
     class_names = info.get("class_names") or [str(k) for k in range(model.num_classes)]
 
     args.unreadable = []  # image files reported and skipped
@@ -81,38 +92,110 @@ def run(args):
         images, labels, tags, stems = _dataset_samples(info, args)
     else:
         images, labels, tags, stems = _file_samples(model, args)
+    if args.compare:
+        return _compare(args, (model, info, encoder_name), images, labels, tags, class_names)
     outs = _output_paths(args, stems)
 
-    mean = np.asarray(info["mean"], dtype=np.float64).reshape(-1, 1, 1)
-    std = np.asarray(info["std"], dtype=np.float64).reshape(-1, 1, 1)
-    normalised = ((images - mean) / std).astype(args.dtype)
-    with no_grad():
-        logits, attentions = model.forward_with_attention(Tensor(backend.to_backend(normalised)))
-        probabilities = backend.to_numpy(F.softmax(logits, axis=-1).data)
-    attentions = [backend.to_numpy(a).astype(np.float64) for a in attentions]
-
-    grid = model.patch_embed.grid_size
+    probabilities, attentions = _forward(model, info, images, args.dtype)
     if isinstance(model, SwinTransformer):
         print(SWIN_ATTENTION_NOTE)
         head_maps, rollout_maps = swin_attention_maps(model, attentions, len(images))
         last_panel, block, subject = "stage 0 mean", None, ""
     else:
-        prefix = model.num_prefix_tokens
-        head_maps = cls_attention_maps(attentions[-1], grid, prefix)  # (B, heads, gh, gw)
-        rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
-        rollout_maps = cls_attention_maps(rollout[:, None], grid, prefix)[:, 0]
+        head_maps, rollout_maps = _class_token_maps(model, attentions, args)
         block = len(attentions) - 1  # the head panels' block, named in their titles
-        last_panel, subject = f"rollout, blocks 0-{block}", attention_map_subject(prefix)
+        last_panel = f"rollout, blocks 0-{block}"
+        subject = attention_map_subject(model.num_prefix_tokens)
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
-        predicted = int(probabilities[b].argmax())
-        text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
-        if label is not None:
-            text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
+        text = _verdict(probabilities, b, label, class_names, encoder_name)
         title = f"{tag}: {text}" + (f"\n{subject}" if subject else "")
         with writing_figure(out):
             save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=title,
                                   last_title=last_panel, block=block)
         print(f"{tag}: {text} -> {out}")
+    return _report_unreadable(args)
+
+
+def load_attention_model(path):
+    """(model, info, encoder_name): the classifier of a training run or checkpoint
+    (encoder_name None), or the encoder of a pretraining run (no classifier), in eval mode."""
+    source = weights_file(path)
+    try:
+        model, info = model_from_checkpoint(source)
+        return model, info, None
+    except PretrainingCheckpointError:
+        model, info = encoder_model(source)
+        return model, info, ENCODER_NAMES[info["method"]]
+
+
+def _forward(model, info, images, dtype):
+    """(class probabilities (B, classes), or None for an encoder; the attention probabilities
+    of every block as NumPy float64) of images (B, C, H, W) in [0, 1]."""
+    model.to(dtype=dtype)
+    mean = np.asarray(info["mean"], dtype=np.float64).reshape(-1, 1, 1)
+    std = np.asarray(info["std"], dtype=np.float64).reshape(-1, 1, 1)
+    normalised = ((images - mean) / std).astype(dtype)
+    with no_grad():
+        logits, attentions = model.forward_with_attention(Tensor(backend.to_backend(normalised)))
+        probabilities = (backend.to_numpy(F.softmax(logits, axis=-1).data)
+                         if model.num_classes else None)
+    return probabilities, [backend.to_numpy(a).astype(np.float64) for a in attentions]
+
+
+def _class_token_maps(model, attentions, args):
+    """(the last block's class-token maps (B, heads, gh, gw), rollout maps (B, gh, gw))."""
+    grid, prefix = model.patch_embed.grid_size, model.num_prefix_tokens
+    rollout = attention_rollout(attentions, args.discard_ratio, args.head_fusion)
+    return (cls_attention_maps(attentions[-1], grid, prefix),
+            cls_attention_maps(rollout[:, None], grid, prefix)[:, 0])
+
+
+def _verdict(probabilities, b, label, class_names, encoder_name):
+    """The prediction for image b against its label, in words; for an encoder, its name."""
+    if probabilities is None:
+        text = f"{encoder_name} (no classifier)"
+        return text if label is None else f"{text}; true {class_names[label]}"
+    predicted = int(probabilities[b].argmax())
+    text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
+    if label is not None:
+        text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
+    return text
+
+
+def _compare(args, first, images, labels, tags, class_names):
+    """One figure: for each image, a row of maps per model (--checkpoint, then --compare)."""
+    entries = [(args.checkpoint, *first), (args.compare, *load_attention_model(args.compare))]
+    rows = {}
+    for path, model, info, encoder_name in entries:
+        if isinstance(model, SwinTransformer):
+            raise MinivitError(f"--compare draws class-token maps of ViTs; {path} is a Swin "
+                               f"Transformer")
+        expected = (model.patch_embed.in_chans, *model.patch_embed.img_size)
+        if expected != images.shape[1:]:
+            raise MinivitError(f"--compare: {path} takes (C, H, W) = {expected} images, the "
+                               f"images are {images.shape[1:]}")
+        probabilities, attentions = _forward(model, info, images, args.dtype)
+        name = encoder_name or f"classifier {Path(path).name}"
+        rows[name] = _class_token_maps(model, attentions, args)
+        entropy, ink = map_statistics(rows[name][0], images)
+        print(f"{name} ({path}): last block, class token -> patches, mean over "
+              f"{len(images)} images and {entropy.shape[1]} heads: entropy {entropy.mean():.3f} "
+              f"of uniform, correlation with the patches' ink {ink.mean():+.3f}")
+        for b, tag in enumerate(tags):
+            print(f"  {tag}: {_verdict(probabilities, b, labels[b], class_names, encoder_name)}")
+    out = Path(args.out or "attention_compare.png")
+    if out.suffix.lower() != ".png":
+        raise MinivitError(f"--out must name a .png file, got {out}")
+    titles = [tag if label is None else f"{tag} (a {class_names[label]})"
+              for tag, label in zip(tags, labels)]
+    with writing_figure(out):
+        save_attention_comparison(images, rows, out, titles)
+    print(f"-> {out}")
+    return _report_unreadable(args)
+
+
+def _report_unreadable(args):
+    """Exit status: 1 where image files could not be read (named on stderr), else 0."""
     if args.unreadable:
         print(f"minivit attention: {len(args.unreadable)} of {len(args.images)} files could not "
               f"be read: {', '.join(map(str, args.unreadable))}", file=sys.stderr)

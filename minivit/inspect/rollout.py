@@ -84,6 +84,26 @@ def upsample_nearest(grid_map, size):
     return grid_map[np.ix_(rows, cols)]
 
 
+def map_statistics(maps, images):
+    """(entropy, ink) of attention maps (B, K, gh, gw) over their images (B, C, H, W), each
+    (B, K): the entropy of each map renormalised over the patches, as a fraction of the uniform
+    map's log(gh·gw) (1: attention spread evenly), and the Pearson correlation of each map with
+    the patches' mean pixel value (the ink of a digit; 0 where either is constant)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    batch, _, gh, gw = maps.shape
+    images = np.asarray(images, dtype=np.float64)
+    ink = images.mean(axis=1).reshape(batch, gh, images.shape[2] // gh, gw,
+                                      images.shape[3] // gw).mean(axis=(2, 4))
+    p = maps.reshape(batch, maps.shape[1], -1)
+    p = p / p.sum(axis=-1, keepdims=True)
+    entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1) / np.log(gh * gw)
+    a = p - p.mean(axis=-1, keepdims=True)
+    b = (ink - ink.mean(axis=(1, 2), keepdims=True)).reshape(batch, 1, -1)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    correlation = np.where(norms > 0, (a * b).sum(axis=-1) / np.where(norms > 0, norms, 1.0), 0.0)
+    return entropy, correlation
+
+
 def _displayable(image):
     """(C, H, W) with C = 1 or 3 -> (H, W) or (H, W, 3) scaled to [0, 1] for imshow."""
     image = np.asarray(image, dtype=np.float64)
@@ -132,6 +152,48 @@ def save_attention_figure(image, head_maps, rollout_map, out_png, title=None,
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    return fig
+
+
+def save_attention_comparison(images, rows, out_png, titles=None):
+    """Save a PNG comparing models' class-token attention on the same images: for each image,
+    one row per model: the input, the mean over the last block's heads, each head, the rollout.
+
+    images: (B, C, H, W); rows: {model name: (head_maps (B, heads, gh, gw), rollout maps (B, gh,
+    gw))}, as `cls_attention_maps` gives them; titles: one per image. In a row, the mean and the
+    heads share one colour scale from 0 (a near-uniform head looks uniform, and heads compare);
+    the rollout, laid over the input, has its own. Returns the Figure.
+    """
+    heads = max(maps.shape[1] for maps, _ in rows.values())
+    ncols = heads + 3
+    fig, axes = new_figure(len(images) * len(rows), ncols, panel_inches=(1.3, 1.45))
+    for b, image in enumerate(images):
+        picture = _displayable(image)
+        gray = "gray" if picture.ndim == 2 else None
+        height, width = picture.shape[:2]
+        for r, (name, (head_maps, rollout_maps)) in enumerate(rows.items()):
+            row = axes[(b * len(rows) + r) * ncols:(b * len(rows) + r + 1) * ncols]
+            row[0].imshow(picture, cmap=gray)
+            label = name if titles is None else f"{titles[b]}\n{name}"
+            row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize="x-small")
+            maps = np.concatenate([head_maps[b].mean(axis=0, keepdims=True), head_maps[b]])
+            for i, grid_map in enumerate(maps):
+                row[1 + i].imshow(grid_map, cmap="inferno", interpolation="nearest", vmin=0.0,
+                                  vmax=float(maps.max()), extent=(0, width, height, 0))
+            row[-1].imshow(picture, cmap=gray)
+            row[-1].imshow(upsample_nearest(rollout_maps[b], (height, width)), cmap="inferno",
+                           alpha=0.6, vmin=0.0, vmax=float(rollout_maps[b].max()))
+            if b == r == 0:
+                row[0].set_title("input", fontsize="x-small")
+                row[1].set_title("mean of heads", fontsize="x-small")
+                for i in range(head_maps.shape[1]):
+                    row[2 + i].set_title(f"last block, head {i}", fontsize="x-small")
+                row[-1].set_title("rollout", fontsize="x-small")
+    for ax in axes:
+        ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(out_png)
     return fig

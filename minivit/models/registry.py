@@ -6,7 +6,7 @@ timm's keyword arguments."""
 
 from minivit.checkpoint import checkpoint_path, read_checkpoint_parts
 from minivit.ema import EMA_PREFIX
-from minivit.errors import MinivitError, WeightsError
+from minivit.errors import MinivitError, PretrainingCheckpointError, WeightsError
 from minivit.models import swin
 from minivit.models.beit import BEIT_CONFIGS
 from minivit.models.deit import DEIT_CONFIGS
@@ -92,7 +92,7 @@ def model_from_checkpoint(path, ema=False):
     path = checkpoint_path(path)
     model_state, _, ema_arrays, info = read_checkpoint_parts(path)
     if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
-        raise WeightsError(f"{path} is a {info['method']} pretraining checkpoint, not a "
+        raise PretrainingCheckpointError(f"{path} is a {info['method']} pretraining checkpoint, not a "
                            f"classifier: `minivit probe {path.parent}` measures its encoder, "
                            f"`minivit train --init {path.parent}` fine-tunes it")
     if ema:
