@@ -55,3 +55,22 @@ def test_digits_folder_example_trains_fine_tunes_and_predicts(tmp_path):
     assert sorted(p.name for p in (tmp_path / "second" / "val").iterdir()) == ["6", "7", "8", "9"]
     predictions = result.stdout.split("$ minivit predict")[1].splitlines()[2:4]
     assert all(line.split()[1] in "6789" for line in predictions)  # the folder's class names
+
+
+def test_pretraining_experiments_script_writes_its_table_and_plot(tmp_path):
+    """One epoch of each pretraining and fine-tuning, one seed, a tenth of the labels (the
+    published numbers come from the command in docs/pretraining.md)."""
+    result = subprocess.run([sys.executable, str(EXAMPLES / "pretraining_experiments.py"),
+                             "--seeds", "0", "--fractions", "0.1", "--epochs", "1",
+                             "--mae-epochs", "1", "--dino-epochs", "1",
+                             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "docs")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    summary = json.loads((tmp_path / "docs" / "pretraining_finetune.json").read_text())
+    assert list(summary["arms"]) == ["10% labels, scratch", "10% labels, MAE",
+                                     "10% labels, DINO"]
+    assert all(len(arm["accuracies"]) == 1 for arm in summary["arms"].values())
+    assert f"--init {tmp_path / 'runs' / 'dino1'} --train-fraction 0.1" in result.stdout
+    assert (tmp_path / "docs" / "pretraining_finetune.png").read_bytes().startswith(b"\x89PNG")
