@@ -119,6 +119,32 @@ def test_attention_figure_names_the_block_of_its_heads(trained_run, tmp_path, mo
     assert f"rollout, blocks 0-{depth - 1}" in titles
 
 
+def test_attention_compare_names_each_model_and_refuses_another_image_size(
+        trained_run, tmp_path, capsys):
+    from minivit.checkpoint import save_checkpoint
+    from minivit.models import create_model
+
+    run_dir, test_set = trained_run
+    out = tmp_path / "same.png"
+    assert main(["attention", "--checkpoint", str(run_dir), "--compare", str(run_dir),
+                 "--index", "3", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"classifier run ({run_dir}): ")
+    assert lines[2].startswith(f"classifier run (2) ({run_dir}): ")  # the same run twice
+    assert lines[1] == lines[3] and f", true {test_set.labels[3]}" in lines[1]
+    assert out.exists()
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    save_checkpoint(mnist / "best.safetensors", create_model("vit_mnist", depth=1, embed_dim=16,
+                                                             num_heads=2), {"dataset": "mnist"})
+    out = tmp_path / "other.png"
+    assert main(["attention", "--checkpoint", str(run_dir), "--compare", str(mnist), "--index",
+                 "0", "--out", str(out)]) == 1
+    assert "takes (C, H, W) = (1, 28, 28) images, the images are (1, 8, 8)" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
 # -- predict reports a bad file and goes on ---------------------------------------------------
 def test_predict_goes_on_past_a_bad_file(trained_run, tmp_path, capsys):
     run_dir, test_set = trained_run

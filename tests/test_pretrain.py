@@ -198,8 +198,9 @@ def test_attention_draws_the_dino_teacher_backbone_and_compares_with_another_run
     assert main(["attention", "--checkpoint", str(dino_run), "--compare", str(mae_run),
                  "--index", "0", "1", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"DINO teacher backbone ({dino_run}): last block, class token")
-    assert lines[3].startswith(f"MAE encoder ({mae_run}): ") and "of uniform" in lines[3]
+    assert lines[0].startswith(f"DINO teacher backbone run ({dino_run}): last block, class "
+                               f"token -> patches, mean over 2 images and 4 heads: entropy ")
+    assert lines[3].startswith(f"MAE encoder run ({mae_run}): ") and "of uniform" in lines[3]
     assert out.read_bytes().startswith(b"\x89PNG") and lines[-1] == f"-> {out}"
 
 

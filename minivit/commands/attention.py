@@ -107,7 +107,8 @@ def run(args):
         last_panel = f"rollout, blocks 0-{block}"
         subject = attention_map_subject(model.num_prefix_tokens)
     for b, (tag, label, out) in enumerate(zip(tags, labels, outs)):
-        text = _verdict(probabilities, b, label, class_names, encoder_name)
+        true_name = None if label is None else class_names[label]
+        text = _verdict(probabilities, b, true_name, class_names, encoder_name)
         title = f"{tag}: {text}" + (f"\n{subject}" if subject else "")
         with writing_figure(out):
             save_attention_figure(images[b], head_maps[b], rollout_maps[b], out, title=title,
@@ -150,23 +151,26 @@ def _class_token_maps(model, attentions, args):
             cls_attention_maps(rollout[:, None], grid, prefix)[:, 0])
 
 
-def _verdict(probabilities, b, label, class_names, encoder_name):
-    """The prediction for image b against its label, in words; for an encoder, its name."""
+def _verdict(probabilities, b, true_name, class_names, encoder_name):
+    """The prediction for image b (class_names: the model's) against its true class's name
+    (None: unknown), in words; for an encoder, its name."""
     if probabilities is None:
         text = f"{encoder_name} (no classifier)"
-        return text if label is None else f"{text}; true {class_names[label]}"
-    predicted = int(probabilities[b].argmax())
-    text = f"predicted {class_names[predicted]} ({probabilities[b, predicted]:.1%})"
-    if label is not None:
-        text += f", true {class_names[label]}" + ("" if label == predicted else "  (wrong)")
+        return text if true_name is None else f"{text}; true {true_name}"
+    predicted = class_names[int(probabilities[b].argmax())]
+    text = f"predicted {predicted} ({probabilities[b].max():.1%})"
+    if true_name is not None:
+        text += f", true {true_name}" + ("" if true_name == predicted else "  (wrong)")
     return text
 
 
 def _compare(args, first, images, labels, tags, class_names):
     """One figure: for each image, a row of maps per model (--checkpoint, then --compare)."""
+    out = Path(args.out or "attention_compare.png")
+    if out.suffix.lower() != ".png":
+        raise MinivitError(f"--out must name a .png file, got {out}")
     entries = [(args.checkpoint, *first), (args.compare, *load_attention_model(args.compare))]
-    rows = {}
-    for path, model, info, encoder_name in entries:
+    for path, model, _, _ in entries:
         if isinstance(model, SwinTransformer):
             raise MinivitError(f"--compare draws class-token maps of ViTs; {path} is a Swin "
                                f"Transformer")
@@ -174,20 +178,21 @@ def _compare(args, first, images, labels, tags, class_names):
         if expected != images.shape[1:]:
             raise MinivitError(f"--compare: {path} takes (C, H, W) = {expected} images, the "
                                f"images are {images.shape[1:]}")
+    true_names = [None if label is None else class_names[label] for label in labels]
+    rows = {}
+    for number, (path, model, info, encoder_name) in enumerate(entries, 1):
         probabilities, attentions = _forward(model, info, images, args.dtype)
-        name = encoder_name or f"classifier {Path(path).name}"
+        name = f"{encoder_name or 'classifier'} {Path(path).name}"
+        name = f"{name} ({number})" if name in rows else name
         rows[name] = _class_token_maps(model, attentions, args)
         entropy, ink = map_statistics(rows[name][0], images)
         print(f"{name} ({path}): last block, class token -> patches, mean over "
               f"{len(images)} images and {entropy.shape[1]} heads: entropy {entropy.mean():.3f} "
               f"of uniform, correlation with the patches' ink {ink.mean():+.3f}")
+        own_names = info.get("class_names") or [str(k) for k in range(model.num_classes)]
         for b, tag in enumerate(tags):
-            print(f"  {tag}: {_verdict(probabilities, b, labels[b], class_names, encoder_name)}")
-    out = Path(args.out or "attention_compare.png")
-    if out.suffix.lower() != ".png":
-        raise MinivitError(f"--out must name a .png file, got {out}")
-    titles = [tag if label is None else f"{tag} (a {class_names[label]})"
-              for tag, label in zip(tags, labels)]
+            print(f"  {tag}: {_verdict(probabilities, b, true_names[b], own_names, encoder_name)}")
+    titles = [tag if name is None else f"{tag} (a {name})" for tag, name in zip(tags, true_names)]
     with writing_figure(out):
         save_attention_comparison(images, rows, out, titles)
     print(f"-> {out}")

@@ -6,6 +6,7 @@ host first). Drawing uses matplotlib lazily, as in `minivit.inspect.plots`.
 """
 
 import math
+import textwrap
 
 import numpy as np
 
@@ -176,7 +177,7 @@ def save_attention_comparison(images, rows, out_png, titles=None):
         for r, (name, (head_maps, rollout_maps)) in enumerate(rows.items()):
             row = axes[(b * len(rows) + r) * ncols:(b * len(rows) + r + 1) * ncols]
             row[0].imshow(picture, cmap=gray)
-            label = name if titles is None else f"{titles[b]}\n{name}"
+            label = "\n".join(([] if titles is None else [titles[b]]) + textwrap.wrap(name, 24))
             row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90,
                         ha="right", va="center", fontsize="x-small")
             maps = np.concatenate([head_maps[b].mean(axis=0, keepdims=True), head_maps[b]])
