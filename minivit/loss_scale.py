@@ -114,6 +114,11 @@ def scaled_backward(loss, optimizer):
         optimizer.loss_scaler.backward(loss)
 
 
+def current_scale(optimizer):
+    """The factor the optimizer's gradients carry before its step unscales them (1 unscaled)."""
+    return 1.0 if optimizer.loss_scaler is None else optimizer.loss_scaler.scale
+
+
 def updating_scale(step, optimizer):
     """`step(*args)` followed, when the optimizer has a LossScaler, by its update() on the
     host (after an eager step or a CUDA graph's replay alike)."""

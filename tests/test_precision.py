@@ -47,7 +47,8 @@ def test_using_precision_returns_to_the_previous_one():
 
 @pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["eval", "--checkpoint", "x"],
                                      ["predict", "--checkpoint", "x", "a.png"],
-                                     ["bench", "--config", "tiny", "--steps", "1"]])
+                                     ["bench", "--config", "tiny", "--steps", "1"],
+                                     ["pretrain", "--epochs", "1"]])
 def test_every_command_refuses_half_precision_on_the_cpu(capsys, tmp_path, command):
     code = cli.main(command + ["--precision", "bf16", "--backend", "numpy"])
     err = capsys.readouterr().err
