@@ -11,6 +11,7 @@
 
 import numpy as np
 import pytest
+from conftest import stop_after
 
 import minivit
 import minivit.functional as F
@@ -205,19 +206,11 @@ def test_a_resumed_loss_scaled_run_goes_on_with_the_saved_scale(tmp_path, monkey
 
     monkeypatch.setattr(training, "prepare_training", with_scaler)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first_epoch(epoch, summary):
-        if epoch == 1:
-            raise Interrupt
-
     options = dict(model="vit_digits", epochs=2, warmup=1, batch_size=256, augment=False,
                    progress=False)
     train(TrainConfig(out=str(tmp_path / "straight"), **options))
-    with pytest.raises(Interrupt):
-        train(TrainConfig(out=str(tmp_path / "resumed"), **options),
-              on_epoch_end=stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "resumed"), **options), on_epoch_end=stop_after(1))
     train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **options))
     straight, _, resumed = scalers
     assert straight.scale > 2.0 ** 11  # it grew in both epochs (6 steps each)
