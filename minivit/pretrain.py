@@ -38,7 +38,7 @@ from minivit.optim import AdamW, warmup_cosine
 from minivit.precision import check_precision, prepare_training
 from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
-from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range
+from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range, schedule_checks
 from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
                                       prepare_run_folder, resume_from_last, write_failure)
 
@@ -121,15 +121,10 @@ def _check_config(config):
         name: value for name, value in METHOD_DEFAULTS[config.method].items()
         if getattr(config, name) is None})
     refuse_out_of_range(config, (
-            ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
-            ("batch_size", config.batch_size >= 1, "at least 1"),
-            ("weight_decay", config.weight_decay >= 0, "at least 0"),
-            ("warmup", config.warmup >= 0, "at least 0"),
-            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            *schedule_checks(config), ("batch_size", config.batch_size >= 1, "at least 1"),
             ("mask_ratio", 0 < config.mask_ratio < 1, "in (0, 1)"),
             ("momentum_teacher", 0 <= config.momentum_teacher <= 1, "in [0, 1]"),
-            ("teacher_temp", config.teacher_temp > 0, "positive"),
-            ("seed", config.seed >= 0, "at least 0")))
+            ("teacher_temp", config.teacher_temp > 0, "positive")))
     return config
 
 

@@ -91,6 +91,8 @@ def test_train_fraction_is_stratified():
     (["pretrain", "--method", "dino", "--local-crop-size", "5"],
      "local crop size must be a positive multiple of the patch size 2, got 5"),
     (["train", "--train-fraction", "0"], "--train-fraction must be in (0, 1]"),
+    (["pretrain", "--lr", "-1"], "--lr must be positive, got -1.0"),  # train's checks
+    (["pretrain", "--method", "dino", "--seed", "-1"], "--seed must be at least 0, got -1"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
