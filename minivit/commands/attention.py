@@ -65,7 +65,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("--out", default=None, metavar="FILE.png",
                    help="output PNG (default ./attention_<split>_<N>.png or "
                         "./<image>_attention.png; with several images, _<N> or _<image> is "
-                        "added to the name)")
+                        "added to the name; with --compare, one figure: ./attention_compare.png)")
     p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
                    help="how rollout combines the heads of a layer (default: mean)")
     p.add_argument("--discard-ratio", type=float, default=0.0,
