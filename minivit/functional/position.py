@@ -47,8 +47,8 @@ class RelativePositionBias(DispatchedFunction):
 
 def _check_index(table, index):
     """ShapeError unless `index` is an integer (N, M) array within the (entries, heads) table.
-    Its values are read only on the host: a device index is trusted (copied from a host one
-    that was checked; the models build theirs with the table, and keep one copy per device)."""
+    Its values are read only from a host array: a device index is trusted (a copy of a host
+    one; the models build theirs with the table and place it once, see nn.Constants)."""
     if table.ndim != 2 or index.ndim != 2 or index.dtype.kind not in "iu":
         raise ShapeError(f"relative_position_bias: expected a table (entries, heads) and "
                          f"an integer index (N, N); got {table.shape} and "
@@ -61,10 +61,9 @@ def _check_index(table, index):
 
 @implementation("relative_position_bias", "plain")
 class _PlainRelativePositionBias:
-    """saved: (index on the table's backend, table shape)."""
+    """saved: (index, table shape)."""
 
     def forward(table, index):
-        index = backend.to_backend(index, backend.backend_of(table))
         return table[index].transpose(2, 0, 1), (index, table.shape)  # (heads, N, M)
 
     def backward(saved, grad, needs):
@@ -89,9 +88,9 @@ class _FusedRelativePositionBias:
 
 def relative_position_bias(table, index):
     """The (heads, N, M) attention bias table[index] (moved heads-first), for a learned table
-    (entries, heads) and a fixed integer index (N, M) (see relative_position_index): a host
-    array, checked on every call and copied to the table's device, or one already there
-    (trusted; the models pass theirs, copied once per device by minivit.nn.Constants)."""
+    (entries, heads) and a fixed integer index (N, M) (see relative_position_index) on the
+    table's backend: a NumPy index is range-checked on every call, a CuPy one is trusted
+    (reading it would stall the GPU: place a host index once, as minivit.nn.Constants does)."""
     return RelativePositionBias()(table, index)
 
 
