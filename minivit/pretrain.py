@@ -12,6 +12,7 @@ DINO (Caron et al.): AdamW, per-parameter gradient clipping (3.0), the last laye
 student's head frozen during the first epoch(s), the teacher's EMA momentum cosine from
 --momentum-teacher (0.99 here, 0.996 in the reference) to 1, the teacher's temperature warmed
 up linearly; PretrainConfig's DINO defaults are for small images (docs/pretraining.md). Both
+take --precision as train does (fp16: the loss scaled, DINO's clipping bound with it), and
 log the loss per epoch; DINO also logs the teacher's mean entropy, the entropy of its mean
 output and the center's norm, which show collapse (entropy → 0: one dimension dominates;
 → log K: uniform output).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend
+from minivit import backend, loss_scale
 from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from minivit.data import DATASETS, DataLoader, load_dataset
 from minivit.data.multicrop import MultiCrop, flips_suit
@@ -34,9 +35,10 @@ from minivit.models.dino import DINO, DINOLoss, teacher_momentum, update_teacher
 from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
 from minivit.nn import Module, Parameter
 from minivit.optim import AdamW, warmup_cosine
+from minivit.precision import check_precision, prepare_training
 from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
-from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range
+from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range, schedule_checks
 from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
                                       prepare_run_folder, resume_from_last, write_failure)
 
@@ -81,6 +83,7 @@ class PretrainConfig:
     # the run
     backend: str = "numpy"
     dtype: str = "float32"
+    precision: str = "fp32"  # as TrainConfig's: bf16 or fp16 (with loss scaling) on the GPU
     seed: int = 0
     out: str = "runs/pretrain"
     checkpoint_format: str = "safetensors"
@@ -113,19 +116,15 @@ def _check_config(config):
                            f"{', '.join(METHOD_DEFAULTS)}")
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    check_precision(config.precision, config.backend, config.dtype)
     config = dataclasses.replace(config, **{
         name: value for name, value in METHOD_DEFAULTS[config.method].items()
         if getattr(config, name) is None})
     refuse_out_of_range(config, (
-            ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
-            ("batch_size", config.batch_size >= 1, "at least 1"),
-            ("weight_decay", config.weight_decay >= 0, "at least 0"),
-            ("warmup", config.warmup >= 0, "at least 0"),
-            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            *schedule_checks(config), ("batch_size", config.batch_size >= 1, "at least 1"),
             ("mask_ratio", 0 < config.mask_ratio < 1, "in (0, 1)"),
             ("momentum_teacher", 0 <= config.momentum_teacher <= 1, "in [0, 1]"),
-            ("teacher_temp", config.teacher_temp > 0, "positive"),
-            ("seed", config.seed >= 0, "at least 0")))
+            ("teacher_temp", config.teacher_temp > 0, "positive")))
     return config
 
 
@@ -141,7 +140,7 @@ class _MAE:
     def step(self, optimizer, images, rng, epoch, step, total_steps):
         loss, _, _ = self.model(images)
         optimizer.zero_grad()
-        loss.backward()
+        loss_scale.scaled_backward(loss, optimizer)
         optimizer.step(max_grad_norm=self.config.clip_grad or None)
         return loss.data, {}
 
@@ -176,11 +175,14 @@ class _DINO:
             teacher_out = teacher(crops[:2]).data
         loss, statistics = self.loss(student(crops), teacher_out, epoch)
         optimizer.zero_grad()
-        loss.backward()
-        for parameter in optimizer.parameters:  # the reference clips each parameter's gradient
+        loss_scale.scaled_backward(loss, optimizer)
+        # the reference clips each parameter's gradient; fp16's gradients are still scaled by s
+        # here (the optimizer unscales them), so their bound is s·clip_grad
+        limit = self.config.clip_grad * loss_scale.current_scale(optimizer)
+        for parameter in optimizer.parameters:
             if parameter.grad is not None and self.config.clip_grad:
                 norm = float(backend.array_module(parameter.grad).linalg.norm(parameter.grad))
-                parameter.grad = parameter.grad * min(1.0, self.config.clip_grad / (norm + 1e-6))
+                parameter.grad = parameter.grad * min(1.0, limit / (norm + 1e-6))
         if epoch < self.config.freeze_last_layer:
             student.head.last_layer.weight_v.grad = None
         optimizer.step()
@@ -226,6 +228,8 @@ def _pretrain(config, on_epoch_end):
     method = build_method(config, encoder, data)
     optimizer = AdamW(method.model.named_parameters(), lr=config.lr,
                       weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    prepare_training(config.precision, config.backend, config.dtype, optimizer)
+    method_step = loss_scale.updating_scale(method.step, optimizer)  # fp16: the scale's update
     loader = DataLoader(data, config.batch_size, shuffle=True, seed=config.seed,
                         normalize=method.normalize)
     steps_per_epoch = len(loader)
@@ -256,7 +260,7 @@ def _pretrain(config, on_epoch_end):
                                          config.warmup * steps_per_epoch, config.min_lr)
             rng = np.random.default_rng([config.seed, epoch, batch])  # the crops of this batch
             x = backend.to_backend(images.astype(config.dtype, copy=False))
-            loss, statistics = method.step(optimizer, x if method.normalize else images, rng,
+            loss, statistics = method_step(optimizer, x if method.normalize else images, rng,
                                            epoch, step, total_steps)
             loss = float(loss)
             if not math.isfinite(loss):
