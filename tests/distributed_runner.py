@@ -1,9 +1,11 @@
-"""`minivit train` for tests/test_distributed.py, run by mpiexec: python distributed_runner.py ARGS.
+"""`minivit COMMAND` for tests/test_distributed.py, run by mpiexec: python distributed_runner.py
+COMMAND ARGS (train or pretrain).
 
 On every rank but 0 an audit hook refuses (and reports) any write under --out: only rank 0
-may write the run folder. MINIVIT_TEST_FAIL="RANK:STEP:KIND" makes rank RANK fail at its
-STEP-th training step (counted from 1 over the whole run): KIND "raise" raises an exception,
-"nan" returns a NaN loss as a diverged step would. Rank 0 ends by printing the transport.
+may write the run folder. MINIVIT_TEST_FAIL="RANK:STEP:KIND" makes rank RANK of `train` fail
+at its STEP-th training step (counted from 1 over the whole run): KIND "raise" raises an
+exception, "nan" returns a NaN loss as a diverged step would. Rank 0 ends by printing the
+transport.
 """
 
 import os
@@ -59,7 +61,7 @@ def fail_at(step_number, kind):
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
+    command, *argv = sys.argv[1:]
     if RANK != 0:
         refuse_writes_under(Path(argv[argv.index("--out") + 1]).resolve())
     failing = os.environ.get("MINIVIT_TEST_FAIL")
@@ -67,7 +69,7 @@ if __name__ == "__main__":
         rank, step_number, kind = failing.split(":")
         if int(rank) == RANK:
             fail_at(int(step_number), kind)
-    status = main(["train", *argv])
+    status = main([command, *argv])
     if dist.is_main():
         print(f"data parallel: {dist.describe()}")  # which transport ran, for the GPU test
     sys.exit(status)
