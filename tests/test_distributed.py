@@ -114,12 +114,14 @@ def test_two_processes_train_the_weights_of_one(tmp_path, optimizer):
 
 
 @needs_mpiexec
-@pytest.mark.parametrize("kind", ["raise", "nan"])
-def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, kind):
+@pytest.mark.parametrize("command, kind", [("train", "raise"), ("train", "nan"),
+                                           ("pretrain", "raise")])
+def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, command, kind):
     """Rank 1 fails at step 15 (epoch 2 of 12-step epochs): both processes end (no hang
     until the timeout), non-zero, with rank 1's message; epoch 1's checkpoint is intact."""
     out = tmp_path / "run"
-    done = mpiexec_minivit(2, out, fail=f"1:15:{kind}", epochs=3, **OPTIONS)
+    options = OPTIONS if command == "train" else dict(PRETRAIN, method="mae")
+    done = mpiexec_minivit(2, out, fail=f"1:15:{kind}", command=command, epochs=3, **options)
     assert done.returncode != 0
     expected = "injected failure at step 15" if kind == "raise" else "the loss became nan"
     assert "error on rank 1 of 2" in done.stderr and expected in done.stderr, done.stderr
