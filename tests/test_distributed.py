@@ -132,23 +132,32 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, comm
 
 @needs_mpiexec
 @pytest.mark.skipif(not backend.cupy_available(), reason="CuPy or a CUDA GPU is not available")
-def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path):
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path, command):
     """The cupy backend: 1 rank (NCCL, when CuPy has it), and 2 ranks (NCCL with a GPU each;
-    host copies over MPI when they share one) train the weights of a plain 1-process run."""
+    host copies over MPI when they share one) train the weights of a plain 1-process run.
+    pretrain: DINO, its head's batch norms synchronised on the GPU."""
     import cupy
 
-    options = dict(OPTIONS, backend="cupy", epochs=2)
-    train(TrainConfig(**options, out=str(tmp_path / "one"), progress=False))
+    one = tmp_path / "one"
+    if command == "train":
+        options = dict(OPTIONS, backend="cupy", epochs=2)
+        measures, atol = ("loss", "accuracy"), 1e-12
+        train(TrainConfig(**options, out=str(one), progress=False))
+    else:  # atol: see test_two_processes_pretrain_the_weights_of_one
+        options = dict(PRETRAIN, method="dino", backend="cupy", epochs=1)
+        measures, atol = DINO_MEASURES, 1e-10
+        pretrain(PretrainConfig(**options, out=str(one), progress=False))
     nccl = dist._nccl_module() is not None
     for processes in (1, 2):
         out = tmp_path / f"ranks{processes}"
-        done = mpiexec_minivit(processes, out, **options)
+        done = mpiexec_minivit(processes, out, command=command, **options)
         assert done.returncode == 0, done.stderr
         own_gpus = processes <= cupy.cuda.runtime.getDeviceCount()
         transport = "nccl" if nccl and own_gpus else "mpi (host copies)"
         assert f"all-reduced over {transport}" in done.stdout, done.stdout
-        print(f"{processes} rank(s): {transport}")  # shown by gpu_check.sh (pytest -s)
-        assert_same_run(tmp_path / "one", out)
+        print(f"{command}, {processes} rank(s): {transport}")  # shown by gpu_check.sh
+        assert_same_run(one, out, measures, atol)
 
 
 class StopAfterEpoch(Exception):
