@@ -15,6 +15,11 @@ up linearly; PretrainConfig's DINO defaults are for small images (docs/pretraini
 log the loss per epoch; DINO also logs the teacher's mean entropy, the entropy of its mean
 output and the center's norm, which show collapse (entropy → 0: one dimension dominates;
 → log K: uniform output).
+
+Under mpiexec (minivit.distributed) each process works on its rows of every global batch, with
+the random numbers (MAE's masks, DINO's crops) drawn for the whole batch from the batch's seed,
+and DINO's head batch norms and center use the global batch: N processes pretrain the model
+one process would.
 """
 
 import dataclasses
@@ -191,10 +196,10 @@ class _DINO:
         # weighed before backward: the synchronised batch norms add up the processes' gradients
         dist.share_of_loss(loss).backward()
         grads = optimizer.step_grads()  # all-reduced: the processes clip the same gradient
-        xp = backend.array_module(grads)
+        xp, frozen = backend.array_module(grads), epoch < self.config.freeze_last_layer
         for name, start, stop in zip(optimizer.names, optimizer.offsets, optimizer.offsets[1:]):
             part = grads[start:stop]
-            if epoch < self.config.freeze_last_layer and name == "student.head.last_layer.weight_v":
+            if frozen and name == "student.head.last_layer.weight_v":
                 part[...] = 0.0
             elif self.config.clip_grad:  # the reference clips each parameter's gradient
                 norm = float(xp.linalg.norm(part))

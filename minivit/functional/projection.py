@@ -9,6 +9,18 @@ from minivit.tensor import Function
 L2_EPS = 1e-12  # torch.nn.functional.normalize's floor under the norm
 
 
+def summed_over_processes(sums, count, sum_over_processes):
+    """(sums, count): sums over this process's rows (an array) and their count (0 where only
+    the sums matter), added up over the processes of a data-parallel run by one in-place
+    all-reduce, `sum_over_processes(array)`; None (one process): as they are."""
+    if sum_over_processes is None:
+        return sums, count
+    xp = backend.array_module(sums)
+    buffer = xp.concatenate([sums.ravel(), xp.asarray([count], dtype=sums.dtype)])
+    sum_over_processes(buffer)
+    return buffer[:-1].reshape(sums.shape), int(round(float(buffer[-1])))
+
+
 # -- batch_norm (training mode: the batch's statistics over axis 0, biased variance):
 #    x̂ = (x − μ)·r, r = 1/√(σ² + ε);  y = x̂ w + b
 #    dx = r (dx̂ − mean₀(dx̂) − x̂ mean₀(dx̂ ⊙ x̂)),  dx̂ = dy w;  dw = Σ₀ dy ⊙ x̂;  db = Σ₀ dy
@@ -24,25 +36,17 @@ class BatchNorm(Function):
                              f"{tuple(bias.shape)}")
         xp = backend.array_module(x)
         self.sum_over_processes = sum_over_processes
-        sums, self.count = self._batch_sums(x.sum(axis=0, keepdims=True), len(x))
+        sums, self.count = summed_over_processes(x.sum(axis=0, keepdims=True), len(x),
+                                                 sum_over_processes)
         if self.count < 2:
             raise ShapeError(f"batch_norm: expected x (batch ≥ 2, C) with weight and bias (C,); "
                              f"got a batch of {self.count} (x {tuple(x.shape)})")
         centered = x - sums / self.count
-        (squares,), _ = self._batch_sums((centered * centered).sum(axis=0, keepdims=True))
+        squares, _ = summed_over_processes((centered * centered).sum(axis=0, keepdims=True), 0,
+                                           sum_over_processes)
         self.rstd = (1.0 / xp.sqrt(squares / self.count + eps)).astype(x.dtype, copy=False)
         self.normalized, self.weight = centered * self.rstd, weight
         return self.normalized * weight + bias
-
-    def _batch_sums(self, sums, count=0):
-        """(sums, count) over the rows of every process: `sums` (k, C) and the row `count`
-        all-reduced together (one process: as they are)."""
-        if self.sum_over_processes is None:
-            return sums, count
-        xp = backend.array_module(sums)
-        buffer = xp.concatenate([sums.ravel(), xp.asarray([count], dtype=sums.dtype)])
-        self.sum_over_processes(buffer)
-        return buffer[:-1].reshape(sums.shape), int(round(float(buffer[-1])))
 
     def backward(self, grad):
         x_hat = self.normalized
@@ -50,11 +54,13 @@ class BatchNorm(Function):
         grad_x = None
         if self.needs_input_grad[0]:
             xp = backend.array_module(grad)
-            sums, _ = self._batch_sums(xp.stack([grad_hat.sum(axis=0),
-                                                 (grad_hat * x_hat).sum(axis=0)]))
+            sums, _ = summed_over_processes(xp.stack([grad_hat.sum(axis=0),
+                                                      (grad_hat * x_hat).sum(axis=0)]), 0,
+                                            self.sum_over_processes)
             mean_hat, mean_hat_x = sums / self.count
             grad_x = self.rstd * (grad_hat - mean_hat - x_hat * mean_hat_x)
         return grad_x, (grad * x_hat).sum(axis=0), grad.sum(axis=0)
+
 
 # -- l2_normalize: y = x / max(‖x‖, ε) along the last axis;
 #    dx = (dy − y ⟨y, dy⟩) / ‖x‖ where ‖x‖ > ε, and dy / ε where the floor holds (y = x / ε)

@@ -14,7 +14,8 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError, ShapeError
-from minivit.functional.projection import l2_normalize, weight_norm_linear
+from minivit.functional.projection import (l2_normalize, summed_over_processes,
+                                           weight_norm_linear)
 from minivit.functional.resize import resize_grid
 from minivit.models.vit import VisionTransformer
 from minivit.nn import Linear, Module, Parameter, init
@@ -207,7 +208,9 @@ class DINOLoss:
         pairs = 2 * (crops - 1)
         log_p = F.log_softmax(student_out / self.student_temp, axis=-1)
         loss = -(log_p * weights.reshape(crops * batch, -1)).sum() / float(batch * pairs)
-        teacher_mean, q_mean = self._batch_means(teacher, q.reshape(2 * batch, -1))
+        sums, count = summed_over_processes(xp.stack([teacher.sum(axis=0), q.sum(axis=(0, 1))]),
+                                            2 * batch, self.sum_over_processes)
+        teacher_mean, q_mean = sums / count  # of the global batch's global crops
         statistics = {"teacher_entropy": float(_entropy(q).mean()),
                       "teacher_marginal_entropy": float(_entropy(q_mean)),
                       "center_norm": float(xp.linalg.norm(self.center))}
@@ -215,15 +218,6 @@ class DINOLoss:
             self.center = (self.center * self.center_momentum
                            + teacher_mean[None] * (1 - self.center_momentum))
         return loss, statistics
-
-    def _batch_means(self, *rows):
-        """The means over the rows of every process of same-shaped arrays (2·B, K)."""
-        xp = backend.array_module(*rows)
-        sums = xp.concatenate([r.sum(axis=0) for r in rows] + [xp.asarray([len(rows[0])],
-                                                                         dtype=rows[0].dtype)])
-        if self.sum_over_processes is not None:
-            self.sum_over_processes(sums)
-        return tuple(sums[:-1].reshape(len(rows), -1) / sums[-1])
 
 
 def check_crop_size(size, patch_size, what):
