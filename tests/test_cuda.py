@@ -606,17 +606,22 @@ def test_direct_cublas_gemm_matches_cupy(cp, capture_path, dtype, left, right):
 @GPU
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("queries", [None, 1])
-def test_attention_on_the_capture_path_matches_the_eager_path(cp, monkeypatch, dtype, queries):
+@pytest.mark.parametrize("biased", [False, True])
+def test_attention_on_the_capture_path_matches_the_eager_path(cp, monkeypatch, dtype, queries,
+                                                              biased):
     """Batch addresses computed by a kernel and GEMMs through ctypes give what the host
-    addresses and CuPy's cuBLAS give."""
+    addresses and CuPy's cuBLAS give, also with a (heads, n, N) bias (rows of the queries)."""
     rng = np.random.default_rng(12)
     qkv = cp.asarray(rng.standard_normal((3, 7, 3 * 8)), dtype)
     grad = cp.asarray(rng.standard_normal((3, queries or 7, 8)), dtype)
+    bias = cp.asarray(rng.standard_normal((2, 7, 7)), dtype)[:, :queries or 7] if biased else None
 
     def run():
         gemm.pointer_cache.clear()
-        out, probs, lse, _ = cuda_attention.attention_forward(qkv, 2, queries or 7, 0.5)
-        return out, probs, cuda_attention.attention_backward(grad, qkv, None, lse, 2, 0.5)
+        out, probs, lse, _ = cuda_attention.attention_forward(qkv, 2, queries or 7, 0.5,
+                                                              bias=bias)
+        return (out, probs) + cuda_attention.attention_backward(grad, qkv, None, lse, 2, 0.5,
+                                                                bias=bias)
 
     eager = run()
     monkeypatch.setattr(capture, "capturing", lambda: True)

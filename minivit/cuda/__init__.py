@@ -9,7 +9,7 @@ of CuPy calls (each ~18 µs of Python launch overhead plus a full read/write of 
     normalization.py  LayerNorm forward and dx one block per row
     reduction.py      column sums: bias gradients, LayerNorm's dw and db
     loss.py           cross-entropy: log-sum-exp and loss per row, elementwise backward
-    attention.py      self-attention: batched cuBLAS GEMMs on the packed qkv + softmax
+    attention.py      self-attention: batched cuBLAS GEMMs on the packed qkv + softmax (+ bias)
     optimizer.py      the AdamW update, one elementwise kernel over the flat buffer
     gemm.py           batched-GEMM addresses, cuBLAS through ctypes (for captures and half
                       operands), matmul, the bf16/fp16 operand rounding

@@ -1,8 +1,9 @@
 """Scaled dot-product attention as one Function (batched matmuls, fused softmax backward), and
 self-attention straight from the packed qkv projection (no split/merge copies). Both take an
 optional additive bias B on the scores (relative position bias, masks): S = q kᵀ·s + B. Fast
-implementations: minivit.cpu.attention (CPU, with the bias) and minivit.cuda.attention (GPU,
-self-attention without a bias: biased attention runs the plain code on CuPy)."""
+implementations, each with the bias: minivit.cpu.attention (CPU, both ops) and
+minivit.cuda.attention (GPU, self-attention on the packed qkv; scaled_dot_product_attention on
+CuPy runs the plain code, whose softmax is the fused row kernel)."""
 
 import math
 
@@ -125,7 +126,8 @@ class _PlainAttention:  # (on CuPy the softmax runs in the fused row kernels)
 #    are sliced alike (its first n) and dB is zero in the others.
 #    saved, P first (or None where the GPU does not keep it): CPU and plain (P, q, k, v, s,
 #    qkv's shape) with q unscaled, plain also its softmax; GPU (P, qkv as its GEMMs read it,
-#    half operands with half GEMMs on, lse, heads, s).
+#    half operands with half GEMMs on, lse, heads, s, the bias's rows); each ends with the
+#    bias's shape (None without one).
 def _split_heads(qkv, num_heads):
     batch, tokens, width = qkv.shape
     if width % (3 * num_heads):
@@ -170,8 +172,7 @@ def self_attention(qkv, num_heads, scale=None, return_attention=False, queries=N
     bias (optional, with a gradient): added to the scaled scores, broadcastable to
     (B, heads, N, N) (with queries=n its first n rows are used).
     On the GPU the N×N probabilities are kept for backward only with return_attention=True;
-    otherwise backward rebuilds them from one log-sum-exp per row (less memory). Biased
-    attention runs on CuPy's plain batched matmuls instead of the fused GEMM path."""
+    otherwise backward rebuilds them from one log-sum-exp per row (less memory)."""
     function = SelfAttention()
     out = function(qkv, bias, num_heads=num_heads, scale=scale, queries=queries,
                    keep_probs=return_attention)
@@ -191,19 +192,24 @@ def _grad_qkv(grad, q_shape, qkv_shape):
     return grad_qkv, (grad_q[:, :, :queries], grad_k, grad_v), grad4
 
 
-@implementation("self_attention", "cuda", accepts=lambda *arrays, bias=None: bias is None)
+@implementation("self_attention", "cuda")
 class _FusedSelfAttention:
     """Batched cuBLAS GEMMs read q, k, v where they lie in qkv; P (B, H, n, N) is kept only
-    when asked for, as backward can rebuild it from lse (one value per row)."""
+    when asked for, as backward can rebuild it from lse (one value per row) and the bias."""
 
     def forward(qkv, heads, scale, queries, keep_probs, bias=None):
         qkv = backend.array_module(qkv).ascontiguousarray(qkv)
-        out, probs, lse, operands = cuda_attention.attention_forward(qkv, heads, queries, scale)
-        return out, (probs if keep_probs else None, operands, lse, heads, scale)
+        rows = _query_rows(bias, queries)
+        out, probs, lse, operands = cuda_attention.attention_forward(qkv, heads, queries, scale,
+                                                                     bias=rows)
+        return out, (probs if keep_probs else None, operands, lse, heads, scale, rows,
+                     None if bias is None else bias.shape)
 
     def backward(saved, grad, needs):
-        probs, qkv, lse, heads, scale = saved
-        return cuda_attention.attention_backward(grad, qkv, probs, lse, heads, scale), None
+        probs, qkv, lse, heads, scale, rows, bias_shape = saved
+        grad_qkv, grad_scores = cuda_attention.attention_backward(grad, qkv, probs, lse, heads,
+                                                                  scale, bias=rows)
+        return grad_qkv, _bias_grad(grad_scores, bias_shape) if needs[1] else None
 
 
 @implementation("self_attention", "cpu")

@@ -39,11 +39,11 @@ Adding an op with fast paths (say in minivit/functional/window.py):
     class _Fused:                                       # minivit/cuda/window.py
         ...
 
-Every op needs a "plain" implementation. An option that only some implementations support
-(say an additive `bias=` for attention) goes to every forward as a keyword; the others decline
-it through `accepts`, so the plain code runs instead of a kernel that would ignore it:
+Every op needs a "plain" implementation. An option or input that only some implementations
+support goes to every forward all the same; the others decline it through `accepts`, so the
+plain code runs instead of a kernel that would ignore it (softmax's kernels: the last axis):
 
-    @implementation("attention", "cpu", accepts=lambda *arrays, bias=None: bias is None)
+    @implementation("softmax", "cuda", accepts=_over_last_axis)
 
 `implementations(op)` lists what is registered; `choose` is the only place that decides.
 The tests read minivit.inspect.opchecks (the op catalogue): give the op an entry there, and

@@ -91,6 +91,13 @@ def _self_attention_bias(qkv, bias):
     return F.self_attention(qkv, 2, bias=bias, queries=2)
 
 
+@register("self_attention_relative_bias", "packed-qkv attention with a (heads, N, N) relative "
+          "position bias broadcast over the batch", Input("qkv", (2, 5, 12)),
+          Input("bias", (2, 5, 5)))
+def _self_attention_relative_bias(qkv, bias):
+    return F.self_attention(qkv, 2, bias=bias)
+
+
 @register("position_embedding_2d", "e(i, j) = row(i) + col(j), (H, D), (W, D) -> (H·W, D)",
           Input("row", (3, 4)), Input("col", (2, 4), layout="transposed"))
 def _position_embedding_2d(row, col):
