@@ -199,6 +199,17 @@ def test_two_processes_pretrain_the_weights_of_one(tmp_path, method):
 
 
 @needs_mpiexec
+def test_three_processes_share_uneven_last_batches(tmp_path):
+    """MAE, a global batch of 129 over 3 processes: each epoch's last batch of 19 splits 6/6/7,
+    the losses weighed by their shares (dist.share_of_loss) give the one-process weights."""
+    options = dict(PRETRAIN, method="mae", batch_size=129, epochs=1)
+    pretrain(PretrainConfig(**options, out=str(tmp_path / "one"), progress=False))
+    done = mpiexec_minivit(3, tmp_path / "three", command="pretrain", **options)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "three", ("loss",))
+
+
+@needs_mpiexec
 @pytest.mark.parametrize("command", ["train", "pretrain"])
 def test_a_global_batch_that_does_not_split_is_a_clear_error(tmp_path, command):
     options = dict(OPTIONS if command == "train" else PRETRAIN, batch_size=33)
