@@ -272,6 +272,8 @@ def _pretrain(config, on_epoch_end):
         method.resumed()
     metrics = prepare_run_folder(config, run_dir, start.epoch, command="pretrain") if main \
         else None
+    if main and config.progress and dist.world_size() > 1:
+        print(f"data parallel: {dist.describe()}", flush=True)
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "method": config.method}
     # `time` goes on from a resume, as in `minivit train`
