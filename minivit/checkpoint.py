@@ -3,8 +3,9 @@
 The file holds the model's weights under timm's names, the optimizer's buffers under
 ``optimizer.<name>`` (only in ``last``), the moving average of the weights under ``ema.<name>``
 (runs with --ema), and JSON metadata under the key "minivit": the model
-configuration, the dataset's name/normalisation/class names, the epoch and step reached, and
-the training configuration. ``best`` checkpoints carry no optimizer state, so they load into
+configuration, the dataset's name/normalisation/class names, the epoch and step reached, the
+training configuration and (in ``last``) the optimizer's step count, learning rate and, for
+fp16 training, its loss scale. ``best`` checkpoints carry no optimizer state, so they load into
 timm/PyTorch as they are.
 """
 
@@ -34,8 +35,9 @@ def save_checkpoint(path, model, info, optimizer=None, ema=None):
         optimizer_state = optimizer.state_dict()
         for name, array in optimizer_state["arrays"].items():
             state[OPTIMIZER_PREFIX + name] = array
-        info["optimizer"] = {"step_count": optimizer_state["step_count"],
-                             "lr": optimizer_state["lr"]}
+        # step_count, lr and (fp16 training) the loss scale: the JSON-sized rest of the state
+        info["optimizer"] = {key: value for key, value in optimizer_state.items()
+                             if key != "arrays"}
     save_weights(state, path, metadata={METADATA_KEY: json.dumps(info)})
 
 

@@ -97,6 +97,14 @@ class LossScaler:
                 self.good_steps = 0
         return skipped
 
+    # -- checkpointing (through the optimizer's state_dict, which holds it under "loss_scale")
+    def state_dict(self):
+        """What a resume needs to go on exactly: the scale and the run of good steps."""
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
 
 def scaled_backward(loss, optimizer):
     """loss.backward(), through the optimizer's LossScaler when it has one."""
@@ -104,6 +112,11 @@ def scaled_backward(loss, optimizer):
         loss.backward()
     else:
         optimizer.loss_scaler.backward(loss)
+
+
+def current_scale(optimizer):
+    """The factor the optimizer's gradients carry before its step unscales them (1 unscaled)."""
+    return 1.0 if optimizer.loss_scaler is None else optimizer.loss_scaler.scale
 
 
 def updating_scale(step, optimizer):

@@ -100,7 +100,12 @@ class FlatOptimizer:
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
         is clipped to it first. Returns the gradient norm before clipping, on the device
         (see clip_grad_norm)."""
-        grads = self.step_grads()
+        return self.step_from(self.step_grads(), max_grad_norm)
+
+    def step_from(self, grads, max_grad_norm=None):
+        """step() from the flat gradient of step_grads(), which the caller may have changed
+        (DINO clips each parameter's part): unscaled (fp16), skipped when not finite, clipped
+        to max_grad_norm, applied. Returns the gradient norm before clipping, as step()."""
         found = False if self.loss_scaler is None else self.loss_scaler.unscale(grads)
         if found is True:  # an eager step whose gradient overflowed: skipped, nothing changes
             return clip_grad_norm(grads)
@@ -139,8 +144,13 @@ class FlatOptimizer:
         return {}
 
     def state_dict(self):
-        return {"step_count": self.step_count, "lr": self.lr,
-                "arrays": {k: backend.to_numpy(v).copy() for k, v in self.state_arrays().items()}}
+        """step_count, lr, the buffers (numpy copies) under "arrays" and, for fp16 training,
+        the LossScaler's state under "loss_scale"."""
+        state = {"step_count": self.step_count, "lr": self.lr,
+                 "arrays": {k: backend.to_numpy(v).copy() for k, v in self.state_arrays().items()}}
+        if self.loss_scaler is not None:
+            state["loss_scale"] = self.loss_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state):
         buffers = self.state_arrays()
@@ -159,6 +169,10 @@ class FlatOptimizer:
         self.step_count, self.lr = int(state["step_count"]), float(state["lr"])
         for name, buffer in buffers.items():
             buffer[...] = backend.to_backend(arrays[name], backend.backend_of(buffer))
+        # a state saved without loss scaling (or before checkpoints kept it) leaves the
+        # scaler at its initial scale; one saved with it means nothing to an unscaled run
+        if self.loss_scaler is not None and "loss_scale" in state:
+            self.loss_scaler.load_state_dict(state["loss_scale"])
 
 
 # -- AdamW (Loshchilov & Hutter): the math and its implementations are in

@@ -12,6 +12,7 @@ DINO (Caron et al.): AdamW, per-parameter gradient clipping (3.0), the last laye
 student's head frozen during the first epoch(s), the teacher's EMA momentum cosine from
 --momentum-teacher (0.99 here, 0.996 in the reference) to 1, the teacher's temperature warmed
 up linearly; PretrainConfig's DINO defaults are for small images (docs/pretraining.md). Both
+take --precision as train does (fp16: the loss scaled, DINO's clipping bound with it), and
 log the loss per epoch; DINO also logs the teacher's mean entropy, the entropy of its mean
 output and the center's norm, which show collapse (entropy → 0: one dimension dominates;
 → log K: uniform output).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minivit import backend
+from minivit import backend, loss_scale
 from minivit import distributed as dist
 from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from minivit.data import DATASETS, DataLoader, load_dataset
@@ -41,9 +42,10 @@ from minivit.models.dino import (DINO, DINOLoss, synchronize_batch_norms, teache
 from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
 from minivit.nn import Module, Parameter
 from minivit.optim import AdamW, warmup_cosine
+from minivit.precision import check_precision, prepare_training
 from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
-from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range
+from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range, schedule_checks
 from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
                                       prepare_run_folder, resume_from_last, write_failure)
 
@@ -88,6 +90,7 @@ class PretrainConfig:
     # the run
     backend: str = "numpy"
     dtype: str = "float32"
+    precision: str = "fp32"  # as TrainConfig's: bf16 or fp16 (with loss scaling) on the GPU
     seed: int = 0
     out: str = "runs/pretrain"
     checkpoint_format: str = "safetensors"
@@ -120,19 +123,15 @@ def _check_config(config):
                            f"{', '.join(METHOD_DEFAULTS)}")
     if config.dataset not in DATASETS:
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
+    check_precision(config.precision, config.backend, config.dtype)
     config = dataclasses.replace(config, **{
         name: value for name, value in METHOD_DEFAULTS[config.method].items()
         if getattr(config, name) is None})
     refuse_out_of_range(config, (
-            ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
-            ("batch_size", config.batch_size >= 1, "at least 1"),
-            ("weight_decay", config.weight_decay >= 0, "at least 0"),
-            ("warmup", config.warmup >= 0, "at least 0"),
-            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            *schedule_checks(config), ("batch_size", config.batch_size >= 1, "at least 1"),
             ("mask_ratio", 0 < config.mask_ratio < 1, "in (0, 1)"),
             ("momentum_teacher", 0 <= config.momentum_teacher <= 1, "in [0, 1]"),
-            ("teacher_temp", config.teacher_temp > 0, "positive"),
-            ("seed", config.seed >= 0, "at least 0")))
+            ("teacher_temp", config.teacher_temp > 0, "positive")))
     return config
 
 
@@ -153,7 +152,7 @@ class _MAE:
         x = backend.to_backend(images[rows].astype(self.config.dtype, copy=False))
         loss, _, _ = self.model(x, noise=noise)
         optimizer.zero_grad()
-        dist.share_of_loss(loss).backward()
+        loss_scale.scaled_backward(dist.share_of_loss(loss), optimizer)
         optimizer.step(max_grad_norm=self.config.clip_grad or None)
         return loss.data, {}
 
@@ -194,17 +193,19 @@ class _DINO:
         loss, statistics = self.loss(student(crops), teacher_out, epoch)
         optimizer.zero_grad()
         # weighed before backward: the synchronised batch norms add up the processes' gradients
-        dist.share_of_loss(loss).backward()
+        loss_scale.scaled_backward(dist.share_of_loss(loss), optimizer)
         grads = optimizer.step_grads()  # all-reduced: the processes clip the same gradient
+        # the reference clips each parameter's gradient; fp16's gradients are still scaled by s
+        # here (the optimizer unscales them), so their bound is s·clip_grad
+        limit = self.config.clip_grad * loss_scale.current_scale(optimizer)
         xp, frozen = backend.array_module(grads), epoch < self.config.freeze_last_layer
         for name, start, stop in zip(optimizer.names, optimizer.offsets, optimizer.offsets[1:]):
             part = grads[start:stop]
             if frozen and name == "student.head.last_layer.weight_v":
                 part[...] = 0.0
-            elif self.config.clip_grad:  # the reference clips each parameter's gradient
-                norm = float(xp.linalg.norm(part))
-                part *= min(1.0, self.config.clip_grad / (norm + 1e-6))
-        optimizer.apply(grads)
+            elif self.config.clip_grad:
+                part *= min(1.0, limit / (float(xp.linalg.norm(part)) + 1e-6))
+        optimizer.step_from(grads)
         update_teacher(teacher, student, teacher_momentum(step, total_steps,
                                                           self.config.momentum_teacher))
         self.model.center.data[...] = self.loss.center
@@ -252,7 +253,9 @@ def _pretrain(config, on_epoch_end):
     method = build_method(config, encoder, data)
     optimizer = AdamW(method.model.named_parameters(), lr=config.lr,
                       weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    prepare_training(config.precision, config.backend, config.dtype, optimizer)
     dist.average_gradients(optimizer)
+    method_step = loss_scale.updating_scale(method.step, optimizer)  # fp16: the scale's update
     # every process reads the global batches; each works on its rows (dist.shard_rows)
     loader = DataLoader(data, config.batch_size, shuffle=True, seed=config.seed,
                         normalize=method.normalize)
@@ -290,7 +293,7 @@ def _pretrain(config, on_epoch_end):
                                          config.warmup * steps_per_epoch, config.min_lr)
             rng = np.random.default_rng([config.seed, epoch, batch])  # masks, crops of the batch
             rows = dist.shard_rows(len(images))  # this process's part of the batch
-            loss, statistics = method.step(optimizer, images, rows, rng, epoch, step,
+            loss, statistics = method_step(optimizer, images, rows, rng, epoch, step,
                                            total_steps)
             loss = float(loss)
             if not math.isfinite(loss):

@@ -53,6 +53,15 @@ def _numpy_backend_around_each_test():
     minivit.set_backend("numpy")
 
 
+def stop_after(epochs):
+    """An on_epoch_end for train()/pretrain() that interrupts the run (KeyboardInterrupt, as
+    Ctrl-C) once epoch `epochs` has ended and its checkpoint is written."""
+    def on_epoch_end(epoch, summary):
+        if epoch == epochs:
+            raise KeyboardInterrupt
+    return on_epoch_end
+
+
 # -- arrays on the active backend ---------------------------------------------------------------
 def on_backend(values, dtype=None):
     """A C-contiguous array with `values` on the active backend (minivit.backend.xp())."""

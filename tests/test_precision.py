@@ -4,16 +4,20 @@
   MinivitError naming the choices and what works (the CLI prints it, no traceback);
 - LossScaler (minivit.loss_scale) on float32 NumPy: a forced overflow skips the step (weights,
   AdamW's moments and step count unchanged) and halves the scale; the scale doubles after
-  `growth_interval` good steps; the unscaled gradient equals an unscaled run's;
+  `growth_interval` good steps; the unscaled gradient equals an unscaled run's; the scale and
+  its run of good steps are kept in checkpoints, so a resumed run goes on with them;
 - the benchmark's PyTorch side under autocast (bf16 on the CPU, where PyTorch has it).
 """
 
 import numpy as np
 import pytest
+from conftest import stop_after
 
 import minivit
 import minivit.functional as F
+import minivit.train as training
 from minivit import cli, cpu, precision
+from minivit.checkpoint import read_checkpoint
 from minivit.errors import MinivitError
 from minivit.loss_scale import LossScaler, scaled_backward
 from minivit.models import create_model
@@ -44,7 +48,8 @@ def test_using_precision_returns_to_the_previous_one():
 
 @pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["eval", "--checkpoint", "x"],
                                      ["predict", "--checkpoint", "x", "a.png"],
-                                     ["bench", "--config", "tiny", "--steps", "1"]])
+                                     ["bench", "--config", "tiny", "--steps", "1"],
+                                     ["pretrain", "--epochs", "1"]])
 def test_every_command_refuses_half_precision_on_the_cpu(capsys, tmp_path, command):
     code = cli.main(command + ["--precision", "bf16", "--backend", "numpy"])
     err = capsys.readouterr().err
@@ -168,6 +173,53 @@ def test_loss_scaler_refuses_bad_settings_and_update_before_a_step():
         LossScaler(opt, backoff_factor=2.0)
     with pytest.raises(MinivitError, match="after optimizer.step"):
         LossScaler(opt).update()
+
+
+# -- the loss scale in checkpoints: fp16 runs resume exactly --------------------------------
+def test_the_loss_scale_travels_with_the_optimizer_state():
+    _, opt, _, _ = _setup()
+    scaler = LossScaler(opt)
+    scaler.scale, scaler.good_steps = 2.0 ** 9, 17
+    state = opt.state_dict()
+    _, fresh, _, _ = _setup()
+    restored = LossScaler(fresh)
+    fresh.load_state_dict(state)
+    assert (restored.scale, restored.good_steps) == (2.0 ** 9, 17)
+    old = {key: value for key, value in state.items() if key != "loss_scale"}
+    _, fresh, _, _ = _setup()
+    initial = LossScaler(fresh)
+    fresh.load_state_dict(old)  # a checkpoint from before the scale was kept: no error
+    assert (initial.scale, initial.good_steps) == (2.0 ** 16, 0)
+    _, unscaled, _, _ = _setup()
+    unscaled.load_state_dict(state)  # an fp16 run's state resumed without scaling
+    assert unscaled.loss_scaler is None
+
+
+def test_a_resumed_loss_scaled_run_goes_on_with_the_saved_scale(tmp_path, monkeypatch):
+    """fp16 needs the GPU, so the scaler is put into a CPU run (scaling by powers of two is
+    exact in float32 too): an interrupted and resumed run ends with the straight run's scale,
+    run of good steps and weights, and its checkpoint holds them."""
+    scalers = []
+
+    def with_scaler(name, backend_name, dtype, optimizer):
+        scalers.append(LossScaler(optimizer, init_scale=2.0 ** 10, growth_interval=4))
+
+    monkeypatch.setattr(training, "prepare_training", with_scaler)
+
+    options = dict(model="vit_digits", epochs=2, warmup=1, batch_size=256, augment=False,
+                   progress=False)
+    train(TrainConfig(out=str(tmp_path / "straight"), **options))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "resumed"), **options), on_epoch_end=stop_after(1))
+    train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **options))
+    straight, _, resumed = scalers
+    assert straight.scale > 2.0 ** 11  # it grew in both epochs (6 steps each)
+    assert (resumed.scale, resumed.good_steps) == (straight.scale, straight.good_steps)
+    saved = [read_checkpoint(tmp_path / run / "last.safetensors") for run in ("straight",
+                                                                              "resumed")]
+    assert saved[0][2]["optimizer"]["loss_scale"] == straight.state_dict()
+    for name, array in saved[0][0].items():
+        np.testing.assert_array_equal(saved[1][0][name], array, err_msg=name)
 
 
 # -- the benchmark's PyTorch side ---------------------------------------------------------------

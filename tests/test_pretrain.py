@@ -7,9 +7,13 @@ import json
 import numpy as np
 import pytest
 
+import minivit.pretrain as pretraining
+from minivit.checkpoint import read_checkpoint
 from minivit.cli import main
 from minivit.data import load_dataset
 from minivit.data.subset import stratified_fraction
+from minivit.errors import MinivitError
+from minivit.loss_scale import LossScaler
 from minivit.pretrain import PretrainConfig, pretrain
 
 QUICK = dict(dataset="digits", model="vit_digits", batch_size=64, warmup=1, progress=False)
@@ -87,6 +91,8 @@ def test_train_fraction_is_stratified():
     (["pretrain", "--method", "dino", "--local-crop-size", "5"],
      "local crop size must be a positive multiple of the patch size 2, got 5"),
     (["train", "--train-fraction", "0"], "--train-fraction must be in (0, 1]"),
+    (["pretrain", "--lr", "-1"], "--lr must be positive, got -1.0"),  # train's checks
+    (["pretrain", "--method", "dino", "--seed", "-1"], "--seed must be at least 0, got -1"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -248,3 +254,40 @@ def test_a_full_disk_mid_run_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Pretraining stopped" in err
     assert "start again by adding --overwrite" in err and "Traceback" not in err
+
+
+# -- --precision: as train's (fp16 needs the GPU; the loss scaling is checked on the CPU) -------
+def test_pretrain_refuses_half_precision_on_the_cpu_and_defaults_to_fp32(tmp_path, capsys):
+    out = tmp_path / "run"  # (the command line's refusal: test_precision.py)
+    with pytest.raises(MinivitError, match="--precision bf16 needs the GPU"):
+        pretrain(PretrainConfig(**dict(QUICK, precision="bf16", epochs=1, out=str(out))))
+    assert not out.exists()
+    assert PretrainConfig().precision == "fp32"
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "--precision {fp32,tf32,bf16,fp16}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_a_loss_scaled_pretraining_run_equals_the_unscaled_one(method, tmp_path, monkeypatch):
+    """fp16's LossScaler put into a CPU run (scaling by powers of two is exact in float32
+    too): AdamW's moments are an unscaled run's, so the scale is taken off every gradient
+    before it is used, DINO's per-parameter clipping included (with its bound left unscaled,
+    they differed by 100%); and the scale grows as it should. (Not the weights: a parameter
+    whose true gradient is 0, as a bias before a normalisation, takes lr-sized AdamW steps
+    from its gradient's rounding noise, which differs between the runs.)"""
+    options = dict(DINO_SMALL if method == "dino" else QUICK, method=method, epochs=1,
+                   batch_size=256)
+    pretrain(PretrainConfig(**options, out=str(tmp_path / "unscaled")))
+    scalers = []
+    monkeypatch.setattr(pretraining, "prepare_training", lambda name, backend, dtype, optimizer:
+                        scalers.append(LossScaler(optimizer, init_scale=2.0 ** 10,
+                                                  growth_interval=2)))
+    pretrain(PretrainConfig(**options, out=str(tmp_path / "scaled")))
+    assert scalers[0].scale == 2.0 ** 13  # 6 good steps: grown 3 times
+    _, moments, _ = read_checkpoint(tmp_path / "unscaled" / "last.safetensors")
+    _, scaled_moments, info = read_checkpoint(tmp_path / "scaled" / "last.safetensors")
+    assert info["optimizer"]["loss_scale"] == {"scale": 2.0 ** 13, "good_steps": 0}
+    for name in ("m", "v"):
+        np.testing.assert_allclose(scaled_moments[name], moments[name], rtol=0,
+                                   atol=1e-4 * np.abs(moments[name]).max(), err_msg=name)

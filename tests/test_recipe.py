@@ -3,6 +3,7 @@ RandAugment, random erasing, the moving average of the weights, and exact resume
 
 import numpy as np
 import pytest
+from conftest import stop_after
 
 import minivit
 from minivit.checkpoint import read_checkpoint_parts
@@ -168,14 +169,8 @@ def test_resume_restores_ema_loader_and_augmentation_exactly(tmp_path):
     config = dict(dataset="digits", model="vit_digits", epochs=2, warmup=1, batch_size=256,
                   drop_path=0.1, ema=0.9, workers=2, progress=False, **RECIPE)
     train(TrainConfig(**config, out=str(tmp_path / "whole")))
-
-    def stop_after_first_epoch(epoch, summary):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**config, out=str(tmp_path / "split")),
-              on_epoch_end=stop_after_first_epoch)
+        train(TrainConfig(**config, out=str(tmp_path / "split")), on_epoch_end=stop_after(1))
     train(TrainConfig(**dict(config, workers=0), out=str(tmp_path / "split"), resume=True))
     whole = read_checkpoint_parts(tmp_path / "whole" / "last.safetensors")
     split = read_checkpoint_parts(tmp_path / "split" / "last.safetensors")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import stop_after
 
 import minivit
 from minivit import Tensor
@@ -155,16 +156,8 @@ def test_swin_trains_and_resumes_exactly(tmp_path):
                    progress=False)
     summary = train(TrainConfig(out=str(tmp_path / "straight"), **options))
     assert summary["test_accuracy"] > 0.2  # chance is 0.1 (seed 0 gives 0.25)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(epoch, summary):
-        if epoch == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(TrainConfig(out=str(tmp_path / "resumed"), **options), on_epoch_end=stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "resumed"), **options), on_epoch_end=stop_after(1))
     train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **options))
     straight, _ = load_weights(tmp_path / "straight" / "last.safetensors")
     resumed, _ = load_weights(tmp_path / "resumed" / "last.safetensors")

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import stop_after
 
 import minivit
 from minivit.checkpoint import find_checkpoint, read_checkpoint
@@ -80,16 +81,8 @@ def test_log_grads_records_each_epochs_last_step(tmp_path):
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     options = dict(epochs=2, drop_path=0.1, label_smoothing=0.1)  # random numbers matter too
     train(quick_config(tmp_path, "straight", **options))
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first_epoch(epoch, summary):
-        if epoch == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(quick_config(tmp_path, "resumed", **options), on_epoch_end=stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(quick_config(tmp_path, "resumed", **options), on_epoch_end=stop_after(1))
     train(quick_config(tmp_path, "resumed", resume=True, **options))
 
     straight, _ = load_weights(tmp_path / "straight" / "last.safetensors")
@@ -341,14 +334,8 @@ def test_plain_weights_given_as_a_checkpoint_point_to_predict(tmp_path, capsys):
 
 
 def test_resume_without_epochs_keeps_the_runs_own(tmp_path, capsys):
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first_epoch(epoch, summary):
-        raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(quick_config(tmp_path, epochs=2, batch_size=256), on_epoch_end=stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(quick_config(tmp_path, epochs=2, batch_size=256), on_epoch_end=stop_after(1))
     assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert "after 2 epochs" in capsys.readouterr().out  # not the default 100
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
@@ -401,12 +388,8 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
 
 def test_the_advice_for_an_unfinished_run_works(tmp_path, capsys):
     run_dir = tmp_path / "r"
-
-    def stop_after_epoch_1(epoch, summary):
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(quick_config(tmp_path, "r", epochs=2), on_epoch_end=stop_after_epoch_1)
+        train(quick_config(tmp_path, "r", epochs=2), on_epoch_end=stop_after(1))
     assert main(["train", "--epochs", "2", "--out", str(run_dir), "--quiet"]) == 1
     assert (f"{run_dir} already holds a run (epoch 1 of 2 done: last.safetensors, "
             f"best.safetensors, metrics.jsonl, config.json): pass --resume to continue it, "

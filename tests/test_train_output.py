@@ -6,18 +6,12 @@ import errno
 import json
 
 import pytest
+from conftest import stop_after
 from test_train import QUICK, quick_config, read_metrics
 
 from minivit.cli import main
 from minivit.errors import MinivitError, TrainingError
 from minivit.train import TrainConfig, train
-
-
-def stop_after(epochs):
-    def on_epoch_end(epoch, summary):
-        if epoch == epochs:
-            raise KeyboardInterrupt
-    return on_epoch_end
 
 
 def test_header_and_plain_epoch_lines_when_not_on_a_terminal(tmp_path, capsys):

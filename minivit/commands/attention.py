@@ -15,8 +15,8 @@ import numpy as np
 
 import minivit.functional as F
 from minivit import backend
-from minivit.commands.common import (add_backend_flags, apply_backend, command_parser,
-                                     run_data_dir, writing_figure)
+from minivit.commands.common import (add_backend_flags, add_run_data_flags, apply_backend,
+                                     command_parser, run_data_dir, writing_figure)
 from minivit.data import load_dataset
 from minivit.errors import MinivitError
 from minivit.images import image_names, read_images
@@ -49,11 +49,7 @@ def add_parser(subparsers, name, help_text):
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (.npy, PNG, JPEG)")
     p.add_argument("--index", type=int, nargs="+", metavar="N",
                    help="sample(s) of the checkpoint's dataset instead of image files")
-    p.add_argument("--split", choices=("train", "test"), default="test",
-                   help="the dataset split --index reads (default: test)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="where the dataset's files are (MNIST, CIFAR; default: the folder the "
-                        "checkpoint's run trained from, else ./data)")
+    add_run_data_flags(p, "the checkpoint's run", split="the dataset split --index reads")
     p.add_argument("--out", default=None, metavar="FILE.png",
                    help="output PNG (default ./attention_<split>_<N>.png or "
                         "./<image>_attention.png; with several images, _<N> or _<image> is "

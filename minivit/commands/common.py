@@ -70,6 +70,18 @@ def writing_figure(out):
                            f".png file in a folder that can be written") from None
 
 
+def add_run_data_flags(parser, run="the run", split=None):
+    """--data-dir of a command that reads the dataset of `run` ("the run", "the checkpoint's
+    run"; run_data_dir resolves it) and, with `split` (what the split is for, in its help),
+    --split."""
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help=f"folder holding the dataset's files (default: the one {run} "
+                             f"trained from, else ./data)")
+    if split is not None:
+        parser.add_argument("--split", choices=("train", "test"), default="test",
+                            help=f"{split} (default: test)")
+
+
 def run_data_dir(data_dir, info, dataset):
     """--data-dir, else (for the dataset the checkpoint was trained on) the data folder its
     run read, as its training configuration records it."""

@@ -1,8 +1,9 @@
 """minivit eval: test loss and accuracy of a checkpoint."""
 
 from minivit.checkpoint import checkpoint_path
-from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
-                                     command_parser, describe_checkpoint, number, run_data_dir)
+from minivit.commands.common import (add_backend_flags, add_precision_flag, add_run_data_flags,
+                                     apply_backend, command_parser, describe_checkpoint, number,
+                                     run_data_dir)
 from minivit.data import DataLoader, load_dataset
 from minivit.data.pipeline import folder_eval_loader
 from minivit.errors import MinivitError
@@ -16,11 +17,7 @@ def add_parser(subparsers, name, help_text):
                    help="a checkpoint file, or a run folder (its best checkpoint)")
     p.add_argument("--dataset", default=None,
                    help="dataset to evaluate on (default: the one the model was trained on)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding the dataset's files (default: the one the checkpoint's "
-                        "run trained from, else ./data)")
-    p.add_argument("--split", choices=("train", "test"), default="test",
-                   help="which split to evaluate on (default: test)")
+    add_run_data_flags(p, "the checkpoint's run", split="which split to evaluate on")
     p.add_argument("--batch-size", type=number(int, 1), default=256,
                    help="images per forward pass (default: 256; only speed and memory change)")
     p.add_argument("--ema", action="store_true",

@@ -21,6 +21,7 @@ entropy and the center's norm) and last.safetensors (every epoch, written atomic
 
 # Options of the run rather than of what it trains (never compared with a resumed run's).
 RUN_CONTROL = {"out", "resume", "overwrite", "progress", "backend"}
+OWN_FLAGS = {"dtype", "precision"}  # declared by the shared helpers of minivit.commands.common
 HELP = {
     "method": "mae (masked autoencoder) or dino (self-distillation)",
     "dataset": "as minivit train's --dataset; labels are not used",
@@ -59,14 +60,14 @@ CHOICES = {"method": ("mae", "dino"), "checkpoint_format": ("safetensors", "npz"
 
 
 def add_parser(subparsers, name, help_text):
-    from minivit.commands.common import add_backend_flags, command_parser
+    from minivit.commands.common import add_backend_flags, add_precision_flag, command_parser
     from minivit.commands.train import add_run_folder_flags
     from minivit.pretrain import PretrainConfig
 
     defaults = PretrainConfig()
     p = command_parser(subparsers, name, help_text, EPILOG)
     for field in dataclasses.fields(PretrainConfig):
-        if field.name in RUN_CONTROL or field.name == "dtype":
+        if field.name in RUN_CONTROL | OWN_FLAGS:
             continue
         flag = FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
         default = getattr(defaults, field.name)
@@ -79,6 +80,7 @@ def add_parser(subparsers, name, help_text):
             p.add_argument(flag, dest=field.name, type=field.type, default=None,
                            choices=CHOICES.get(field.name), help=text)
     add_backend_flags(p)
+    add_precision_flag(p)
     p.set_defaults(dtype=None)
     add_run_folder_flags(p, defaults.out)
 

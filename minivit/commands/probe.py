@@ -13,7 +13,8 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    from minivit.commands.common import add_backend_flags, command_parser, number
+    from minivit.commands.common import (add_backend_flags, add_run_data_flags, command_parser,
+                                         number)
 
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("source", nargs="?", metavar="SOURCE", help="run folder or weights file")
@@ -22,9 +23,7 @@ def add_parser(subparsers, name, help_text):
                    help="the encoder's configuration (default: the run's, or the dataset's "
                         "small model)")
     p.add_argument("--dataset", default=None, help="default: the run's")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding the dataset's files (default: the one the run trained "
-                        "from, else ./data)")
+    add_run_data_flags(p)
     p.add_argument("--pool", choices=("cls", "mean"), default="cls",
                    help="features: the class token or the mean of the patch tokens")
     p.add_argument("--k", type=number(int, 1), default=20, help="neighbours (default 20)")

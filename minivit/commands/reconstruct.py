@@ -12,17 +12,13 @@ examples:
 
 
 def add_parser(subparsers, name, help_text):
-    from minivit.commands.common import add_backend_flags, command_parser
+    from minivit.commands.common import add_backend_flags, add_run_data_flags, command_parser
 
     p = command_parser(subparsers, name, help_text, EPILOG)
     p.add_argument("run", metavar="RUN", help="a minivit pretrain --method mae run folder")
     p.add_argument("--index", type=int, nargs="+", default=[0], metavar="N",
                    help="images of the dataset split (default: 0)")
-    p.add_argument("--split", choices=("train", "test"), default="test",
-                   help="the dataset split --index reads (default: test)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding the dataset's files (default: the one the run trained "
-                        "from, else ./data)")
+    add_run_data_flags(p, split="the dataset split --index reads")
     p.add_argument("--mask-ratio", type=float, default=None,
                    help="fraction of patches hidden (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")

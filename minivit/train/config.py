@@ -110,17 +110,22 @@ def checked_config(config):
     config = dataclasses.replace(config, model=config.model_name(), **{
         name: value for name, value in defaults.items() if getattr(config, name) is None})
     refuse_out_of_range(config, (
-            ("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
-            ("min_lr", config.min_lr >= 0, "at least 0"),
-            ("weight_decay", config.weight_decay >= 0, "at least 0"),
-            ("warmup", config.warmup >= 0, "at least 0"),
-            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            *schedule_checks(config), ("min_lr", config.min_lr >= 0, "at least 0"),
             ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
-            ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"),
-            ("seed", config.seed >= 0, "at least 0"), *pipeline_option_checks(config),
+            ("drop_path", 0 <= config.drop_path < 1, "in [0, 1)"), *pipeline_option_checks(config),
             ("layer_decay", config.layer_decay is None or 0 < config.layer_decay <= 1,
              "in (0, 1]")))
     return config
+
+
+def schedule_checks(config):
+    """The (field, ok, expected) checks of the options train and pretrain share: the run's
+    length, learning rate, weight decay, warmup, gradient clipping and seed."""
+    return (("epochs", config.epochs >= 1, "at least 1"), ("lr", config.lr > 0, "positive"),
+            ("weight_decay", config.weight_decay >= 0, "at least 0"),
+            ("warmup", config.warmup >= 0, "at least 0"),
+            ("clip_grad", config.clip_grad >= 0, "at least 0 (0: off)"),
+            ("seed", config.seed >= 0, "at least 0"))
 
 
 def refuse_out_of_range(config, checks):
