@@ -213,15 +213,31 @@ def shard_bounds(count):
     return count * _group.rank // _group.size, count * (_group.rank + 1) // _group.size
 
 
+def shard_rows(count):
+    """The slice of this rank's rows of a global batch of `count`. Also sets the weight of this
+    rank's gradient in the next average: its share of the batch, so that a last batch that
+    does not split evenly still gives the gradient of the whole batch."""
+    start, stop = shard_bounds(count)
+    _group.share = (stop - start) / count
+    return slice(start, stop)
+
+
 def shard(*arrays):
     """This rank's part of a global batch (each array split along its first axis; one array
-    in, one out). Also sets the weight of this rank's gradient in the next average: its share
-    of the batch, so that a last batch that does not split evenly still gives the gradient of
-    the whole batch."""
-    start, stop = shard_bounds(len(arrays[0]))
-    _group.share = (stop - start) / len(arrays[0])
-    parts = tuple(array[start:stop] for array in arrays)
+    in, one out), its gradient weighed as shard_rows says."""
+    rows = shard_rows(len(arrays[0]))
+    parts = tuple(array[rows] for array in arrays)
     return parts[0] if len(parts) == 1 else parts
+
+
+def share_of_loss(loss):
+    """`loss` (this rank's mean over its rows) times its rows' share of the global batch, and
+    the next gradient average made a plain sum: the weighting of shard_rows moved before
+    backward. Needed where ranks exchange values inside the forward pass (a synchronised batch
+    norm): its backward adds up the other ranks' gradients, which must already be weighed.
+    One process: `loss` itself."""
+    share, _group.share = _group.share, 1.0
+    return loss if share == 1.0 else loss * share
 
 
 def check_batch_size(batch_size, dataset_size):

@@ -100,7 +100,12 @@ class FlatOptimizer:
         """One update from the parameters' .grad. With max_grad_norm, the global gradient norm
         is clipped to it first. Returns the gradient norm before clipping, on the device
         (see clip_grad_norm)."""
-        grads = self.step_grads()
+        return self.step_from(self.step_grads(), max_grad_norm)
+
+    def step_from(self, grads, max_grad_norm=None):
+        """step() from the flat gradient of step_grads(), which the caller may have changed
+        (DINO clips each parameter's part): unscaled (fp16), skipped when not finite, clipped
+        to max_grad_norm, applied. Returns the gradient norm before clipping, as step()."""
         found = False if self.loss_scaler is None else self.loss_scaler.unscale(grads)
         if found is True:  # an eager step whose gradient overflowed: skipped, nothing changes
             return clip_grad_norm(grads)

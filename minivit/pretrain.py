@@ -16,6 +16,11 @@ take --precision as train does (fp16: the loss scaled, DINO's clipping bound wit
 log the loss per epoch; DINO also logs the teacher's mean entropy, the entropy of its mean
 output and the center's norm, which show collapse (entropy → 0: one dimension dominates;
 → log K: uniform output).
+
+Under mpiexec (minivit.distributed) each process works on its rows of every global batch, with
+the random numbers (MAE's masks, DINO's crops) drawn for the whole batch from the batch's seed,
+and DINO's head batch norms and center use the global batch: N processes pretrain the model
+one process would.
 """
 
 import dataclasses
@@ -26,12 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from minivit import backend, loss_scale
+from minivit import distributed as dist
 from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from minivit.data import DATASETS, DataLoader, load_dataset
 from minivit.data.multicrop import MultiCrop, flips_suit
 from minivit.errors import MinivitError, TrainingError
 from minivit.models import model_config
-from minivit.models.dino import DINO, DINOLoss, teacher_momentum, update_teacher
+from minivit.models.dino import (DINO, DINOLoss, synchronize_batch_norms, teacher_momentum,
+                                 update_teacher)
 from minivit.models.mae import MaskedAutoencoderViT, mae_for_encoder
 from minivit.nn import Module, Parameter
 from minivit.optim import AdamW, warmup_cosine
@@ -137,10 +144,15 @@ class _MAE:
                                      mask_ratio=config.mask_ratio)
         self.config, self.normalize = config, True
 
-    def step(self, optimizer, images, rng, epoch, step, total_steps):
-        loss, _, _ = self.model(images)
+    def step(self, optimizer, images, rows, rng, epoch, step, total_steps):
+        # the masking noise of the whole batch, so that each process masks its rows as one
+        # process would (every image hides as many patches: the rows' mean losses weigh
+        # by their share of the batch)
+        noise = rng.random((len(images), self.model.patch_embed.num_patches))[rows]
+        x = backend.to_backend(images[rows].astype(self.config.dtype, copy=False))
+        loss, _, _ = self.model(x, noise=noise)
         optimizer.zero_grad()
-        loss_scale.scaled_backward(loss, optimizer)
+        loss_scale.scaled_backward(dist.share_of_loss(loss), optimizer)
         optimizer.step(max_grad_norm=self.config.clip_grad or None)
         return loss.data, {}
 
@@ -159,33 +171,41 @@ class _DINO:
                                data.std, flips_suit(config.dataset), config.color_jitter)
         self.model = DINOPair(encoder, config.out_dim, config.head_hidden_dim,
                               config.head_bottleneck_dim, config.head_bn)
+        # several processes: the head's batch norms and the center use the global batch
+        several = dist.world_size() > 1
+        if several:
+            synchronize_batch_norms(self.model, dist.allreduce_sum)
         self.loss = DINOLoss(config.out_dim, teacher_temp=config.teacher_temp,
                              warmup_teacher_temp=config.warmup_teacher_temp,
-                             warmup_epochs=config.warmup_teacher_temp_epochs, dtype=config.dtype)
+                             warmup_epochs=config.warmup_teacher_temp_epochs, dtype=config.dtype,
+                             sum_over_processes=dist.allreduce_sum if several else None)
         self.config, self.normalize = config, False
 
     def resumed(self):
         self.loss.center = self.model.center.data.copy()
 
-    def step(self, optimizer, images, rng, epoch, step, total_steps):
+    def step(self, optimizer, images, rows, rng, epoch, step, total_steps):
         crops = [backend.to_backend(c.astype(self.config.dtype)) for c in
-                 self.crops(images, rng)]
+                 self.crops(images, rng, rows)]
         student, teacher = self.model.student, self.model.teacher
         with no_grad():
             teacher_out = teacher(crops[:2]).data
         loss, statistics = self.loss(student(crops), teacher_out, epoch)
         optimizer.zero_grad()
-        loss_scale.scaled_backward(loss, optimizer)
+        # weighed before backward: the synchronised batch norms add up the processes' gradients
+        loss_scale.scaled_backward(dist.share_of_loss(loss), optimizer)
+        grads = optimizer.step_grads()  # all-reduced: the processes clip the same gradient
         # the reference clips each parameter's gradient; fp16's gradients are still scaled by s
         # here (the optimizer unscales them), so their bound is s·clip_grad
         limit = self.config.clip_grad * loss_scale.current_scale(optimizer)
-        for parameter in optimizer.parameters:
-            if parameter.grad is not None and self.config.clip_grad:
-                norm = float(backend.array_module(parameter.grad).linalg.norm(parameter.grad))
-                parameter.grad = parameter.grad * min(1.0, limit / (norm + 1e-6))
-        if epoch < self.config.freeze_last_layer:
-            student.head.last_layer.weight_v.grad = None
-        optimizer.step()
+        xp, frozen = backend.array_module(grads), epoch < self.config.freeze_last_layer
+        for name, start, stop in zip(optimizer.names, optimizer.offsets, optimizer.offsets[1:]):
+            part = grads[start:stop]
+            if frozen and name == "student.head.last_layer.weight_v":
+                part[...] = 0.0
+            elif self.config.clip_grad:
+                part *= min(1.0, limit / (float(xp.linalg.norm(part)) + 1e-6))
+        optimizer.step_from(grads)
         update_teacher(teacher, student, teacher_momentum(step, total_steps,
                                                           self.config.momentum_teacher))
         self.model.center.data[...] = self.loss.center
@@ -211,8 +231,9 @@ def encoder_configuration(config, data):
 
 def pretrain(config, on_epoch_end=None):
     """Pretrain as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` runs
-    after each epoch's checkpoint is written."""
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    after each epoch's checkpoint is written. Under mpiexec the processes share each batch,
+    as `minivit train`'s (minivit.distributed)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), dist.failing_together():
         return _pretrain(config, on_epoch_end)
 
 
@@ -220,16 +241,22 @@ def _pretrain(config, on_epoch_end):
     from tqdm import tqdm
 
     backend.set_backend(config.backend)
+    dist.init()  # under mpiexec: join the other processes (each on its own GPU)
     config = _check_config(config)
     run_dir = Path(config.out)
-    check_run_folder(config, run_dir)
+    main = dist.is_main()  # rank 0 keeps the run folder and speaks
+    if main:
+        check_run_folder(config, run_dir)
     data = load_dataset(config.dataset, "train", config.data_dir)
+    dist.check_batch_size(config.batch_size, len(data))
     encoder = encoder_configuration(config, data)
     method = build_method(config, encoder, data)
     optimizer = AdamW(method.model.named_parameters(), lr=config.lr,
                       weight_decay=config.weight_decay, betas=(0.9, 0.95))
     prepare_training(config.precision, config.backend, config.dtype, optimizer)
+    dist.average_gradients(optimizer)
     method_step = loss_scale.updating_scale(method.step, optimizer)  # fp16: the scale's update
+    # every process reads the global batches; each works on its rows (dist.shard_rows)
     loader = DataLoader(data, config.batch_size, shuffle=True, seed=config.seed,
                         normalize=method.normalize)
     steps_per_epoch = len(loader)
@@ -237,13 +264,19 @@ def _pretrain(config, on_epoch_end):
     info = {"method": config.method, "dataset": config.dataset, "mean": data.mean,
             "std": data.std, "class_names": data.class_names, "encoder_config": encoder,
             "train_config": dataclasses.asdict(config)}
-    make_run_folder(run_dir)
+    if main:
+        make_run_folder(run_dir)
     last_path = run_dir / f"last.{config.checkpoint_format}"
     start = RunStart()
     if config.resume:
         start = resume_from_last(run_dir, method.model, optimizer, None, config)
+    dist.broadcast_parameters(method.model)
+    if config.resume:
         method.resumed()
-    metrics = prepare_run_folder(config, run_dir, start.epoch, command="pretrain")
+    metrics = prepare_run_folder(config, run_dir, start.epoch, command="pretrain") if main \
+        else None
+    if main and config.progress and dist.world_size() > 1:
+        print(f"data parallel: {dist.describe()}", flush=True)
 
     summary = {"run_dir": str(run_dir), "epochs": config.epochs, "method": config.method}
     # `time` goes on from a resume, as in `minivit train`
@@ -251,17 +284,17 @@ def _pretrain(config, on_epoch_end):
     for epoch in range(start.epoch, config.epochs):
         method.model.train()
         loader.set_epoch(epoch)
-        backend.manual_seed([config.seed, epoch])  # masking noise, drop-path of this epoch
+        backend.manual_seed(dist.rank_seed([config.seed, epoch]))  # this epoch's drop-path
         totals, count, epoch_start = {}, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not config.progress, unit="batch")
+                   disable=not (config.progress and main), unit="batch")
         for batch, (images, _) in enumerate(bar):
             optimizer.lr = warmup_cosine(step, total_steps, config.lr,
                                          config.warmup * steps_per_epoch, config.min_lr)
-            rng = np.random.default_rng([config.seed, epoch, batch])  # the crops of this batch
-            x = backend.to_backend(images.astype(config.dtype, copy=False))
-            loss, statistics = method_step(optimizer, x if method.normalize else images, rng,
-                                           epoch, step, total_steps)
+            rng = np.random.default_rng([config.seed, epoch, batch])  # masks, crops of the batch
+            rows = dist.shard_rows(len(images))  # this process's part of the batch
+            loss, statistics = method_step(optimizer, images, rows, rng, epoch, step,
+                                           total_steps)
             loss = float(loss)
             if not math.isfinite(loss):
                 kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
@@ -270,34 +303,43 @@ def _pretrain(config, on_epoch_end):
                                     f"{step + 1} (lr {optimizer.lr:.3g}); pretraining stopped. "
                                     f"{kept}: lower --lr")
             step += 1
-            count += len(images)
+            size = rows.stop - rows.start
+            count += size
             for name, value in dict(statistics, loss=loss).items():
-                totals[name] = totals.get(name, 0.0) + value * len(images)
+                totals[name] = totals.get(name, 0.0) + value * size
             bar.set_postfix(loss=f"{totals['loss'] / count:.4f}", lr=f"{optimizer.lr:.2e}")
         bar.close()
+        count, *sums = dist.sum_over_ranks(count, *totals.values())  # the global batch's
         seconds = time.perf_counter() - epoch_start
         record = {"epoch": epoch + 1, "step": step, "time": time.perf_counter() - started,
-                  "split": "train", **{name: total / count for name, total in totals.items()},
+                  "split": "train", **{name: total / count for name, total in zip(totals, sums)},
                   "lr": optimizer.lr, "images_per_s": count / seconds}
         if config.method == "dino":
             record["center_norm"] = float(np.linalg.norm(backend.to_numpy(method.loss.center)))
-        try:
-            metrics.write(record)
-            save_checkpoint(last_path, method.model,
-                            dict(info, epoch=epoch + 1, step=step, time=record["time"]),
-                            optimizer)
-        except (OSError, MinivitError) as error:
-            raise write_failure(error, run_dir, last_path, command="pretrain") from None
-        if config.progress:
-            extra = "".join(f"  {name} {record[name]:.3f}" for name in
-                            ("teacher_entropy", "teacher_marginal_entropy", "center_norm")
-                            if name in record)
-            tqdm.write(f"epoch {epoch + 1:>3}/{config.epochs}  loss {record['loss']:.4f}{extra}"
-                       f"  {record['images_per_s']:.0f} img/s")
+        if main:
+            _end_epoch(config, method, optimizer, metrics, record,
+                       dict(info, epoch=epoch + 1, step=step, time=record["time"]), last_path)
         summary.update(epoch=epoch + 1, loss=record["loss"], seconds=time.perf_counter() - started)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, summary)
     return summary
+
+
+def _end_epoch(config, method, optimizer, metrics, record, info, last_path):
+    """Rank 0: the epoch's metrics record and checkpoint, and its line."""
+    from tqdm import tqdm
+
+    try:
+        metrics.write(record)
+        save_checkpoint(last_path, method.model, info, optimizer)
+    except (OSError, MinivitError) as error:
+        raise write_failure(error, last_path.parent, last_path, command="pretrain") from None
+    if config.progress:
+        extra = "".join(f"  {name} {record[name]:.3f}" for name in
+                        ("teacher_entropy", "teacher_marginal_entropy", "center_norm")
+                        if name in record)
+        tqdm.write(f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['loss']:.4f}"
+                   f"{extra}  {record['images_per_s']:.0f} img/s")
 
 
 def model_from_run(path):

@@ -25,7 +25,8 @@
 #   train-graph   minivit train on the digits, 3 epochs, eager then --cuda-graph: images/s
 #                 per epoch from each run's metrics.jsonl
 #   dist-nccl     tests/test_distributed.py -k cupy: 1 rank (NCCL) and 2 ranks (NCCL with a GPU
-#                 each, MPI over host copies on one GPU) train the weights of one process; only
+#                 each, MPI over host copies on one GPU) train the weights of one process (train,
+#                 and pretrain DINO with its synchronised head batch norm); only
 #                 with mpi4py installed or its wheels in $DIST_WHEELS (default shared/dist-wheels,
 #                 for Python 3.12: see the README's data-parallel section), else skipped
 #   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps

@@ -1,4 +1,5 @@
-"""`minivit train` for tests/test_distributed.py, run by mpiexec: python distributed_runner.py ARGS.
+"""`minivit COMMAND` for tests/test_distributed.py, run by mpiexec: python distributed_runner.py
+COMMAND ARGS (train or pretrain).
 
 On every rank but 0 an audit hook refuses (and reports) any write under --out: only rank 0
 may write the run folder. MINIVIT_TEST_FAIL="RANK:STEP:KIND" makes rank RANK fail at its
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+import minivit.pretrain
 import minivit.train.loop
 from minivit import distributed as dist
 from minivit.cli import main
@@ -39,35 +41,41 @@ def refuse_writes_under(folder):
     sys.addaudithook(hook)
 
 
-def fail_at(step_number, kind):
-    make_step = minivit.train.loop.training_step
+def failing_step(step_function, step_number, kind):
+    """`step_function` (returning (loss, anything)) failing at its `step_number`-th call."""
+    calls = []
 
-    def failing_training_step(*args):  # training_step's arguments, whatever they are
-        step, calls = make_step(*args), []
+    def maybe_failing(*args):
+        calls.append(1)
+        loss, other = step_function(*args)
+        if len(calls) == step_number:
+            if kind == "raise":
+                raise RuntimeError(f"injected failure at step {step_number}")
+            loss = np.float64("nan")
+        return loss, other
+    return maybe_failing
 
-        def maybe_failing(x, y):
-            calls.append(1)
-            loss, logits = step(x, y)
-            if len(calls) == step_number:
-                if kind == "raise":
-                    raise RuntimeError(f"injected failure at step {step_number}")
-                loss = np.float64("nan")
-            return loss, logits
-        return maybe_failing
 
-    minivit.train.loop.training_step = failing_training_step  # the Trainer's step
+def fail_at(command, step_number, kind):
+    if command == "train":
+        make_step = minivit.train.loop.training_step
+        minivit.train.loop.training_step = (  # the Trainer's step, whatever its arguments
+            lambda *args: failing_step(make_step(*args), step_number, kind))
+    else:
+        for method in minivit.pretrain.METHODS.values():  # MAE's and DINO's steps
+            method.step = failing_step(method.step, step_number, kind)
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
+    command, *argv = sys.argv[1:]
     if RANK != 0:
         refuse_writes_under(Path(argv[argv.index("--out") + 1]).resolve())
     failing = os.environ.get("MINIVIT_TEST_FAIL")
     if failing:
         rank, step_number, kind = failing.split(":")
         if int(rank) == RANK:
-            fail_at(int(step_number), kind)
-    status = main(["train", *argv])
+            fail_at(command, int(step_number), kind)
+    status = main([command, *argv])
     if dist.is_main():
         print(f"data parallel: {dist.describe()}")  # which transport ran, for the GPU test
     sys.exit(status)

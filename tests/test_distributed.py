@@ -1,9 +1,11 @@
-"""Data-parallel training: `mpiexec -n 2 minivit train` trains the weights one process trains,
-resumes across process counts, writes only from rank 0, and stops every rank when one fails.
+"""Data-parallel training: `mpiexec -n 2 minivit train` (and `pretrain`, MAE and DINO) trains
+the weights one process trains, resumes across process counts, writes only from rank 0, and
+stops every rank when one fails.
 
 The multi-process tests spawn mpiexec (the `dist` extra: mpi4py and the mpich wheel) and skip
 without it; the rest run in this process, where minivit.distributed acts as rank 0 of 1."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ from minivit import backend, distributed as dist
 from minivit.checkpoint import read_checkpoint
 from minivit.errors import MinivitError
 from minivit.io import load_weights
+from minivit.pretrain import PretrainConfig, pretrain
 from minivit.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +29,11 @@ RUNNER = Path(__file__).resolve().parent / "distributed_runner.py"
 # training images: 12 steps of 128 per epoch, the last one of 30.
 OPTIONS = dict(dataset="digits", model="vit_digits", batch_size=128, warmup=1,
                drop_path=0.0, label_smoothing=0.0, augment=False, dtype="float64", seed=3)
+# pretrain: the same batches; DINO with its default head batch norm (synchronised over the
+# processes), 2 local crops and the colour jitter on, so that every random number is shared
+PRETRAIN = dict(dataset="digits", model="vit_digits", batch_size=128, warmup=1,
+                dtype="float64", seed=3)
+DINO_MEASURES = ("loss", "teacher_entropy", "teacher_marginal_entropy", "center_norm")
 
 
 def _mpiexec():
@@ -44,7 +52,7 @@ needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="the dist extra (mpi4
 
 
 def flags(**options):
-    """Command-line flags for `options` (TrainConfig fields)."""
+    """Command-line flags for `options` (TrainConfig or PretrainConfig fields)."""
     names = {"augment": None, "checkpoint_format": "--format"}
     args = [] if options.get("augment", True) else ["--no-augment"]
     for name, value in options.items():
@@ -53,8 +61,8 @@ def flags(**options):
     return args
 
 
-def mpiexec_train(processes, out, fail=None, **options):
-    """`mpiexec -n processes minivit train --out out ...` through tests/distributed_runner.py,
+def mpiexec_minivit(processes, out, fail=None, command="train", **options):
+    """`mpiexec -n processes minivit COMMAND --out out ...` through tests/distributed_runner.py,
     one thread each; the CompletedProcess. A hang would end at the timeout, failing the test."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in dist.LAUNCHER_VARIABLES}
@@ -62,26 +70,26 @@ def mpiexec_train(processes, out, fail=None, **options):
                        OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if fail:
         environment["MINIVIT_TEST_FAIL"] = fail
-    command = [MPIEXEC, "-n", str(processes), sys.executable, str(RUNNER), "--out", str(out),
-               "--quiet", *flags(**options)]
-    return subprocess.run(command, env=environment, capture_output=True, text=True,
-                          timeout=240)
+    launch = [MPIEXEC, "-n", str(processes), sys.executable, str(RUNNER), command, "--out",
+              str(out), "--quiet", *flags(**options)]
+    return subprocess.run(launch, env=environment, capture_output=True, text=True, timeout=240)
 
 
-def assert_same_run(one, two):
-    """The two run folders hold the same weights and optimizer state (to 1e-10) and the same
-    metrics (train/test loss and accuracy, summed over the ranks)."""
+def assert_same_run(one, two, measures=("loss", "accuracy"), atol=1e-12):
+    """The two run folders hold the same weights and optimizer state (to 1e-10, and `atol`)
+    and the same metrics (`measures` of each record, summed over the ranks)."""
     first, _ = load_weights(one / "last.safetensors")
     second, _ = load_weights(two / "last.safetensors")
     assert first.keys() == second.keys()
     for key in first:
-        np.testing.assert_allclose(second[key], first[key], rtol=1e-10, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(second[key], first[key], rtol=1e-10, atol=atol, err_msg=key)
     metrics = [(folder / "metrics.jsonl").read_text().splitlines() for folder in (one, two)]
     assert len(metrics[0]) == len(metrics[1])
     for a, b in zip(*metrics):
         a, b = json.loads(a), json.loads(b)
-        for key in ("loss", "accuracy"):
-            assert b[key] == pytest.approx(a[key], rel=1e-10), (a, b)
+        assert a.keys() == b.keys()
+        for key in measures:
+            assert b[key] == pytest.approx(a[key], rel=1e-10), (key, a, b)
 
 
 @needs_mpiexec
@@ -94,24 +102,26 @@ def test_two_processes_train_the_weights_of_one(tmp_path, optimizer):
     train(TrainConfig(**dict(vars(config), out=str(tmp_path / "one"))))
     mixed = tmp_path / "mixed"
     if optimizer == "adamw":
-        done = mpiexec_train(2, mixed, epochs=1, **options)
+        done = mpiexec_minivit(2, mixed, epochs=1, **options)
         assert done.returncode == 0, done.stderr
         assert done.stdout.count("test accuracy") == 1, done.stdout  # rank 0 reports alone
         train(TrainConfig(**dict(vars(config), out=str(mixed), resume=True)))
     else:
         train(TrainConfig(**dict(vars(config), out=str(mixed), epochs=1)))
-        done = mpiexec_train(2, mixed, resume=True, epochs=2)
+        done = mpiexec_minivit(2, mixed, resume=True, epochs=2)
         assert done.returncode == 0, done.stderr
     assert_same_run(tmp_path / "one", mixed)
 
 
 @needs_mpiexec
-@pytest.mark.parametrize("kind", ["raise", "nan"])
-def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, kind):
+@pytest.mark.parametrize("command, kind", [("train", "raise"), ("train", "nan"),
+                                           ("pretrain", "raise")])
+def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, command, kind):
     """Rank 1 fails at step 15 (epoch 2 of 12-step epochs): both processes end (no hang
     until the timeout), non-zero, with rank 1's message; epoch 1's checkpoint is intact."""
     out = tmp_path / "run"
-    done = mpiexec_train(2, out, fail=f"1:15:{kind}", epochs=3, **OPTIONS)
+    options = OPTIONS if command == "train" else dict(PRETRAIN, method="mae")
+    done = mpiexec_minivit(2, out, fail=f"1:15:{kind}", command=command, epochs=3, **options)
     assert done.returncode != 0
     expected = "injected failure at step 15" if kind == "raise" else "the loss became nan"
     assert "error on rank 1 of 2" in done.stderr and expected in done.stderr, done.stderr
@@ -122,28 +132,88 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, kind
 
 @needs_mpiexec
 @pytest.mark.skipif(not backend.cupy_available(), reason="CuPy or a CUDA GPU is not available")
-def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path):
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path, command):
     """The cupy backend: 1 rank (NCCL, when CuPy has it), and 2 ranks (NCCL with a GPU each;
-    host copies over MPI when they share one) train the weights of a plain 1-process run."""
+    host copies over MPI when they share one) train the weights of a plain 1-process run.
+    pretrain: DINO, its head's batch norms synchronised on the GPU."""
     import cupy
 
-    options = dict(OPTIONS, backend="cupy", epochs=2)
-    train(TrainConfig(**options, out=str(tmp_path / "one"), progress=False))
+    one = tmp_path / "one"
+    if command == "train":
+        options = dict(OPTIONS, backend="cupy", epochs=2)
+        measures, atol = ("loss", "accuracy"), 1e-12
+        train(TrainConfig(**options, out=str(one), progress=False))
+    else:  # atol: see test_two_processes_pretrain_the_weights_of_one
+        options = dict(PRETRAIN, method="dino", backend="cupy", epochs=1)
+        measures, atol = DINO_MEASURES, 1e-10
+        pretrain(PretrainConfig(**options, out=str(one), progress=False))
     nccl = dist._nccl_module() is not None
     for processes in (1, 2):
         out = tmp_path / f"ranks{processes}"
-        done = mpiexec_train(processes, out, **options)
+        done = mpiexec_minivit(processes, out, command=command, **options)
         assert done.returncode == 0, done.stderr
         own_gpus = processes <= cupy.cuda.runtime.getDeviceCount()
         transport = "nccl" if nccl and own_gpus else "mpi (host copies)"
         assert f"all-reduced over {transport}" in done.stdout, done.stdout
-        print(f"{processes} rank(s): {transport}")  # shown by gpu_check.sh (pytest -s)
-        assert_same_run(tmp_path / "one", out)
+        print(f"{command}, {processes} rank(s): {transport}")  # shown by gpu_check.sh
+        assert_same_run(one, out, measures, atol)
+
+
+class StopAfterEpoch(Exception):
+    pass
+
+
+def stop_after_epoch(epoch, summary):
+    raise StopAfterEpoch
 
 
 @needs_mpiexec
-def test_a_global_batch_that_does_not_split_is_a_clear_error(tmp_path):
-    done = mpiexec_train(2, tmp_path / "run", epochs=1, **dict(OPTIONS, batch_size=33))
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_two_processes_pretrain_the_weights_of_one(tmp_path, method):
+    """MAE: 2 processes pretrain epoch 1 (of warm-up: the schedule is that of 2 epochs), 1
+    process resumes for epoch 2; DINO the other way round (epoch 1 has the head's last layer
+    frozen, epoch 2 not). Each against 1 process
+    pretraining both epochs straight: every weight (DINO: student, teacher and center) and
+    the optimizer's state to 1e-10, and the logged loss (DINO: entropies, center norm)."""
+    options = dict(PRETRAIN, method=method, **({"color_jitter": True} if method == "dino"
+                                                  else {}))
+    config = PretrainConfig(**options, epochs=2, progress=False)
+    pretrain(dataclasses.replace(config, out=str(tmp_path / "one")))
+    mixed = tmp_path / "mixed"
+    if method == "mae":
+        done = mpiexec_minivit(2, mixed, command="pretrain", epochs=1, **options)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("loss") == 1, done.stdout  # rank 0 reports alone
+        pretrain(dataclasses.replace(config, out=str(mixed), resume=True))
+    else:  # stopped after epoch 1 of 2 (the teacher's momentum follows the planned steps)
+        with pytest.raises(StopAfterEpoch):
+            pretrain(dataclasses.replace(config, out=str(mixed)), on_epoch_end=stop_after_epoch)
+        done = mpiexec_minivit(2, mixed, command="pretrain", resume=True, epochs=2)
+        assert done.returncode == 0, done.stderr
+    if method == "mae":
+        assert_same_run(tmp_path / "one", mixed, ("loss",))
+    else:  # the biases before a batch norm have a gradient of 0 but for rounding, which AdamW
+        # turns into steps of up to ~lr·1e-8: such weights stay ~1e-11, and differ by as much
+        assert_same_run(tmp_path / "one", mixed, DINO_MEASURES, atol=1e-10)
+
+
+@needs_mpiexec
+def test_three_processes_share_uneven_last_batches(tmp_path):
+    """MAE, a global batch of 129 over 3 processes: each epoch's last batch of 19 splits 6/6/7,
+    the losses weighed by their shares (dist.share_of_loss) give the one-process weights."""
+    options = dict(PRETRAIN, method="mae", batch_size=129, epochs=1)
+    pretrain(PretrainConfig(**options, out=str(tmp_path / "one"), progress=False))
+    done = mpiexec_minivit(3, tmp_path / "three", command="pretrain", **options)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "three", ("loss",))
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_a_global_batch_that_does_not_split_is_a_clear_error(tmp_path, command):
+    options = dict(OPTIONS if command == "train" else PRETRAIN, batch_size=33)
+    done = mpiexec_minivit(2, tmp_path / "run", command=command, epochs=1, **options)
     assert done.returncode != 0
     assert "--batch-size is the global batch" in done.stderr, done.stderr
     assert "must be a multiple of 2, got 33" in done.stderr and "Traceback" not in done.stderr
@@ -211,3 +281,11 @@ def test_batches_that_do_not_split_over_the_ranks_are_clear_errors(rank_1_of_2):
     with pytest.raises(MinivitError, match="a batch of 1 cannot be shared by 2 processes"):
         dist.shard(np.zeros(1))
     assert dist.rank_seed([7, 2]) == [7, 2, 1]  # each rank its own dropout numbers
+
+
+def test_share_of_loss_moves_the_weight_before_backward(rank_1_of_2):
+    """A last batch of 5: rank 1's rows 2-4 weigh 3/5, in its loss instead of its gradient,
+    which the all-reduce then sums (DINO's synchronised batch norm needs the loss weighed)."""
+    assert dist.shard_rows(5) == slice(2, 5) and rank_1_of_2.share == 0.6
+    assert dist.share_of_loss(2.0) == pytest.approx(1.2)
+    assert rank_1_of_2.share == 1.0

@@ -144,3 +144,16 @@ def test_multicrop_views_and_errors():
     with pytest.raises(MinivitError, match="local crop size must be a positive multiple of "
                                            "the patch size 2, got 5"):
         MultiCrop(8, 2, 2, 5, (0.5,), (0.25,), flip=False)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_multicrop_of_a_part_of_the_batch_is_that_part_of_the_whole_batchs(channels):
+    """A data-parallel process crops only its rows, with the random numbers of the whole
+    batch: flips, boxes, jitter, grey-scale and solarisation as one process would draw them."""
+    images = np.random.default_rng(1).random((7, channels, 8, 8)).astype(np.float32)
+    multicrop = MultiCrop(8, 2, 2, 4, (0.5,) * channels, (0.25,) * channels, flip=True)
+    whole = multicrop(images, np.random.default_rng(2))
+    for rows in (slice(0, 3), slice(3, 7)):
+        part = multicrop(images, np.random.default_rng(2), rows)
+        for part_view, whole_view in zip(part, whole, strict=True):
+            np.testing.assert_array_equal(part_view, whole_view[rows])

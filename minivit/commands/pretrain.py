@@ -99,6 +99,7 @@ def _saved_config(path):
 
 
 def run(args):
+    from minivit import distributed as dist
     from minivit.commands.common import apply_backend
     from minivit.commands.train import resumed_config
     from minivit.pretrain import PretrainConfig, pretrain
@@ -116,10 +117,14 @@ def run(args):
     except KeyboardInterrupt:
         import sys
 
+        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
+            return 130
         print(f"minivit pretrain: interrupted; {config.out} keeps the checkpoint of its last "
               f"finished epoch (if any): continue with minivit pretrain --resume --out "
               f"{config.out}", file=sys.stderr)
         return 130
+    if not dist.is_main():  # under mpiexec: rank 0 reports
+        return 0
     print(f"{summary['method']} loss {summary['loss']:.4f} after {summary['epoch']} epochs, "
           f"{summary['seconds']:.1f} s; run folder {summary['run_dir']}")
     return 0

@@ -56,41 +56,56 @@ def _bilinear_matrices(start, length, size, out):
     return matrices
 
 
-def random_resized_crop(images, rng, size, scale):
-    """(B, C, size, size) random resized crops of images (B, C, H, W)."""
+def random_resized_crop(images, rng, size, scale, rows=slice(None)):
+    """(B, C, size, size) random resized crops of images (B, C, H, W); `rows`: crop only
+    those images (the boxes are drawn for all, so a part gets the crops the whole would)."""
     count, _, height, width = images.shape
-    top, left, h, w = _crop_boxes(rng, count, height, width, scale)
-    rows = _bilinear_matrices(top, h, height, size)
-    cols = _bilinear_matrices(left, w, width, size)
-    return np.einsum("boh,bchw,bpw->bcop", rows, images, cols, optimize=True)
+    top, left, h, w = (a[rows] for a in _crop_boxes(rng, count, height, width, scale))
+    rows_matrices = _bilinear_matrices(top, h, height, size)
+    cols_matrices = _bilinear_matrices(left, w, width, size)
+    return np.einsum("boh,bchw,bpw->bcop", rows_matrices, images[rows], cols_matrices,
+                     optimize=True)
 
 
-def _jitter(images, rng, solarize):
-    count, channels = images.shape[:2]
-    out = images.copy()
+def _jitter_numbers(rng, count, colour, solarize):
+    """The random numbers of _jitter, one per image of `count`, in the order drawn."""
     jitter = rng.random(count) < 0.8
-    brightness = np.where(jitter, rng.uniform(0.6, 1.4, count), 1.0)[:, None, None, None]
-    out *= brightness
-    contrast = np.where(jitter, rng.uniform(0.6, 1.4, count), 1.0)[:, None, None, None]
+    numbers = {"brightness": np.where(jitter, rng.uniform(0.6, 1.4, count), 1.0),
+               "contrast": np.where(jitter, rng.uniform(0.6, 1.4, count), 1.0)}
+    if colour:
+        numbers["saturation"] = np.where(jitter, rng.uniform(0.8, 1.2, count), 1.0)
+        numbers["to_grey"] = rng.random(count) < 0.2
+    if solarize:
+        numbers["solarize"] = rng.random(count) < 0.2
+    return numbers
+
+
+def _jitter(images, numbers):
+    """Brightness, contrast (saturation, grey-scale), solarisation with `numbers`
+    (_jitter_numbers' for these images)."""
+    def per_image(name):
+        return numbers[name][:, None, None, None]
+
+    out = images * per_image("brightness")
     grey_level = out.mean(axis=(1, 2, 3), keepdims=True)
-    out = grey_level + contrast * (out - grey_level)
-    if channels == 3:
+    out = grey_level + per_image("contrast") * (out - grey_level)
+    if "saturation" in numbers:
         grey = out.mean(axis=1, keepdims=True)
-        saturation = np.where(jitter, rng.uniform(0.8, 1.2, count), 1.0)[:, None, None, None]
-        out = grey + saturation * (out - grey)
-        to_grey = rng.random(count) < 0.2
+        out = grey + per_image("saturation") * (out - grey)
+        to_grey = numbers["to_grey"]
         out[to_grey] = out[to_grey].mean(axis=1, keepdims=True)
     out = np.clip(out, 0.0, 1.0)
-    if solarize:
-        chosen = (rng.random(count) < 0.2)[:, None, None, None]
-        out = np.where(chosen & (out >= 0.5), 1.0 - out, out)
+    if "solarize" in numbers:
+        out = np.where(per_image("solarize") & (out >= 0.5), 1.0 - out, out)
     return out
 
 
 class MultiCrop:
     """multicrop(images, rng) -> [global 1, global 2, local 1, ...] crops of [0, 1] images
     (B, C, H, W), each normalised with the dataset's per-channel mean and std. color_jitter
-    False leaves out the photometric part (jitter, grey-scale, solarisation): crops only."""
+    False leaves out the photometric part (jitter, grey-scale, solarisation): crops only.
+    multicrop(images, rng, rows): the crops of those images only, the random numbers drawn for
+    the whole batch (a data-parallel process's part: the crops one process would make)."""
 
     def __init__(self, image_size, patch_size, local_crops, local_size, mean, std, flip,
                  color_jitter=True):
@@ -105,19 +120,21 @@ class MultiCrop:
         self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
 
-    def _view(self, images, rng, size, scale, solarize=False):
-        crops = random_resized_crop(images, rng, size, scale)
+    def _view(self, images, rng, rows, size, scale, solarize=False):
+        count, channels = images.shape[:2]
+        crops = random_resized_crop(images, rng, size, scale, rows)
         if self.flip:
-            flipped = rng.random(len(crops)) < 0.5
+            flipped = (rng.random(count) < 0.5)[rows]
             crops[flipped] = crops[flipped, ..., ::-1]
         if self.color_jitter:
-            crops = _jitter(crops, rng, solarize)
+            numbers = _jitter_numbers(rng, count, channels == 3, solarize)
+            crops = _jitter(crops, {name: value[rows] for name, value in numbers.items()})
         return ((crops - self.mean) / self.std).astype(np.float32)
 
-    def __call__(self, images, rng):
-        views = [self._view(images, rng, self.image_size, GLOBAL_SCALE),
-                 self._view(images, rng, self.image_size, GLOBAL_SCALE, solarize=True)]
-        views += [self._view(images, rng, self.local_size, LOCAL_SCALE)
+    def __call__(self, images, rng, rows=slice(None)):
+        views = [self._view(images, rng, rows, self.image_size, GLOBAL_SCALE),
+                 self._view(images, rng, rows, self.image_size, GLOBAL_SCALE, solarize=True)]
+        views += [self._view(images, rng, rows, self.local_size, LOCAL_SCALE)
                   for _ in range(self.local_crops)]
         return views
 

@@ -9,29 +9,56 @@ from minivit.tensor import Function
 L2_EPS = 1e-12  # torch.nn.functional.normalize's floor under the norm
 
 
+def summed_over_processes(sums, count, sum_over_processes):
+    """(sums, count): sums over this process's rows (an array) and their count (0 where only
+    the sums matter), added up over the processes of a data-parallel run by one in-place
+    all-reduce, `sum_over_processes(array)`; None (one process): as they are."""
+    if sum_over_processes is None:
+        return sums, count
+    xp = backend.array_module(sums)
+    buffer = xp.concatenate([sums.ravel(), xp.asarray([count], dtype=sums.dtype)])
+    sum_over_processes(buffer)
+    return buffer[:-1].reshape(sums.shape), int(round(float(buffer[-1])))
+
+
 # -- batch_norm (training mode: the batch's statistics over axis 0, biased variance):
 #    x̂ = (x − μ)·r, r = 1/√(σ² + ε);  y = x̂ w + b
 #    dx = r (dx̂ − mean₀(dx̂) − x̂ mean₀(dx̂ ⊙ x̂)),  dx̂ = dy w;  dw = Σ₀ dy ⊙ x̂;  db = Σ₀ dy
+#    Synchronised (data parallel, the reference's SyncBatchNorm): the batch is the rows of all
+#    processes, so μ, σ² and the two means of the backward are sums over every process's rows
+#    (`sum_over_processes`, an in-place all-reduce) divided by the global row count; dw, db
+#    stay this process's sums (the optimizer's all-reduce adds them up).
 class BatchNorm(Function):
-    def forward(self, x, weight, bias, eps=1e-5):
-        if x.ndim != 2 or x.shape[0] < 2 or weight.shape != (x.shape[1],) or \
-                bias.shape != (x.shape[1],):
+    def forward(self, x, weight, bias, eps=1e-5, sum_over_processes=None):
+        if x.ndim != 2 or weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
             raise ShapeError(f"batch_norm: expected x (batch ≥ 2, C) with weight and bias (C,); "
                              f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
                              f"{tuple(bias.shape)}")
         xp = backend.array_module(x)
-        centered = x - x.mean(axis=0, keepdims=True)
-        self.rstd = (1.0 / xp.sqrt((centered * centered).mean(axis=0, keepdims=True) + eps)
-                     ).astype(x.dtype, copy=False)
+        self.sum_over_processes = sum_over_processes
+        sums, self.count = summed_over_processes(x.sum(axis=0, keepdims=True), len(x),
+                                                 sum_over_processes)
+        if self.count < 2:
+            raise ShapeError(f"batch_norm: expected x (batch ≥ 2, C) with weight and bias (C,); "
+                             f"got a batch of {self.count} (x {tuple(x.shape)})")
+        centered = x - sums / self.count
+        squares, _ = summed_over_processes((centered * centered).sum(axis=0, keepdims=True), 0,
+                                           sum_over_processes)
+        self.rstd = (1.0 / xp.sqrt(squares / self.count + eps)).astype(x.dtype, copy=False)
         self.normalized, self.weight = centered * self.rstd, weight
         return self.normalized * weight + bias
 
     def backward(self, grad):
         x_hat = self.normalized
         grad_hat = grad * self.weight
-        grad_x = self.rstd * (grad_hat - grad_hat.mean(axis=0, keepdims=True)
-                              - x_hat * (grad_hat * x_hat).mean(axis=0, keepdims=True)) \
-            if self.needs_input_grad[0] else None
+        grad_x = None
+        if self.needs_input_grad[0]:
+            xp = backend.array_module(grad)
+            sums, _ = summed_over_processes(xp.stack([grad_hat.sum(axis=0),
+                                                      (grad_hat * x_hat).sum(axis=0)]), 0,
+                                            self.sum_over_processes)
+            mean_hat, mean_hat_x = sums / self.count
+            grad_x = self.rstd * (grad_hat - mean_hat - x_hat * mean_hat_x)
         return grad_x, (grad * x_hat).sum(axis=0), grad.sum(axis=0)
 
 
@@ -78,10 +105,13 @@ class WeightNormLinear(Function):
         return grad_x, grad_v, along if self.needs_input_grad[2] else None
 
 
-def batch_norm(x, weight, bias, eps=1e-5):
+def batch_norm(x, weight, bias, eps=1e-5, sum_over_processes=None):
     """torch.nn.BatchNorm1d's training-mode forward on (B, C): each channel normalised with
-    the batch's mean and biased variance, then scaled and shifted (no running statistics)."""
-    return BatchNorm()(x, weight, bias, eps=eps)
+    the batch's mean and biased variance, then scaled and shifted (no running statistics).
+    `sum_over_processes(array)`: an in-place sum over the processes of a data-parallel run
+    (minivit.distributed.allreduce_sum), making the batch all processes' rows together, as
+    torch.nn.SyncBatchNorm does; None: this process's rows only."""
+    return BatchNorm()(x, weight, bias, eps=eps, sum_over_processes=sum_over_processes)
 
 
 def l2_normalize(x):

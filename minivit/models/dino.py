@@ -14,7 +14,8 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError, ShapeError
-from minivit.functional.projection import l2_normalize, weight_norm_linear
+from minivit.functional.projection import (l2_normalize, summed_over_processes,
+                                           weight_norm_linear)
 from minivit.functional.resize import resize_grid
 from minivit.models.vit import VisionTransformer
 from minivit.nn import Linear, Module, Parameter, init
@@ -35,14 +36,27 @@ class WeightNormLinear(Module):
 
 class BatchNorm1d(Module):
     """torch.nn.BatchNorm1d(C) in training mode: batch statistics, weight 1 and bias 0 at init.
-    No running statistics: DINO's head only runs in training (the teacher's too)."""
+    No running statistics: DINO's head only runs in training (the teacher's too).
+    synchronize_batch_norms makes it torch.nn.SyncBatchNorm: the statistics of every process's
+    rows."""
 
     def __init__(self, channels):
         self.weight = Parameter(init.ones(channels))
         self.bias = Parameter(init.zeros(channels))
+        self.sum_over_processes = None
 
     def forward(self, x):
-        return F.batch_norm(x, self.weight, self.bias)
+        return F.batch_norm(x, self.weight, self.bias,
+                            sum_over_processes=self.sum_over_processes)
+
+
+def synchronize_batch_norms(model, sum_over_processes):
+    """Make every BatchNorm1d of `model` normalise over the rows of all processes of a
+    data-parallel run (the reference's convert_sync_batchnorm); `sum_over_processes(array)`
+    sums an array over them in place (minivit.distributed.allreduce_sum)."""
+    for _, module in model.named_modules():
+        if isinstance(module, BatchNorm1d):
+            module.sum_over_processes = sum_over_processes
 
 
 class _MLP(Module):
@@ -150,14 +164,17 @@ def _entropy(probabilities, axis=-1):
 class DINOLoss:
     """Cross-entropy from the teacher's centred, sharpened distribution of each global crop to
     the student's distribution of every other crop, averaged over the pairs; the center is an
-    EMA of the teacher's mean output, updated after each loss (call update_center)."""
+    EMA of the teacher's mean output, updated after each loss. In a data-parallel run,
+    `sum_over_processes(array)` (an in-place all-reduce) makes the center's batch mean and the
+    teacher's marginal entropy those of the global batch, as the reference's all_reduce."""
 
     def __init__(self, out_dim, student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.04,
-                 warmup_epochs=0, center_momentum=0.9, dtype="float32"):
+                 warmup_epochs=0, center_momentum=0.9, dtype="float32", sum_over_processes=None):
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_epochs = warmup_teacher_temp, warmup_epochs
         self.center_momentum = center_momentum
         self.center = backend.xp().zeros((1, out_dim), dtype=dtype)
+        self.sum_over_processes = sum_over_processes
 
     def temperature(self, epoch):
         """The teacher's temperature at `epoch`: linear warm-up, then teacher_temp."""
@@ -191,16 +208,16 @@ class DINOLoss:
         pairs = 2 * (crops - 1)
         log_p = F.log_softmax(student_out / self.student_temp, axis=-1)
         loss = -(log_p * weights.reshape(crops * batch, -1)).sum() / float(batch * pairs)
+        sums, count = summed_over_processes(xp.stack([teacher.sum(axis=0), q.sum(axis=(0, 1))]),
+                                            2 * batch, self.sum_over_processes)
+        teacher_mean, q_mean = sums / count  # of the global batch's global crops
         statistics = {"teacher_entropy": float(_entropy(q).mean()),
-                      "teacher_marginal_entropy": float(_entropy(q.mean(axis=(0, 1)))),
+                      "teacher_marginal_entropy": float(_entropy(q_mean)),
                       "center_norm": float(xp.linalg.norm(self.center))}
         if update_center:
-            self.update_center(teacher)
+            self.center = (self.center * self.center_momentum
+                           + teacher_mean[None] * (1 - self.center_momentum))
         return loss, statistics
-
-    def update_center(self, teacher_out):
-        batch_center = teacher_out.mean(axis=0, keepdims=True)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
 
 def check_crop_size(size, patch_size, what):
