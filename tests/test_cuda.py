@@ -13,8 +13,8 @@ On a GPU (skipped where CuPy or a GPU is missing):
 - gradcheck of each op on the cupy backend in float64;
 - the AdamW kernel against the NumPy AdamW over 5 steps;
 - float32 stays float32 through a whole ViT step; a 2-epoch training run whose loss falls;
-- set_tf32, memory_info and the experimental CUDA-graph capture: a whole training step
-  recorded and replayed against eager steps, and the capture path of each piece (GEMMs through
+- set_tf32, memory_info and the experimental CUDA-graph capture: a whole training step (ViT,
+  BEiT, Swin) recorded and replayed against eager steps, and the capture path of each piece (GEMMs through
   ctypes, batch addresses from a kernel) run eagerly against the usual path.
 """
 
@@ -662,21 +662,33 @@ def test_a_captured_optimizer_step_replays_like_eager_steps(cp, max_grad_norm):
                                    mb.to_numpy(getattr(eager, name)), rtol=1e-13, err_msg=name)
 
 
+# model, its options, image size: a ViT; BEiT and Swin (relative position bias, Swin's shift
+# masks), whose fixed index and masks must be on the GPU before the capture, and whose bias
+# gradient a capture can hold (a scatter-add of known size, no host sync)
+CAPTURED_MODELS = {"vit": ("vit_digits", dict(depth=2), 8),
+                   "beit": ("beit_digits", dict(depth=2), 8),
+                   "swin": ("swin_digits", {}, 8)}
+
+
 @GPU
-def test_a_captured_training_step_replays_like_eager_steps(cp):
-    """A whole ViT training step (forward, integer-label cross-entropy, backward, AdamW)
+@pytest.mark.parametrize("name", sorted(CAPTURED_MODELS))
+def test_a_captured_training_step_replays_like_eager_steps(cp, name):
+    """A whole training step (forward, integer-label cross-entropy, backward, AdamW)
     recorded as a CUDA graph: its warm-up and 3 replays equal 4 eager steps, in float64, and
     the optimizer counts every replay as a step."""
     from minivit.models import create_model
 
+    model_name, options, size = CAPTURED_MODELS[name]
+
     def setup():
         minivit.set_backend("cupy")
         minivit.manual_seed(0)
-        model = create_model("vit_digits", depth=2).to(backend="cupy", dtype="float64")
+        model = create_model(model_name, drop_path_rate=0.0, **options)
+        model = model.to(backend="cupy", dtype="float64")
         return model, AdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05)
 
     rng = np.random.default_rng(13)
-    images = cp.asarray(rng.standard_normal((16, 1, 8, 8)))
+    images = cp.asarray(rng.standard_normal((16, 1, size, size)))
     labels = cp.asarray(rng.integers(0, 10, 16))
 
     def step_of(model, optimizer):

@@ -281,3 +281,41 @@ def test_optimizer_state_of_another_optimizer_or_model_is_a_clear_error():
     bigger = AdamW(create_model("vit_digits", depth=2).named_parameters()).state_dict()
     with pytest.raises(MinivitError, match="saved for another model"):
         AdamW(model.named_parameters()).load_state_dict(bigger)
+
+
+@pytest.mark.parametrize("name, options", [("beit_digits", dict(depth=2)),
+                                           ("vit_digits", dict(depth=2, rel_pos_bias=True)),
+                                           ("swin_digits", {})])
+def test_a_relative_position_index_is_placed_once_per_model_not_per_forward(monkeypatch, name,
+                                                                            options):
+    """The fixed index (and Swin's masks) reach a backend once (nn.Constants): on the GPU a
+    copy per forward would cost a host-to-device copy per block and break a CUDA-graph
+    capture. NumPy stands in for the device: "placing" an array copies it, once."""
+    from minivit.nn import module
+
+    placed, indexes_used = [], []
+    real_to_backend, real_bias = module.backends.to_backend, F.relative_position_bias
+
+    def to_backend(array, name=None):  # a copy, as to a device; a placed array stays
+        if any(array is copy for copy in placed):
+            return real_to_backend(array, name)
+        placed.append(array.copy())
+        return placed[-1]
+
+    def relative_position_bias(table, index):
+        indexes_used.append(index)
+        return real_bias(table, index)
+
+    monkeypatch.setattr(module.backends, "to_backend", to_backend)
+    monkeypatch.setattr(F, "relative_position_bias", relative_position_bias)
+    model = create_model(name, **options)
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    for _ in range(3):
+        F.cross_entropy(model(x), np.array([0, 1])).backward()
+    blocks = len(indexes_used) // 3
+    assert blocks >= 2
+    assert [id(index) for index in indexes_used] == [id(index) for index in
+                                                     indexes_used[:blocks]] * 3
+    placed_indexes = [array for array in placed if array.dtype.kind in "iu"]
+    assert len(placed_indexes) == blocks
+    assert all(any(index is copy for copy in placed_indexes) for index in indexes_used)

@@ -197,7 +197,7 @@ def test_relative_position_bias(backend, data):
     (inp,) = draw_inputs(data, table)
 
     def fn(table):
-        return F.relative_position_bias(table, index)
+        return F.relative_position_bias(table, on_backend(index))
 
     np.testing.assert_allclose(forward(fn, inp), table[index].transpose(2, 0, 1), **EXACT)
     check_gradients(fn, inp, seed=data.draw(seeds))
@@ -222,9 +222,42 @@ def test_relative_position_index_is_beit_and_swin_layout(class_token):
         assert (index[0, 0], index[0, 1], index[1, 0]) == (entries - 1, entries - 3, entries - 2)
 
 
-def test_relative_position_bias_rejects_an_index_beyond_the_table():
-    with pytest.raises(minivit.errors.ShapeError, match="entries 0..5 of a table of 4"):
-        F.relative_position_bias(Tensor(np.zeros((4, 2))), np.array([[0, 5]]))
+@pytest.mark.parametrize("index, message", [
+    (np.array([[0, 5]]), "the index reaches entries 0..5 of a table of 4"),
+    (np.array([[-1, 2]]), "the index reaches entries -1..2 of a table of 4"),
+    (np.array([[0.0, 1.0]]), r"expected a table \(entries, heads\) and an integer index "
+                             r"\(N, N\); got \(4, 2\) and \(1, 2\) float64"),
+])
+def test_relative_position_bias_rejects_an_index_beyond_the_table(index, message):
+    with pytest.raises(minivit.errors.ShapeError, match=message):
+        F.relative_position_bias(Tensor(np.zeros((4, 2))), index)
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array posing as a CuPy one whose values must not be read to check it: on the
+    GPU that read would be a host sync."""
+
+    def min(self, *args, **kwargs):
+        raise AssertionError("the device index's values were read to check it")
+
+    max = min
+
+
+def test_relative_position_bias_checks_a_device_index_without_reading_it(monkeypatch):
+    """A device index is trusted (a copy of a checked host one): only its shape and dtype are
+    checked; the range of a host index is read on the host (the test above)."""
+    from minivit.functional.position import relative_position_index
+
+    monkeypatch.setitem(minivit.backend._backend_of_type, _DeviceArray, "cupy")
+    monkeypatch.setattr(minivit.backend, "_import_cupy", lambda: np)  # NumPy is its module
+    host = relative_position_index((2, 2))
+    table = np.random.default_rng(0).standard_normal((9, 2))
+    device_table = Tensor(table.view(_DeviceArray))
+    out = F.relative_position_bias(device_table, host.view(_DeviceArray))
+    np.testing.assert_array_equal(np.asarray(out.data), table[host].transpose(2, 0, 1))
+    with pytest.raises(minivit.errors.ShapeError, match=r"integer index \(N, N\); got \(9, 2\) "
+                                                        r"and \(4,\) int64"):
+        F.relative_position_bias(device_table, host[0].view(_DeviceArray))
 
 
 @FIXTURE_OK

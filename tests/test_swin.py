@@ -205,7 +205,7 @@ def test_bench_a_swin_against_timm(capsys):
 
 @pytest.mark.skipif(not minivit.backend.cupy_available(),
                     reason="cupy backend: CuPy or a CUDA GPU is not available")
-def test_swin_on_the_gpu_matches_numpy(tmp_path):
+def test_swin_on_the_cupy_backend_matches_numpy(tmp_path):
     """Logits and every gradient on the cupy backend equal NumPy's (float64), float32 stays
     float32 there, and a short training run on the GPU learns."""
     x, upstream = images(), np.random.default_rng(2).standard_normal((2, 3))

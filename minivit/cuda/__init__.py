@@ -10,6 +10,7 @@ of CuPy calls (each ~18 µs of Python launch overhead plus a full read/write of 
     reduction.py      column sums: bias gradients, LayerNorm's dw and db
     loss.py           cross-entropy: log-sum-exp and loss per row, elementwise backward
     attention.py      self-attention: batched cuBLAS GEMMs on the packed qkv + softmax (+ bias)
+    position.py       the relative position bias's backward: a scatter-add, no host sync
     optimizer.py      the AdamW update, one elementwise kernel over the flat buffer
     gemm.py           batched-GEMM addresses, cuBLAS through ctypes (for captures and half
                       operands), matmul, the bf16/fp16 operand rounding
@@ -23,7 +24,8 @@ they agree with the NumPy path to rounding. The families register these as their
 implementations (minivit.functional.registry); importing this package does not import CuPy.
 """
 
-from minivit.cuda import activation, attention, loss, normalization, optimizer  # noqa: F401
+from minivit.cuda import (activation, attention, loss, normalization, optimizer,  # noqa: F401
+                          position)
 from minivit.cuda.capture import (CapturedStep, capture_step, capturing, concatenate, dot,
                                   host_check, per_step, recording, replay_input, replayed,
                                   uniforms)

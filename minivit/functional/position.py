@@ -1,12 +1,15 @@
 """Position ops: the learned 2-D (row + column) embedding and the relative position bias
 gathered from its table, with the fixed index behind it (BEiT's and Swin's layouts, a plain
-NumPy array built once per patch grid). The two ops are Functions with hand-written backwards.
+NumPy array built once per patch grid). The two ops are Functions with hand-written backwards;
+the relative bias's GPU backward is minivit.cuda.position.
 (MAE's fixed sine-cosine table is minivit.models.pos_embed.sincos_2d.)"""
 
 import numpy as np
 
 from minivit import backend
+from minivit.cuda import position as cuda_position
 from minivit.errors import ShapeError
+from minivit.functional.registry import DispatchedFunction, implementation
 from minivit.tensor import Function
 
 
@@ -33,34 +36,61 @@ def position_embedding_2d(row, col):
 
 
 # -- relative position bias: b[h, n, m] = T[I[n, m], h]   (T (L, heads), I (N, M) fixed ints)
-#    dT[l, h] = Σ_{I[n, m] = l} g[h, n, m]: one bincount over the pairs (l, h) flattened to
-#    l·heads + h (a scatter-add through the fixed index, no loop and no np.add.at)
-class RelativePositionBias(Function):
+#    dT[l, h] = Σ_{I[n, m] = l} g[h, n, m]: a scatter-add of g through the fixed index (on the
+#    CPU one bincount over the pairs (l, h) flattened to l·heads + h, no loop and no np.add.at;
+#    on the GPU minivit.cuda.position, which needs no host sync)
+class RelativePositionBias(DispatchedFunction):
     def forward(self, table, index):
-        if table.ndim != 2 or index.ndim != 2 or index.dtype.kind not in "iu":
-            raise ShapeError(f"relative_position_bias: expected a table (entries, heads) and "
-                             f"an integer index (N, N); got {table.shape} and "
-                             f"{index.shape} {index.dtype}")
-        if index.size and not 0 <= int(index.min()) <= int(index.max()) < table.shape[0]:
-            raise ShapeError(f"relative_position_bias: the index reaches entries "
-                             f"{int(index.min())}..{int(index.max())} of a table of "
-                             f"{table.shape[0]}")
-        xp = backend.array_module(table)
-        self.index, self.table_shape = xp.asarray(index), table.shape
-        return table[self.index].transpose(2, 0, 1)  # (heads, N, M)
+        _check_index(table, index)
+        return self.dispatch("relative_position_bias", (table,), table, index)
 
-    def backward(self, grad):
+
+def _check_index(table, index):
+    """ShapeError unless `index` is an integer (N, M) array within the (entries, heads) table.
+    Its values are read only from a host array: a device index is trusted (a copy of a host
+    one; the models build theirs with the table and place it once, see nn.Constants)."""
+    if table.ndim != 2 or index.ndim != 2 or index.dtype.kind not in "iu":
+        raise ShapeError(f"relative_position_bias: expected a table (entries, heads) and "
+                         f"an integer index (N, N); got {table.shape} and "
+                         f"{index.shape} {index.dtype}")
+    if backend.backend_of(index) == "numpy" and index.size \
+            and not 0 <= index.min() <= index.max() < table.shape[0]:
+        raise ShapeError(f"relative_position_bias: the index reaches entries "
+                         f"{index.min()}..{index.max()} of a table of {table.shape[0]}")
+
+
+@implementation("relative_position_bias", "plain")
+class _PlainRelativePositionBias:
+    """saved: (index, table shape)."""
+
+    def forward(table, index):
+        return table[index].transpose(2, 0, 1), (index, table.shape)  # (heads, N, M)
+
+    def backward(saved, grad, needs):
+        index, (entries, heads) = saved
         xp = backend.array_module(grad)
-        entries, heads = self.table_shape
-        pairs = (self.index[..., None] * heads + xp.arange(heads)).ravel()
+        pairs = (index[..., None] * heads + xp.arange(heads)).ravel()
         sums = xp.bincount(pairs, weights=grad.transpose(1, 2, 0).ravel(),
                            minlength=entries * heads)
         return sums.reshape(entries, heads).astype(grad.dtype, copy=False), None
 
 
+@implementation("relative_position_bias", "cuda")
+class _FusedRelativePositionBias:
+    """The plain gather forward; backward the scatter-add kernel. saved: the plain one's."""
+
+    forward = _PlainRelativePositionBias.forward
+
+    def backward(saved, grad, needs):
+        index, table_shape = saved
+        return cuda_position.relative_position_bias_backward(grad, index, table_shape), None
+
+
 def relative_position_bias(table, index):
     """The (heads, N, M) attention bias table[index] (moved heads-first), for a learned table
-    (entries, heads) and a fixed integer index (N, M) (see relative_position_index)."""
+    (entries, heads) and a fixed integer index (N, M) (see relative_position_index) on the
+    table's backend: a NumPy index is range-checked on every call, a CuPy one is trusted
+    (reading it would stall the GPU: place a host index once, as minivit.nn.Constants does)."""
     return RelativePositionBias()(table, index)
 
 

@@ -105,9 +105,11 @@ def _position_embedding_2d(row, col):
 
 
 @register("relative_position_bias", "BEiT's table (entries, heads) gathered to (heads, N, N) "
-          "through a fixed index", Input("table", (12, 2)))
-def _relative_position_bias(table):
-    return F.relative_position_bias(table, relative_position_index((2, 2), class_token=True))
+          "through a fixed index", Input("table", (12, 2)),
+          Input("index", (5, 5), kind="index", values=tuple(map(tuple, relative_position_index(
+              (2, 2), class_token=True).tolist()))))
+def _relative_position_bias(table, index):
+    return F.relative_position_bias(table, index)
 
 
 @register("softmax", "max-subtracted softmax over the last axis",

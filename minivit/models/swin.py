@@ -18,7 +18,8 @@ import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError
 from minivit.functional.position import relative_position_index  # (Swin's layout: no class token)
-from minivit.nn import LayerNorm, Linear, Mlp, Module, ModuleList, Parameter, PatchEmbed
+from minivit.nn import (Constants, LayerNorm, Linear, Mlp, Module, ModuleList, Parameter,
+                        PatchEmbed)
 from minivit.nn import init
 
 SWIN_NORM_EPS = 1e-5
@@ -65,22 +66,6 @@ def window_attention(qkv, num_heads, scale, bias_table, bias_index, mask=None,
                             bias=bias)
 
 
-class _Constants:
-    """Host arrays a module computes once (index, mask), placed on the backend and dtype of
-    the tensor they meet, and cached there."""
-
-    def __init__(self, **arrays):
-        self.host, self.placed = arrays, {}
-
-    def get(self, name, like):
-        key = (name, like.backend, like.dtype if self.host[name].dtype.kind == "f" else None)
-        if key not in self.placed:
-            array = self.host[name]
-            array = array.astype(like.dtype) if array.dtype.kind == "f" else array
-            self.placed[key] = backend.to_backend(array, like.backend)
-        return self.placed[key]
-
-
 class WindowAttention(Module):
     """W-MSA: attention inside w×w windows with a learned bias per relative offset and head.
 
@@ -93,7 +78,7 @@ class WindowAttention(Module):
             ((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)))
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim)
-        self.constants = _Constants(index=relative_position_index(window))
+        self.constants = Constants(index=relative_position_index(window))
         self.keep_attention, self.attention = False, None
 
     def forward(self, windows, mask=None):
@@ -125,7 +110,7 @@ class SwinTransformerBlock(Module):
     def set_size(self, size, shift):
         """The (H, W) map this block takes, and its shift (its mask is rebuilt)."""
         self.size, self.shift = size, shift
-        self.constants = _Constants(mask=shift_mask(size, self.window, shift)) \
+        self.constants = Constants(mask=shift_mask(size, self.window, shift)) \
             if any(shift) else None
 
     def forward(self, x):

@@ -5,7 +5,7 @@ from minivit import backend
 from minivit.errors import DTypeError, ShapeError
 from minivit.functional.position import relative_position_index, relative_table_entries
 from minivit.nn import init
-from minivit.nn.module import Module, Parameter
+from minivit.nn.module import Constants, Module, Parameter
 from minivit.tensor import Tensor
 
 
@@ -89,7 +89,8 @@ class Attention(Module):
     qkv_bias: True (one bias for q, k and v), False, or "qv" (BEiT: ``q_bias`` and ``v_bias``
     of their own, no k bias). rel_pos_grid=(H, W): a learned relative position bias per head,
     ``relative_position_bias_table`` ((2H−1)(2W−1) entries, + 3 with rel_pos_class_token, as
-    BEiT), gathered through the fixed ``relative_position_index`` (not a weight).
+    BEiT), gathered through the fixed ``relative_position_index`` (not a weight; in
+    ``constants``, copied once to each backend the attention runs on).
 
     Set ``keep_attention = True`` to keep the last forward's probabilities (B, heads, N, N) in
     ``self.attention`` (they are computed anyway; on the GPU keeping them also spares backward
@@ -106,8 +107,8 @@ class Attention(Module):
             self.q_bias = Parameter(init.zeros(dim))
             self.v_bias = Parameter(init.zeros(dim))
         if rel_pos_grid is not None:
-            self.relative_position_index = relative_position_index(
-                rel_pos_grid, rel_pos_class_token)
+            self.constants = Constants(relative_position_index=relative_position_index(
+                rel_pos_grid, rel_pos_class_token))
             entries = relative_table_entries(rel_pos_grid, rel_pos_class_token)
             self.relative_position_bias_table = Parameter(init.trunc_normal((entries,
                                                                              num_heads)))
@@ -128,7 +129,7 @@ class Attention(Module):
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias if bias is None else bias)
         position_bias = None
         if hasattr(self, "relative_position_bias_table"):
-            index = self.relative_position_index
+            index = self.constants.get("relative_position_index", x)
             if index.shape[0] != x.shape[1]:
                 raise ShapeError(f"the relative position bias serves {index.shape[0]} tokens; "
                                  f"got {x.shape[1]}")

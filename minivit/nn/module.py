@@ -138,6 +138,25 @@ class Module:
         return ""
 
 
+class Constants:
+    """Fixed host arrays a module computes once (a relative position index, an attention
+    mask), each placed on the backend (and, if floating, the dtype) of the tensor it meets the
+    first time, and that copy kept: no host-to-device copy per forward, which a CUDA-graph
+    capture would refuse. One process uses one GPU, so the backend names the device."""
+
+    def __init__(self, **arrays):
+        self.host, self.placed = arrays, {}
+
+    def get(self, name, like):
+        """The array `name` on `like`'s backend (and dtype, for floating arrays)."""
+        key = (name, like.backend, like.dtype if self.host[name].dtype.kind == "f" else None)
+        if key not in self.placed:
+            array = self.host[name]
+            array = array.astype(like.dtype) if array.dtype.kind == "f" else array
+            self.placed[key] = backends.to_backend(array, like.backend)
+        return self.placed[key]
+
+
 class ModuleList(Module):
     """A list of modules named 0, 1, 2, ... (as in timm's ``blocks.0``)."""
 
