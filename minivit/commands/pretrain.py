@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import sys
 
 EPILOG = """examples:
   minivit pretrain --method mae --epochs 100 --out runs/mae      masked autoencoder on the digits
@@ -100,8 +101,6 @@ def run(args):
     try:
         summary = pretrain(config)
     except KeyboardInterrupt:
-        import sys
-
         if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
             return 130
         print(f"minivit pretrain: interrupted; {config.out} keeps the checkpoint of its last "
