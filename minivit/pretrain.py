@@ -24,6 +24,7 @@ one process would.
 """
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -45,21 +46,29 @@ from minivit.optim import AdamW, warmup_cosine
 from minivit.precision import check_precision, prepare_training
 from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
-from minivit.train.config import DEFAULT_MODELS, refuse_out_of_range, schedule_checks
+from minivit.train.config import (DEFAULT_EPOCHS, DEFAULT_MODELS, refuse_out_of_range,
+                                  resumed_config, schedule_checks)
 from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
                                       prepare_run_folder, resume_from_last, write_failure)
 
 METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0, "warmup": 5},
                    "dino": {"lr": 1e-3, "weight_decay": 0.04, "clip_grad": 3.0, "warmup": 1}}
 
+# PretrainConfig fields of the run rather than of what it trains: a resume takes them from the
+# caller and never compares them with the run's config.json.
+RUN_CONTROL = {"out", "resume", "overwrite", "progress", "backend"}
+
 
 @dataclasses.dataclass
 class PretrainConfig:
+    """What `pretrain` is told. ``resume=True`` goes on with the options saved in the run's
+    config.json, as TrainConfig's: fields left at their defaults take the saved values, others
+    must equal them, except `epochs`, `data_dir` and the run control (RUN_CONTROL)."""
     method: str = "mae"
     dataset: str = "digits"
     data_dir: str = None
     model: str = None  # the encoder's configuration; default: DEFAULT_MODELS[dataset]
-    epochs: int = 100
+    epochs: int = None  # None: DEFAULT_EPOCHS, or a resumed run's own
     batch_size: int = 64
     lr: float = None  # None: METHOD_DEFAULTS
     min_lr: float = 1e-6
@@ -125,7 +134,8 @@ def _check_config(config):
         raise MinivitError(f"unknown dataset {config.dataset!r}; known: {', '.join(DATASETS)}")
     check_precision(config.precision, config.backend, config.dtype)
     config = dataclasses.replace(config, **{
-        name: value for name, value in METHOD_DEFAULTS[config.method].items()
+        name: value for name, value in dict(METHOD_DEFAULTS[config.method],
+                                            epochs=DEFAULT_EPOCHS).items()
         if getattr(config, name) is None})
     refuse_out_of_range(config, (
             *schedule_checks(config), ("batch_size", config.batch_size >= 1, "at least 1"),
@@ -240,6 +250,9 @@ def pretrain(config, on_epoch_end=None):
 def _pretrain(config, on_epoch_end):
     from tqdm import tqdm
 
+    if config.resume:
+        config = resumed_config(config, read_saved=saved_pretrain_config,
+                                run_control=RUN_CONTROL, command="minivit pretrain")
     backend.set_backend(config.backend)
     dist.init()  # under mpiexec: join the other processes (each on its own GPU)
     config = _check_config(config)
@@ -340,6 +353,17 @@ def _end_epoch(config, method, optimizer, metrics, record, info, last_path):
                         if name in record)
         tqdm.write(f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['loss']:.4f}"
                    f"{extra}  {record['images_per_s']:.0f} img/s")
+
+
+def saved_pretrain_config(path):
+    """The PretrainConfig in a pretraining run's config.json; MinivitError when it is damaged."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        names = {field.name for field in dataclasses.fields(PretrainConfig)}
+        return PretrainConfig(**{k: v for k, v in saved.items() if k in names})
+    except (ValueError, TypeError, AttributeError) as error:
+        raise MinivitError(f"{path} is damaged ({error}); start a new run with --out OTHER") \
+            from None
 
 
 def model_from_run(path):

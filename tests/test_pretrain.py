@@ -47,6 +47,23 @@ def test_mae_resume_continues_the_run(mae_run, tmp_path, capsys):
     assert "--mask-ratio 0.5 (saved: 0.75)" in capsys.readouterr().err
 
 
+def test_a_python_resume_takes_the_runs_saved_options(mae_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(mae_run, run)
+    with pytest.raises(MinivitError, match=r"these options differ from it: --mask-ratio 0.5 "
+                                           r"\(saved: 0.75\)"):
+        pretrain(PretrainConfig(out=str(run), resume=True, epochs=5, mask_ratio=0.5))
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4]
+    # the run's warmup (1 epoch, not MAE's default 5), batch size and model go on
+    pretrain(PretrainConfig(out=str(run), resume=True, epochs=5, progress=False))
+    saved = json.loads((run / "config.json").read_text())
+    original = json.loads((mae_run / "config.json").read_text())
+    assert saved == dict(original, epochs=5, resume=True, out=str(run))
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4, 5]
+
+
 def test_probe_of_the_mae_encoder_beats_random_init(mae_run, capsys):
     assert main(["probe", str(mae_run), "--linear-epochs", "20"]) == 0
     trained = capsys.readouterr().out

@@ -94,6 +94,55 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     assert epochs == [1, 2]
 
 
+# digits with the default recipe (CutMix), drop-path and label smoothing: 2 epochs of 6 steps
+DEFAULT_RECIPE_RUN = dict(epochs=2, warmup=1, batch_size=256, progress=False)
+
+
+@pytest.fixture(scope="module")
+def straight_default_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(TrainConfig(out=str(run_dir), **DEFAULT_RECIPE_RUN))
+    return run_dir
+
+
+@pytest.mark.parametrize("given", [{}, {"epochs": 2}, DEFAULT_RECIPE_RUN],
+                         ids=["nothing", "epochs", "the-same-options"])
+def test_a_python_resume_takes_the_runs_saved_options(tmp_path, straight_default_run, given):
+    """train(TrainConfig(out=RUN, resume=True, ...)) continues RUN with its config.json (the
+    digits' default CutMix, its batch size and length included) bit for bit as the straight
+    run, whether the options it was started with are given again or not."""
+    def planned_two_epochs(epoch, summary):  # the run's own length, not the default 100
+        assert summary["epochs"] == 2
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(run_dir), **DEFAULT_RECIPE_RUN), on_epoch_end=stop_after(1))
+    train(TrainConfig(**dict(given, out=str(run_dir), resume=True)),
+          on_epoch_end=planned_two_epochs)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["cutmix"], saved["batch_size"], saved["epochs"]) == (1.0, 256, 2)
+    straight, _ = load_weights(straight_default_run / "last.safetensors")
+    resumed, _ = load_weights(run_dir / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:  # model weights and optimizer moments alike
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+
+
+def test_a_python_resume_refuses_options_that_differ_from_the_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    train(quick_config(tmp_path, epochs=1, batch_size=256))
+    before = (run_dir / "last.safetensors").read_bytes()
+    with pytest.raises(MinivitError) as error:  # epochs may change, the others may not
+        train(quick_config(tmp_path, epochs=2, batch_size=32, log_grads=True, resume=True))
+    assert str(error.value) == (
+        f"--resume continues {run_dir} with the configuration saved in its config.json, and "
+        f"these options differ from it: --batch-size 32 (saved: 256), --log-grads (saved: "
+        f"log-grads false). Leave them out to continue the run as it was, or start a new run "
+        f"with --out OTHER (or, without --resume, --overwrite to replace this one)")
+    assert (run_dir / "last.safetensors").read_bytes() == before
+    assert [r["epoch"] for r in read_metrics(run_dir) if r["split"] == "train"] == [1]
+
+
 def test_resume_through_the_cli(tmp_path, capsys):
     run_dir = tmp_path / "cli"
     common = ["--epochs", "1", "--batch-size", "256", "--out", str(run_dir), "--quiet"]
@@ -143,11 +192,13 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the message says it all: no NumPy noise
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     train(quick_config(tmp_path, epochs=1))
-    last = tmp_path / "run" / "last.safetensors"
+    last, saved = tmp_path / "run" / "last.safetensors", tmp_path / "run" / "config.json"
     before = last.read_bytes()
+    # a run whose learning rate blows it up after its first epoch: a resume keeps its lr
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), lr=1e30, clip_grad=0.0)))
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*The last good checkpoint "
                                             r"is kept in .*last.safetensors") as error:
-        train(quick_config(tmp_path, epochs=2, resume=True, lr=1e30, clip_grad=0.0))
+        train(TrainConfig(out=str(tmp_path / "run"), epochs=2, resume=True))
     assert last.read_bytes() == before
     # a resume (which keeps --lr) would blow up again: the advice is a new start
     assert "start again with a lower --lr (or with --clip-grad on) and --overwrite" in \

@@ -2,8 +2,7 @@
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
+import sys
 
 EPILOG = """examples:
   minivit pretrain --method mae --epochs 100 --out runs/mae      masked autoencoder on the digits
@@ -19,8 +18,6 @@ The run folder gets config.json, metrics.jsonl (the loss per epoch; DINO also th
 entropy and the center's norm) and last.safetensors (every epoch, written atomically).
 """
 
-# Options of the run rather than of what it trains (never compared with a resumed run's).
-RUN_CONTROL = {"out", "resume", "overwrite", "progress", "backend"}
 OWN_FLAGS = {"dtype", "precision"}  # declared by the shared helpers of minivit.commands.common
 HELP = {
     "method": "mae (masked autoencoder) or dino (self-distillation)",
@@ -62,9 +59,10 @@ CHOICES = {"method": ("mae", "dino"), "checkpoint_format": ("safetensors", "npz"
 def add_parser(subparsers, name, help_text):
     from minivit.commands.common import add_backend_flags, add_precision_flag, command_parser
     from minivit.commands.train import add_run_folder_flags
-    from minivit.pretrain import PretrainConfig
+    from minivit.pretrain import RUN_CONTROL, PretrainConfig
+    from minivit.train.config import DEFAULT_EPOCHS
 
-    defaults = PretrainConfig()
+    defaults = PretrainConfig(epochs=DEFAULT_EPOCHS)  # the help names a new run's length
     p = command_parser(subparsers, name, help_text, EPILOG)
     for field in dataclasses.fields(PretrainConfig):
         if field.name in RUN_CONTROL | OWN_FLAGS:
@@ -85,38 +83,24 @@ def add_parser(subparsers, name, help_text):
     add_run_folder_flags(p, defaults.out)
 
 
-def _saved_config(path):
-    from minivit.errors import MinivitError
-    from minivit.pretrain import PretrainConfig
-
-    try:
-        saved = json.loads(Path(path).read_text())
-        names = {field.name for field in dataclasses.fields(PretrainConfig)}
-        return PretrainConfig(**{k: v for k, v in saved.items() if k in names})
-    except (ValueError, TypeError, AttributeError) as error:
-        raise MinivitError(f"{path} is damaged ({error}); start a new run with --out OTHER") \
-            from None
-
-
 def run(args):
     from minivit import distributed as dist
     from minivit.commands.common import apply_backend
-    from minivit.commands.train import resumed_config
-    from minivit.pretrain import PretrainConfig, pretrain
+    from minivit.pretrain import RUN_CONTROL, PretrainConfig, pretrain, saved_pretrain_config
+    from minivit.train.config import resumed_config
 
     names = {field.name for field in dataclasses.fields(PretrainConfig)}
     given = {k: v for k, v in vars(args).items()
              if k in names - RUN_CONTROL and v is not None}
-    run_control = {"out": args.out, "progress": args.progress, "overwrite": args.overwrite,
-                   "backend": apply_backend(args)}
+    run_control = {"out": args.out, "resume": args.resume, "progress": args.progress,
+                   "overwrite": args.overwrite, "backend": apply_backend(args)}
     config = PretrainConfig(**given, **run_control)
-    if args.resume:
-        config = resumed_config(args.out, _saved_config, "minivit pretrain", given, run_control)
+    if args.resume:  # the options given, not only those that differ from PretrainConfig's
+        config = resumed_config(config, given, saved_pretrain_config, RUN_CONTROL,
+                                "minivit pretrain")
     try:
         summary = pretrain(config)
     except KeyboardInterrupt:
-        import sys
-
         if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
             return 130
         print(f"minivit pretrain: interrupted; {config.out} keeps the checkpoint of its last "

@@ -1,16 +1,14 @@
 """minivit train: train a ViT and keep a run folder (config, metrics, checkpoints)."""
 
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 from minivit import distributed as dist
 from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
                                      command_parser, number)
 from minivit.commands.family_flags import add_family_flags
-from minivit.errors import MinivitError
-from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, saved_config, train
+from minivit.train import OPTIMIZER_DEFAULTS, TrainConfig, epochs_text, resumed_config, train
+from minivit.train.config import DEFAULT_EPOCHS, RUN_CONTROL
 
 EPILOG = """examples:
   minivit train                                   tiny ViT on the embedded 8x8 digits (CPU)
@@ -33,12 +31,6 @@ last.safetensors (weights + optimizer, every epoch) and best.safetensors (best t
 Checkpoints are written atomically: an interrupted run keeps its last good checkpoint. A new run
 refuses a folder that holds another run: --resume it, pick another --out, or --overwrite it.
 """
-
-# Options that are not part of what a run trains: never compared with a resumed run's config.
-RUN_CONTROL = {"out", "resume", "overwrite", "progress", "cuda_graph"}
-# Training options --resume takes from the command line instead of the run's config.json.
-RESUME_MAY_CHANGE = {"epochs", "data_dir", "workers"}
-FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest: --name-like-this
 
 
 def _per_optimizer(option):
@@ -80,7 +72,7 @@ def add_parser(subparsers, name, help_text):
                             "train run folder, or a weights file (reference MAE/DINO, timm); "
                             "its decoder or head is dropped and a new head trained")
     model.add_argument("--epochs", type=int, default=None,
-                       help=f"default: {defaults.epochs}; with --resume, the run's own")
+                       help=f"default: {DEFAULT_EPOCHS}; with --resume, the run's own")
     model.add_argument("--batch-size", type=int, default=None,
                        help=f"default: {defaults.batch_size}")
     model.add_argument("--lr", type=float, default=None,
@@ -166,26 +158,6 @@ def add_finetune_flags(group):
                             "lr * DECAY^(L - i)")
 
 
-def _check_resumed_options(run_dir, saved, given):
-    """Refuse training options given with --resume that differ from the run's saved config."""
-    differing = []
-    for name, value in given.items():
-        kept = saved.model_name() if name == "model" else getattr(saved, name)
-        if name in RESUME_MAY_CHANGE or value == kept:
-            continue
-        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
-        if isinstance(value, bool):
-            differing.append(f"{flag} (saved: {name.replace('_', '-')} {json.dumps(kept)})")
-        else:
-            differing.append(f"{flag} {value} (saved: {kept})")
-    if differing:
-        raise MinivitError(f"--resume continues {run_dir} with the configuration saved in its "
-                           f"config.json, and these options differ from it: "
-                           f"{', '.join(differing)}. Leave them out to continue the run as it "
-                           f"was, or start a new run with --out OTHER (or, without --resume, "
-                           f"--overwrite to replace this one)")
-
-
 def add_run_folder_flags(parser, default_out):
     """--out, --resume, --overwrite and --quiet: the flags of a command that keeps a run folder
     (train, pretrain)."""
@@ -201,40 +173,26 @@ def add_run_folder_flags(parser, default_out):
                         help="no progress bar or per-epoch lines")
 
 
-def resumed_config(out, read_saved, command, given, run_control):
-    """The configuration saved in the run folder `out` (read by `read_saved(path)`), to
-    continue it with `run_control` and the options --resume may change; other `given` options
-    must equal the saved ones."""
-    saved_path = Path(out) / "config.json"
-    if not saved_path.exists():
-        raise MinivitError(f"--resume: {saved_path} does not exist; is {out} a run folder made "
-                           f"by {command}?")
-    saved = read_saved(saved_path)
-    _check_resumed_options(out, saved, given)
-    changes = {name: given[name] for name in RESUME_MAY_CHANGE if name in given}
-    return dataclasses.replace(saved, resume=True, **run_control, **changes)
-
-
 def run(args):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items()
              if k in fields - RUN_CONTROL and v is not None}  # before apply_backend fills it
-    run_control = {"out": args.out, "progress": args.progress, "overwrite": args.overwrite,
-                   "cuda_graph": args.cuda_graph}
+    run_control = {"out": args.out, "resume": args.resume, "progress": args.progress,
+                   "overwrite": args.overwrite, "cuda_graph": args.cuda_graph}
     config = TrainConfig(**dict(given, backend=apply_backend(args), **run_control))
-    if args.resume:
-        config = resumed_config(args.out, saved_config, "minivit train", given, run_control)
-    finished = []  # epochs whose checkpoint has been written in this run
+    if args.resume:  # the options given, not only those that differ from TrainConfig's defaults
+        config = resumed_config(config, given)
+    finished = {}  # train()'s summary once an epoch's checkpoint is written in this run
     try:
-        summary = train(config, on_epoch_end=lambda epoch, summary: finished.append(epoch))
+        summary = train(config, on_epoch_end=lambda epoch, summary: finished.update(summary))
     except KeyboardInterrupt:
         if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
             return 130
-        if finished and finished[-1] == config.epochs:
+        if finished and finished["epoch"] == finished["epochs"]:
             print(f"minivit train: interrupted after the last epoch's checkpoint; the run in "
                   f"{config.out} is complete", file=sys.stderr)
         elif finished or config.resume:
-            kept = f"epoch {finished[-1]}" if finished else "the epoch it resumed from"
+            kept = f"epoch {finished['epoch']}" if finished else "the epoch it resumed from"
             print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
                   f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
         else:

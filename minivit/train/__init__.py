@@ -10,8 +10,9 @@ schedule, evaluates every epoch and keeps a run folder:
     RUN/best.safetensors   weights (+ average) of the epoch with the best test accuracy
 
 Checkpoints are written atomically; a run stopped at any point (Ctrl-C, NaN loss, a crash)
-keeps the last good checkpoint, and ``resume=True`` continues from it with exactly the batches
-and random numbers the uninterrupted run would have used. A new run refuses a folder that holds
+keeps the last good checkpoint, and ``resume=True`` continues from it with the options saved in
+its config.json (TrainConfig says which may change) and exactly the batches and random numbers
+the uninterrupted run would have used. A new run refuses a folder that holds
 another run unless ``overwrite=True``, which removes that run's checkpoints and metrics first.
 
 A run goes through the stages of `_train`, each in its own module:
@@ -33,7 +34,7 @@ from minivit.distill import distillation_criterion
 from minivit.ema import ModelEma
 from minivit.precision import prepare_training
 from minivit.train.config import (DEFAULT_MODELS, OPTIMIZER_DEFAULTS, TrainConfig, checked_config,
-                                  config_notes, epochs_text, saved_config)
+                                  config_notes, epochs_text, resumed_config, saved_config)
 from minivit.train.loop import (Trainer, build_model, build_optimizer, evaluate,
                                 load_training_data, model_notes, training_step)
 from minivit.train.progress import Progress
@@ -41,13 +42,16 @@ from minivit.train.run_folder import (PLOT_FILES, RUN_FILES, RunStart, check_run
                                       make_run_folder, prepare_run_folder, resume_from_last)
 
 __all__ = ["DEFAULT_MODELS", "OPTIMIZER_DEFAULTS", "PLOT_FILES", "RUN_FILES", "TrainConfig",
-           "build_model", "build_optimizer", "epochs_text", "evaluate", "saved_config", "train",
-           "training_step"]
+           "build_model", "build_optimizer", "epochs_text", "evaluate", "resumed_config",
+           "saved_config", "train", "training_step"]
 
 
 def train(config, on_epoch_end=None):
-    """Train as `config` says; returns a summary dict. `on_epoch_end(epoch, summary)` is called
-    after each epoch's checkpoint is written (tests use it to interrupt a run)."""
+    """Train as `config` says; returns a summary dict. With ``config.resume``, the run in
+    ``config.out`` goes on with its saved options: those left at TrainConfig's defaults are
+    taken from its config.json, and others that differ from it are refused (all but epochs,
+    data_dir, workers and the run control; see TrainConfig). `on_epoch_end(epoch, summary)` is
+    called after each epoch's checkpoint is written (tests use it to interrupt a run)."""
     cpu.configure()  # BLAS threads and malloc, as the command line sets them up
     # overflow on the way to a non-finite loss is reported by the loss check, with the epoch,
     # step and learning rate, rather than as NumPy warnings
@@ -57,6 +61,8 @@ def train(config, on_epoch_end=None):
 
 def _train(config, on_epoch_end):
     # 1. the options and the run folder: refused before anything is loaded or written
+    if config.resume:
+        config = resumed_config(config)
     backend.set_backend(config.backend)
     dist.init()  # under mpiexec: join the other processes (each on its own GPU)
     run_dir = Path(config.out)

@@ -19,14 +19,31 @@ DEFAULT_MODELS = {"digits": "vit_digits", "mnist": "vit_mnist", "fashion_mnist":
 # settled at ln 10, chance accuracy), and AdamW's 2e-3 barely moves SGD.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 2e-3, "weight_decay": 0.05},
                       "sgd": {"lr": 0.1, "weight_decay": 5e-4}}
+DEFAULT_EPOCHS = 100  # a new run's length where `epochs` is not given (train and pretrain)
+
+# TrainConfig fields that control the run rather than say what it trains: a resume takes them
+# from the caller and never compares them with the run's config.json.
+RUN_CONTROL = {"out", "resume", "overwrite", "progress", "cuda_graph"}
+# Options a resume takes from the caller where given, instead of the run's config.json (train
+# and pretrain); every other option it continues with is the saved one.
+RESUME_MAY_CHANGE = {"epochs", "data_dir", "workers"}
+FLAGS = {"augment": "--no-augment", "checkpoint_format": "--format"}  # the rest: --name-like-this
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    """What `minivit.train.train` is told. With ``resume=True`` the run in `out` goes on with
+    the options saved in its config.json: a field at its default here (None, or the value
+    below; also when passed explicitly) takes the saved value; a field set to another value
+    must equal the saved one (else a MinivitError names it), except `epochs`, `data_dir`,
+    `workers` (RESUME_MAY_CHANGE) and the run control (RUN_CONTROL: `out`, `progress`,
+    `overwrite`, `cuda_graph`), which are taken from here. So ``TrainConfig(out=RUN,
+    resume=True)`` continues RUN exactly, and with ``epochs=N`` trains it to N epochs (the
+    three default to None, so any value of theirs counts as given)."""
     dataset: str = "digits"
     data_dir: str = None
     model: str = None  # default: the small model that suits the dataset (DEFAULT_MODELS)
-    epochs: int = 100
+    epochs: int = None  # None: DEFAULT_EPOCHS, or a resumed run's own
     batch_size: int = 64
     lr: float = None  # None: the optimizer's default (OPTIMIZER_DEFAULTS)
     min_lr: float = 1e-5
@@ -105,7 +122,7 @@ def checked_config(config):
     if config.optimizer not in OPTIMIZER_DEFAULTS:
         raise MinivitError(f"unknown optimizer {config.optimizer!r}; known: "
                            f"{', '.join(OPTIMIZER_DEFAULTS)}")
-    defaults = dict(OPTIMIZER_DEFAULTS[config.optimizer],
+    defaults = dict(OPTIMIZER_DEFAULTS[config.optimizer], epochs=DEFAULT_EPOCHS,
                     **recipe_defaults(config.dataset, config.augment, config.resume))
     config = dataclasses.replace(config, model=config.model_name(), **{
         name: value for name, value in defaults.items() if getattr(config, name) is None})
@@ -171,6 +188,46 @@ def saved_config(path):
                                f"expected {kind.__name__}; {advice}")
         values[field.name] = value
     return TrainConfig(**values)
+
+
+def resumed_config(config, given=None, read_saved=saved_config, run_control=RUN_CONTROL,
+                   command="minivit train"):
+    """The configuration that continues the run in `config.out`: the one saved in its
+    config.json (read by `read_saved(path)`), with `config`'s `run_control` fields and the
+    RESUME_MAY_CHANGE options that were given. `given`: the options the caller set (the
+    command line's flags; default: `config`'s fields that differ from their dataclass
+    default); the others among them must equal the saved ones (MinivitError naming each)."""
+    saved_path = Path(config.out) / "config.json"
+    if not saved_path.exists():
+        raise MinivitError(f"--resume: {saved_path} does not exist; is {config.out} a run folder "
+                           f"made by {command}?")
+    saved = read_saved(saved_path)
+    if given is None:
+        given = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+                 if field.name not in run_control and getattr(config, field.name) != field.default}
+    _check_resumed_options(config.out, saved, given)
+    kept = run_control | (RESUME_MAY_CHANGE & given.keys())
+    return dataclasses.replace(saved, **{name: getattr(config, name) for name in kept})
+
+
+def _check_resumed_options(run_dir, saved, given):
+    """Refuse training options given with --resume that differ from the run's saved config."""
+    differing = []
+    for name, value in given.items():
+        kept = saved.model_name() if name == "model" else getattr(saved, name)
+        if name in RESUME_MAY_CHANGE or value == kept:
+            continue
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            differing.append(f"{flag} (saved: {name.replace('_', '-')} {json.dumps(kept)})")
+        else:
+            differing.append(f"{flag} {value} (saved: {kept})")
+    if differing:
+        raise MinivitError(f"--resume continues {run_dir} with the configuration saved in its "
+                           f"config.json, and these options differ from it: "
+                           f"{', '.join(differing)}. Leave them out to continue the run as it "
+                           f"was, or start a new run with --out OTHER (or, without --resume, "
+                           f"--overwrite to replace this one)")
 
 
 def config_json(config, data=None):
