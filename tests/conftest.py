@@ -45,6 +45,13 @@ def backend(request):
         minivit.set_backend("numpy")
 
 
+@pytest.fixture
+def cp():
+    """CuPy itself, for the GPU tests (which skip first where it is missing)."""
+    import cupy
+    return cupy
+
+
 @pytest.fixture(autouse=True)
 def _numpy_backend_around_each_test():
     """Every test starts and ends on the numpy backend, whatever the previous one did."""
