@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 import minivit
 from minivit import backend as mb
-from minivit import cpu
+from minivit import Tensor, cpu
 
 cpu.configure()  # the process set-up the command line and train() make (BLAS threads, malloc)
 
@@ -74,6 +74,11 @@ def on_backend(values, dtype=None):
     """A C-contiguous array with `values` on the active backend (minivit.backend.xp())."""
     host = np.asarray(values) if dtype is None else np.asarray(values, dtype=dtype)
     return mb.xp().asarray(np.array(host, order="C"))
+
+
+def leaf(values, dtype=np.float64):
+    """A Tensor that requires grad, on the active backend."""
+    return Tensor(on_backend(values, dtype), requires_grad=True)
 
 
 @pytest.fixture
