@@ -1,7 +1,8 @@
 """Helpers shared by the fast CPU path tests (tests/test_fast_paths_*.py): the autouse `kernels`
 fixture (each test module imports it, so that every test there runs twice: with the compiled
 numba kernels and with the chunked NumPy code), thread counts with lowered size thresholds,
-and the fast-against-plain comparison."""
+and the fast-against-plain comparison. No timing in those tests: speed is measured by
+`minivit bench`, never asserted."""
 
 import contextlib
 

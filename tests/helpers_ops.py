@@ -1,5 +1,10 @@
 """Helpers shared by the op tests (tests/test_ops_*.py): running an op forward only, drawing
-memory layouts for its inputs, and a NumPy softmax reference."""
+memory layouts for its inputs, and a NumPy softmax reference.
+
+The op tests check forward values against a NumPy reference and gradients against central
+differences (minivit.gradcheck, float64, relative error <= 1e-6). Hypothesis draws the shapes,
+the values (bounded, no subnormals, no NaN/inf), the memory layout of every input (contiguous,
+transposed, strided, reversed view) and the seed of gradcheck's random upstream gradient."""
 
 import numpy as np
 from conftest import as_host, layout, layouts

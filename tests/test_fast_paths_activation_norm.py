@@ -4,9 +4,7 @@ computation:
 - the chunked, threaded GELU, LayerNorm and softmax against the plain whole-array NumPy code
   (``cpu.fast_paths(False)``), in float32 and float64, with 1 and several threads and sizes
   that leave ragged last blocks.
-Every test runs twice: with the compiled numba kernels (minivit.cpu.compiled) and with the
-chunked NumPy code used without numba (the autouse fixture of tests/helpers_fast_paths.py).
-No timing here: speed is measured by `minivit bench`, never asserted in tests.
+Every test runs with and without numba (tests/helpers_fast_paths.py); no timing asserted.
 """
 
 import numpy as np

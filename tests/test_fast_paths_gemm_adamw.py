@@ -1,9 +1,7 @@
 """The fast CPU paths (minivit.cpu) of the GEMMs and AdamW against the plain computation:
 linear and patchify through split GEMMs (really split into several tasks), the matmul kernel,
 and AdamW's chunked update and gradient gathering.
-Every test runs twice: with the compiled numba kernels (minivit.cpu.compiled) and with the
-chunked NumPy code used without numba (the autouse fixture of tests/helpers_fast_paths.py).
-No timing here: speed is measured by `minivit bench`, never asserted in tests.
+Every test runs with and without numba (tests/helpers_fast_paths.py); no timing asserted.
 """
 
 import numpy as np

@@ -1,9 +1,7 @@
 """The runtime around minivit's fast CPU paths: the thread pool, what the fast paths handle,
 whole-model gradients fast against plain, one training step keeping every array float32, GEMMs
 without BLAS thread control, glibc malloc tuning, and bad thread counts in the environment.
-Every test runs twice: with the compiled numba kernels (minivit.cpu.compiled) and with the
-chunked NumPy code used without numba (the autouse fixture of tests/helpers_fast_paths.py).
-No timing here: speed is measured by `minivit bench`, never asserted in tests.
+Every test runs with and without numba (tests/helpers_fast_paths.py); no timing asserted.
 """
 
 import numpy as np

@@ -3,10 +3,7 @@ qkv, additive score biases, position_embedding_2d and relative_position_bias (an
 index). Forward values against a NumPy reference, gradients against central differences
 (minivit.gradcheck, float64, relative error <= 1e-6).
 
-Hypothesis draws the shapes, the values (bounded, no subnormals, no NaN/inf), the memory
-layout of every input (contiguous, transposed, strided, reversed view) and the seed of
-gradcheck's random upstream gradient. Every test runs on each available backend.
-Shared helpers: tests/helpers_ops.py; the other op families: tests/test_ops_*.py.
+Each test runs on every available backend (inputs drawn as tests/helpers_ops.py says).
 """
 
 import math

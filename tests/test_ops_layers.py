@@ -3,10 +3,7 @@ regularization families): linear, patchify, softmax / log_softmax, layer_norm, g
 cross_entropy, dropout / drop_path. Forward values against a NumPy reference, gradients
 against central differences (minivit.gradcheck, float64, relative error <= 1e-6).
 
-Hypothesis draws the shapes, the values (bounded, no subnormals, no NaN/inf), the memory
-layout of every input (contiguous, transposed, strided, reversed view) and the seed of
-gradcheck's random upstream gradient. Every test runs on each available backend.
-Shared helpers: tests/helpers_ops.py; the other op families: tests/test_ops_*.py.
+Every test runs on each available backend, on inputs drawn as tests/helpers_ops.py describes.
 """
 
 import math

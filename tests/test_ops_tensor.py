@@ -3,10 +3,7 @@ concat / stack, basic and fancy indexing, the arithmetic, matmul, power and unar
 operators, clone, reshape / transpose, sum / mean / max. Forward values against NumPy,
 gradients against central differences (minivit.gradcheck, float64, relative error <= 1e-6).
 
-Hypothesis draws the shapes, the values (bounded, no subnormals, no NaN/inf), the memory
-layout of every input (contiguous, transposed, strided, reversed view) and the seed of
-gradcheck's random upstream gradient. Every test runs on each available backend.
-Shared helpers: tests/helpers_ops.py; the other op families: tests/test_ops_*.py.
+Every test runs on each available backend; tests/helpers_ops.py says how inputs are drawn.
 """
 
 import numpy as np
