@@ -9,14 +9,15 @@
 # H100 took under 2.5 before the half-precision steps; a failed step does not stop the ones after it, and the summary at the end
 # gives every step's exit status):
 #   environment   GPU, driver, Python, NumPy, CuPy, PyTorch versions
-#   cuda-tests    pytest -k "cuda or cupy or half" (-n 12 with pytest-xdist): tests/test_cuda.py
-#                 (fused kernels against NumPy, gradcheck on cupy, AdamW kernel, training run,
+#   cuda-tests    pytest -k "cuda or cupy or half" (-n 12 with pytest-xdist):
+#                 tests/test_cuda_{without_gpu,kernels,runtime,graphs}.py (fused kernels
+#                 against NumPy, gradcheck on cupy, AdamW kernel, training run,
 #                 TF32, CUDA graphs of ViT/BEiT/Swin steps), tests/test_cuda_attention.py
 #                 (self-attention with a bias: relative bias, masks; Swin, BEiT on cupy),
 #                 tests/test_cuda_position.py (relative bias backward kernel, in a graph),
 #                 tests/test_half.py (bf16/fp16 GEMMs within the formats' bounds, fp16 loss
 #                 scaling, half-precision CUDA graphs), tests/test_swin.py's cupy test and
-#                 every backend-parametrised test's cupy case (tests/test_ops.py...)
+#                 every backend-parametrised test's cupy case (tests/test_ops_*.py...)
 #   bench-cifar   minivit bench --backend cupy --against torch --config cifar --profile
 #   bench-cifar-graph  cifar again with --cuda-graph: whole-step CUDA graphs, replayed
 #   bench-vit-s16 minivit bench ... --config vit_s16 --tf32 (5 steps x 2 rounds, to fit)

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 import minivit
 from minivit import backend as mb
-from minivit import cpu
+from minivit import Tensor, cpu
 
 cpu.configure()  # the process set-up the command line and train() make (BLAS threads, malloc)
 
@@ -45,6 +45,13 @@ def backend(request):
         minivit.set_backend("numpy")
 
 
+@pytest.fixture
+def cp():
+    """CuPy itself, for the GPU tests (which skip first where it is missing)."""
+    import cupy
+    return cupy
+
+
 @pytest.fixture(autouse=True)
 def _numpy_backend_around_each_test():
     """Every test starts and ends on the numpy backend, whatever the previous one did."""
@@ -67,6 +74,11 @@ def on_backend(values, dtype=None):
     """A C-contiguous array with `values` on the active backend (minivit.backend.xp())."""
     host = np.asarray(values) if dtype is None else np.asarray(values, dtype=dtype)
     return mb.xp().asarray(np.array(host, order="C"))
+
+
+def leaf(values, dtype=np.float64):
+    """A Tensor that requires grad, on the active backend."""
+    return Tensor(on_backend(values, dtype), requires_grad=True)
 
 
 @pytest.fixture

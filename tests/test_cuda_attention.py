@@ -13,12 +13,12 @@ On a GPU (skipped where CuPy or a GPU is missing; written in a session without a
 - Swin (relative bias + shift masks), BEiT (relative bias) and a ViT with --rel-pos-bias
   (queries=1 in its last block): forward and every gradient on cupy equal NumPy in float64,
   every self-attention call on cupy ran the "cuda" implementation, and float32 stays float32.
-The capture path with a bias: tests/test_cuda.py (test_attention_on_the_capture_path_...).
+The capture path with a bias: tests/test_cuda_graphs.py (test_attention_on_the_capture_path_...).
 """
 
 import numpy as np
 import pytest
-from test_cuda import GPU, _assert_fused_matches_numpy, check_gradients
+from helpers_cuda import GPU, _assert_fused_matches_numpy, check_gradients
 
 import minivit
 import minivit.functional as F
@@ -55,12 +55,6 @@ def test_the_cuda_self_attention_takes_a_bias(monkeypatch, kind):
 
 
 # == on a GPU ====================================================================================
-@pytest.fixture
-def cp():
-    import cupy
-    return cupy
-
-
 @pytest.fixture
 def chosen(monkeypatch):
     """The devices of the implementations that choose() picked, per op."""

@@ -5,13 +5,13 @@ kernel, no host sync). Written in a session without a GPU: these tests have not 
   and staying float32) for BEiT's index (class token) and Swin's, and the kernel ran;
 - the op's forward and backward captured in a CUDA graph (which refuses a host sync) replay
   like eager calls on new tables and upstream gradients.
-Whole BEiT and Swin training steps in a CUDA graph: tests/test_cuda.py
+Whole BEiT and Swin training steps in a CUDA graph: tests/test_cuda_graphs.py
 (test_a_captured_training_step_replays_like_eager_steps).
 """
 
 import numpy as np
 import pytest
-from test_cuda import GPU, TOLERANCE, _assert_fused_matches_numpy
+from helpers_cuda import GPU, TOLERANCE, _assert_fused_matches_numpy
 
 import minivit
 import minivit.functional as F

@@ -1,7 +1,7 @@
 """The compiled CPU kernels (minivit.cpu.compiled, numba) on their own: the float32 exp they are built
 on, special values (NaN must reach the loss so that training stops), and what happens without
-numba. Their agreement with the NumPy code on every op is in test_fast_paths.py, which runs
-all its tests with and without them."""
+numba. Their agreement with the NumPy code on every op is in test_fast_paths_*.py, which run
+all their tests with and without them."""
 
 import math
 import os

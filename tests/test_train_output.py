@@ -7,7 +7,7 @@ import json
 
 import pytest
 from conftest import stop_after
-from test_train import QUICK, quick_config, read_metrics
+from helpers_train import QUICK, quick_config, read_metrics
 
 from minivit.cli import main
 from minivit.errors import MinivitError, TrainingError

@@ -150,7 +150,7 @@ class CapturedStep:
     allocated during capture comes from a private pool kept alive with the graph, so replays
     never write into memory handed to anyone else; what the host writes before each replay
     (replay_input) lives outside that pool.
-    tests/test_cuda.py checks on a GPU that a captured ViT training step and a captured AdamW
+    tests/test_cuda_graphs.py checks on a GPU that a captured ViT training step and a captured AdamW
     step give exactly what the same eager steps give (float64)."""
 
     def __init__(self, fn, *static_inputs, warmup=1):

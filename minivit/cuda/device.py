@@ -12,9 +12,9 @@ Sources: a family module declares its kernels here, ``row_kernels(source, *names
 RawKernels (C++ with the element type T; one thread block per row of a C-contiguous array,
 compiled once per T) and ``elementwise_kernel(name, in_params, out_params, operation)`` for
 cupy.ElementwiseKernels (one object for both dtypes). ROW_SOURCES and ELEMENTWISE then hold
-every kernel minivit has (tests/test_cuda.py compiles them all with nvcc). Kernels are built
-on first use and cached per (kernel, dtype); CuPy also caches the compiled binaries on disk
-(~/.cupy/kernel_cache), so only the first run on a machine pays for NVRTC.
+every kernel minivit has (tests/test_cuda_without_gpu.py compiles them all with nvcc). Kernels
+are built on first use and cached per (kernel, dtype); CuPy also caches the compiled binaries
+on disk (~/.cupy/kernel_cache), so only the first run on a machine pays for NVRTC.
 """
 
 import contextlib

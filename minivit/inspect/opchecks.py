@@ -1,6 +1,6 @@
 """The op catalogue: every hand-written op with the inputs it is checked on. `minivit gradcheck`,
-the op tests (tests/test_ops.py: values, layouts, float32, the plain code), and the CuPy
-tests (tests/test_cuda.py) all read OP_CHECKS; a new op gets one entry here.
+the op tests (tests/test_ops_catalogue.py: layouts, float32, the plain code), and the CuPy
+tests (tests/test_cuda_*.py) all read OP_CHECKS; a new op gets one entry here.
 
 OP_CHECKS maps a name to an OpCheck: the function to check (`fn(*inputs) -> Tensor`), and its
 inputs as Input specs (shape, kind of values, memory layout), from which `build(rng)` draws
