@@ -6,8 +6,6 @@ import re
 
 import pytest
 from helpers_commands import tiny_checkpoint  # noqa: F401 (a fixture)
-# tests/test_commands_user.py imports these from here:
-from helpers_commands import assert_png, figures, lines_by_label, write_metrics  # noqa: F401
 
 import minivit.functional.activation as activation
 import minivit.functional.attention as attention_module

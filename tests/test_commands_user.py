@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_commands_inspect import assert_png, figures, lines_by_label, write_metrics  # noqa: F401
+from helpers_commands import assert_png, figures, lines_by_label, write_metrics  # noqa: F401
 
 from minivit.cli import build_parser, main
 from minivit.train import TrainConfig, train
