@@ -27,14 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minivit.functional as F  # noqa: E402
-from minivit import backend, distributed as dist  # noqa: E402
-from minivit.inspect.cost import parameter_shapes  # noqa: E402
+from minivit import backend, cpu, distributed as dist  # noqa: E402
+from minivit.inspect.swin_cost import any_model_cost  # noqa: E402
 from minivit.models import MODEL_CONFIGS, create_model, model_config  # noqa: E402
 from minivit.optim import AdamW  # noqa: E402
 
 
 def train_speed(args):
     """Rank 0 prints a JSON line: global images/s, and ms per step spent in the all-reduce."""
+    cpu.configure()  # BLAS on one thread and minivit's own threads, as `minivit train` runs
     dist.init()
     backend.manual_seed(0)
     model = create_model(args.model)
@@ -80,8 +81,7 @@ def allreduce_speed(args):
     gradient (median), and the bus bandwidth 2(n-1)/n x bytes / time."""
     dist.init()
     for name in args.models or MODEL_CONFIGS:
-        count = sum(int(np.prod(shape))
-                    for shape in parameter_shapes(model_config(name)).values())
+        count = any_model_cost(model_config(name)).total_params
         buffer = np.ones(count, np.float32)
         start = time.perf_counter()
         dist.allreduce_sum(buffer)  # warm-up; its time summed over the ranks sets the number
@@ -119,7 +119,7 @@ def launch(args):
                             capture_output=True, text=True, check=True).stdout
     for line in output.splitlines():
         result = json.loads(line)
-        print(f"  {result['model']:<24} {result['parameters'] / 1e6:8.2f} M parameters "
+        print(f"  {result['model']:<34} {result['parameters'] / 1e6:8.2f} M parameters "
               f"{result['allreduce_ms']:9.2f} ms  {result['bus_GB_s']:6.2f} GB/s")
 
 

@@ -29,8 +29,7 @@ from minivit.bench.machine import machine_info, peak_rss_bytes, traced_peak_byte
 from minivit.bench.profile import profile_ops
 from minivit.bench.runners import MinivitRunner, TorchRunner
 from minivit.errors import MinivitError
-from minivit.inspect.cost import model_cost
-from minivit.inspect.swin_cost import swin_cost
+from minivit.inspect.swin_cost import any_model_cost
 from minivit.models import model_config
 from minivit.precision import set_precision
 from minivit.torch_reference import import_torch
@@ -136,7 +135,7 @@ def run_benchmark(config="digits", batch=None, steps=10, warmup_steps=2, rounds=
         precision = "tf32"
     set_precision(precision, backend_name, dtype)
 
-    cost = swin_cost(model_args) if "depths" in model_args else model_cost(model_args)
+    cost = any_model_cost(model_args)
     flops = {"train": cost.train_flops, "infer": cost.flops}
     result = {"config": config, "model": model_args, "batch": batch, "dtype": dtype,
               "backend": backend_name, "threads": threads, "tf32": precision == "tf32",

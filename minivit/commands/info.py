@@ -7,7 +7,7 @@ from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.commands.common import command_parser, number
 from minivit.errors import MinivitError
 from minivit.inspect import format_cost, model_cost
-from minivit.inspect.swin_cost import (cost_sweep, format_sweep, format_swin_cost, plot_sweep,
+from minivit.inspect.swin_cost import (any_model_cost, cost_sweep, format_sweep, format_swin_cost, plot_sweep,
                                        swin_cost)
 from minivit.models import MODEL_CONFIGS, model_config
 
@@ -96,7 +96,7 @@ def list_models():
     for name in MODEL_CONFIGS:
         config = model_config(name)
         swin = "depths" in config  # per-stage depths and heads, as 2-2-6-2
-        cost = swin_cost(config) if swin else model_cost(config)
+        cost = any_model_cost(config)
         depth, heads = ((config["depths"], config["num_heads"]) if swin
                         else ([config["depth"]], [config["num_heads"]]))
         channels = config["in_chans"]

@@ -58,6 +58,12 @@ def _pair(value):
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def any_model_cost(config):
+    """The cost report of any named family's arguments: swin_cost for a Swin (per-stage
+    `depths`), model_cost for a VisionTransformer."""
+    return swin_cost(config) if "depths" in config else model_cost(config)
+
+
 def swin_cost(config):
     """Cost of a SwinTransformer from its arguments (a dict or a model's .config)."""
     cfg = getattr(config, "config", config)
