@@ -11,7 +11,7 @@ from minivit import Tensor
 from minivit.checkpoint import save_checkpoint
 from minivit.errors import MinivitError, ShapeError, WeightsError
 from minivit.inspect import cls_attention_maps, parameter_shapes
-from minivit.models.pos_embed import sincos_2d
+from minivit.models.pos_embed import resize_rel_pos_bias_table, sincos_2d
 from minivit.models import (MODEL_CONFIGS, VisionTransformer, create_model, load_pretrained,
                             model_config, model_from_checkpoint)
 
@@ -186,16 +186,48 @@ def test_resampling_to_another_image_size(variant):
         assert model.pos_embed_row.shape == (6, 16) and model.pos_embed_col.shape == (6, 16)
 
 
-def test_a_relative_bias_model_refuses_an_image_size_its_tables_cannot_serve():
-    model = small("rel_pos_bias")
-    with pytest.raises(ShapeError, match="learned for a 4x4 patch grid .* cannot serve image "
-                                         "size 12x12"):
-        model.resample_pos_embed(12)
-    model.resample_pos_embed(8)  # its own size is fine
-    bigger = small("rel_pos_bias", img_size=12)
-    with pytest.raises(WeightsError, match="relative position bias was learned for another "
-                                           "image size"):
-        load_pretrained(bigger, model.state_dict())
+@pytest.mark.parametrize("variant, extra", [("rel_pos_bias", 3), ("avg_no_class_token", 0)])
+def test_a_relative_bias_model_resizes_its_tables_to_another_image_size(variant, extra):
+    """In place (timm's set_input_size) and on loading (timm's checkpoint filter), the same
+    tables: BEiT's 3 class-token rows kept (none without a class token)."""
+    model = small(variant).to(dtype="float64")
+    before = model.state_dict()
+    model.resample_pos_embed(12)
+    key = "blocks.1.attn.relative_position_bias_table"
+    table = model.state_dict()[key]
+    assert table.shape == (11 * 11 + extra, 2)
+    np.testing.assert_array_equal(table, resize_rel_pos_bias_table(before[key], (6, 6), extra))
+    np.testing.assert_array_equal(table[121:], before[key][49:])
+    assert model.eval()(Tensor(np.zeros((1, 1, 12, 12)))).shape == (1, 3)
+
+    bigger = small(variant, img_size=12).to(dtype="float64")
+    notes = load_pretrained(bigger, before, notify=lambda _: None)
+    assert notes[0] == ("resampled relative_position_bias_table of 2 block(s) from a 4x4 to a "
+                        "6x6 window (timm's interpolation)")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(bigger.state_dict()[name], value, err_msg=name)
+
+
+def test_relative_tables_that_cannot_be_resized_are_refused_clearly():
+    """Another number of heads (the other weights may fit), or a non-square window (which
+    the table's size does not tell): refused, or skipped with strict=False."""
+    state = small("rel_pos_bias", num_heads=4).state_dict()  # 4 heads of width 4
+    model = small("rel_pos_bias", img_size=12)
+    with pytest.raises(WeightsError, match=r"blocks.0.attn.relative_position_bias_table has "
+                                           r"shape \(52, 4\), the model's \(124, 2\): a "
+                                           r"table of 4 heads cannot serve the model's 2 heads"):
+        load_pretrained(model, state)
+    notes = load_pretrained(model, state, strict=False, notify=lambda _: None)
+    assert notes == ["skipped 2 key(s) that do not fit the model: blocks.0.attn."
+                     "relative_position_bias_table, blocks.1.attn.relative_position_bias_table"]
+    with pytest.raises(WeightsError, match=r"a table of 80 rows is not \(2w-1\)\^2 \+ 3 "
+                                           r"offsets of a square window"):
+        load_pretrained(model, small("rel_pos_bias", img_size=(8, 12)).state_dict())
+    with pytest.raises(WeightsError, match="cannot tell the window of a relative position "
+                                           "bias table of 10 rows"):
+        resize_rel_pos_bias_table(np.zeros((10, 2)), (3, 3))
+    with pytest.raises(WeightsError, match=r"a 2x3 window has 3\*5 \+ 3 rows; got 52"):
+        resize_rel_pos_bias_table(np.zeros((52, 2)), (3, 3), 3, old_window=(2, 3))
 
 
 # -- weights by name -----------------------------------------------------------------------------
@@ -245,15 +277,21 @@ def test_checkpoints_keep_the_options(tmp_path, variant):
     np.testing.assert_array_equal(loaded(x).data, model.eval()(x).data)
 
 
-def test_predict_refuses_an_image_size_a_relative_bias_cannot_serve(tmp_path, capsys):
+def test_predict_resizes_the_relative_tables_of_a_checkpoint(tmp_path, capsys):
     from minivit.cli import main
 
     model = small("rel_pos_bias")
     save_checkpoint(tmp_path / "best.safetensors", model,
                     {"epoch": 1, "mean": [0.5], "std": [0.5], "class_names": ["a", "b", "c"]})
-    np.save(tmp_path / "image.npy", np.zeros((12, 12)))
-    assert main(["predict", "--checkpoint", str(tmp_path), "--img-size", "12",
-                 str(tmp_path / "image.npy")]) == 1
-    err = capsys.readouterr().err
-    assert "relative position bias tables are learned for a 4x4 patch grid" in err
-    assert "Traceback" not in err
+    image = np.random.default_rng(0).random((12, 12)).astype(np.float32)
+    np.save(tmp_path / "image.npy", image)
+    assert main(["predict", "--checkpoint", str(tmp_path), "--img-size", "12", "--top-k", "3",
+                 str(tmp_path / "image.npy")]) == 0
+    captured = capsys.readouterr()
+    assert "resampled the position embedding to image size 12" in captured.err
+    model.resample_pos_embed(12)
+    with minivit.no_grad():
+        logits = model.eval()(Tensor((image[None, None] - 0.5) / 0.5)).data[0]
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    best = ["a", "b", "c"][int(probs.argmax())]
+    assert f"{probs.max():.4f}  {best}" in captured.out

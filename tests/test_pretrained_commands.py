@@ -14,7 +14,7 @@ from minivit import Tensor
 from minivit.checkpoint import save_checkpoint
 from minivit.cli import main
 from minivit.io import load_weights, save_weights
-from minivit.models import create_model
+from minivit.models import create_model, load_pretrained
 
 
 # -- minivit convert ------------------------------------------------------------------------------
@@ -259,3 +259,26 @@ def test_checkpoint_metadata_is_json(checkpoint):
     path, _ = checkpoint
     info = json.loads(load_weights(path)[1]["minivit"])
     assert info["class_names"] == CLASSES
+
+
+def test_predict_weights_resizes_relative_position_tables(tmp_path, capsys):
+    """BEiT weights of 8x8 digits (a 4x4 patch grid) read at 12x12: the tables resized."""
+    minivit.manual_seed(7)
+    path = tmp_path / "beit.safetensors"
+    save_weights(create_model("beit_digits").state_dict(), path)
+    image = np.random.default_rng(4).random((12, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", image)
+    assert main(["predict", "--weights", str(path), "--model", "beit_digits", "--img-size", "12",
+                 "--top-k", "3", str(tmp_path / "x.npy")]) == 0
+    captured = capsys.readouterr()
+    assert "note: resampled relative_position_bias_table of 4 block(s) from a 4x4 to a 6x6 " \
+           "window" in captured.err
+    rows = parse_predictions(captured.out)[str(tmp_path / "x.npy")]
+    model = create_model("beit_digits", img_size=12).eval()
+    load_pretrained(model, path, notify=lambda _: None)
+    with minivit.no_grad():
+        logits = model(Tensor(((image - 0.5) / 0.5)[None, None])).data[0].astype(np.float64)
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    best = np.argsort(probs)[::-1][:3]
+    assert [label for _, label in rows] == [str(i) for i in best]
+    assert [p for p, _ in rows] == pytest.approx(probs[best], abs=1e-4)

@@ -100,13 +100,22 @@ def test_state_dict_round_trip_and_one_error_for_misfits(tmp_path):
 
     state = model.state_dict()
     state.pop("layers.1.downsample.reduction.weight")
-    state["layers.0.blocks.0.attn.relative_position_bias_table"] = np.zeros((9, 1))
+    state["layers.0.blocks.0.attn.qkv.weight"] = np.zeros((24, 4))
     state["layers.0.extra.weight"] = np.zeros(3)
     with pytest.raises(WeightsError) as error:
         load_pretrained(other, state)
     text = str(error.value)
     assert "1 missing, 1 unexpected, 1 mis-shaped" in text
-    assert "layers.1.downsample.reduction.weight" in text and "expected (49, 1), got (9, 1)" in text
+    assert "layers.1.downsample.reduction.weight" in text and "expected (24, 8), got (24, 4)" in text
+
+    # a bias table of a 2x2 window is resized (tests/test_relative_resize_parity.py: as timm)
+    state = dict(model.state_dict(), **{"layers.0.blocks.0.attn.relative_position_bias_table":
+                                        np.ones((9, 1))})
+    notes = load_pretrained(other, state, notify=lambda note: None)
+    assert notes == ["resampled relative_position_bias_table of 1 block(s) from a 2x2 to a 4x4 "
+                     "window (timm's interpolation)"]
+    np.testing.assert_array_equal(other.state_dict()["layers.0.blocks.0.attn."
+                                                     "relative_position_bias_table"], 1.0)
 
 
 def test_another_number_of_classes_keeps_a_fresh_head():

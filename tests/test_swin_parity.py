@@ -13,40 +13,14 @@ import minivit  # noqa: E402
 from minivit import Tensor  # noqa: E402
 from minivit.models import create_model  # noqa: E402
 from minivit.models import load_pretrained  # noqa: E402
+from helpers_timm import random_timm, relative_error  # noqa: E402
 
 SMALL = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
              num_heads=(2, 4), num_classes=10)
 
 
-def relative_error(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-300))
-
-
-def random_timm_swin(name, seed, **kwargs):
-    """timm's model in float64, eval mode, every parameter redrawn (LayerNorm weights near 1,
-    matrices N(0, 1/fan_in), vectors and bias tables O(0.1-1)), so none is trivially 0 or 1."""
-    torch.manual_seed(seed)
-    reference = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kwargs)
-    reference = reference.double().eval()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for key, parameter in reference.named_parameters():
-            shape = tuple(parameter.shape)
-            if "norm" in key and key.endswith("weight"):
-                values = 1.0 + 0.2 * rng.standard_normal(shape)
-            elif key.endswith("relative_position_bias_table"):
-                values = rng.standard_normal(shape)
-            elif len(shape) >= 2:
-                values = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-            else:
-                values = 0.1 * rng.standard_normal(shape)
-            parameter.copy_(torch.from_numpy(values))
-    return reference
-
-
 def check_parity(name, batch, seed, **kwargs):
-    reference = random_timm_swin(name, seed, **kwargs)
+    reference = random_timm(name, seed, **kwargs)
     minivit.manual_seed(seed)
     model = create_model(name, **kwargs).to(dtype="float64").eval()
     load_pretrained(model, reference.state_dict())  # by name: every key, every shape
@@ -105,7 +79,7 @@ def test_original_microsoft_layout_loads_as_timm_maps_it():
     timm's checkpoint_filter_fn and minivit's loader give the same model."""
     from timm.models.swin_transformer import checkpoint_filter_fn
 
-    reference = random_timm_swin("swin_tiny_patch4_window7_224", 5, **SMALL)
+    reference = random_timm("swin_tiny_patch4_window7_224", 5, **SMALL)
     original = {}
     for key, value in reference.state_dict().items():
         stage = key.split(".")[1] if key.startswith("layers.") else None

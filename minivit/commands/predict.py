@@ -122,7 +122,7 @@ def _from_checkpoint(args, note):
             note(f"set the model's image size to {args.img_size}")
         else:
             model.resample_pos_embed(args.img_size)
-            note(f"resampled pos_embed to image size {args.img_size}")
+            note(f"resampled the position embedding to image size {args.img_size}")
     channels = model.patch_embed.in_chans
     mean, std = info.get("mean"), info.get("std")
     if mean is None or std is None:

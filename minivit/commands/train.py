@@ -118,7 +118,8 @@ def add_folder_flags(group):
                             "each class folder for validation")
     group.add_argument("--img-size", type=number(int, 1), default=None, metavar="PIXELS",
                        help="folder / fine-tuning: the model's input size (default: the "
-                            "model's); pos_embed of pretrained weights is resampled to it")
+                            "model's); pretrained position embeddings and relative "
+                            "position tables are resampled to it")
     group.add_argument("--strict", action="store_true", default=None,
                        help="folder: refuse unreadable image files instead of skipping them")
     group.add_argument("--norm", choices=("imagenet", "inception"), default=None,

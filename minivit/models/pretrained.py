@@ -6,7 +6,8 @@ state dict from .safetensors, .npz or .pth/.bin, strips wrapper prefixes (``modu
 bridged, each with a one-line notice:
 
 - another patch grid (image size): ``pos_embed`` is resampled bicubically, exactly as timm's
-  ``resample_abs_pos_embed`` (torch's ``interpolate(mode="bicubic", align_corners=False)``);
+  ``resample_abs_pos_embed`` (torch's ``interpolate(mode="bicubic", align_corners=False)``),
+  and relative position bias tables are resized (below);
 - another number of classes (or no head in the file): the model keeps its freshly initialised
   head -- fine-tune it before trusting its outputs.
 
@@ -14,8 +15,13 @@ Names are mapped where the families differ: layer scale as ``blocks.N.gamma_1``/
 (older DeiT-III checkpoints, BEiT) or ``blocks.N.ls1.gamma``/``ls2.gamma`` (timm), whichever
 the model has; fixed buffers (BEiT's ``relative_position_index``) are dropped, as they are
 rebuilt. Every other difference (missing, unexpected or mis-shaped keys, options minivit
-lacks) is one :class:`~minivit.errors.WeightsError` that lists them all; a relative position
-bias table learned for another image size is refused with its own message.
+lacks) is one :class:`~minivit.errors.WeightsError` that lists them all.
+
+A relative position bias table learned for another window (BEiT's or a ``rel_pos_bias`` ViT's
+patch grid, a Swin stage's window) is resized to the model's exactly as timm's
+``resize_rel_pos_bias_table`` when timm loads such a checkpoint (BEiT's class-token rows kept),
+with a notice; one of another number of heads (or of a non-square window, which its size does
+not tell) is refused with its own message.
 
 ``save_torch_weights`` writes a plain PyTorch state dict (``.pth``), which needs torch.
 """
@@ -34,7 +40,9 @@ import numpy as np
 from minivit import io
 from minivit.checkpoint import METADATA_KEY, TRAINING_PREFIXES
 from minivit.errors import WeightsError
-from minivit.models.pos_embed import resample_abs_pos_embed
+from minivit.functional.position import relative_table_entries
+from minivit.models.pos_embed import (relative_table_window, resample_abs_pos_embed,
+                                      resize_rel_pos_bias_table)
 from minivit.models.timm_keys import check_state_dict
 from minivit.tensor import Tensor
 
@@ -125,8 +133,7 @@ def load_pretrained(model, path_or_state, strict: bool = True,
     if not any(k in state for k in expected):
         check_state_dict(expected, state, source=source)  # "does not look like a timm ViT"
     state = _model_names(state, expected)
-    if model.config.get("rel_pos_bias"):  # a ViT-family model's, learned for one patch grid
-        _check_relative_tables(state, expected, source)
+    notes += _resize_relative_tables(model, state, expected, source, strict)
 
     # another patch grid: resample the checkpoint's pos_embed to the model's
     pos = state.get("pos_embed")
@@ -204,17 +211,42 @@ def _model_names(state, expected):
     return renamed
 
 
-def _check_relative_tables(state, expected, source):
-    """A relative position bias table of another length was learned for another patch grid:
-    refuse it in words (resampling such tables is not supported)."""
-    for key, shape in expected.items():
-        if key.endswith("relative_position_bias_table") and key in state \
-                and np.shape(state[key]) != tuple(shape):
-            raise WeightsError(f"{source}: {key} has shape {tuple(np.shape(state[key]))}, the "
-                               f"model's {tuple(shape)}: the checkpoint's relative position "
-                               f"bias was learned for another image size or patch size (or "
-                               f"number of heads), and relative tables are not resampled; "
-                               f"build the model at the checkpoint's image size")
+def _resize_relative_tables(model, state, expected, source, strict):
+    """Resize, in ``state``, the relative position bias tables learned for another window (a
+    ViT's or BEiT's patch grid, a Swin stage's window) to the model's, as timm's checkpoint
+    filters do; return the notices. A table that cannot be resized (another number of heads,
+    a non-square window its size does not tell) is refused in words (strict), or left for the
+    caller to skip."""
+    resized = {}  # (old window, new window) -> the tables resized so
+    for name, module in model.named_modules():
+        key = f"{name}.relative_position_bias_table"  # the model itself has none
+        if key not in state or key not in expected or np.shape(state[key]) == expected[key]:
+            continue
+        table, (rows, heads) = state[key], expected[key]
+        extra = rows - relative_table_entries(module.window)  # BEiT's class-token rows
+        old = relative_table_window(np.shape(table)[0], extra) if np.ndim(table) == 2 else None
+        if np.ndim(table) != 2 or np.shape(table)[1] != heads or old is None:
+            if strict:
+                raise WeightsError(f"{source}: {key} has shape {tuple(np.shape(table))}, the "
+                                   f"model's {(rows, heads)}: " + _unresizable(np.shape(table),
+                                                                               heads, extra))
+            continue
+        state[key] = resize_rel_pos_bias_table(table, module.window, extra, old)
+        resized.setdefault((old, module.window), []).append(key)
+    return [f"resampled relative_position_bias_table of {len(keys)} block(s) from a "
+            f"{old[0]}x{old[1]} to a {new[0]}x{new[1]} window (timm's interpolation)"
+            for (old, new), keys in resized.items()]
+
+
+def _unresizable(shape, heads, extra):
+    """Why a relative position bias table of ``shape`` cannot be resized for the model."""
+    if len(shape) != 2 or shape[1] != heads:
+        got = f"{shape[1]} heads" if len(shape) == 2 else f"{len(shape)} dimensions"
+        return (f"a table of {got} cannot serve the model's {heads} heads; build the model "
+                f"with the checkpoint's num_heads")
+    return (f"a table of {shape[0]} rows is not (2w-1)^2{f' + {extra}' if extra else ''} "
+            f"offsets of a square window, so its window is unknown; build the model at the "
+            f"checkpoint's image size (or window size)")
 
 
 def _checkpoint_grid(num_patches: int, metadata: Mapping[str, str]) -> tuple[int, int] | None:

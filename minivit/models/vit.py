@@ -14,9 +14,12 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError, ShapeError
-from minivit.models.pos_embed import resample_abs_pos_embed, resample_table, sincos_2d
+from minivit.functional.position import relative_position_index, relative_table_entries
+from minivit.models.pos_embed import (resample_abs_pos_embed, resample_table,
+                                      resize_rel_pos_bias_table, sincos_2d)
 from minivit.models.timm_keys import check_state_dict
-from minivit.nn import Block, LayerNorm, Linear, Module, ModuleList, Parameter, PatchEmbed
+from minivit.nn import (Block, Constants, LayerNorm, Linear, Module, ModuleList, Parameter,
+                        PatchEmbed)
 from minivit.nn import init
 
 POS_EMBEDS = ("learn", "none", "sincos", "2d")
@@ -215,9 +218,10 @@ class VisionTransformer(Module):
     def resample_pos_embed(self, img_size):
         """Change the input image size in place: the patch grid becomes img_size / patch_size;
         a learned pos_embed's patch part is resized to it (bicubic, as timm; the prefix
-        tokens' entries are kept), the 2-D tables alike, a 'sincos' table recomputed. A
-        relative position bias is refused (its tables are learned for one grid). Make the
-        optimizer afterwards: the embeddings get new arrays."""
+        tokens' entries are kept), the 2-D tables alike, a 'sincos' table recomputed, and
+        relative position bias tables resized as timm's ``set_input_size`` resizes them (its
+        resize_rel_pos_bias_table; the class token's rows kept). Make the optimizer
+        afterwards: the embeddings get new arrays."""
         patch_embed = self.patch_embed
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         patch = patch_embed.patch_size
@@ -225,13 +229,9 @@ class VisionTransformer(Module):
             raise ShapeError(f"image size {size} must be positive multiples of the patch size "
                              f"{patch}")
         grid, old = (size[0] // patch, size[1] // patch), patch_embed.grid_size
-        if grid != old and self.config["rel_pos_bias"]:
-            raise ShapeError(f"this model's relative position bias tables are learned for a "
-                             f"{old[0]}x{old[1]} patch grid (image size "
-                             f"{patch_embed.img_size[0]}x{patch_embed.img_size[1]}); they cannot "
-                             f"serve image size {size[0]}x{size[1]} (a {grid[0]}x{grid[1]} grid): "
-                             f"use the model's own image size")
         if grid != old:
+            for block in self.blocks if self.config["rel_pos_bias"] else ():
+                self._resize_relative_table(block.attn, grid)
             if self.pos_embed_kind == "learn":
                 self._replace(self.pos_embed, resample_abs_pos_embed(
                     backend.to_numpy(self.pos_embed.data), grid, old, self.pos_prefix_tokens))
@@ -245,6 +245,17 @@ class VisionTransformer(Module):
         patch_embed.num_patches = grid[0] * grid[1]
         self.config["img_size"] = img_size if isinstance(img_size, int) else list(size)
         return self
+
+    def _resize_relative_table(self, attn, grid):
+        """An attention's relative position bias for another patch grid (timm's
+        set_window_size): its table resized, its index rebuilt."""
+        table = attn.relative_position_bias_table
+        extra = table.shape[0] - relative_table_entries(attn.window)  # the class token's rows
+        self._replace(table, resize_rel_pos_bias_table(backend.to_numpy(table.data), grid, extra,
+                                                       attn.window))
+        attn.window = grid
+        attn.constants = Constants(relative_position_index=relative_position_index(grid,
+                                                                                   extra > 0))
 
     @staticmethod
     def _replace(parameter, values):

@@ -107,6 +107,7 @@ class Attention(Module):
             self.q_bias = Parameter(init.zeros(dim))
             self.v_bias = Parameter(init.zeros(dim))
         if rel_pos_grid is not None:
+            self.window = tuple(rel_pos_grid)  # what the table serves (timm's window_size)
             self.constants = Constants(relative_position_index=relative_position_index(
                 rel_pos_grid, rel_pos_class_token))
             entries = relative_table_entries(rel_pos_grid, rel_pos_class_token)
