@@ -1,8 +1,9 @@
 """Relative position bias tables learned for another window, resized as the real timm resizes
-them when it loads such a checkpoint (float64): timm's resize_rel_pos_bias_table itself, BEiT
-and Swin state dicts loaded into models of another size against timm's checkpoint_filter_fn
-(the tables to 1e-12, the logits of timm's model built at the new size to 1e-10), and a ViT
-with minivit's rel_pos_bias option (BEiT's layout) against timm's function."""
+them (float64): timm's resize_rel_pos_bias_table itself; BEiT and Swin state dicts loaded into
+models of another size against timm's checkpoint_filter_fn (the tables to 1e-12, the logits of
+timm's model built at the new size to 1e-10); the same in place (BEiT's set_input_size, a Swin
+stage whose window becomes its map); and a ViT with minivit's rel_pos_bias option (BEiT's
+layout) against timm's function."""
 
 import numpy as np
 import pytest
@@ -24,31 +25,38 @@ SWIN = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2
             num_classes=10)
 
 
+def assert_same_model(model, reference, seed):
+    """minivit's `model` holds every bias table of timm's `reference` (to 1e-12) and gives
+    its logits (to 1e-10)."""
+    ours = model.state_dict()
+    tables = {key: value.numpy() for key, value in reference.state_dict().items()
+              if key.endswith("relative_position_bias_table")}
+    assert tables
+    for key, value in tables.items():
+        assert relative_error(ours[key], value) < 1e-12, key
+    images = np.random.default_rng(seed).standard_normal((2, 3, *model.patch_embed.img_size))
+    with minivit.no_grad():
+        logits = model.eval()(Tensor(images)).numpy()
+    with torch.no_grad():
+        expected = reference.eval()(torch.from_numpy(images)).numpy()
+    assert relative_error(logits, expected) < 1e-10
+
+
 def check_against_timm(name, old, new, filter_fn, note):
     """A state dict of timm's model built with `old` loaded into minivit's and timm's models
     built with `new`: the same tables as timm's filter gives, the same logits."""
     state = random_timm(name, 0, **old).state_dict()
     reference = timm.create_model(name, pretrained=False, **new).double().eval()
     filtered = filter_fn(dict(state), reference)
+    assert all(filtered[k].shape != state[k].shape
+               for k in filtered if k.endswith("relative_position_bias_table"))
     reference.load_state_dict(filtered, strict=True)
 
     minivit.manual_seed(0)
     model = create_model(name, **new).to(dtype="float64").eval()
     notes = load_pretrained(model, state, notify=lambda _: None)
     assert any(note in line for line in notes), notes
-    ours = model.state_dict()
-    tables = [k for k in filtered if k.endswith("relative_position_bias_table")]
-    assert tables and all(filtered[k].shape != state[k].shape for k in tables)
-    for key in tables:
-        assert relative_error(ours[key], filtered[key].numpy()) < 1e-12, key
-
-    size = model.patch_embed.img_size
-    images = np.random.default_rng(1).standard_normal((2, 3, *size))
-    with minivit.no_grad():
-        logits = model(Tensor(images)).numpy()
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(images)).numpy()
-    assert relative_error(logits, expected) < 1e-10
+    assert_same_model(model, reference, seed=1)
 
 
 @pytest.mark.parametrize("old, new, extra", [
@@ -121,14 +129,24 @@ def test_a_beit_resized_in_place_is_timms_set_input_size():
     load_pretrained(model, reference.state_dict())
     reference.set_input_size(img_size=(48, 48))
     model.eval().resample_pos_embed(48)
-    ours = model.state_dict()
-    for key, value in reference.state_dict().items():
-        if key.endswith("relative_position_bias_table"):
-            assert ours[key].shape == (11 * 11 + 3, 2)
-            assert relative_error(ours[key], value.numpy()) < 1e-12, key
-    images = np.random.default_rng(3).standard_normal((2, 3, 48, 48))
-    with minivit.no_grad():
-        logits = model(Tensor(images)).numpy()
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(images)).numpy()
-    assert relative_error(logits, expected) < 1e-10
+    assert model.blocks[0].attn.relative_position_bias_table.shape == (11 * 11 + 3, 2)
+    assert_same_model(model, reference, seed=3)
+
+
+def test_a_swin_whose_window_changes_in_place_is_timm_built_at_that_size():
+    """set_img_size(8) on a Swin of 32x32 images (maps 16, 8 in 4x4 windows): stage 1's map
+    of 2x2 becomes its window, and the model equals timm's built at 8 with the checkpoint
+    loaded through its checkpoint_filter_fn."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    options = dict(SWIN, window_size=4)
+    source = random_timm("swin_tiny_patch4_window7_224", 4, **options)
+    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                                  **dict(options, img_size=8)).double().eval()
+    reference.load_state_dict(checkpoint_filter_fn(source.state_dict(), reference))
+    minivit.manual_seed(0)
+    model = create_model("swin_tiny_patch4_window7_224", **options).to(dtype="float64").eval()
+    load_pretrained(model, source.state_dict())
+    model.set_img_size(8)
+    assert model.layers[1].blocks[0].window == (2, 2)
+    assert_same_model(model, reference, seed=5)

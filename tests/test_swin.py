@@ -138,15 +138,25 @@ def test_checkpoint_rebuilds_the_swin(tmp_path):
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
 
 
-def test_set_img_size_rebuilds_masks_and_refuses_a_window_change():
+def test_set_img_size_rebuilds_masks_and_resizes_the_tables_of_a_window_change():
     model = small_model().to(dtype="float64").eval()
+    state = model.state_dict()
     model.set_img_size(32)  # stage 0: 16x16 map in 4x4 windows, stage 1: 8x8 (windows as before)
     at32 = small_model(img_size=32).to(dtype="float64").eval()
-    load_pretrained(at32, model.state_dict())
+    load_pretrained(at32, state)
     x = Tensor(images(size=32))
     np.testing.assert_array_equal(model(x).numpy(), at32(x).numpy())
-    with pytest.raises(MinivitError, match="changes stage 0's window from 4x4 to 2x2"):
-        model.set_img_size(4)
+
+    model.set_img_size(4)  # maps 2x2 and 1x1, smaller than the 4x4 windows: windows = maps
+    assert model.layers[0].blocks[1].window == (2, 2) and model.layers[0].blocks[1].shift == (0, 0)
+    assert model.layers[0].blocks[0].attn.relative_position_bias_table.shape == (9, 1)
+    assert model.layers[1].blocks[1].attn.relative_position_bias_table.shape == (1, 2)
+    at4 = small_model(img_size=4).to(dtype="float64").eval()
+    notes = load_pretrained(at4, state, notify=lambda note: None)  # the same tables as loading
+    assert notes == [f"resampled relative_position_bias_table of 2 block(s) from a 4x4 to a "
+                     f"{side}x{side} window (timm's interpolation)" for side in (2, 1)]
+    x = Tensor(images(size=4))
+    np.testing.assert_array_equal(model(x).numpy(), at4(x).numpy())
 
 
 def test_attention_received_puts_each_window_back_and_undoes_the_shift():

@@ -117,7 +117,7 @@ def run(args):
 def _from_checkpoint(args, note):
     model, info = model_from_checkpoint(args.checkpoint)
     if args.img_size is not None and (args.img_size,) * 2 != model.patch_embed.img_size:
-        if hasattr(model, "set_img_size"):  # Swin: relative positions, only masks change
+        if hasattr(model, "set_img_size"):  # Swin: masks rebuilt (tables where windows change)
             model.set_img_size(args.img_size)
             note(f"set the model's image size to {args.img_size}")
         else:

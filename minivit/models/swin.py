@@ -18,6 +18,7 @@ import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError
 from minivit.functional.position import relative_position_index  # (Swin's layout: no class token)
+from minivit.models.pos_embed import resize_rel_pos_bias_table
 from minivit.nn import (Constants, LayerNorm, Linear, Mlp, Module, ModuleList, Parameter,
                         PatchEmbed)
 from minivit.nn import init
@@ -90,6 +91,16 @@ class WindowAttention(Module):
         if self.keep_attention:
             out, self.attention = out
         return self.proj(out)
+
+    def set_window(self, window):
+        """Serve another window, in place (timm's set_window_size): the bias table resized as
+        timm resizes it (resize_rel_pos_bias_table), the index rebuilt."""
+        table = self.relative_position_bias_table
+        table.data = backend.to_backend(resize_rel_pos_bias_table(
+            backend.to_numpy(table.data), window, old_window=self.window), table.backend)
+        table.grad = None
+        self.window = window
+        self.constants = Constants(index=relative_position_index(window))
 
     def extra_repr(self):
         return f"heads={self.num_heads}, window={self.window[0]}x{self.window[1]}"
@@ -264,20 +275,18 @@ class SwinTransformer(Module):
 
     def set_img_size(self, img_size):
         """Take images of another size, in place. Swin's positions are relative to windows,
-        so only the shift masks change; a size at which a stage's window would change (its
-        map no larger than the window) is refused, as the bias tables would need resizing."""
+        so mostly only the shift masks change; a stage whose window changes (its map no
+        larger than window_size: the window is the map) gets its bias tables resized as
+        timm's loading of such a checkpoint resizes them (resize_rel_pos_bias_table). Make the
+        optimizer afterwards if a window changed: those tables get new arrays."""
         c = self.config
         stages = stage_layout(img_size, c["patch_size"], c["depths"], c["num_heads"],
                               c["window_size"], c["embed_dim"])
-        for index, (stage, (_, window, *_)) in enumerate(zip(self.layers, stages)):
-            if window != stage.blocks[0].window:
-                old = stage.blocks[0].window
-                raise MinivitError(f"image size {img_size} changes stage {index}'s window from "
-                                   f"{old[0]}x{old[1]} to {window[0]}x{window[1]}: its relative "
-                                   f"position tables would need resizing, which minivit does "
-                                   f"not do")
-        for stage, (size, _, shift, *_) in zip(self.layers, stages):
+        for stage, (size, window, shift, *_) in zip(self.layers, stages):
             for j, block in enumerate(stage.blocks):
+                if window != block.window:
+                    block.attn.set_window(window)
+                    block.window = window
                 block.set_size(size, (0, 0) if j % 2 == 0 else shift)
         embed = self.patch_embed
         embed.img_size = _pair(img_size)
