@@ -20,7 +20,7 @@ output and the center's norm, which show collapse (entropy → 0: one dimension 
 Under mpiexec (minivit.distributed) each process works on its rows of every global batch, with
 the random numbers (MAE's masks, DINO's crops) drawn for the whole batch from the batch's seed,
 and DINO's head batch norms and center use the global batch: N processes pretrain the model
-one process would.
+one process would (without drop-path, whose masks each process draws for itself).
 """
 
 import dataclasses
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from minivit import backend, loss_scale
 from minivit import distributed as dist
@@ -248,8 +249,6 @@ def pretrain(config, on_epoch_end=None):
 
 
 def _pretrain(config, on_epoch_end):
-    from tqdm import tqdm
-
     if config.resume:
         config = resumed_config(config, read_saved=saved_pretrain_config,
                                 run_control=RUN_CONTROL, command="minivit pretrain")
@@ -340,8 +339,6 @@ def _pretrain(config, on_epoch_end):
 
 def _end_epoch(config, method, optimizer, metrics, record, info, last_path):
     """Rank 0: the epoch's metrics record and checkpoint, and its line."""
-    from tqdm import tqdm
-
     try:
         metrics.write(record)
         save_checkpoint(last_path, method.model, info, optimizer)

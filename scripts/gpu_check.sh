@@ -31,6 +31,10 @@
 #                 with mpi4py installed or its wheels in $DIST_WHEELS (default shared/dist-wheels,
 #                 for Python 3.12: see the README's data-parallel section), else skipped
 #   kernel-profile scripts/gpu_kernel_profile.py: GPU kernel times of both frameworks' steps
+# The device has no internet: for dist-nccl, fetch the wheels on the VM first (14 MB; shared/
+# travels with the working tree, and must not be committed):
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux1_x86_64 'mpi4py>=4.1' 'mpich>=5.0' -d shared/dist-wheels
 # ONLY="name name ..." runs just those steps: the whole list takes longer than one 10-minute
 # device call allows, so run it in two, e.g. the half-precision issue's:
 #   ONLY="environment cuda-tests bench-cifar bench-bf16-s16 bench-fp16-s16 bench-bf16-b16

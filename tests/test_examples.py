@@ -1,5 +1,6 @@
 """The scripts in examples/ run as their docstrings say."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,6 @@ def test_family_experiments_script_writes_its_table_and_plot(tmp_path):
                              "--out", str(tmp_path / "docs")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    import json
-
     summary = json.loads((tmp_path / "docs" / "position_ablation.json").read_text())
     assert list(summary["arms"]) == ["none", "learn (1-D)", "2d (row + col)",
                                      "sincos (fixed 2-D)", "relative bias"]
@@ -66,8 +65,6 @@ def test_pretraining_experiments_script_writes_its_table_and_plot(tmp_path):
                              "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "docs")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    import json
-
     summary = json.loads((tmp_path / "docs" / "pretraining_finetune.json").read_text())
     assert list(summary["arms"]) == ["10% labels, scratch", "10% labels, MAE",
                                      "10% labels, DINO"]

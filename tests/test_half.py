@@ -134,13 +134,16 @@ def test_self_attention_in_half_precision_is_within_the_format_bound(cp, half):
 
 @GPU
 @pytest.mark.parametrize("half", ["bf16", "fp16"])
-def test_a_vit_forward_in_half_precision_is_near_float64(cp, half):
-    """Whole model: each of the G GEMMs on the way to the logits rounds its two operands
-    (relative 2u each), so the logits move by at most ~2u·G of their scale (LayerNorm keeps
-    each block's input at unit scale); and the half path really ran (more than fp32's error)."""
-    from minivit.models import create_model
+@pytest.mark.parametrize("name", ["vit_digits", "beit_digits", "swin_digits"])
+def test_a_vit_forward_in_half_precision_is_near_float64(cp, half, name):
+    """Whole model (BEiT and Swin: attention with a relative bias, Swin's shift masks): each of
+    the G GEMMs on the way to the logits rounds its two operands (relative 2u each), so the
+    logits move by at most ~2u·G of their scale (LayerNorm keeps each block's input at unit
+    scale); and the half path really ran (more than fp32's error)."""
+    from minivit.models import create_model, model_config
     minivit.manual_seed(0)
-    model = create_model("vit_digits").to(backend="cupy", dtype="float64").eval()
+    config = model_config(name)
+    model = create_model(name).to(backend="cupy", dtype="float64").eval()
     images = np.random.default_rng(3).standard_normal((16, 1, 8, 8))
     with minivit.no_grad():
         want = cp.asnumpy(model(cp.asarray(images)).data)
@@ -148,7 +151,9 @@ def test_a_vit_forward_in_half_precision_is_near_float64(cp, half):
         fp32 = cp.asnumpy(model(cp.asarray(images, cp.float32)).data)
         with using_precision(half, "cupy"):
             got = cp.asnumpy(model(cp.asarray(images, cp.float32)).data)
-    gemms = 2 + 6 * len(model.blocks)  # patch embedding, head; qkv, QK, PV, proj, fc1, fc2
+    blocks = sum(config["depths"]) if "depths" in config else config["depth"]
+    merges = len(config.get("depths", ())) - 1 if "depths" in config else 0  # Swin's reductions
+    gemms = 2 + 6 * blocks + merges  # patch embedding, head; qkv, QK, PV, proj, fc1, fc2
     scale = abs(want).max()
     assert abs(got - want).max() <= 2 * UNIT_ROUNDOFF[half] * gemms * scale
     assert abs(got - want).max() > 4 * abs(fp32 - want).max()

@@ -7,8 +7,8 @@ from minivit.checkpoint import find_checkpoint, read_checkpoint
 from minivit.commands.common import command_parser, number
 from minivit.errors import MinivitError
 from minivit.inspect import format_cost, model_cost
-from minivit.inspect.swin_cost import (any_model_cost, cost_sweep, format_sweep, format_swin_cost, plot_sweep,
-                                       swin_cost)
+from minivit.inspect.swin_cost import (any_model_cost, cost_sweep, format_sweep,
+                                       format_swin_cost, plot_sweep, swin_cost)
 from minivit.models import MODEL_CONFIGS, model_config
 
 EPILOG = """MACs count the matrix products only (fvcore/timm convention; see minivit.inspect.cost);

@@ -90,7 +90,9 @@ def relative_position_bias(table, index):
     """The (heads, N, M) attention bias table[index] (moved heads-first), for a learned table
     (entries, heads) and a fixed integer index (N, M) (see relative_position_index) on the
     table's backend: a NumPy index is range-checked on every call, a CuPy one is trusted
-    (reading it would stall the GPU: place a host index once, as minivit.nn.Constants does)."""
+    (reading it would stall the GPU: place a host index once, as minivit.nn.Constants does,
+    after it passed the check here; an index out of range on the GPU reads and writes out of
+    bounds)."""
     return RelativePositionBias()(table, index)
 
 

@@ -10,11 +10,16 @@ L2_EPS = 1e-12  # torch.nn.functional.normalize's floor under the norm
 
 
 def summed_over_processes(sums, count, sum_over_processes):
-    """(sums, count): sums over this process's rows (an array) and their count (0 where only
-    the sums matter), added up over the processes of a data-parallel run by one in-place
-    all-reduce, `sum_over_processes(array)`; None (one process): as they are."""
+    """(sums, count): sums over this process's rows (an array) and their count (None where only
+    the sums matter: nothing is read back to the host), added up over the processes of a
+    data-parallel run by one in-place all-reduce, `sum_over_processes(array)`; None (one
+    process): as they are."""
     if sum_over_processes is None:
         return sums, count
+    if count is None:
+        sums = sums.copy()
+        sum_over_processes(sums)
+        return sums, None
     xp = backend.array_module(sums)
     buffer = xp.concatenate([sums.ravel(), xp.asarray([count], dtype=sums.dtype)])
     sum_over_processes(buffer)
@@ -42,8 +47,8 @@ class BatchNorm(Function):
             raise ShapeError(f"batch_norm: expected x (batch ≥ 2, C) with weight and bias (C,); "
                              f"got a batch of {self.count} (x {tuple(x.shape)})")
         centered = x - sums / self.count
-        squares, _ = summed_over_processes((centered * centered).sum(axis=0, keepdims=True), 0,
-                                           sum_over_processes)
+        squares, _ = summed_over_processes((centered * centered).sum(axis=0, keepdims=True),
+                                           None, sum_over_processes)
         self.rstd = (1.0 / xp.sqrt(squares / self.count + eps)).astype(x.dtype, copy=False)
         self.normalized, self.weight = centered * self.rstd, weight
         return self.normalized * weight + bias
@@ -55,8 +60,8 @@ class BatchNorm(Function):
         if self.needs_input_grad[0]:
             xp = backend.array_module(grad)
             sums, _ = summed_over_processes(xp.stack([grad_hat.sum(axis=0),
-                                                      (grad_hat * x_hat).sum(axis=0)]), 0,
-                                            self.sum_over_processes)
+                                                      (grad_hat * x_hat).sum(axis=0)]),
+                                            None, self.sum_over_processes)
             mean_hat, mean_hat_x = sums / self.count
             grad_x = self.rstd * (grad_hat - mean_hat - x_hat * mean_hat_x)
         return grad_x, (grad * x_hat).sum(axis=0), grad.sum(axis=0)

@@ -92,9 +92,10 @@ def model_from_checkpoint(path, ema=False):
     path = checkpoint_path(path)
     model_state, _, ema_arrays, info = read_checkpoint_parts(path)
     if "method" in info:  # minivit pretrain's: an encoder (and decoder or heads), no classifier
-        raise PretrainingCheckpointError(f"{path} is a {info['method']} pretraining checkpoint, not a "
-                           f"classifier: `minivit probe {path.parent}` measures its encoder, "
-                           f"`minivit train --init {path.parent}` fine-tunes it")
+        raise PretrainingCheckpointError(
+            f"{path} is a {info['method']} pretraining checkpoint, not a classifier: `minivit "
+            f"probe {path.parent}` measures its encoder, `minivit train --init {path.parent}` "
+            f"fine-tunes it")
     if ema:
         if not ema_arrays:
             raise WeightsError(f"{path} holds no averaged weights (ema.*): its run was trained "
