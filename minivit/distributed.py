@@ -21,6 +21,7 @@ acts as for the only process of a run (rank 0 of 1).
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -31,6 +32,7 @@ from minivit.errors import MinivitError
 INSTALL_HINT = "pip install -e '.[dist]' (mpi4py and the mpich MPI library)"
 # Set in every process by the launchers: MPICH/Intel MPI (hydra), Open MPI, PMIx (srun).
 LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+ABORT_GRACE_SECONDS = 1.0  # between a failing rank's message and MPI_Abort (see _Group.abort)
 
 
 def launched_by_mpiexec():
@@ -121,6 +123,9 @@ class _Group:
         others may be waiting in a collective for this one, and would wait forever."""
         print(f"minivit: error on rank {self.rank} of {self.size}: {message}\nminivit: stopping "
               f"all {self.size} processes", file=sys.stderr, flush=True)
+        # mpiexec passes a process's output on through its proxy, and an abort can end the
+        # proxy before it has: seen on a loaded machine as an empty stderr. Give it a moment.
+        time.sleep(ABORT_GRACE_SECONDS)
         self.comm.Abort(1)
         os._exit(1)  # MPICH's Abort has been seen to return when two ranks abort at once
 
