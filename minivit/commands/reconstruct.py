@@ -71,6 +71,7 @@ def run(args):
     for row, index in enumerate(args.index):
         for column, (title, batch) in enumerate(panels.items()):
             picture = np.clip((batch[row] * std[0] + mean[0]).transpose(1, 2, 0), 0, 1)
+            picture = np.where(np.isnan(picture), 0.5, picture)  # hidden patches grey
             ax = axes[row * len(panels) + column]
             ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray",
                       vmin=0, vmax=1)
