@@ -26,6 +26,7 @@ one process would (without drop-path, whose masks each process draws for itself)
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -299,7 +300,8 @@ def _pretrain(config, on_epoch_end):
         backend.manual_seed(dist.rank_seed([config.seed, epoch]))  # this epoch's drop-path
         totals, count, epoch_start = {}, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and main), unit="batch")
+                   disable=not (config.progress and main and sys.stderr.isatty()),
+                   unit="batch")  # a log file gets only the epoch lines, as in train
         for batch, (images, _) in enumerate(bar):
             optimizer.lr = warmup_cosine(step, total_steps, config.lr,
                                          config.warmup * steps_per_epoch, config.min_lr)

@@ -43,8 +43,10 @@ def test_mae_resume_continues_the_run(mae_run, tmp_path, capsys):
 
     run = tmp_path / "copy"
     shutil.copytree(mae_run, run)
-    assert main(["pretrain", "--out", str(run), "--resume", "--epochs", "5", "--quiet"]) == 0
+    assert main(["pretrain", "--out", str(run), "--resume", "--epochs", "5"]) == 0
     assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4, 5]
+    printed = capsys.readouterr()  # not a terminal: plain epoch lines, no progress bar
+    assert "epoch   5/5  loss" in printed.out and "batch" not in printed.err
     assert main(["pretrain", "--out", str(run), "--resume", "--mask-ratio", "0.5"]) == 1
     assert "--mask-ratio 0.5 (saved: 0.75)" in capsys.readouterr().err
 
