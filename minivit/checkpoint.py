@@ -100,5 +100,21 @@ def find_checkpoint(run_dir, name="best"):
                                   for suffix in CHECKPOINT_SUFFIXES) if path.exists()]
     if existing:
         return max(existing, key=lambda path: path.stat().st_mtime_ns)
+    method = _pretrain_method(run_dir)
+    if method:  # only `last`: an encoder without a classifier
+        raise WeightsError(
+            f"{run_dir} is a minivit pretrain run ({method}): an encoder without a "
+            f"classifier, and no {name} checkpoint. Fine-tune it with `minivit train --init "
+            f"{run_dir}` and use that run, or measure its features with `minivit probe "
+            f"{run_dir}`")
     raise WeightsError(f"no {name}.safetensors or {name}.npz in {run_dir}: is it a minivit run "
                        f"folder (made by minivit train --out)?")
+
+
+def _pretrain_method(run_dir):
+    """The method ('mae', 'dino') in a run folder's config.json, or None (no such run)."""
+    try:
+        method = json.loads((Path(run_dir) / "config.json").read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return method if isinstance(method, str) else None

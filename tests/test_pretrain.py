@@ -122,6 +122,15 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(argv, message, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [["eval", "--checkpoint"], ["predict", "--checkpoint"],
+                                     ["info"]])
+def test_a_pretrain_run_given_to_a_classifier_command_says_what_to_do(mae_run, command,
+                                                                      capsys):
+    assert main(command + [str(mae_run)] + (["x.npy"] if command[0] == "predict" else [])) == 1
+    err = capsys.readouterr().err
+    assert "is a minivit pretrain run (mae)" in err and f"train --init {mae_run}" in err
+
+
 def test_init_with_another_architecture_is_refused(mae_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--init", str(mae_run), "--model", "vit_mnist", "--out", str(out),
