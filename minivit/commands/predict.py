@@ -122,13 +122,22 @@ def _from_checkpoint(args, note):
             note(f"set the model's image size to {args.img_size}")
         else:
             model.resample_pos_embed(args.img_size)
-            note(f"resampled the position embedding to image size {args.img_size}")
+            note(f"resized {_position_tables(model)} to image size {args.img_size}")
     channels = model.patch_embed.in_chans
     mean, std = info.get("mean"), info.get("std")
     if mean is None or std is None:
         note("the checkpoint has no mean/std: using 0.5/0.5")
         mean, std = (0.5,) * channels, (0.5,) * channels
     return model, info.get("class_names"), tuple(mean), tuple(std)
+
+
+def _position_tables(model):
+    """What resample_pos_embed resized in this ViT: its position embedding, its blocks'
+    relative position bias tables (BEiT has only those), or nothing ('none')."""
+    parts = [] if model.pos_embed_kind == "none" else ["the position embedding"]
+    if model.config["rel_pos_bias"]:
+        parts.append(f"the relative position bias tables of {len(model.blocks)} block(s)")
+    return " and ".join(parts) or "nothing (no position embedding)"
 
 
 def _from_weights(args, note):
