@@ -58,21 +58,21 @@ def encoder_state(path):
     return state, info, text
 
 
-def encoder_config(info):
+def encoder_config(info, source):
     """The VisionTransformer configuration of a minivit checkpoint's encoder (None for a
-    foreign file: the caller's model decides)."""
-    if "encoder_config" in info:
-        return dict(info["encoder_config"])
-    if "model_config" in info:
-        return dict(info["model_config"])
-    return None
+    foreign file: the caller's model decides); a Swin run's is refused by name."""
+    config = info.get("encoder_config", info.get("model_config"))
+    if config is not None and "depths" in config:  # SwinTransformer's keywords
+        raise MinivitError(f"{source} holds a Swin Transformer: probe reads the encoder of "
+                           f"a ViT (vit_*, deit_*, beit_*, MAE, DINO)")
+    return None if config is None else dict(config)
 
 
 def encoder_model(path):
     """(model, info): the encoder of a minivit run or checkpoint as it was trained, a
     VisionTransformer without a classifier (num_classes 0), weights loaded, in eval mode."""
     state, info, source = encoder_state(path)
-    config = encoder_config(info)
+    config = encoder_config(info, source)
     if config is None:
         raise MinivitError(f"{source} is not a minivit checkpoint: its encoder's configuration "
                            f"is unknown")

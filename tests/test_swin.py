@@ -138,6 +138,13 @@ def test_checkpoint_rebuilds_the_swin(tmp_path):
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
 
 
+def test_probe_of_a_swin_run_says_it_reads_vit_encoders(tmp_path, capsys):
+    save_checkpoint(tmp_path / "best.safetensors", small_model(), {"dataset": "digits"})
+    assert main(["probe", str(tmp_path), "--linear-epochs", "0"]) == 1
+    assert "holds a Swin Transformer: probe reads the encoder of a ViT" in \
+        capsys.readouterr().err
+
+
 def test_set_img_size_rebuilds_masks_and_resizes_the_tables_of_a_window_change():
     model = small_model().to(dtype="float64").eval()
     state = model.state_dict()

@@ -44,7 +44,8 @@ def _encoder(args, dataset, dataset_name):
 
     config = None
     if args.source:
-        config = encoder_config(encoder_state(args.source)[1])
+        _, info, source = encoder_state(args.source)
+        config = encoder_config(info, source)
     if config is None or args.model:
         config = model_config(args.model or DEFAULT_MODELS.get(dataset_name, "vit_cifar"))
     config = dict(config, num_classes=0, img_size=dataset.images.shape[2],
