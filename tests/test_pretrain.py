@@ -131,6 +131,23 @@ def test_a_pretrain_run_given_to_a_classifier_command_says_what_to_do(mae_run, c
     assert "is a minivit pretrain run (mae)" in err and f"train --init {mae_run}" in err
 
 
+def test_resume_with_the_other_command_names_the_one_to_use(mae_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "mae"
+    shutil.copytree(mae_run, run)
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "9", "--quiet"]) == 1
+    assert f"is a minivit pretrain run (mae): continue it with `minivit pretrain --out {run} " \
+        f"--resume`" in capsys.readouterr().err
+    trained = tmp_path / "ft"
+    assert main(["train", "--init", str(mae_run), "--train-fraction", "0.1", "--epochs", "1",
+                 "--out", str(trained), "--quiet"]) == 0
+    assert main(["pretrain", "--out", str(trained), "--resume", "--epochs", "9"]) == 1
+    assert f"is a minivit train run: continue it with `minivit train --out {trained} " \
+        f"--resume`" in capsys.readouterr().err
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4]
+
+
 def test_init_with_another_architecture_is_refused(mae_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--init", str(mae_run), "--model", "vit_mnist", "--out", str(out),

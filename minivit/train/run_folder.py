@@ -112,6 +112,7 @@ def resume_from_last(run_dir, model, optimizer, ema, config):
     run without --ema); its RunStart."""
     last = find_checkpoint(run_dir, "last")
     model_state, optimizer_arrays, ema_arrays, saved = read_checkpoint_parts(last)
+    _check_same_command(run_dir, saved.get("method"), getattr(config, "method", None))
     model.load_state_dict(model_state)
     optimizer.load_state_dict({**saved["optimizer"], "arrays": optimizer_arrays})
     if ema is not None:
@@ -127,6 +128,19 @@ def resume_from_last(run_dir, model, optimizer, ema, config):
     # a pretraining run (no labels) keeps no best accuracy
     return RunStart(saved["epoch"], saved.get("best_accuracy", -1.0), float(seconds),
                     saved.get("pretrained"))
+
+
+def _check_same_command(run_dir, saved_method, method):
+    """--resume continues a run with the command that made it (pretrain runs save a method)."""
+    if saved_method and not method:
+        raise MinivitError(f"--resume: {run_dir} is a minivit pretrain run ({saved_method}): "
+                           f"continue it with `minivit pretrain --out {run_dir} --resume`, or "
+                           f"fine-tune its encoder with `minivit train --init {run_dir} --out "
+                           f"OTHER`")
+    if method and not saved_method:
+        raise MinivitError(f"--resume: {run_dir} is a minivit train run: continue it with "
+                           f"`minivit train --out {run_dir} --resume`, or pretrain in another "
+                           f"folder (--out OTHER)")
 
 
 def _metrics_time(path, epoch):
