@@ -373,7 +373,8 @@ def model_from_run(path):
     state, _, info = read_checkpoint(checkpoint)
     if info.get("method") not in METHODS:
         raise MinivitError(f"{checkpoint} is not a minivit pretrain checkpoint (no MAE/DINO "
-                           f"method in its metadata)")
+                           f"method in its metadata): give a run folder of `minivit pretrain "
+                           f"--method mae`")
     saved = info["train_config"]
     if info["method"] == "mae":
         model = MaskedAutoencoderViT(**info["model_config"])

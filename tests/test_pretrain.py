@@ -145,6 +145,8 @@ def test_resume_with_the_other_command_names_the_one_to_use(mae_run, tmp_path, c
     assert main(["pretrain", "--out", str(trained), "--resume", "--epochs", "9"]) == 1
     assert f"is a minivit train run: continue it with `minivit train --out {trained} " \
         f"--resume`" in capsys.readouterr().err
+    assert main(["reconstruct", str(trained), "--out", str(tmp_path / "r.png")]) == 1
+    assert "give a run folder of `minivit pretrain --method mae`" in capsys.readouterr().err
     assert [r["epoch"] for r in records(run)] == [1, 2, 3, 4]
 
 
