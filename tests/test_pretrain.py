@@ -131,7 +131,7 @@ def test_a_pretrain_run_given_to_a_classifier_command_says_what_to_do(mae_run, c
     assert "is a minivit pretrain run (mae)" in err and f"train --init {mae_run}" in err
 
 
-def test_resume_with_the_other_command_names_the_one_to_use(mae_run, tmp_path, capsys):
+def test_a_run_given_to_the_other_command_names_the_one_to_use(mae_run, tmp_path, capsys):
     import shutil
 
     run = tmp_path / "mae"
