@@ -321,10 +321,29 @@ def failing_together():
     """Around a run's work: with several processes, an exception on one rank prints its
     message (a MinivitError's text, else the traceback), naming the rank, and ends every rank
     at once (MPI_Abort) instead of leaving them waiting in a collective. One process: the
-    exception goes on as usual. Ctrl-C is left alone: mpiexec delivers it to every rank."""
+    exception goes on as usual. Ctrl-C is left alone: mpiexec delivers it to every rank, and
+    the command ends the run with `interrupted`."""
     try:
         yield
     except Exception as error:
         if _group.comm is None or _group.size == 1:
             raise
         _group.abort(str(error) if isinstance(error, MinivitError) else traceback.format_exc())
+
+
+def interrupted(message):
+    """After Ctrl-C (KeyboardInterrupt): print `message` (what the run folder keeps, how to go
+    on) and return the exit status 130. With several processes this never returns: mpiexec
+    delivers Ctrl-C to every rank, but a rank blocked in a collective cannot take it, and a
+    rank that just exits leaves the others waiting for it for ever. So rank 0 prints and ends
+    every rank (MPI_Abort); the others wait longer first, then do the same in case rank 0 is
+    the one stuck (the message is the same on every rank)."""
+    if _group.comm is None or _group.size == 1:
+        print(message, file=sys.stderr, flush=True)
+        return 130
+    if _group.rank != 0:
+        time.sleep(3 * ABORT_GRACE_SECONDS)
+    print(message, file=sys.stderr, flush=True)
+    time.sleep(ABORT_GRACE_SECONDS)  # for mpiexec to pass the message on (see _Group.abort)
+    _group.comm.Abort(130)
+    os._exit(130)

@@ -4,7 +4,8 @@ COMMAND ARGS (train or pretrain).
 On every rank but 0 an audit hook refuses (and reports) any write under --out: only rank 0
 may write the run folder. MINIVIT_TEST_FAIL="RANK:STEP:KIND" makes rank RANK fail at its
 STEP-th training step (counted from 1 over the whole run): KIND "raise" raises an exception,
-"nan" returns a NaN loss as a diverged step would. Rank 0 ends by printing the transport.
+"nan" returns a NaN loss as a diverged step would, "interrupt" raises KeyboardInterrupt there
+alone (Ctrl-C taken by one rank while the others wait in a collective). Rank 0 ends by printing the transport.
 """
 
 import os
@@ -51,6 +52,8 @@ def failing_step(step_function, step_number, kind):
         if len(calls) == step_number:
             if kind == "raise":
                 raise RuntimeError(f"injected failure at step {step_number}")
+            if kind == "interrupt":
+                raise KeyboardInterrupt
             loss = np.float64("nan")
         return loss, other
     return maybe_failing

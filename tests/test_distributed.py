@@ -132,6 +132,22 @@ def test_a_failing_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path, comm
 
 
 @needs_mpiexec
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_ctrl_c_on_one_rank_ends_every_rank_with_the_resume_advice(tmp_path, command):
+    """Rank 1 takes Ctrl-C at step 15 while rank 0 waits for it in the all-reduce (as when
+    Ctrl-C reaches a rank blocked in a collective): before, rank 1 exited and rank 0 waited for
+    ever; now every process ends, with the advice, and epoch 1's checkpoint stays."""
+    out = tmp_path / "run"
+    options = OPTIONS if command == "train" else dict(PRETRAIN, method="mae")
+    done = mpiexec_minivit(2, out, fail="1:15:interrupt", command=command, epochs=3, **options)
+    assert done.returncode != 0
+    assert f"minivit {command}: interrupted" in done.stderr, done.stderr
+    assert f"minivit {command} --resume --out {out}" in done.stderr, done.stderr
+    _, _, info = read_checkpoint(out / "last.safetensors")
+    assert info["epoch"] == 1
+
+
+@needs_mpiexec
 @pytest.mark.skipif(not backend.cupy_available(), reason="CuPy or a CUDA GPU is not available")
 @pytest.mark.parametrize("command", ["train", "pretrain"])
 def test_cupy_ranks_train_the_weights_of_one_cupy_process(tmp_path, command):

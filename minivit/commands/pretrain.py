@@ -2,7 +2,6 @@
 
 import argparse
 import dataclasses
-import sys
 
 EPILOG = """examples:
   minivit pretrain --method mae --epochs 100 --out runs/mae      masked autoencoder on the digits
@@ -101,12 +100,10 @@ def run(args):
     try:
         summary = pretrain(config)
     except KeyboardInterrupt:
-        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
-            return 130
-        print(f"minivit pretrain: interrupted; {config.out} keeps the checkpoint of its last "
-              f"finished epoch (if any): continue with minivit pretrain --resume --out "
-              f"{config.out}", file=sys.stderr)
-        return 130
+        return dist.interrupted(
+            f"minivit pretrain: interrupted; {config.out} keeps the checkpoint of its last "
+            f"finished epoch (if any): continue with minivit pretrain --resume --out "
+            f"{config.out}")
     if not dist.is_main():  # under mpiexec: rank 0 reports
         return 0
     print(f"{summary['method']} loss {summary['loss']:.4f} after {summary['epoch']} epochs, "

@@ -1,7 +1,6 @@
 """minivit train: train a ViT and keep a run folder (config, metrics, checkpoints)."""
 
 import dataclasses
-import sys
 
 from minivit import distributed as dist
 from minivit.commands.common import (add_backend_flags, add_precision_flag, apply_backend,
@@ -186,21 +185,19 @@ def run(args):
     finished = {}  # train()'s summary once an epoch's checkpoint is written in this run
     try:
         summary = train(config, on_epoch_end=lambda epoch, summary: finished.update(summary))
-    except KeyboardInterrupt:
-        if not dist.is_main():  # under mpiexec every rank gets Ctrl-C; rank 0 reports
-            return 130
+    except KeyboardInterrupt:  # every rank knows the same finished epochs
         if finished and finished["epoch"] == finished["epochs"]:
-            print(f"minivit train: interrupted after the last epoch's checkpoint; the run in "
-                  f"{config.out} is complete", file=sys.stderr)
+            message = (f"minivit train: interrupted after the last epoch's checkpoint; the run "
+                       f"in {config.out} is complete")
         elif finished or config.resume:
             kept = f"epoch {finished['epoch']}" if finished else "the epoch it resumed from"
-            print(f"minivit train: interrupted; {config.out} keeps the checkpoint of {kept}: "
-                  f"continue with minivit train --resume --out {config.out}", file=sys.stderr)
+            message = (f"minivit train: interrupted; {config.out} keeps the checkpoint of "
+                       f"{kept}: continue with minivit train --resume --out {config.out}")
         else:
-            print(f"minivit train: interrupted during the first epoch; no checkpoint was "
-                  f"written in {config.out}: start again by adding --overwrite to the same "
-                  f"command", file=sys.stderr)
-        return 130
+            message = (f"minivit train: interrupted during the first epoch; no checkpoint was "
+                       f"written in {config.out}: start again by adding --overwrite to the "
+                       f"same command")
+        return dist.interrupted(message)
     if not dist.is_main():  # under mpiexec: rank 0 reports
         return 0
     ema = f"; EMA weights {summary['ema_accuracy']:.4f}" if "ema_accuracy" in summary else ""
