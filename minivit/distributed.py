@@ -32,7 +32,7 @@ from minivit.errors import MinivitError
 INSTALL_HINT = "pip install -e '.[dist]' (mpi4py and the mpich MPI library)"
 # Set in every process by the launchers: MPICH/Intel MPI (hydra), Open MPI, PMIx (srun).
 LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
-ABORT_GRACE_SECONDS = 1.0  # between a failing rank's message and MPI_Abort (see _Group.abort)
+ABORT_GRACE_SECONDS = 1.0  # between the last message and MPI_Abort (_Group.say_and_end_all)
 
 
 def launched_by_mpiexec():
@@ -121,13 +121,17 @@ class _Group:
     def abort(self, message):
         """Print `message` naming this rank, then end every rank of the run (MPI_Abort): the
         others may be waiting in a collective for this one, and would wait forever."""
-        print(f"minivit: error on rank {self.rank} of {self.size}: {message}\nminivit: stopping "
-              f"all {self.size} processes", file=sys.stderr, flush=True)
+        self.say_and_end_all(f"minivit: error on rank {self.rank} of {self.size}: {message}\n"
+                             f"minivit: stopping all {self.size} processes", 1)
+
+    def say_and_end_all(self, text, status):
+        """Print `text` to stderr, then end every rank with exit status `status` (MPI_Abort)."""
+        print(text, file=sys.stderr, flush=True)
         # mpiexec passes a process's output on through its proxy, and an abort can end the
         # proxy before it has: seen on a loaded machine as an empty stderr. Give it a moment.
         time.sleep(ABORT_GRACE_SECONDS)
-        self.comm.Abort(1)
-        os._exit(1)  # MPICH's Abort has been seen to return when two ranks abort at once
+        self.comm.Abort(status)
+        os._exit(status)  # MPICH's Abort has been seen to return when two ranks abort at once
 
 
 def _nccl_module():
@@ -343,7 +347,4 @@ def interrupted(message):
         return 130
     if _group.rank != 0:
         time.sleep(3 * ABORT_GRACE_SECONDS)
-    print(message, file=sys.stderr, flush=True)
-    time.sleep(ABORT_GRACE_SECONDS)  # for mpiexec to pass the message on (see _Group.abort)
-    _group.comm.Abort(130)
-    os._exit(130)
+    _group.say_and_end_all(message, 130)
