@@ -10,8 +10,9 @@ from minivit.errors import ShapeError
 from minivit.tensor import Function
 
 
-def _pair(window):
-    return (window, window) if isinstance(window, int) else tuple(window)
+def pair(size):
+    """(h, w) of a size given as one int or a pair."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _check_map(name, shape, window):
@@ -43,7 +44,7 @@ def _reverse(windows, window, height, width):
 #    (a permutation; dx = the gradient put back where each token came from: _reverse)
 class WindowPartition(Function):
     def forward(self, x, window):
-        self.window = _pair(window)
+        self.window = pair(window)
         _check_map("window_partition", x.shape, self.window)
         self.size = x.shape[1:3]
         return _partition(x, self.window)
@@ -55,7 +56,7 @@ class WindowPartition(Function):
 # -- window reverse: the inverse permutation of window partition; dwindows = partition(dy)
 class WindowReverse(Function):
     def forward(self, windows, window, height, width):
-        self.window = _pair(window)
+        self.window = pair(window)
         wh, ww = self.window
         _check_map("window_reverse", (1, height, width, 1), self.window)
         if windows.ndim != 3 or windows.shape[1] != wh * ww or \

@@ -35,6 +35,7 @@ gradients themselves are not counted.
 from dataclasses import dataclass
 
 from minivit.errors import MinivitError
+from minivit.functional.position import relative_table_entries
 
 FLOAT32_BYTES = 4
 
@@ -144,7 +145,7 @@ def parameter_shapes(config):
                    "patch_embed.proj.bias": (D,)})
     scale = cfg["init_values"] is not None
     beit, qkv_bias = cfg["beit"], cfg["qkv_bias"]
-    table = (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if cfg["class_token"] else 0)
+    table = relative_table_entries(grid, cfg["class_token"])
     for i in range(cfg["depth"]):
         b = f"blocks.{i}."
         if beit and scale:

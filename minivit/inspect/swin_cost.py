@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 
 from minivit.errors import MinivitError
+from minivit.functional.position import relative_table_entries
+from minivit.functional.window import pair
 from minivit.inspect.cost import FLOAT32_BYTES, _human, model_cost
 from minivit.models.swin import stage_layout
 
@@ -54,10 +56,6 @@ class SwinCost:
         return FLOAT32_BYTES * sum(s.depth * s.attention_entries for s in self.stages)
 
 
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def any_model_cost(config):
     """The cost report of any named family's arguments: swin_cost for a Swin (per-stage
     `depths`), model_cost for a VisionTransformer."""
@@ -67,11 +65,11 @@ def any_model_cost(config):
 def swin_cost(config):
     """Cost of a SwinTransformer from its arguments (a dict or a model's .config)."""
     cfg = getattr(config, "config", config)
-    size, patch = _pair(cfg["img_size"]), cfg["patch_size"]
+    size, patch = pair(cfg["img_size"]), cfg["patch_size"]
     depths, heads = tuple(cfg["depths"]), tuple(cfg["num_heads"])
     if len(depths) != len(heads):
         raise MinivitError(f"depths {depths} and num_heads {heads} need one entry per stage")
-    window = _pair(cfg.get("window_size", 7))
+    window = pair(cfg.get("window_size", 7))
     chans, classes = cfg.get("in_chans", 3), cfg.get("num_classes", 1000)
     ratio, bias = cfg.get("mlp_ratio", 4.0), 3 if cfg.get("qkv_bias", True) else 0
     embed = cfg["embed_dim"]
@@ -89,7 +87,7 @@ def swin_cost(config):
         padded = tuple(math.ceil(r / w) * w for r, w in zip(res, win))
         count, n = (padded[0] // win[0]) * (padded[1] // win[1]), win[0] * win[1]
         tokens, padded_tokens, hidden = res[0] * res[1], padded[0] * padded[1], int(d * ratio)
-        block_params = (4 * d + (2 * win[0] - 1) * (2 * win[1] - 1) * h + 3 * d * d + bias * d
+        block_params = (4 * d + relative_table_entries(win) * h + 3 * d * d + bias * d
                         + d * d + d + 2 * d * hidden + hidden + d)
         block_macs = (padded_tokens * (3 * d * d + 2 * n * d + d * d)
                       + tokens * 2 * d * hidden)
@@ -107,7 +105,7 @@ def swin_cost(config):
 
 def format_swin_cost(report):
     """A readable table of a SwinCost, as printed by `minivit info`."""
-    cfg, size = report.config, _pair(report.config["img_size"])
+    cfg, size = report.config, pair(report.config["img_size"])
     lines = [f"model      {size[0]}x{size[1]}x{cfg.get('in_chans', 3)}, patch "
              f"{cfg['patch_size']}, dim {cfg['embed_dim']}, depths {tuple(cfg['depths'])}, "
              f"heads {tuple(cfg['num_heads'])}, window {cfg.get('window_size', 7)}, classes "

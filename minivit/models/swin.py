@@ -18,6 +18,7 @@ import minivit.functional as F
 from minivit import backend
 from minivit.errors import MinivitError
 from minivit.functional.position import relative_position_index  # (Swin's layout: no class token)
+from minivit.functional.window import pair
 from minivit.models.pos_embed import resize_rel_pos_bias_table
 from minivit.nn import (Constants, LayerNorm, Linear, Mlp, Module, ModuleList, Parameter,
                         PatchEmbed)
@@ -25,10 +26,6 @@ from minivit.nn import init
 
 SWIN_NORM_EPS = 1e-5
 MASKED = -100.0  # timm's attention-mask value between tokens of regions that were not adjacent
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def shift_mask(size, window, shift):
@@ -198,7 +195,7 @@ def stage_layout(img_size, patch_size, depths, num_heads, window_size, embed_dim
     if len(depths) != len(num_heads) or not depths:
         raise MinivitError(f"SwinTransformer: depths {depths} and num_heads {num_heads} need one "
                            f"entry per stage; got {len(depths)} and {len(num_heads)}")
-    size, window = _pair(img_size), _pair(window_size)
+    size, window = pair(img_size), pair(window_size)
     if patch_size < 1 or min(window) < 1 or size[0] % patch_size or size[1] % patch_size:
         raise MinivitError(f"SwinTransformer: image size {size[0]}x{size[1]} is not a multiple "
                            f"of the patch size {patch_size}")
@@ -289,7 +286,7 @@ class SwinTransformer(Module):
                     block.window = window
                 block.set_size(size, (0, 0) if j % 2 == 0 else shift)
         embed = self.patch_embed
-        embed.img_size = _pair(img_size)
+        embed.img_size = pair(img_size)
         embed.grid_size = (embed.img_size[0] // c["patch_size"],
                            embed.img_size[1] // c["patch_size"])
         embed.num_patches = embed.grid_size[0] * embed.grid_size[1]
