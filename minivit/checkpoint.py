@@ -78,12 +78,13 @@ def save(weights, path, metadata=None):
 def load(path):
     """The weights of a file or run folder as a dict of NumPy arrays, ready for
     model.load_state_dict (as torch.load): a minivit checkpoint gives its model's weights
-    (without the optimizer's state), a run folder those of its best checkpoint.
+    (without the optimizer's state or --ema's average), a run folder those of its best
+    checkpoint.
     minivit.models.model_from_checkpoint rebuilds the model as well."""
     state, metadata = load_weights(checkpoint_path(path))
     checkpoint = METADATA_KEY in metadata
     return {name: array for name, array in state.items()
-            if not (checkpoint and name.startswith(OPTIMIZER_PREFIX))}
+            if not (checkpoint and name.startswith(TRAINING_PREFIXES))}
 
 
 def checkpoint_path(path):
