@@ -17,6 +17,7 @@ import minivit.functional as F
 from minivit import backend
 from minivit.checkpoint import METADATA_KEY
 from minivit.errors import MinivitError
+from minivit.functional.activation import log_softmax_array
 from minivit.io import load_weights
 from minivit.models import (checkpoint_num_classes, create_model, load_pretrained,
                             model_from_checkpoint)
@@ -113,9 +114,7 @@ def soft_distillation(student_logits, teacher_logits, tau):
     """τ²·Σ p_t (log p_t − log p_s) / (B·K) with p = softmax(logits / τ): DeiT's soft loss.
     teacher_logits is a raw array (no gradient)."""
     xp = backend.array_module(teacher_logits)
-    shifted = teacher_logits / tau
-    log_teacher = shifted - shifted.max(axis=1, keepdims=True)
-    log_teacher = log_teacher - xp.log(xp.exp(log_teacher).sum(axis=1, keepdims=True))
+    log_teacher = log_softmax_array(teacher_logits / tau, axis=1)
     log_student = F.log_softmax(student_logits * (1.0 / tau), axis=-1)
     kl = (xp.exp(log_teacher) * (Tensor(log_teacher) - log_student)).sum()
     return kl * (tau * tau / student_logits.size)
