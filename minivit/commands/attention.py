@@ -19,7 +19,7 @@ import numpy as np
 import minivit.functional as F
 from minivit import backend
 from minivit.commands.common import (add_backend_flags, add_run_data_flags, apply_backend,
-                                     command_parser, run_data_dir, writing_figure)
+                                     check_png, command_parser, run_data_dir, writing_figure)
 from minivit.data import load_dataset
 from minivit.encoders import encoder_model, weights_file
 from minivit.errors import MinivitError, PretrainingCheckpointError
@@ -163,8 +163,7 @@ def _verdict(probabilities, b, true_name, class_names, encoder_name):
 def _compare(args, first, images, labels, tags, class_names):
     """One figure: for each image, a row of maps per model (--checkpoint, then --compare)."""
     out = Path(args.out or "attention_compare.png")
-    if out.suffix.lower() != ".png":
-        raise MinivitError(f"--out must name a .png file, got {out}")
+    check_png(out)
     entries = [(args.checkpoint, *first), (args.compare, *load_attention_model(args.compare))]
     for path, model, _, _ in entries:
         if isinstance(model, SwinTransformer):
@@ -271,8 +270,7 @@ def _output_paths(args, stems):
             return [Path(f"attention_{args.split}_{stem}.png") for stem in stems]
         return [Path(f"{stem}_attention.png") for stem in stems]
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise MinivitError(f"--out must name a .png file, got {out}")
+    check_png(out)
     if len(stems) == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{stem}{out.suffix}") for stem in stems]

@@ -57,6 +57,12 @@ def apply_backend(args):
     return backend.get_backend()
 
 
+def check_png(out):
+    """MinivitError unless `out` names a .png file (what the figure commands write)."""
+    if out.suffix.lower() != ".png":
+        raise MinivitError(f"--out must name a .png file, got {out}")
+
+
 @contextlib.contextmanager
 def writing_figure(out):
     """Make the folder of the PNG `out` and turn a refused write (read-only folder, full disk)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from minivit.commands.common import command_parser, writing_figure
+from minivit.commands.common import check_png, command_parser, writing_figure
 from minivit.errors import MinivitError
 from minivit.inspect import plot_grads, plot_runs
 
@@ -41,7 +41,7 @@ def run(args):
                                "--out, or leave --out out (each run gets RUN_DIR/grads.png)")
         for run_dir in args.runs:
             out = Path(args.out) if args.out else _folder(run_dir) / "grads.png"
-            _check_suffix(out)
+            check_png(out)
             with writing_figure(out):
                 plot_grads(run_dir, out, x=args.x)
             print(f"wrote {out}")
@@ -52,7 +52,7 @@ def run(args):
         out = _folder(args.runs[0]) / "curves.png"
     else:
         out = Path("comparison.png")
-    _check_suffix(out)
+    check_png(out)
     with writing_figure(out):
         plot_runs(args.runs, out, x=args.x)
     print(f"wrote {out}")
@@ -63,8 +63,3 @@ def _folder(run_dir):
     """The run folder of RUN_DIR or of RUN_DIR/metrics.jsonl."""
     path = Path(run_dir)
     return path.parent if path.is_file() else path
-
-
-def _check_suffix(out):
-    if out.suffix.lower() != ".png":
-        raise MinivitError(f"--out must name a .png file, got {out}")
