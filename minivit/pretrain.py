@@ -24,7 +24,6 @@ one process would (without drop-path, whose masks each process draws for itself)
 """
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -49,7 +48,7 @@ from minivit.precision import check_precision, prepare_training
 from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
 from minivit.train.config import (DEFAULT_EPOCHS, DEFAULT_MODELS, refuse_out_of_range,
-                                  resumed_config, schedule_checks)
+                                  resumed_config, saved_config, schedule_checks)
 from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
                                       prepare_run_folder, resume_from_last, write_failure)
 
@@ -355,14 +354,9 @@ def _end_epoch(config, method, optimizer, metrics, record, info, last_path):
 
 
 def saved_pretrain_config(path):
-    """The PretrainConfig in a pretraining run's config.json; MinivitError when it is damaged."""
-    try:
-        saved = json.loads(Path(path).read_text())
-        names = {field.name for field in dataclasses.fields(PretrainConfig)}
-        return PretrainConfig(**{k: v for k, v in saved.items() if k in names})
-    except (ValueError, TypeError, AttributeError) as error:
-        raise MinivitError(f"{path} is damaged ({error}); start a new run with --out OTHER") \
-            from None
+    """The PretrainConfig in a pretraining run's config.json (train's checks of each value);
+    MinivitError when it is damaged."""
+    return saved_config(path, PretrainConfig, "minivit pretrain")
 
 
 def model_from_run(path):

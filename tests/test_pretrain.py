@@ -386,3 +386,10 @@ def test_pretraining_on_the_cupy_backend_matches_numpy(tmp_path, method):
         for name in ("loss", "teacher_entropy", "center_norm"):
             if name in a:
                 assert b[name] == pytest.approx(a[name], rel=1e-8), (name, a, b)
+
+
+def test_a_damaged_pretrain_config_names_the_field(tmp_path):
+    """A resume reads config.json with train's checks: a wrong type names the field."""
+    (tmp_path / "config.json").write_text(json.dumps({"method": "mae", "lr": "fast"}))
+    with pytest.raises(MinivitError, match=r'lr is "fast", expected float.*minivit pretrain'):
+        pretrain(PretrainConfig(out=str(tmp_path), resume=True, progress=False))

@@ -163,20 +163,21 @@ def config_notes(config):
                f"pass --warmup below --epochs")
 
 
-def saved_config(path):
-    """The TrainConfig in a run's config.json, each value checked against its field's type;
-    MinivitError naming the file and the field when it is damaged."""
-    advice = ("restore it (minivit train writes it at the start of a run), or start a new run "
-              "with --out OTHER")
+def saved_config(path, config_class=TrainConfig, command="minivit train"):
+    """The `config_class` (TrainConfig, or pretrain's PretrainConfig) in a run's config.json,
+    each value checked against its field's type; MinivitError naming the file and the field
+    when it is damaged."""
+    advice = (f"restore it ({command} writes it at the start of a run), or start a new run "
+              f"with --out OTHER")
     try:
         saved = json.loads(Path(path).read_text())
     except (UnicodeDecodeError, ValueError) as error:
         raise MinivitError(f"{path} is damaged ({error}): {advice}") from None
     if not isinstance(saved, dict):
         raise MinivitError(f"{path} is damaged: it holds a JSON {type(saved).__name__}, not the "
-                           f"object of training options minivit train writes; {advice}")
+                           f"object of training options {command} writes; {advice}")
     values = {}
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(config_class):
         if field.name not in saved:
             continue
         value, kind = saved[field.name], field.type
@@ -187,7 +188,7 @@ def saved_config(path):
             raise MinivitError(f"{path} is damaged: {field.name} is {json.dumps(value)}, "
                                f"expected {kind.__name__}; {advice}")
         values[field.name] = value
-    return TrainConfig(**values)
+    return config_class(**values)
 
 
 def resumed_config(config, given=None, read_saved=saved_config, run_control=RUN_CONTROL,
