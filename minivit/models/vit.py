@@ -120,8 +120,7 @@ class VisionTransformer(Module):
         elif kind == "sincos":  # fixed; the prefix tokens get zeros, as in MAE
             table = np.concatenate([np.zeros((prefix, dim)),
                                     sincos_2d(dim, grid, class_token=False)])
-            self.sincos_table = table[None]
-            self._sincos_cache = {}
+            self.constants = Constants(sincos=table[None])
 
     def position_embedding(self, like):
         """The (1, tokens, D) position embedding added to the tokens, or None ('none')."""
@@ -135,11 +134,7 @@ class VisionTransformer(Module):
                 return patches
             return F.concat([self.pos_embed_cls, patches], axis=1)
         if kind == "sincos":  # one copy per backend and dtype
-            key = (like.backend, str(like.dtype))
-            if key not in self._sincos_cache:
-                self._sincos_cache[key] = backend.to_backend(
-                    self.sincos_table.astype(like.dtype), like.backend)
-            return self._sincos_cache[key]
+            return self.constants.get("sincos", like)
         return None
 
     def _embed(self, x):
