@@ -37,7 +37,7 @@ from minivit import distributed as dist
 from minivit.checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from minivit.data import DATASETS, DataLoader, load_dataset
 from minivit.data.multicrop import MultiCrop, flips_suit
-from minivit.errors import MinivitError, TrainingError
+from minivit.errors import MinivitError
 from minivit.models import model_config
 from minivit.models.dino import (DINO, DINOLoss, synchronize_batch_norms, teacher_momentum,
                                  update_teacher)
@@ -49,8 +49,9 @@ from minivit.tensor import no_grad
 # training's run-folder machinery: one home for the rules of a run folder
 from minivit.train.config import (DEFAULT_EPOCHS, DEFAULT_MODELS, refuse_out_of_range,
                                   resumed_config, saved_config, schedule_checks)
-from minivit.train.run_folder import (RunStart, check_run_folder, make_run_folder,
-                                      prepare_run_folder, resume_from_last, write_failure)
+from minivit.train.run_folder import (RunStart, check_run_folder, diverged_error,
+                                      make_run_folder, prepare_run_folder, resume_from_last,
+                                      write_failure)
 
 METHOD_DEFAULTS = {"mae": {"lr": 1.5e-3, "weight_decay": 0.05, "clip_grad": 0.0, "warmup": 5},
                    "dino": {"lr": 1e-3, "weight_decay": 0.04, "clip_grad": 3.0, "warmup": 1}}
@@ -310,11 +311,7 @@ def _pretrain(config, on_epoch_end):
                                            total_steps)
             loss = float(loss)
             if not math.isfinite(loss):
-                kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
-                        else "No checkpoint was written (the first epoch had not ended)")
-                raise TrainingError(f"the loss became {loss} at epoch {epoch + 1}, step "
-                                    f"{step + 1} (lr {optimizer.lr:.3g}); pretraining stopped. "
-                                    f"{kept}: lower --lr")
+                raise diverged_error(loss, epoch, step, optimizer.lr, last_path, "pretraining")
             step += 1
             size = rows.stop - rows.start
             count += size

@@ -10,13 +10,13 @@ from minivit import backend, cuda, loss_scale
 from minivit import distributed as dist
 from minivit.data.pipeline import DataFacts, build_loaders
 from minivit.encoders import load_encoder
-from minivit.errors import MinivitError, TrainingError
+from minivit.errors import MinivitError
 from minivit.finetune import (LayerwiseOptimizer, freeze_all_but_head, layer_scales,
                               load_pretrained_weights)
 from minivit.models import create_model, model_config
 from minivit.optim import SGD, AdamW, warmup_cosine
 from minivit.tensor import no_grad
-from minivit.train.run_folder import save_epoch_checkpoints, write_failure
+from minivit.train.run_folder import diverged_error, save_epoch_checkpoints, write_failure
 
 
 @dataclasses.dataclass
@@ -229,15 +229,7 @@ class Trainer:
         return EpochResult(loss_sum / count, correct / count, count, seconds, grads)
 
     def diverged(self, loss_value, epoch):
-        if self.last_path.exists():
-            kept = f"The last good checkpoint is kept in {self.last_path}"
-        else:
-            kept = "No checkpoint was written (the first epoch had not ended)"
-        return TrainingError(
-            f"the loss became {loss_value} at epoch {epoch + 1}, step {self.step + 1} (lr "
-            f"{self.optimizer.lr:.3g}); training stopped. {kept}. A resume would repeat the "
-            f"same steps: start again with a lower --lr (or with --clip-grad on) and "
-            f"--overwrite, or --out OTHER to keep this run")
+        return diverged_error(loss_value, epoch, self.step, self.optimizer.lr, self.last_path)
 
     def end_epoch(self, epoch, result, test, test_ema=None):
         """Metrics, then best, then last: whatever an interruption cuts short, resuming from

@@ -230,6 +230,17 @@ def kept_checkpoint_text(run_dir, last_path, command="train"):
             "--overwrite to the same command")
 
 
+def diverged_error(loss, epoch, step, lr, last_path, work="training"):
+    """The TrainingError of a non-finite loss at 0-based `epoch` and `step`: what was kept and
+    how to start again (`work`: training or pretraining)."""
+    kept = (f"The last good checkpoint is kept in {last_path}" if last_path.exists()
+            else "No checkpoint was written (the first epoch had not ended)")
+    return TrainingError(
+        f"the loss became {loss} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); {work} "
+        f"stopped. {kept}. A resume would repeat the same steps: start again with a lower --lr "
+        f"(or with --clip-grad on) and --overwrite, or --out OTHER to keep this run")
+
+
 def write_failure(error, run_dir, last_path, command="train"):
     """A TrainingError for a file of the run that could not be written mid-run (full disk)."""
     reason = error if isinstance(error, MinivitError) else (
