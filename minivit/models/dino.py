@@ -212,8 +212,7 @@ class DINOLoss:
                                             2 * batch, self.sum_over_processes)
         teacher_mean, q_mean = sums / count  # of the global batch's global crops
         statistics = {"teacher_entropy": float(_entropy(q).mean()),
-                      "teacher_marginal_entropy": float(_entropy(q_mean)),
-                      "center_norm": float(xp.linalg.norm(self.center))}
+                      "teacher_marginal_entropy": float(_entropy(q_mean))}
         if update_center:
             self.center = (self.center * self.center_momentum
                            + teacher_mean[None] * (1 - self.center_momentum))
