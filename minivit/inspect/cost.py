@@ -92,16 +92,19 @@ def _pair(value, name):
     raise MinivitError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
+# the family's options at VisionTransformer's defaults: timm's plain ViT
+PLAIN_VIT_OPTIONS = {"global_pool": "token", "class_token": True, "distilled": False,
+                     "pos_embed": "learn", "no_embed_class": False, "fc_norm": None,
+                     "init_values": None, "rel_pos_bias": False, "beit": False}
+
+
 def _normalise(config):
     """Read the VisionTransformer arguments from a dict, a model (its .config) or an object
     with them as attributes; check they fit together."""
     if isinstance(getattr(config, "config", None), dict):  # a VisionTransformer
         config = config.config
     defaults = {"in_chans": 3, "num_classes": 1000, "mlp_ratio": 4.0, "qkv_bias": True,
-                # the family's options (VisionTransformer's defaults)
-                "global_pool": "token", "class_token": True, "distilled": False,
-                "pos_embed": "learn", "no_embed_class": False, "fc_norm": None,
-                "init_values": None, "rel_pos_bias": False, "beit": False}
+                **PLAIN_VIT_OPTIONS}
     required = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
     missing = [k for k in required if get(k) is None]
@@ -268,10 +271,8 @@ def _human(n, unit):
 
 def _options_text(cfg):
     """The family options that differ from the plain ViT's, as key=value."""
-    plain = {"global_pool": "token", "class_token": True, "distilled": False,
-             "pos_embed": "learn", "no_embed_class": False, "fc_norm": None, "init_values": None,
-             "rel_pos_bias": False, "beit": False}
-    return ", ".join(f"{key}={cfg[key]}" for key, value in plain.items() if cfg[key] != value)
+    return ", ".join(f"{key}={cfg[key]}" for key, value in PLAIN_VIT_OPTIONS.items()
+                     if cfg[key] != value)
 
 
 def _prefix_text(count):
