@@ -63,13 +63,13 @@ def load_teacher(source, student, teacher_model=None, dtype="float32"):
     if not path.exists():
         raise MinivitError(f"--teacher {source}: no such run folder or weights file")
     classes = student.num_classes
-    if path.is_dir() or METADATA_KEY in load_weights(path)[1]:
+    state, metadata = (None, {}) if path.is_dir() else load_weights(path)  # read once
+    if path.is_dir() or METADATA_KEY in metadata:
         teacher, _ = model_from_checkpoint(path)
     elif teacher_model is None:
         raise MinivitError(f"--teacher {source} is a weights file without minivit's metadata: "
                            f"name its model with --teacher-model NAME (see minivit info --list)")
     else:
-        state = load_weights(path)[0]
         found = checkpoint_num_classes(state)
         if found is not None and found != classes:
             raise MinivitError(f"--teacher {source} has {found} classes, the student {classes}: "
