@@ -81,11 +81,11 @@ def encoder_model(path):
     return model.eval(), info
 
 
-def load_encoder(model, path, notify=None):
+def load_encoder(model, path, notify=None, loaded=None):
     """Load the encoder at `path` into `model` (a VisionTransformer) in place; its head stays
     freshly initialised. A MinivitError names every key whose shape does not fit (another
-    architecture) and nothing is loaded then."""
-    state, _, source = encoder_state(path)
+    architecture) and nothing is loaded then. `loaded`: encoder_state(path), if already read."""
+    state, _, source = loaded or encoder_state(path)
     try:
         return load_pretrained(model, state, strict=True, notify=notify or (lambda note: None),
                                source=source)

@@ -35,16 +35,17 @@ def add_parser(subparsers, name, help_text):
     add_backend_flags(p)
 
 
-def _encoder(args, dataset, dataset_name):
-    """The VisionTransformer (no head) to probe, at the dataset's image size."""
+def _encoder(args, dataset, dataset_name, loaded):
+    """The VisionTransformer (no head) to probe, at the dataset's image size; `loaded`:
+    encoder_state(args.source), or None for --random."""
     from minivit import backend
-    from minivit.encoders import encoder_config, encoder_state, load_encoder
+    from minivit.encoders import encoder_config, load_encoder
     from minivit.models import VisionTransformer, model_config
     from minivit.train import DEFAULT_MODELS
 
     config = None
-    if args.source:
-        _, info, source = encoder_state(args.source)
+    if loaded:
+        _, info, source = loaded
         config = encoder_config(info, source)
     if config is None or args.model:
         config = model_config(args.model or DEFAULT_MODELS.get(dataset_name, "vit_cifar"))
@@ -52,8 +53,8 @@ def _encoder(args, dataset, dataset_name):
                   in_chans=dataset.images.shape[1])
     backend.manual_seed(args.seed)
     model = VisionTransformer(**config)
-    if args.source:
-        load_encoder(model, args.source)
+    if loaded:
+        load_encoder(model, args.source, loaded=loaded)
     return model
 
 
@@ -69,7 +70,8 @@ def run(args):
     if bool(args.source) == bool(args.random):
         raise MinivitError("give one SOURCE (a run folder or weights file) or --random")
     apply_backend(args)
-    info = encoder_state(args.source)[1] if args.source else {}
+    loaded = encoder_state(args.source) if args.source else None  # read once
+    info = loaded[1] if loaded else {}
     dataset_name = args.dataset or info.get("dataset")
     if dataset_name is None:
         raise MinivitError("--dataset is needed: the weights do not say which dataset they "
@@ -77,7 +79,7 @@ def run(args):
     data_dir = run_data_dir(args.data_dir, info, dataset_name)
     train = load_dataset(dataset_name, "train", data_dir)
     test = load_dataset(dataset_name, "test", data_dir)
-    model = _encoder(args, train, dataset_name).to(dtype=args.dtype)
+    model = _encoder(args, train, dataset_name, loaded).to(dtype=args.dtype)
 
     def features(split):
         mean = np.asarray(split.mean, np.float32).reshape(1, -1, 1, 1)
